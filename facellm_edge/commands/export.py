@@ -1,0 +1,129 @@
+"""`facellm-edge export` and `facellm-edge inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from facellm_edge.errors import UsageError
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def export_cmd(
+    model: str = typer.Argument(..., help="Checkpoint: local directory or Hugging Face id (e.g. Idiap/FaceLLM-1B)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to create."),
+    quant: str = typer.Option("q4_k_m", "--quant", "-q", help="LLM precisions, comma-separated: f32,f16,bf16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0."),
+    vision: str = typer.Option("fp32,int8", "--vision", help="Vision precisions, comma-separated: fp32,int8."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter to merge before export."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX/GGUF outputs against transformers."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for quantisation (default: all cores)."),
+) -> None:
+    """Export a FaceLLM/InternVL checkpoint to a verified edge bundle (ONNX vision + GGUF LLM)."""
+    from rich.console import Console
+
+    from facellm_edge.export.pipeline import ExportConfig, StepEvent, export_bundle, parse_list
+
+    console = Console(stderr=True)
+    cfg = ExportConfig(model=model, out=out, quants=parse_list(quant, "quant"), vision=parse_list(vision, "vision"),
+                       adapter=adapter, revision=revision, verify=verify, force=force, threads=threads)
+
+    def on_step(ev: StepEvent) -> None:
+        size = f"  {_fmt_bytes(ev.bytes)}" if ev.bytes else ""
+        detail = f"  {ev.detail}" if ev.detail else ""
+        console.print(f"[green]✓[/] {ev.name:<24} {ev.seconds:7.1f} s{size}{detail}")
+
+    with console.status("exporting…"):
+        result = export_bundle(cfg, on_step=on_step)
+    m = result.manifest
+    if m.verification:
+        console.print(verification_table(m.verification))
+    total = sum(e.bytes for e in [*m.vision.values(), *m.llm.values()])
+    console.print(f"bundle written to [bold]{result.out}[/] ({_fmt_bytes(total)}) in {result.seconds:.1f} s")
+    console.print("next:\n  facellm-edge run --camera 0 --bundle "
+                  f"{result.out} --question \"Describe this person's face.\"")
+
+
+def verification_table(v: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title="verification")
+    t.add_column("check")
+    t.add_column("precision")
+    t.add_column("result")
+    for prec, rep in v.get("vision", {}).items():
+        t.add_row("vision ONNX vs torch", prec, _summary(rep))
+    for q, rep in v.get("llm", {}).items():
+        t.add_row("GGUF vs transformers logits", q, _summary(rep))
+    if "tokenizer" in v:
+        t.add_row("tokenizer parity", "", _summary(v["tokenizer"]))
+    return t
+
+
+def _summary(rep: Any) -> str:
+    if not isinstance(rep, dict):
+        return str(rep)
+    parts = []
+    for k, val in rep.items():
+        if isinstance(val, float):
+            parts.append(f"{k}={val:.4g}")
+        elif isinstance(val, (int, str)) and len(str(val)) < 40:
+            parts.append(f"{k}={val}")
+        elif isinstance(val, dict):
+            parts.append(f"{k}: " + _summary(val))
+    return ", ".join(parts)
+
+
+def inspect_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Print a bundle's manifest summary and re-check every file's sha256."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from facellm_edge.bundle import load_bundle
+
+    b = load_bundle(bundle, check_hashes=True)  # raises BundleError naming damaged files
+    m = b.manifest
+    if json_out:
+        typer.echo(m.to_json(), nl=False)
+        return
+    console = Console()
+    console.print(f"[bold]{bundle}[/]  schema v{m.schema_version}, created {m.created}")
+    console.print(f"source: {m.source.get('model')} (revision {m.source.get('revision') or '-'})"
+                  + (f" + adapter {m.source['adapter']}" if m.source.get("adapter") else ""))
+    a = m.arch
+    console.print(f"vision: hidden {a.vision_hidden} × {a.vision_layers} layers, {m.image.size} px tiles, "
+                  f"{m.tokens.num_image_tokens} tokens/tile; LLM: hidden {a.llm_hidden} × {a.llm_layers} layers, "
+                  f"{a.llm_heads}/{a.llm_kv_heads} heads, vocab {a.vocab_size}")
+    t = Table()
+    for col in ("kind", "precision", "file", "size", "sha256"):
+        t.add_column(col)
+    for kind, table in (("vision", m.vision), ("llm", m.llm)):
+        for prec, e in table.items():
+            bpw = e.extra.get("bits_per_weight")
+            label = f"{prec}" + (f" ({bpw:.2f} b/w)" if isinstance(bpw, (int, float)) else "")
+            t.add_row(kind, label, e.path, _fmt_bytes(e.bytes), e.sha256[:12] + "…")
+    console.print(t)
+    if m.verification:
+        console.print(verification_table(m.verification))
+    console.print("[green]all file hashes match[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)
+    app.command("inspect")(inspect_cmd)
+
+
+__all__ = ["register", "UsageError"]

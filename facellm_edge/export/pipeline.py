@@ -1,0 +1,256 @@
+"""Export orchestration: checkpoint -> verified bundle, written atomically.
+
+Steps (each timed and sized, reported through ``on_step``):
+  load checkpoint (+ merge LoRA) -> vision ONNX fp32 (+ int8) -> LLM GGUF (f32 master) -> llama.cpp quantisation
+  -> verification (ONNX vs torch, GGUF vs transformers logits with injected image embeddings, tokenizer parity)
+  -> manifest.json.
+Everything is written into a hidden temporary directory that is renamed to ``out`` only at the very end.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from facellm_edge import __version__
+from facellm_edge.bundle import MANIFEST, SCHEMA_VERSION, Manifest, atomic_directory, atomic_write_text, file_entry
+from facellm_edge.errors import ExportError, OutputError, UsageError, require
+
+log = logging.getLogger(__name__)
+
+# Vision export targets: precision -> how it is produced.
+VISION_TARGETS: dict[str, str] = {
+    "fp32": "torch.onnx export of vision tower + pixel shuffle + projector",
+    "int8": "ONNX Runtime dynamic quantisation of the fp32 graph (QInt8 weights, MatMul)",
+}
+# Verification gates: a mismatch beyond these is a bug in the export, so it fails the export.
+FP32_ONNX_MAX_ABS = 1e-3
+F32_GGUF_MIN_TOP1 = 0.99
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str  # local checkpoint dir or hub id
+    out: Path
+    quants: tuple[str, ...] = ("q4_k_m",)
+    vision: tuple[str, ...] = ("fp32", "int8")
+    adapter: Path | None = None
+    revision: str | None = None
+    verify: bool = True
+    force: bool = False
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    name: str
+    seconds: float
+    bytes: int = 0
+    detail: str = ""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: Manifest
+    steps: list[StepEvent] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+
+def parse_list(value: str | tuple[str, ...] | list[str], what: str) -> tuple[str, ...]:
+    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if not items:
+        raise UsageError(f"no {what} given")
+    return tuple(dict.fromkeys(items))
+
+
+def validate(cfg: ExportConfig) -> ExportConfig:
+    """Check every argument before any work starts."""
+    from facellm_edge.export.quantize import validate_quants
+
+    quants = validate_quants(",".join(cfg.quants))
+    vision = parse_list(cfg.vision, "vision precision")
+    unknown = [v for v in vision if v not in VISION_TARGETS]
+    if unknown:
+        raise UsageError(f"unknown vision precision '{unknown[0]}'; choose from {', '.join(VISION_TARGETS)}")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise OutputError(f"output {out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise OutputError(f"refusing to replace {out}: it exists and is not a bundle")
+    if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
+        raise UsageError(f"adapter directory not found: {cfg.adapter}")
+    return ExportConfig(**{**asdict(cfg), "quants": tuple(quants), "vision": vision, "out": out})
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"facellm-edge": __version__}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "gguf", "llama-cpp-python", "peft"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class _Steps:
+    def __init__(self, on_step: Callable[[StepEvent], None] | None) -> None:
+        self.events: list[StepEvent] = []
+        self._on_step = on_step
+
+    def run(self, name: str, fn: Callable[[], Any], size_of: Callable[[Any], int] | None = None,
+            detail: Callable[[Any], str] | None = None) -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        ev = StepEvent(name, time.perf_counter() - t0, size_of(result) if size_of else 0,
+                       detail(result) if detail else "")
+        self.events.append(ev)
+        log.info("%s: %.1f s %s", name, ev.seconds, ev.detail)
+        if self._on_step:
+            self._on_step(ev)
+        return result
+
+
+def export_bundle(cfg: ExportConfig, on_step: Callable[[StepEvent], None] | None = None) -> ExportResult:
+    require("torch", "export")
+    cfg = validate(cfg)
+    from facellm_edge.export import checkpoint as ckpt
+
+    ckpt_dir, source = ckpt.resolve_checkpoint(cfg.model, cfg.revision)
+    ckpt.inspect_config(ckpt_dir)
+    steps = _Steps(on_step)
+    loaded = steps.run("load checkpoint", lambda: ckpt.load_model(ckpt_dir, cfg.adapter),
+                       detail=lambda _: f"{ckpt_dir}" + (f" + adapter {cfg.adapter}" if cfg.adapter else ""))
+    if cfg.adapter is not None:
+        source = {**source, "adapter": str(Path(cfg.adapter).resolve())}
+    try:
+        with atomic_directory(cfg.out, force=cfg.force) as tmp:
+            manifest = _export_into(tmp, cfg, loaded, source, ckpt_dir, steps)
+            atomic_write_text(tmp / MANIFEST, manifest.to_json())
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while exporting to {cfg.out}; nothing was written") from exc
+        raise OutputError(f"cannot write the bundle to {cfg.out}: {exc.strerror or exc}") from exc
+    return ExportResult(out=cfg.out, manifest=manifest, steps=steps.events)
+
+
+def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, Any], ckpt_dir: Path,
+                 steps: _Steps) -> Manifest:
+    from facellm_edge.export import gguf_llm, onnx_vision, prompt, quantize
+
+    image = prompt.image_spec(loaded.processor)
+    tokens = prompt.token_spec(loaded.processor, loaded.config, ckpt_dir)
+    arch = prompt.arch_spec(loaded.config)
+    prompt_spec = prompt.prompt_spec(loaded.processor)
+
+    # -- vision ---------------------------------------------------------------------------------------------
+    (tmp / "vision").mkdir()
+    vision_paths: dict[str, Path] = {}
+    fp32 = tmp / "vision" / "fp32.onnx"
+    steps.run("vision -> ONNX fp32", lambda: onnx_vision.export_vision_onnx(loaded.model, fp32, image_size=image.size),
+              size_of=lambda p: Path(p).stat().st_size)
+    vision_paths["fp32"] = fp32
+    if "int8" in cfg.vision:
+        int8 = tmp / "vision" / "int8.onnx"
+        steps.run("vision -> ONNX int8", lambda: onnx_vision.quantize_vision_int8(fp32, int8),
+                  size_of=lambda p: Path(p).stat().st_size)
+        vision_paths["int8"] = int8
+
+    # -- LLM ------------------------------------------------------------------------------------------------
+    (tmp / "llm").mkdir()
+    master = tmp / "llm" / "f32.gguf"
+    steps.run("LLM -> GGUF f32", lambda: gguf_llm.write_llm_gguf(loaded.model, loaded.tokenizer, master, ftype="f32"),
+              size_of=lambda _: master.stat().st_size)
+    llm_paths: dict[str, Path] = {}
+    quant_reports: dict[str, Any] = {}
+    for q in cfg.quants:
+        if q == "f32":
+            llm_paths[q] = master
+            continue
+        dst = tmp / "llm" / f"{q}.gguf"
+        rep = steps.run(f"quantise {q}", lambda q=q, dst=dst: quantize.quantize_gguf(master, dst, q, cfg.threads),
+                        size_of=lambda _, dst=dst: dst.stat().st_size, detail=lambda r: _quant_detail(r))
+        llm_paths[q] = dst
+        quant_reports[q] = rep
+
+    # -- verification ---------------------------------------------------------------------------------------
+    verification: dict[str, Any] = {}
+    if cfg.verify:
+        verification = steps.run("verify", lambda: _verify(loaded, vision_paths, llm_paths, master),
+                                 detail=lambda v: "ok")
+    # Intermediate files the user did not ask for are not part of the bundle.
+    if "fp32" not in cfg.vision:
+        fp32.unlink()
+        del vision_paths["fp32"]
+    if "f32" not in cfg.quants:
+        master.unlink()
+
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source=source,
+        arch=arch,
+        image=image,
+        tokens=tokens,
+        prompt=prompt_spec,
+        vision={k: file_entry(tmp, p, precision=k) for k, p in vision_paths.items()},
+        llm={k: file_entry(tmp, p, **_quant_extra(quant_reports.get(k))) for k, p in llm_paths.items()},
+        tools=_tool_versions(),
+        verification=verification,
+    )
+
+
+def _quant_extra(report: Any) -> dict[str, Any]:
+    if report is None:
+        return {}
+    d = asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report)
+    return {k: v for k, v in d.items() if k in ("bits_per_weight", "fallbacks", "tensor_types", "requested")}
+
+
+def _quant_detail(report: Any) -> str:
+    extra = _quant_extra(report)
+    bpw = extra.get("bits_per_weight")
+    fb = extra.get("fallbacks") or {}
+    parts = [f"{bpw:.2f} bits/w" if isinstance(bpw, (int, float)) else ""]
+    if fb:
+        parts.append(f"{len(fb)} tensors fell back")
+    return ", ".join(p for p in parts if p)
+
+
+def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Path], master: Path) -> dict[str, Any]:
+    from facellm_edge.export import onnx_vision, verify_llm
+
+    out: dict[str, Any] = {"vision": {}, "llm": {}}
+    for precision, path in vision_paths.items():
+        out["vision"][precision] = onnx_vision.verify_vision(loaded.model, path)
+    worst = _max_abs(out["vision"]["fp32"])
+    if worst > FP32_ONNX_MAX_ABS:
+        raise ExportError(f"ONNX fp32 vision output differs from torch by {worst:.3g} (> {FP32_ONNX_MAX_ABS}); "
+                          "this is an export bug — please report it")
+    gguf_files = {"f32": master, **llm_paths}
+    for quant, path in gguf_files.items():
+        out["llm"][quant] = verify_llm.compare_logits(loaded.model, loaded.tokenizer, path)
+    top1 = out["llm"]["f32"].get("top1_agreement", 0.0)
+    if top1 < F32_GGUF_MIN_TOP1:
+        raise ExportError(f"GGUF f32 top-1 agreement with transformers is {top1:.1%} (< {F32_GGUF_MIN_TOP1:.0%}); "
+                          "this is an export bug — please report it")
+    out["tokenizer"] = verify_llm.tokenizer_parity(loaded.tokenizer, master)
+    if out["tokenizer"].get("agreement", 0.0) < 1.0:
+        raise ExportError(f"llama.cpp tokenizes differently from the checkpoint's tokenizer: "
+                          f"{out['tokenizer'].get('first_mismatch')}")
+    return out
+
+
+def _max_abs(report: dict[str, Any]) -> float:
+    vals = [v.get("max_abs_diff", 0.0) for v in report.values() if isinstance(v, dict)]
+    return max(vals) if vals else float(report.get("max_abs_diff", 0.0))
