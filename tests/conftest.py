@@ -76,3 +76,17 @@ def t1_bgr() -> np.ndarray:
     img = cv2.imread(str(path))
     assert img is not None, f"cannot read {path}"
     return img
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint exported by the real exporter: ONNX fp32 + int8 vision, GGUF f32 + q8_0 LLM.
+
+    Verification is skipped here (tests/test_export_cli.py runs the verified export); the bundle itself is real.
+    """
+    from facellm_edge.export.pipeline import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(ExportConfig(model=str(tiny_checkpoint), out=out, quants=("f32", "q8_0"),
+                               vision=("fp32", "int8"), verify=False))
+    return out

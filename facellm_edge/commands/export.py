@@ -58,30 +58,18 @@ def verification_table(v: dict[str, Any]):
     from rich.table import Table
 
     t = Table(title="verification")
-    t.add_column("check")
-    t.add_column("precision")
-    t.add_column("result")
-    for prec, rep in v.get("vision", {}).items():
-        t.add_row("vision ONNX vs torch", prec, _summary(rep))
-    for q, rep in v.get("llm", {}).items():
-        t.add_row("GGUF vs transformers logits", q, _summary(rep))
+    for col in ("check", "precision", "result"):
+        t.add_column(col)
+    for prec, r in v.get("vision", {}).items():
+        t.add_row("vision ONNX vs torch (batch 1, 3)", prec,
+                  f"max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}  cosine {r['cosine_min']:.6f}")
+    for q, r in v.get("llm", {}).items():
+        t.add_row(f"GGUF vs transformers logits ({r['n_positions']} pos, {r['n_image_positions']} image)", q,
+                  f"top-1 {r['top1_agreement']:.2%}  max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}")
     if "tokenizer" in v:
-        t.add_row("tokenizer parity", "", _summary(v["tokenizer"]))
+        r = v["tokenizer"]
+        t.add_row("tokenizer parity (llama.cpp vs HF ids)", "", f"{r['n_match']}/{r['n_texts']} texts identical")
     return t
-
-
-def _summary(rep: Any) -> str:
-    if not isinstance(rep, dict):
-        return str(rep)
-    parts = []
-    for k, val in rep.items():
-        if isinstance(val, float):
-            parts.append(f"{k}={val:.4g}")
-        elif isinstance(val, (int, str)) and len(str(val)) < 40:
-            parts.append(f"{k}={val}")
-        elif isinstance(val, dict):
-            parts.append(f"{k}: " + _summary(val))
-    return ", ".join(parts)
 
 
 def inspect_cmd(

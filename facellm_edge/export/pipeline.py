@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -178,7 +179,7 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
             llm_paths[q] = master
             continue
         dst = tmp / "llm" / f"{q}.gguf"
-        rep = steps.run(f"quantise {q}", lambda q=q, dst=dst: quantize.quantize_gguf(master, dst, q, cfg.threads),
+        rep = steps.run(f"quantise {q}", lambda q=q, dst=dst: quantize.quantize_gguf(master, dst, q, cfg.threads or os.cpu_count() or 1),
                         size_of=lambda _, dst=dst: dst.stat().st_size, detail=lambda r: _quant_detail(r))
         llm_paths[q] = dst
         quant_reports[q] = rep
@@ -186,7 +187,8 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
     # -- verification ---------------------------------------------------------------------------------------
     verification: dict[str, Any] = {}
     if cfg.verify:
-        verification = steps.run("verify", lambda: _verify(loaded, vision_paths, llm_paths, master),
+        verification = steps.run("verify", lambda: _verify(loaded, vision_paths, llm_paths, master,
+                                                           tokens.num_image_tokens, cfg.threads),
                                  detail=lambda v: "ok")
     # Intermediate files the user did not ask for are not part of the bundle.
     if "fp32" not in cfg.vision:
@@ -214,7 +216,7 @@ def _quant_extra(report: Any) -> dict[str, Any]:
     if report is None:
         return {}
     d = asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report)
-    return {k: v for k, v in d.items() if k in ("bits_per_weight", "fallbacks", "tensor_types", "requested")}
+    return {k: v for k, v in d.items() if k in ("bits_per_weight", "bits_per_weight_2d", "type_histogram", "fallbacks")}
 
 
 def _quant_detail(report: Any) -> str:
@@ -227,30 +229,31 @@ def _quant_detail(report: Any) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Path], master: Path) -> dict[str, Any]:
+def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Path], master: Path,
+            num_image_tokens: int, threads: int | None) -> dict[str, Any]:
     from facellm_edge.export import onnx_vision, verify_llm
 
+    def portable(report: dict[str, Any]) -> dict[str, Any]:
+        # Reports name the files they checked; inside the manifest the precision key says which one.
+        return {k: v for k, v in report.items() if k != "gguf"}
+
+    # The probe is the real prompt shape: one tile's worth of injected image embeddings plus a question.
+    probe = verify_llm.LogitProbe(n_image_tokens=num_image_tokens, n_threads=threads or os.cpu_count() or 1)
     out: dict[str, Any] = {"vision": {}, "llm": {}}
     for precision, path in vision_paths.items():
         out["vision"][precision] = onnx_vision.verify_vision(loaded.model, path)
-    worst = _max_abs(out["vision"]["fp32"])
+    worst = out["vision"]["fp32"]["max_abs_diff"]
     if worst > FP32_ONNX_MAX_ABS:
         raise ExportError(f"ONNX fp32 vision output differs from torch by {worst:.3g} (> {FP32_ONNX_MAX_ABS}); "
                           "this is an export bug — please report it")
-    gguf_files = {"f32": master, **llm_paths}
-    for quant, path in gguf_files.items():
-        out["llm"][quant] = verify_llm.compare_logits(loaded.model, loaded.tokenizer, path)
-    top1 = out["llm"]["f32"].get("top1_agreement", 0.0)
+    for quant, path in {"f32": master, **llm_paths}.items():
+        out["llm"][quant] = portable(verify_llm.compare_logits(loaded.model, loaded.tokenizer, path, probe))
+    top1 = out["llm"]["f32"]["top1_agreement"]
     if top1 < F32_GGUF_MIN_TOP1:
         raise ExportError(f"GGUF f32 top-1 agreement with transformers is {top1:.1%} (< {F32_GGUF_MIN_TOP1:.0%}); "
                           "this is an export bug — please report it")
-    out["tokenizer"] = verify_llm.tokenizer_parity(loaded.tokenizer, master)
-    if out["tokenizer"].get("agreement", 0.0) < 1.0:
+    out["tokenizer"] = portable(verify_llm.tokenizer_parity(loaded.tokenizer, master))
+    if out["tokenizer"]["percent"] < 100.0:
         raise ExportError(f"llama.cpp tokenizes differently from the checkpoint's tokenizer: "
-                          f"{out['tokenizer'].get('first_mismatch')}")
+                          f"{out['tokenizer']['first_mismatch']}")
     return out
-
-
-def _max_abs(report: dict[str, Any]) -> float:
-    vals = [v.get("max_abs_diff", 0.0) for v in report.values() if isinstance(v, dict)]
-    return max(vals) if vals else float(report.get("max_abs_diff", 0.0))
