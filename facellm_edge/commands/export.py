@@ -50,8 +50,10 @@ def export_cmd(
         console.print(verification_table(m.verification))
     total = sum(e.bytes for e in [*m.vision.values(), *m.llm.values()])
     console.print(f"bundle written to [bold]{result.out}[/] ({_fmt_bytes(total)}) in {result.seconds:.1f} s")
-    console.print("next:\n  facellm-edge run --camera 0 --bundle "
-                  f"{result.out} --question \"Describe this person's face.\"")
+    import shlex
+
+    typer.echo("next:\n  facellm-edge run --camera 0 --bundle "
+               f"{shlex.quote(str(result.out))} --question \"Describe this person's face.\"")
 
 
 def verification_table(v: dict[str, Any]):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from facellm_edge import __version__
 from facellm_edge.bundle import MANIFEST, SCHEMA_VERSION, Manifest, atomic_directory, atomic_write_text, file_entry
-from facellm_edge.errors import ExportError, OutputError, UsageError, require
+from facellm_edge.errors import ExportError, FaceLLMEdgeError, OutputError, UsageError, require
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,12 @@ class _Steps:
     def run(self, name: str, fn: Callable[[], Any], size_of: Callable[[Any], int] | None = None,
             detail: Callable[[Any], str] | None = None) -> Any:
         t0 = time.perf_counter()
-        result = fn()
+        try:
+            result = fn()
+        except (FaceLLMEdgeError, OSError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a library failed (torch.onnx, gguf, tokenizers, ...): name the step
+            raise ExportError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
         ev = StepEvent(name, time.perf_counter() - t0, size_of(result) if size_of else 0,
                        detail(result) if detail else "")
         self.events.append(ev)
@@ -125,6 +130,7 @@ class _Steps:
 def export_bundle(cfg: ExportConfig, on_step: Callable[[StepEvent], None] | None = None) -> ExportResult:
     require("torch", "export")
     cfg = validate(cfg)
+    require("transformers", "export").logging.disable_progress_bar()  # our own step lines report progress
     from facellm_edge.export import checkpoint as ckpt
 
     ckpt_dir, source = ckpt.resolve_checkpoint(cfg.model, cfg.revision)
@@ -139,8 +145,9 @@ def export_bundle(cfg: ExportConfig, on_step: Callable[[StepEvent], None] | None
             manifest = _export_into(tmp, cfg, loaded, source, ckpt_dir, steps)
             atomic_write_text(tmp / MANIFEST, manifest.to_json())
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while exporting to {cfg.out}; nothing was written") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputError(f"disk full (or file size limit reached) while exporting to {cfg.out}; "
+                              "nothing was written — free space and retry") from exc
         raise OutputError(f"cannot write the bundle to {cfg.out}: {exc.strerror or exc}") from exc
     return ExportResult(out=cfg.out, manifest=manifest, steps=steps.events)
 

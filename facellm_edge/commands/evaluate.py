@@ -1,0 +1,120 @@
+"""``facellm-edge eval``: FaceXBench-style multiple-choice evaluation (``eval --bench ...``) and ``eval compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from facellm_edge.errors import UsageError
+
+eval_app = typer.Typer(help="Evaluate on a FaceXBench-style MCQ file; compare two runs.")
+
+
+@eval_app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    bench: Optional[Path] = typer.Option(None, "--bench", help="MCQ bench JSON, a FaceXBench task file, or a folder "
+                                         "of FaceXBench task files."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the bench's image paths are relative to "
+                                          "(default: the bench file's folder)."),
+    model: Optional[str] = typer.Option(None, "--model", help="InternVL/FaceLLM checkpoint folder or hub id."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Edge bundle folder (runtime backend)."),
+    out: Path = typer.Option(Path("eval_results"), "--out", help="Output folder (results.json/.md/.png)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Answer length limit."),
+    llm_quant: Optional[str] = typer.Option(None, "--llm-quant", help="--bundle: which GGUF (default: preferred)."),
+    vision_precision: Optional[str] = typer.Option(None, "--vision-precision",
+                                                   help="--bundle: which ONNX encoder, fp32|int8 (default: preferred)."),
+    dtype: str = typer.Option("float32", "--dtype", help="transformers weights dtype: float32|bfloat16|float16."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision for --model."),
+    device: str = typer.Option("cpu", "--device", help="torch device for --model (cpu, cuda, cuda:1, ...)."),
+    n_bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Answer every question with --model (transformers) or --bundle (edge runtime) and score it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if bench is None:
+        raise UsageError("eval needs --bench FILE (with --model or --bundle), or the subcommand `compare`")
+    if (model is None) == (bundle is None):
+        raise UsageError("eval needs exactly one of --model PATH_OR_ID (transformers) or --bundle DIR (edge runtime)")
+    if bundle is None and (llm_quant or vision_precision):
+        raise UsageError("--llm-quant and --vision-precision choose files of a --bundle; they do not apply to --model")
+
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from facellm_edge.evaluate.backends import (
+        BundleBackend, BundleConfig, TransformersBackend, TransformersConfig, check_supported,
+    )
+    from facellm_edge.evaluate.mcq import load_bench
+    from facellm_edge.evaluate.report import check_out, write_results
+    from facellm_edge.evaluate.runner import results_document, run_bench
+    from facellm_edge.evaluate.scoring import ScoreConfig
+
+    check_out(out, force)
+    items = load_bench(bench, images)
+    if limit:
+        items = items[:limit]
+    if bundle is not None:
+        check_supported(items, "bundle", 1)
+        backend = BundleBackend(BundleConfig(bundle=bundle, max_new_tokens=max_new_tokens, llm_quant=llm_quant,
+                                             vision_precision=vision_precision))
+    else:
+        backend = TransformersBackend(TransformersConfig(model=model, max_new_tokens=max_new_tokens, dtype=dtype,
+                                                         revision=revision, device=device))
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[acc]}"), console=console) as progress:
+            task = progress.add_task("eval", total=len(items), acc="")
+            state = {"n": 0, "ok": 0}
+
+            def on_item(r) -> None:
+                state["n"] += 1
+                state["ok"] += r.correct
+                progress.update(task, advance=1, acc=f"acc {state['ok'] / state['n']:.3f}")
+
+            results = run_bench(items, backend, on_item)
+    finally:
+        backend.close()
+    meta = {"bench": str(bench), "backend": backend.name, "model": backend.model, "wall_s": time.perf_counter() - t0,
+            "max_new_tokens": max_new_tokens}
+    doc = results_document(results, meta, ScoreConfig(n_bootstrap=n_bootstrap, seed=seed))
+    write_results(out, doc, force=force)
+    o = doc["summary"]["overall"]
+    console.print(f"{out}: accuracy {o['accuracy']:.3f} (95% CI {o['ci_low']:.3f}-{o['ci_high']:.3f}) on {o['n']} "
+                  f"questions, {o['unanswered']} unanswered", soft_wrap=True)
+
+
+@eval_app.command("compare")
+def compare(
+    a: Path = typer.Argument(..., help="results.json of run A (e.g. the transformers reference)."),
+    b: Path = typer.Argument(..., help="results.json of run B (e.g. a quantised bundle)."),
+    out: Path = typer.Option(Path("eval_compare"), "--out", help="Output folder (compare.json/.md/.png)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+) -> None:
+    """Answer agreement between two runs and accuracy delta per category (quantisation drift)."""
+    from rich.console import Console
+
+    from facellm_edge.evaluate.compare import compare_results
+    from facellm_edge.evaluate.report import check_out, load_results, write_compare
+
+    check_out(out, force)
+    _, ra = load_results(a)
+    _, rb = load_results(b)
+    cmp = compare_results(ra, rb, name_a=str(a), name_b=str(b))
+    write_compare(out, cmp, force=force)
+    o = cmp["overall"]
+    Console(stderr=True).print(f"{out}: agreement {o['agreement']:.3f} on {o['n']} questions, accuracy delta "
+                               f"{100 * o['delta']:+.1f} pp (B - A)", soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

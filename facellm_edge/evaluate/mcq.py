@@ -1,0 +1,176 @@
+"""FaceXBench-style bench files: a JSON list of multiple-choice questions about one or more face images.
+
+Item: ``{"id", "question", "options": {"A": .., "B": ..} | [..], "answer": "B", "images": [paths], "category",
+"task", optional "group" (str or {attr: value}) / "demographics" ({attr: value})}``.
+
+FaceXBench's own per-task files are read as they are too: ``{"category", "sub-category", "prepend_text",
+"postpend_text", "questions": {"1": {"image_paths", "question_text", "options": [..], "correct_answer_option"}}}``
+(``sub-category`` becomes the task, ids become ``<file stem>/<n>``), as is a folder of such files.
+Image paths are relative to ``--images`` (default: the bench file's folder); absolute paths are used as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from facellm_edge.errors import InputError
+
+LETTERS = string.ascii_uppercase
+PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class MCQItem:
+    id: str
+    question: str
+    options: tuple[tuple[str, str], ...]  # (letter, text) in order
+    answer: str
+    images: tuple[Path, ...]
+    category: str
+    task: str
+    groups: tuple[tuple[str, str], ...] = ()  # demographic attribute -> value
+    preamble: str = ""  # task context put before the question (FaceXBench's prepend_text)
+    instruction: str = PROMPT_SUFFIX  # put after the options (FaceXBench's postpend_text)
+
+    @property
+    def option_map(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def prompt(self) -> str:
+        lines = [self.preamble.strip()] if self.preamble.strip() else []
+        lines.append(self.question.strip())
+        lines += [f"{letter}. {text}" for letter, text in self.options]
+        lines.append(self.instruction.strip() or PROMPT_SUFFIX)
+        return "\n".join(lines)
+
+
+def _str(item: dict, key: str, where: str, required: bool = True) -> str:
+    value = item.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+        raise InputError(f"{where}: field '{key}' must be a non-empty string")
+    return str(value).strip()
+
+
+def _options(raw: object, where: str) -> tuple[tuple[str, str], ...]:
+    if isinstance(raw, list):
+        pairs = list(zip(LETTERS, raw))
+        if len(raw) > len(LETTERS):
+            raise InputError(f"{where}: too many options ({len(raw)})")
+    elif isinstance(raw, dict):
+        pairs = [(str(k).strip().upper(), v) for k, v in raw.items()]
+        letters = [k for k, _ in pairs]
+        if letters != list(LETTERS[: len(letters)]):
+            raise InputError(f"{where}: option keys must be A, B, C, ... in order, got {', '.join(map(str, raw))}")
+    else:
+        raise InputError(f"{where}: field 'options' must be an object {{'A': ..}} or a list")
+    if len(pairs) < 2:
+        raise InputError(f"{where}: needs at least 2 options")
+    for letter, text in pairs:
+        if not isinstance(text, (str, int, float)) or isinstance(text, bool) or not str(text).strip():
+            raise InputError(f"{where}: option {letter} must be a non-empty string")
+    return tuple((letter, str(text).strip()) for letter, text in pairs)
+
+
+def _groups(item: dict, where: str) -> tuple[tuple[str, str], ...]:
+    out: dict[str, str] = {}
+    for key in ("demographics", "group"):
+        raw = item.get(key)
+        if raw is None:
+            continue
+        if isinstance(raw, str) and raw.strip():
+            out["group"] = raw.strip()
+        elif isinstance(raw, dict):
+            for k, v in raw.items():
+                if not isinstance(v, (str, int)) or isinstance(v, bool):
+                    raise InputError(f"{where}: {key}.{k} must be a string")
+                out[str(k)] = str(v)
+        else:
+            raise InputError(f"{where}: field '{key}' must be a string or an object of attribute -> value")
+    return tuple(out.items())
+
+
+def _from_facexbench(raw: dict, path: Path) -> list[dict]:
+    """FaceXBench's native per-task file -> flat items."""
+    out = []
+    for n, q in raw["questions"].items():
+        if not isinstance(q, dict):
+            raise InputError(f"{path} question {n} is not an object")
+        out.append({
+            "id": f"{path.stem}/{n}", "question": q.get("question_text"), "options": q.get("options"),
+            "answer": q.get("correct_answer_option"), "images": q.get("image_paths"),
+            "category": raw.get("category"), "task": raw.get("sub-category") or path.stem,
+            "_preamble": raw.get("prepend_text") or "", "_instruction": raw.get("postpend_text") or "",
+        })
+    return out
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"bench file {path} does not exist") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"bench file {path} is not valid JSON: {exc}") from exc
+
+
+def load_bench(path: Path, images_dir: Path | None = None) -> list[MCQItem]:
+    """Read and validate a bench file (or a folder of FaceXBench task files); every error names the item (index
+    and id) and the field. Image paths are relative to ``images_dir`` (default: the bench file's folder)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise InputError(f"bench folder {path} holds no .json files")
+        items = [it for f in files for it in load_bench(f, images_dir if images_dir is not None else path)]
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"bench folder {path}: question ids repeat across files")
+        return items
+    if images_dir is None:
+        images_dir = path.parent
+    raw = _read_json(path)
+    if isinstance(raw, dict) and isinstance(raw.get("questions"), dict):
+        raw = _from_facexbench(raw, path)
+    elif isinstance(raw, dict) and isinstance(raw.get("questions"), list):
+        raw = raw["questions"]
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f"bench file {path} must be a non-empty JSON list of questions (or a FaceXBench task file)")
+    items: list[MCQItem] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"{path} item {i}"
+        if not isinstance(item, dict):
+            raise InputError(f"{where} is not an object")
+        qid = _str(item, "id", where)
+        where = f"{path} item {i} (id {qid})"
+        if qid in seen:
+            raise InputError(f"{where}: duplicate id")
+        seen.add(qid)
+        options = _options(item.get("options"), where)
+        answer = _str(item, "answer", where).upper().strip("() .")
+        if answer not in dict(options):
+            raise InputError(f"{where}: answer {item.get('answer')!r} is not one of the option letters "
+                             f"{', '.join(k for k, _ in options)}")
+        imgs = item.get("images", item.get("image"))
+        if isinstance(imgs, str):
+            imgs = [imgs]
+        if not isinstance(imgs, list) or not imgs or not all(isinstance(p, str) and p for p in imgs):
+            raise InputError(f"{where}: field 'images' must be a non-empty list of paths")
+        paths = []
+        for p in imgs:
+            full = Path(p) if Path(p).is_absolute() or images_dir is None else Path(images_dir) / p
+            if not full.is_file():
+                raise InputError(f"{where}: image {full} does not exist (check --images)")
+            paths.append(full)
+        items.append(MCQItem(
+            id=qid, question=_str(item, "question", where), options=options, answer=answer, images=tuple(paths),
+            category=_str(item, "category", where), task=_str(item, "task", where, required=False) or "all",
+            groups=_groups(item, where), preamble=str(item.get("_preamble", "")),
+            instruction=str(item.get("_instruction", "")) or PROMPT_SUFFIX,
+        ))
+    return items

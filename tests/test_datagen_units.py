@@ -1,0 +1,113 @@
+"""Prompt families, response validation, the rate limiter and the FairFaceGPT importer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import cv2
+import pytest
+
+from facellm_edge.cli import main
+from facellm_edge.datagen.backends import _retry_after
+from facellm_edge.datagen.build import RateLimiter
+from facellm_edge.datagen.fairfacegpt import import_fairfacegpt
+from facellm_edge.datagen.labels import FaceLabels
+from facellm_edge.datagen.prompts import FAMILIES, InvalidResponse, build_prompt, get_family, parse_response
+from facellm_edge.errors import InputError
+
+LAB = FaceLabels("val/1.jpg", (("age", "20-29"), ("gender", "Male"), ("race", "East Asian"), ("eyewear", "glasses"),
+                               ("hat", "none")))
+
+
+def test_families_cover_the_paper():
+    assert [f.name for f in FAMILIES] == ["demographics", "facial_structure", "skin_texture", "expression",
+                                          "lighting_quality", "pose", "forensic", "description"]
+    p = build_prompt(LAB, get_family("pose"))
+    assert "age: 20-29; gender: Male; race: East Asian; eyewear: glasses" in p
+    assert "must NOT mention" in p and "JSON" in p
+
+
+@pytest.mark.parametrize("reply, family, error", [
+    ('{"question": "How is the head turned?", "answer": "Slightly to the left."}', "pose", None),
+    ('```json\n{"question": "How is the head turned?", "answer": "Slightly left."}\n```', "pose", None),
+    ('{"question": "What age range fits?", "answer": "Likely 20-29, from the smooth skin."}', "demographics", None),
+    ('{"question": "Is this East Asian man smiling?", "answer": "Yes."}', "expression", "question leaks the known label 'East Asian'"),
+    ('{"question": "How old?", "answer": "About 20-29."}', "pose", "answer quotes the known label '20-29'"),
+    ('{"question": "What is the gender?", "answer": "The person is a female."}', "pose", None),  # 'male' is not 'female'
+    ('{"question": "Any glasses?", "answer": "None visible."}', "pose", "question leaks the known label 'glasses'"),
+    ('{"question": "Is there a hat?", "answer": "None: the hair is uncovered."}', "pose", None),  # generic value
+    ('{"question": "Describe the face.", "answer": "I\'m sorry, I cannot help."}', "description", "refusal"),
+    ('{"question": "", "answer": "x"}', "pose", "no non-empty 'question'"),
+    ('{"question": "q?"}', "pose", "no non-empty 'answer'"),
+    ('["q", "a"]', "pose", "not a JSON object"),
+    ("Sure! Here is a question: ...", "pose", "not JSON"),
+])
+def test_parse_response(reply, family, error):
+    if error is None:
+        q, a = parse_response(reply, LAB, get_family(family))
+        assert q and a
+    else:
+        with pytest.raises(InvalidResponse, match=error):
+            parse_response(reply, LAB, get_family(family))
+
+
+def test_rate_limiter_spaces_requests_and_stops():
+    stop = threading.Event()
+    lim = RateLimiter(rpm=1200)  # one per 50 ms
+    t0 = time.monotonic()
+    for _ in range(6):
+        assert lim.acquire(stop)
+    assert time.monotonic() - t0 >= 0.25 - 1e-3
+    slow = RateLimiter(rpm=1)  # next token only after 60 s
+    assert slow.acquire(stop)
+    got = []
+    th = threading.Thread(target=lambda: got.append(slow.acquire(stop)))
+    th.start()
+    time.sleep(0.05)
+    t1 = time.monotonic()
+    stop.set()
+    slow.wake()
+    th.join(timeout=5)
+    assert got == [False] and time.monotonic() - t1 < 1.0
+
+
+def test_retry_after_header():
+    assert _retry_after("0") == 0.0 and _retry_after("2.5") == 2.5 and _retry_after(None) is None
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: retry now
+    assert _retry_after("soon") is None
+
+
+def test_import_fairfacegpt(tmp_path, astronaut_bgr, capsys):
+    images = tmp_path / "imgs"
+    (images / "train").mkdir(parents=True)
+    cv2.imwrite(str(images / "train" / "1.jpg"), astronaut_bgr)
+    data = [
+        {"image": "train/1.jpg", "conversations": [{"from": "human", "value": "What is the pose?"},
+                                                   {"from": "gpt", "value": "Frontal."}]},
+        {"id": "k2", "image": "train/1.jpg", "conversations": [{"role": "user", "content": "<image>\nLighting?"},
+                                                               {"role": "assistant", "content": "Soft."}],
+         "category": "lighting"},
+        {"image_path": "train/1.jpg", "question": "Expression?", "answer": "Smiling.", "labels": {"age": "30-39"}},
+    ]
+    src = tmp_path / "dataset.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / "qa.jsonl"
+    assert main(["data", "import-fairfacegpt", str(src), "--images", str(images), "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["train/1.jpg#0", "k2", "train/1.jpg#2"]
+    assert recs[0]["conversations"][0] == {"from": "human", "value": "<image>\nWhat is the pose?"}
+    assert recs[1]["conversations"] == [{"from": "human", "value": "<image>\nLighting?"},
+                                        {"from": "gpt", "value": "Soft."}]
+    assert recs[1]["family"] == "lighting" and recs[2]["labels"] == {"age": "30-39"}
+    # refuses to overwrite; bad entries are named
+    assert main(["data", "import-fairfacegpt", str(src), "--out", str(out)]) == 4
+    for entry, msg in [({"image": "train/1.jpg"}, "entry 0: needs 'conversations'"),
+                       ({"image": "train/2.jpg", "question": "q", "answer": "a"}, "are not under"),
+                       ({"conversations": []}, "entry 0 has no image path"),
+                       ({"image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]}, "alternate")]:
+        src.write_text(json.dumps([entry]))
+        with pytest.raises(InputError, match=msg):
+            import_fairfacegpt(src, images, tmp_path / "o.jsonl")
+    assert not (tmp_path / "o.jsonl").exists()
