@@ -1,0 +1,305 @@
+"""Thin owner of one llama.cpp model + context (llama-cpp-python's low-level ctypes API).
+
+Everything that touches raw llama.cpp pointers lives here: loading, tokenising, decoding token and embedding batches
+into a sequence of the KV cache, sampling with an in-llama.cpp sampler chain, and freeing it all. No conversation
+logic (that is :mod:`facellm_edge.generate`).
+
+KV layout: one context with ``n_seq_max = max_slots`` and ``kv_unified = True``, one sequence per face. With a
+unified cache every sequence may use the whole ``n_ctx`` (``llama_n_ctx_seq == n_ctx``) and the cells are shared, so
+memory stays at one ``n_ctx`` cache however many faces are kept; the generator evicts the least recently used face
+when the cells run out. Alternatives considered, measured with SmolLM2-135M (30 layers) on this 2-core box, 262
+positions per face, 1 thread, under load: a non-unified cache splits ``n_ctx`` into ``n_ctx / n_seq_max`` per sequence
+(a 4096 context would leave each face 1024 positions) or needs ``max_slots`` times the memory; per-face state blobs
+(``llama_state_seq_get/set_data``) are 6 MB per face here (~3.2 MB at FaceLLM-1B) and cost ~0.8 ms to save plus
+~0.8 ms to restore on every face switch, while switching between resident sequences costs nothing and dropping one
+(``llama_memory_seq_rm``) ~0.06 ms. Price of residency: attention spans all used cells (masked), a 17-token
+question's TTFT went 321 -> 412 ms with 1 -> 4 faces resident, decode 26.5 -> 25.8 tok/s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from facellm_edge.errors import InputError, RuntimeStageError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How llama.cpp runs the language model. One source of defaults for the runtime and the CLI."""
+
+    n_ctx: int = 4096  # positions per conversation (and KV cells shared by all kept faces)
+    n_threads: int | None = None  # None -> os.cpu_count()
+    n_threads_batch: int | None = None  # None -> os.cpu_count()
+    n_batch: int = 512  # tokens / embeddings per llama_decode call
+    flash_attn: bool = True
+    n_gpu_layers: int = 0
+    max_slots: int = 4  # faces whose prefix stays in the KV cache; the least recently used is evicted
+    seed: int = 0  # seed of every answer's sampling distribution (temperature > 0): same input, same answer
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16:
+            raise UsageError(f"context size {self.n_ctx} is too small; use --ctx 512 or more")
+        if self.n_batch < 1:
+            raise UsageError(f"batch size {self.n_batch} must be >= 1")
+        if self.max_slots < 1:
+            raise UsageError(f"max_slots {self.max_slots} must be >= 1")
+        for name in ("n_threads", "n_threads_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"{name} {value} must be >= 1 (or unset for all CPU cores)")
+        if self.n_gpu_layers < 0:
+            raise UsageError(f"n_gpu_layers {self.n_gpu_layers} must be >= 0")
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
+    @property
+    def threads_batch(self) -> int:
+        return self.n_threads_batch or os.cpu_count() or 1
+
+
+# -- llama.cpp log routing ------------------------------------------------------------------------------
+# ggml log levels of this llama.cpp: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous message.
+_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+# Load-time warnings every Qwen2 GGUF triggers (e.g. "'</s>' was not control-type"): harmless, logged at DEBUG.
+_BENIGN = (b"load: control-looking token",)
+_llama_log = logging.getLogger("facellm_edge.llama_cpp")
+_log_state = {"forward": False, "level": 0}
+_log_lock = threading.Lock()
+_log_installed: list[object] = []  # keeps the ctypes callback alive; llama.cpp's log hook is process-wide
+
+
+def _install_log_hook(llama_cpp) -> None:
+    """Route llama.cpp's stderr chatter to :mod:`logging`: warnings and errors only, debug/info dropped.
+
+    llama.cpp has one process-wide log hook; it is (re)installed whenever an engine is created and another hook is
+    active, so a Generator's loads are always routed this way."""
+    with _log_lock:
+        if not _log_installed:
+
+            @llama_cpp.llama_log_callback
+            def _callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                if level == 5:
+                    forward = _log_state["forward"]
+                    py_level = _log_state["level"]
+                else:
+                    py_level = _LEVELS.get(level, 0)
+                    if py_level and text.startswith(_BENIGN):
+                        py_level = logging.DEBUG
+                    forward = py_level > 0
+                    _log_state["forward"] = forward
+                    _log_state["level"] = py_level
+                if forward and _llama_log.isEnabledFor(py_level):
+                    msg = text.decode("utf-8", errors="replace").rstrip("\n")
+                    if msg:
+                        _llama_log.log(py_level, "%s", msg)
+
+            _log_installed.append(_callback)
+            llama_cpp.llama_backend_init()
+        ours = _log_installed[0]
+        current = llama_cpp.llama_log_callback()
+        user = ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(current), ctypes.byref(user))
+        if ctypes.cast(current, ctypes.c_void_p).value != ctypes.cast(ours, ctypes.c_void_p).value:
+            llama_cpp.llama_log_set(ours, ctypes.c_void_p(0))
+
+
+class LlamaEngine:
+    """One GGUF model and one context with ``config.max_slots`` sequences in a unified KV cache."""
+
+    def __init__(self, gguf_path: Path, config: EngineConfig) -> None:
+        import llama_cpp as L  # a core dependency; imported here so importing this module stays cheap
+
+        self._L = L
+        _install_log_hook(L)
+        self.config = config
+        self._model = None
+        self._ctx = None
+        self._tok_batch = None
+        self._emb_batch = None
+        gguf_path = Path(gguf_path)
+        if not gguf_path.is_file():
+            raise InputError(f"GGUF not found: {gguf_path} (export a bundle with `facellm-edge export`)")
+        if config.max_slots > L.llama_max_parallel_sequences():
+            raise UsageError(
+                f"max_slots {config.max_slots} exceeds llama.cpp's limit of {L.llama_max_parallel_sequences()}"
+            )
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        self._model = L.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not self._model:
+            raise InputError(
+                f"llama.cpp cannot load {gguf_path} (not a GGUF, truncated, or an unknown architecture); "
+                "re-export the bundle"
+            )
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self.n_embd = int(L.llama_model_n_embd(self._model))
+        self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_batch
+        cparams.n_seq_max = config.max_slots
+        cparams.kv_unified = True
+        cparams.n_threads = config.threads
+        cparams.n_threads_batch = config.threads_batch
+        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else (
+            L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise RuntimeStageError(
+                f"llama.cpp cannot create a {config.n_ctx}-token context for {gguf_path.name} "
+                "(out of memory?); use a smaller --ctx"
+            )
+        self._mem = L.llama_get_memory(self._ctx)
+        self.n_ctx = int(L.llama_n_ctx_seq(self._ctx))
+        self.n_cells = int(L.llama_n_ctx(self._ctx))
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id = int(L.llama_vocab_bos(self._vocab))
+        self._tok_batch = L.llama_batch_init(config.n_batch, 0, 1)
+        self._emb_batch = L.llama_batch_init(config.n_batch, self.n_embd, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        log.debug("llama.cpp context: n_ctx=%d cells=%d seqs=%d threads=%d/%d flash_attn=%s", self.n_ctx,
+                  self.n_cells, config.max_slots, config.threads, config.threads_batch, config.flash_attn)
+
+    # -- vocabulary -----------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Tokenise ``text`` without adding BOS/EOS; ``special`` parses control tokens such as ``<|im_start|>``."""
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        while True:
+            buf = (self._L.llama_token * cap)()
+            n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+            if n >= 0:
+                return list(buf[:n])
+            if -n <= cap:
+                raise RuntimeStageError(f"llama.cpp could not tokenise {len(data)} bytes of text (code {n})")
+            cap = -n  # a negative result is the number of tokens needed
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (control tokens render as nothing)."""
+        n = self._L.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def lib(self):
+        """The ``llama_cpp`` module (for building samplers against this engine's vocabulary)."""
+        return self._L
+
+    @property
+    def vocab(self):
+        return self._vocab
+
+    # -- KV cache -------------------------------------------------------------------------------------
+    def seq_clear(self, seq: int) -> None:
+        self._L.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def clear(self) -> None:
+        self._L.llama_memory_clear(self._mem, True)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(self._L.llama_memory_seq_pos_max(self._mem, seq))
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def decode_tokens(self, tokens: Sequence[int], seq: int, pos0: int, *, logits_last: bool) -> None:
+        """Decode ``tokens`` at positions ``pos0..`` of ``seq``; keep the logits of the last one if asked."""
+        step = self.config.n_batch
+        batch = self._tok_batch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
+            n = len(chunk)
+            for i, t in enumerate(chunk):
+                batch.token[i] = t
+            self._fill_meta(batch, n, seq, pos0 + start, logits_last and start + n == len(tokens))
+            self._decode(batch, n)
+
+    def decode_embeddings(self, embeds: np.ndarray, seq: int, pos0: int, *, logits_last: bool) -> None:
+        """Decode rows of ``embeds`` (float32 [n, n_embd]) as input embeddings at positions ``pos0..``."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        step = self.config.n_batch
+        batch = self._emb_batch
+        total = embeds.shape[0]
+        for start in range(0, total, step):
+            chunk = embeds[start:start + step]
+            n = chunk.shape[0]
+            ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+            self._fill_meta(batch, n, seq, pos0 + start, logits_last and start + n == total)
+            self._decode(batch, n)
+
+    def _fill_meta(self, batch, n: int, seq: int, pos0: int, logits_last: bool) -> None:
+        for i in range(n):
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 0
+        if logits_last:
+            batch.logits[n - 1] = 1
+        batch.n_tokens = n
+
+    def _decode(self, batch, n: int) -> None:
+        rc = self._L.llama_decode(self._ctx, batch)
+        if rc == 1:
+            raise RuntimeStageError(
+                f"llama.cpp found no free KV cells for {n} positions in the {self.n_cells}-cell cache; "
+                "use a larger --ctx or fewer faces"
+            )
+        if rc != 0:
+            raise RuntimeStageError(f"llama_decode failed with code {rc} while decoding {n} positions")
+
+    # -- sampling -------------------------------------------------------------------------------------
+    def sample(self, chain) -> int:
+        """Sample from the logits of the last decoded output with an in-llama.cpp sampler chain (accepts it)."""
+        return int(self._L.llama_sampler_sample(chain, self._ctx, -1))
+
+    def logits_last(self) -> np.ndarray:
+        """A copy of the last output's logits (for tests and diagnostics; generation never copies logits)."""
+        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # -- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        L = self._L
+        if self._tok_batch is not None:
+            L.llama_batch_free(self._tok_batch)
+            self._tok_batch = None
+        if self._emb_batch is not None:
+            L.llama_batch_free(self._emb_batch)
+            self._emb_batch = None
+        if self._ctx:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # a forgotten close() must not leak the model's memory for the process lifetime
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._model is None

@@ -1,0 +1,100 @@
+"""Sampling settings and their llama.cpp sampler chains (sampling runs inside llama.cpp: no logits copies)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from facellm_edge.errors import UsageError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How one answer is generated. ``temperature == 0`` is greedy; ``grammar`` is GBNF text."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 0.95
+    top_k: int = 40  # 0 disables top-k
+    repeat_penalty: float = 1.0  # 1.0 disables the penalty
+    grammar: str | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise UsageError(f"max_tokens {self.max_tokens} must be >= 1")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise UsageError(f"temperature {self.temperature} must be a finite number >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise UsageError(f"top_k {self.top_k} must be >= 0 (0 disables it)")
+        if not (self.repeat_penalty > 0.0 and math.isfinite(self.repeat_penalty)):
+            raise UsageError(f"repeat_penalty {self.repeat_penalty} must be > 0 (1.0 disables it)")
+        if self.grammar is not None and not self.grammar.strip():
+            raise UsageError("grammar is empty; pass GBNF text or leave it unset")
+
+
+REPEAT_LAST_N = 64  # llama.cpp's default penalty window
+
+
+def schema_to_grammar(schema: dict[str, Any] | str) -> str:
+    """A JSON schema (dict or JSON text) -> GBNF, with llama-cpp-python's converter (for ``--schema FILE``)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        parsed = json.loads(schema) if isinstance(schema, str) else schema
+    except ValueError as exc:
+        raise UsageError(f"the JSON schema is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise UsageError(f"a JSON schema must be a JSON object, got {type(parsed).__name__}")
+    try:
+        return json_schema_to_gbnf(json.dumps(parsed))
+    except (AssertionError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
+        # the converter reports unsupported or broken schemas with assertions
+        raise UsageError(f"cannot turn the JSON schema into a grammar: {exc}") from exc
+
+
+class SamplerChain:
+    """An owned ``llama_sampler`` chain built from a :class:`GenerationConfig`; free it with :meth:`close`."""
+
+    def __init__(self, llama_cpp, vocab, n_vocab: int, gen: GenerationConfig, seed: int) -> None:
+        L = self._L = llama_cpp
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.handle = L.llama_sampler_chain_init(params)
+        try:
+            if gen.grammar is not None:
+                grammar = L.llama_sampler_init_grammar(vocab, gen.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise UsageError("the GBNF grammar does not parse (see the llama_cpp log); fix it")
+                L.llama_sampler_chain_add(self.handle, grammar)
+            if gen.repeat_penalty != 1.0:
+                L.llama_sampler_chain_add(
+                    self.handle, L.llama_sampler_init_penalties(n_vocab, REPEAT_LAST_N, gen.repeat_penalty, 0.0, 0.0)
+                )
+            if gen.temperature == 0.0:
+                L.llama_sampler_chain_add(self.handle, L.llama_sampler_init_greedy())
+            else:
+                if gen.top_k > 0:
+                    L.llama_sampler_chain_add(self.handle, L.llama_sampler_init_top_k(gen.top_k))
+                if gen.top_p < 1.0:
+                    L.llama_sampler_chain_add(self.handle, L.llama_sampler_init_top_p(gen.top_p, 1))
+                L.llama_sampler_chain_add(self.handle, L.llama_sampler_init_temp(gen.temperature))
+                L.llama_sampler_chain_add(self.handle, L.llama_sampler_init_dist(seed))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.handle:
+            self._L.llama_sampler_free(self.handle)  # frees the samplers added to the chain too
+            self.handle = None
+
+    def __enter__(self) -> "SamplerChain":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
