@@ -188,7 +188,10 @@ class Bundle:
         return key, self.path(table[key])
 
     def entries(self) -> Iterator[FileEntry]:
-        yield from self.manifest.vision.values()
+        for e in self.manifest.vision.values():
+            yield e
+            # external weight files of large ONNX graphs
+            yield from (FileEntry(**x) for x in e.extra.get("external_data", []))
         yield from self.manifest.llm.values()
         if self.manifest.mmproj is not None:
             yield self.manifest.mmproj

@@ -165,13 +165,16 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
     (tmp / "vision").mkdir()
     vision_paths: dict[str, Path] = {}
     fp32 = tmp / "vision" / "fp32.onnx"
-    steps.run("vision -> ONNX fp32", lambda: onnx_vision.export_vision_onnx(loaded.model, fp32, image_size=image.size),
-              size_of=lambda p: Path(p).stat().st_size)
+    def onnx_bytes(p: Path) -> int:  # the graph plus its external weight files (large vision towers)
+        return sum(f.stat().st_size for f in onnx_vision.onnx_files(p))
+
+    steps.run("vision -> ONNX fp32", lambda: onnx_vision.export_vision_onnx(
+        loaded.model, fp32, image_size=image.size, mean=image.mean, std=image.std, source_model=source.get("model")),
+              size_of=onnx_bytes)
     vision_paths["fp32"] = fp32
     if "int8" in cfg.vision:
         int8 = tmp / "vision" / "int8.onnx"
-        steps.run("vision -> ONNX int8", lambda: onnx_vision.quantize_vision_int8(fp32, int8),
-                  size_of=lambda p: Path(p).stat().st_size)
+        steps.run("vision -> ONNX int8", lambda: onnx_vision.quantize_vision_int8(fp32, int8), size_of=onnx_bytes)
         vision_paths["int8"] = int8
 
     # -- LLM ------------------------------------------------------------------------------------------------
@@ -199,7 +202,8 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
                                  detail=lambda v: "ok")
     # Intermediate files the user did not ask for are not part of the bundle.
     if "fp32" not in cfg.vision:
-        fp32.unlink()
+        for f in onnx_vision.onnx_files(fp32):
+            f.unlink()
         del vision_paths["fp32"]
     if "f32" not in cfg.quants:
         master.unlink()
@@ -212,11 +216,16 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
         image=image,
         tokens=tokens,
         prompt=prompt_spec,
-        vision={k: file_entry(tmp, p, precision=k) for k, p in vision_paths.items()},
+        vision={k: _onnx_entry(tmp, p, onnx_vision.onnx_files(p)[1:]) for k, p in vision_paths.items()},
         llm={k: file_entry(tmp, p, **_quant_extra(quant_reports.get(k))) for k, p in llm_paths.items()},
         tools=_tool_versions(),
         verification=verification,
     )
+
+
+def _onnx_entry(root: Path, graph: Path, external: list[Path]):
+    # Graphs over 2 GB keep their weights in external data files: those are hashed and listed too.
+    return file_entry(root, graph, external_data=[asdict(file_entry(root, f)) for f in external])
 
 
 def _quant_extra(report: Any) -> dict[str, Any]:
