@@ -79,14 +79,23 @@ def t1_bgr() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
-    """The tiny checkpoint exported by the real exporter: ONNX fp32 + int8 vision, GGUF f32 + q8_0 LLM.
+def tiny_checkpoint_varied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """Tiny checkpoint with larger random weights: its greedy answers vary with the image and the question
+    (with initializer_range 0.02 a tiny model answers the same token for everything, which proves little)."""
+    return _build(tmp_path_factory, qwen_tokenizer_dir, "tiny_varied", tie_word_embeddings=True, seed=0,
+                  initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint_varied) -> Path:
+    """``tiny_checkpoint_varied`` exported by the real exporter: ONNX fp32 + int8 vision, GGUF f32 + q8_0 LLM.
 
     Verification is skipped here (tests/test_export_cli.py runs the verified export); the bundle itself is real.
+    Tests that need the source checkpoint read it from ``manifest.source["path"]``.
     """
     from facellm_edge.export.pipeline import ExportConfig, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(ExportConfig(model=str(tiny_checkpoint), out=out, quants=("f32", "q8_0"),
+    export_bundle(ExportConfig(model=str(tiny_checkpoint_varied), out=out, quants=("f32", "q8_0"),
                                vision=("fp32", "int8"), verify=False))
     return out

@@ -1,0 +1,170 @@
+"""``facellm-edge ask`` (one photo) and ``facellm-edge run`` (live: camera, video, images, stream).
+
+Heavy libraries (cv2, onnxruntime, llama_cpp) are imported inside the command bodies only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from facellm_edge.errors import BundleError
+
+if TYPE_CHECKING:
+    from facellm_edge.pipeline import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Idiap/FaceLLM-1B"
+DEFAULT_QUANT = "q4_k_m"
+
+_BUNDLE_HELP = ("Bundle folder, or a hub repo id of a published bundle. Default: FaceLLM-1B at q4_k_m in the user "
+                "cache, exported on first use (needs the 'export' extra).")
+
+
+def default_bundle_dir() -> Path:
+    from facellm_edge.detect.yunet import user_cache_dir
+
+    return user_cache_dir() / "bundles" / f"{DEFAULT_MODEL.split('/')[-1]}-{DEFAULT_QUANT}"
+
+
+def resolve_bundle(spec: Optional[str]) -> Path:
+    """A local bundle folder, a hub repo id (snapshot_download), or the cached default bundle (built on first use)."""
+    from facellm_edge.bundle import MANIFEST
+
+    if spec is None:
+        dest = default_bundle_dir()
+        if (dest / MANIFEST).is_file():
+            return dest
+        from facellm_edge.errors import require
+
+        require("torch", "export")
+        from facellm_edge.export.pipeline import ExportConfig, export_bundle
+
+        log.warning("no --bundle: exporting %s (%s) to %s (first use only; this takes a while)",
+                    DEFAULT_MODEL, DEFAULT_QUANT, dest)
+        return export_bundle(ExportConfig(model=DEFAULT_MODEL, out=dest, quants=(DEFAULT_QUANT,))).out
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        return path  # load_bundle reports a missing/invalid folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=spec))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise BundleError(f"bundle {spec!r} is neither a local folder nor a downloadable hub repo ({exc})") from exc
+
+
+def _config(live: bool, *, detector: str, detector_model: Optional[Path], device: str, quant: Optional[str],
+            precision: Optional[str], threads: Optional[int], max_tokens: int, temperature: float, max_faces: int,
+            ctx: int) -> "RuntimeConfig":
+    from facellm_edge.pipeline import RuntimeConfig
+
+    cfg = RuntimeConfig(detector=detector, detector_model=detector_model, device=device, llm_quant=quant,
+                        vision_precision=precision, max_tokens=max_tokens, temperature=temperature,
+                        max_faces=max_faces, n_ctx=ctx, n_threads=threads, n_threads_batch=threads)
+    return cfg.for_live() if live else cfg
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ask")
+    def ask(
+        image: Path = typer.Argument(..., help="A photo (jpg/png/...)."),
+        question: str = typer.Argument(..., help="The question, asked about every face."),
+        bundle: Optional[str] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+        max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Max tokens per answer."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+        detector: str = typer.Option("yunet", "--detector", help="yunet (MIT, default) or scrfd (non-commercial)."),
+        detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local detector model file."),
+        save_crops: Optional[Path] = typer.Option(None, "--save-crops", help="Write the aligned crops here."),
+        whole_image: bool = typer.Option(False, "--whole-image",
+                                         help="No detection: the whole image is the face crop."),
+        device: str = typer.Option("auto", "--device", help="Vision encoder: auto | cpu | cuda | tensorrt."),
+        quant: Optional[str] = typer.Option(None, "--quant", help="LLM quant in the bundle (default: its best)."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="Vision precision (int8 | fp32)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads."),
+        max_faces: int = typer.Option(0, "--max-faces", min=0, help="Answer about at most N faces (0 = all)."),
+        ctx: int = typer.Option(4096, "--ctx", min=16, help="LLM context size."),
+    ) -> None:
+        """Answer a question about every face in a photo."""
+        from facellm_edge.detect import check_name
+        from facellm_edge.live.sources import read_image
+        from facellm_edge.pipeline import FaceLLM
+
+        check_name(detector)
+        cfg = _config(False, detector=detector, detector_model=detector_model, device=device, quant=quant,
+                      precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
+                      max_faces=max_faces, ctx=ctx)
+        img = read_image(image)
+        with FaceLLM.load(resolve_bundle(bundle), cfg) as model:
+            if whole_image:
+                answers = [model.ask_crop(img, question)]
+            else:
+                answers = model.ask(img, question, save_crops=save_crops)
+        records = [a.to_dict() for a in answers]
+        if as_json:
+            typer.echo(json.dumps({"image": str(image), "question": question, "faces": records,
+                                   "no_face": not records}))
+            return
+        if not records:
+            typer.echo(f"no face found in {image}")
+            return
+        for r in records:
+            t = r["timings_ms"]
+            typer.echo(f"face {r['face']} {r['box']}: {r['answer'].strip()}")
+            typer.echo("  " + ", ".join(f"{k} {v:.0f} ms" for k, v in t.items()))
+
+    @app.command("run")
+    def run(
+        source: Optional[str] = typer.Option(None, "--source",
+                                             help="Camera index, video file, image, folder of images, or "
+                                                  "rtsp:// / http:// URL."),
+        camera: Optional[int] = typer.Option(None, "--camera", min=0, help="Camera index (alias of --source N)."),
+        question: str = typer.Option(..., "--question", "-q", help="Asked once about every new face."),
+        bundle: Optional[str] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
+        no_display: bool = typer.Option(False, "--no-display", help="Headless: no window."),
+        jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write one JSON line per answered face."),
+        output: Optional[Path] = typer.Option(None, "--output", help="Write the annotated video (mp4)."),
+        max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Max tokens per answer."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+        detector: str = typer.Option("yunet", "--detector", help="yunet (MIT, default) or scrfd (non-commercial)."),
+        detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local detector model file."),
+        device: str = typer.Option("auto", "--device", help="Vision encoder: auto | cpu | cuda | tensorrt."),
+        quant: Optional[str] = typer.Option(None, "--quant", help="LLM quant in the bundle."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="Vision precision (int8 | fp32)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                              help="llama.cpp threads (live default 1, beside 1 detector thread)."),
+        max_faces: int = typer.Option(0, "--max-faces", min=0, help="Track at most N faces per frame (0 = all)."),
+        max_frames: int = typer.Option(0, "--max-frames", min=0, help="Stop after N frames (0 = no limit)."),
+        ctx: int = typer.Option(4096, "--ctx", min=16, help="LLM context size."),
+    ) -> None:
+        """Live loop: detect and track faces every frame, answer about each new face, stream the answers."""
+        from facellm_edge.detect import check_name
+        from facellm_edge.errors import UsageError
+        from facellm_edge.live.loop import LiveConfig, run_live
+        from facellm_edge.live.sources import open_source
+        from facellm_edge.pipeline import FaceLLM
+
+        if (source is None) == (camera is None):
+            raise UsageError("give exactly one of --source (file, folder, URL, camera index) or --camera N")
+        check_name(detector)
+        cfg = _config(True, detector=detector, detector_model=detector_model, device=device, quant=quant,
+                      precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
+                      max_faces=max_faces, ctx=ctx)
+        live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output,
+                          max_tokens=max_tokens, temperature=temperature, max_frames=max_frames)
+        frames = open_source(camera if camera is not None else source)  # a bad source fails before loading
+        try:
+            with FaceLLM.load(resolve_bundle(bundle), cfg) as model:
+                model.detector  # load the detector before the first frame is processed
+                echo = (lambda rec: typer.echo(json.dumps(rec))) if no_display and jsonl is None else None
+                stats = run_live(model, frames, live, on_record=echo)
+        finally:
+            frames.close()
+        log.info("%d frames, %.1f FPS, %d answers", stats.frames, stats.fps, stats.answers)

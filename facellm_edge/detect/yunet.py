@@ -1,0 +1,123 @@
+"""YuNet (OpenCV zoo, MIT) through ``cv2.FaceDetectorYN``: the default detector.
+
+The model (232 KB) is fetched on first use into the user cache with a pinned sha256, or read from a local file
+given as ``DetectorConfig.model_path`` (``--detector-model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facellm_edge.detect import DetectorConfig, check_image, top_faces
+from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.faces import Face
+
+log = logging.getLogger(__name__)
+
+YUNET_FILE = "face_detection_yunet_2023mar.onnx"
+YUNET_URL = (
+    "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/face_detection_yunet_2023mar.onnx"
+)
+YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+_fetch_lock = threading.Lock()
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/facellm-edge`` (default ``~/.cache/facellm-edge``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "facellm-edge"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_model_path(*, download: bool = True) -> Path:
+    """The cached YuNet model; downloaded atomically (temp file + sha256 check + rename) when absent."""
+    dest = user_cache_dir() / "models" / YUNET_FILE
+    with _fetch_lock:
+        if dest.is_file() and _sha256(dest) == YUNET_SHA256:
+            return dest
+        if not download:
+            raise InputError(f"YuNet model not in the cache ({dest}); pass --detector-model PATH")
+        import urllib.request
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        log.warning("downloading the YuNet face detector (232 KB, MIT) to %s", dest)
+        fd, tmp = tempfile.mkstemp(prefix=f".{YUNET_FILE}.", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(YUNET_URL, timeout=60) as r:
+                while block := r.read(1 << 16):
+                    f.write(block)
+            got = _sha256(Path(tmp))
+            if got != YUNET_SHA256:
+                raise InputError(
+                    f"downloaded YuNet model has sha256 {got}, expected {YUNET_SHA256}; "
+                    "retry, or pass --detector-model PATH"
+                )
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise InputError(
+                f"cannot download the YuNet model from {YUNET_URL} ({exc}); pass --detector-model PATH"
+            ) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return dest
+
+
+class YuNetDetector:
+    name = "yunet"
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        if config.model_path is not None:
+            path = Path(config.model_path)
+            if not path.is_file():
+                raise InputError(f"detector model not found: {path} (pass an existing YuNet .onnx to --detector-model)")
+        else:
+            path = default_model_path()
+        self.model_path = path
+        if config.n_threads is not None:
+            cv2.setNumThreads(int(config.n_threads))
+        try:
+            self._net = cv2.FaceDetectorYN.create(
+                str(path), "", (config.input_size, config.input_size),
+                config.score_threshold, config.nms_threshold, 5000,
+            )
+        except cv2.error as exc:
+            raise InputError(f"cannot load YuNet model {path}: {exc.msg.strip().splitlines()[-1]}") from exc
+        self._size: tuple[int, int] | None = None
+
+    def detect(self, image_bgr: np.ndarray) -> list[Face]:
+        image = check_image(image_bgr)
+        h, w = image.shape[:2]
+        scale = min(1.0, self.config.input_size / max(h, w))
+        if scale < 1.0:
+            image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        size = (image.shape[1], image.shape[0])
+        if size != self._size:
+            self._net.setInputSize(size)
+            self._size = size
+        try:
+            _, rows = self._net.detect(image)
+        except cv2.error as exc:
+            raise RuntimeStageError(f"YuNet failed on a {w}x{h} image: {exc.msg.strip()}") from exc
+        faces = []
+        for row in rows if rows is not None else ():
+            x, y, bw, bh = (float(v) / scale for v in row[:4])
+            lm = np.asarray(row[4:14], dtype=np.float32).reshape(5, 2) / scale
+            faces.append(Face(box=np.array([x, y, x + bw, y + bh]), score=float(row[14]), landmarks=lm))
+        return top_faces(faces, self.config.max_faces)

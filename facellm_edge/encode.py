@@ -1,0 +1,115 @@
+"""The vision encoder: the bundle's ONNX (vision tower + pixel shuffle + projector) in ONNX Runtime.
+
+``pixel_values`` float32 [B, 3, S, S] -> ``image_embeds`` float32 [B, num_image_tokens, llm_hidden]; all faces
+of a frame go through in one call. Execution providers: ``auto`` = TensorRT -> CUDA -> CPU (whatever this
+onnxruntime build has); asking for a GPU provider that is not there is an error, never a silent CPU fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from facellm_edge.bundle import Bundle
+from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEVICES: dict[str, tuple[str, ...]] = {
+    "auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+GPU_FIX = "pip uninstall -y onnxruntime && pip install 'facellm-edge[gpu]'"
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    device: str = "auto"
+    precision: str | None = None  # "int8" / "fp32"; None = the bundle's preferred
+    n_threads: int | None = None  # ORT intra-op threads; None = ORT default
+
+def select_providers(device: str, available: list[str]) -> list[str]:
+    """The provider list for ``device`` given what this onnxruntime build offers."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}'; choose one of: {', '.join(DEVICES)}")
+    if device == "auto":
+        return [p for p in DEVICES["auto"] if p in available]
+    wanted = DEVICES[device][0]
+    if wanted not in available:
+        raise RuntimeStageError(
+            f"--device {device} needs onnxruntime's {wanted}, but this onnxruntime has only "
+            f"{', '.join(available)}; install the GPU build: {GPU_FIX}"
+        )
+    return [p for p in DEVICES[device] if p in available]
+
+class VisionEncoder:
+    def __init__(self, path: Path, *, precision: str, config: EncoderConfig, num_image_tokens: int,
+                 width: int) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.precision = precision
+        self.config = config
+        providers = select_providers(config.device, ort.get_available_providers())
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if config.n_threads is not None:
+            opts.intra_op_num_threads = int(config.n_threads)
+            opts.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BundleError(f"cannot load vision encoder {self.path}: {str(exc).splitlines()[0]}") from exc
+        self.providers = list(self._session.get_providers())
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if "pixel_values" not in inputs or "image_embeds" not in outputs:
+            raise BundleError(
+                f"{self.path} must map 'pixel_values' -> 'image_embeds' (has inputs {list(inputs)}, "
+                f"outputs {list(outputs)}); re-export the bundle"
+            )
+        out_shape = outputs["image_embeds"].shape
+        onnx_width = out_shape[-1] if isinstance(out_shape[-1], int) else None
+        self.num_image_tokens = num_image_tokens
+        self.width = onnx_width if onnx_width is not None else width
+        if onnx_width is not None and onnx_width != width:
+            raise BundleError(
+                f"vision encoder {self.path.name} outputs width {onnx_width} but the LLM's n_embd is {width}; "
+                "the bundle mixes two models: re-export it"
+            )
+        log.info("vision encoder %s (%s) on %s", self.path.name, precision, ", ".join(self.providers))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, config: EncoderConfig = EncoderConfig(), *,
+                    llm_width: int | None = None) -> "VisionEncoder":
+        """Load the bundle's vision file; ``llm_width`` (the GGUF's n_embd) must equal the ONNX output width."""
+        precision, path = bundle.vision_file(config.precision)
+        m = bundle.manifest
+        width = llm_width if llm_width is not None else m.arch.llm_hidden
+        if llm_width is not None and m.arch.llm_hidden != llm_width:
+            raise BundleError(
+                f"bundle manifest says llm_hidden {m.arch.llm_hidden} but the GGUF's n_embd is {llm_width}; "
+                "re-export the bundle"
+            )
+        return cls(path, precision=precision, config=config, num_image_tokens=m.tokens.num_image_tokens, width=width)
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[B, 3, S, S] float32 -> [B, num_image_tokens, width] float32, one ORT call."""
+        x = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise RuntimeStageError(f"pixel_values must be [B, 3, H, W], got {list(x.shape)}")
+        try:
+            (out,) = self._session.run(["image_embeds"], {"pixel_values": x})
+        except Exception as exc:
+            raise RuntimeStageError(f"vision encoder failed on {list(x.shape)}: {str(exc).splitlines()[0]}") from exc
+        if out.shape[-1] != self.width or out.shape[1] != self.num_image_tokens:
+            raise BundleError(
+                f"vision encoder gave {list(out.shape)}, expected [B, {self.num_image_tokens}, {self.width}] "
+                "(ONNX width vs GGUF n_embd or token count mismatch); re-export the bundle"
+            )
+        return out
+

@@ -1,0 +1,255 @@
+"""Frame sources: camera index, video file, image, folder of images, RTSP/HTTP stream.
+
+Files are read in order, every frame. Live sources (cameras, streams) are read by a thread that keeps only the
+newest frame, so a slow consumer never sees stale video; a lost camera or stream is reopened with exponential
+backoff (logged once per outage). Consumers wait on a condition variable (no sleep-polling).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from facellm_edge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
+class Capture(Protocol):  # the part of cv2.VideoCapture we use
+    def isOpened(self) -> bool: ...
+    def read(self) -> tuple[bool, Any]: ...
+    def release(self) -> None: ...
+    def get(self, prop: int) -> float: ...
+
+
+Opener = Callable[[Any], Capture]
+
+
+@dataclass(frozen=True)
+class Frame:
+    index: int  # sequence number from the source (0, 1, 2 ...), increasing even when frames are dropped
+    image: np.ndarray
+    name: str = ""  # file name for images / folders
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    initial_s: float = 0.5
+    max_s: float = 8.0
+    factor: float = 2.0
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as BGR uint8; unreadable/empty -> :class:`InputError`."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None or image.size == 0:
+        raise InputError(f"cannot decode image {path} (empty or not an image file)")
+    return image
+
+
+def _default_opener(target: Any) -> Capture:
+    import cv2
+
+    return cv2.VideoCapture(target)
+
+
+class FrameSource:
+    """Base: iterate frames with ``for frame in source``; ``close()`` (or a ``with`` block) releases everything."""
+
+    live = False
+    description = ""
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def fps(self) -> float:
+        return 0.0
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ImageFiles(FrameSource):
+    """One image or a folder of images (sorted by name)."""
+
+    def __init__(self, paths: list[Path], description: str) -> None:
+        if not paths:
+            raise InputError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {description}")
+        self.paths = paths
+        self.description = description
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, p in enumerate(self.paths):
+            yield Frame(i, read_image(p), p.name)
+
+
+class VideoFile(FrameSource):
+    """A video file read in order, every frame."""
+
+    def __init__(self, path: Path, opener: Opener = _default_opener) -> None:
+        self.description = str(path)
+        self._cap = opener(str(path))
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise InputError(f"cannot open video {path} (unsupported codec or not a video)")
+        self._stopped = threading.Event()
+
+    @property
+    def fps(self) -> float:
+        import cv2
+
+        return float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        while not self._stopped.is_set():
+            ok, image = self._cap.read()
+            if not ok or image is None:
+                return
+            yield Frame(i, image)
+            i += 1
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._cap.release()
+
+
+class LiveCapture(FrameSource):
+    """A camera or stream: a reader thread keeps the newest frame; reconnects with exponential backoff."""
+
+    live = True
+
+    def __init__(self, target: Any, *, opener: Opener = _default_opener,
+                 reconnect: ReconnectPolicy = ReconnectPolicy(), description: str | None = None) -> None:
+        self.target = target
+        self.description = description or str(target)
+        self._opener = opener
+        self._policy = reconnect
+        self._cond = threading.Condition()
+        self._latest: Frame | None = None
+        self._seq = 0
+        self._stop = threading.Event()
+        self.reconnects = 0
+        self._cap = opener(target)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise InputError(f"cannot open {self.description} (check the camera index or URL, permissions, and "
+                             "that no other program is using it)")
+        self._fps = self._get_fps(self._cap)
+        self._thread = threading.Thread(target=self._read_loop, name="frame-reader", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _get_fps(cap: Capture) -> float:
+        import cv2
+
+        try:
+            return float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        except Exception:  # a non-cv2 capture without properties
+            return 0.0
+
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                ok, image = self._cap.read() if self._cap.isOpened() else (False, None)
+                if ok and image is not None:
+                    with self._cond:
+                        self._latest = Frame(self._seq, image)
+                        self._seq += 1
+                        self._cond.notify_all()
+                    continue
+                if not self._reopen():
+                    return
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _reopen(self) -> bool:
+        """Reopen after a loss with exponential backoff; False when stopped."""
+        self._cap.release()
+        log.warning("lost %s; reconnecting (backoff from %.1fs up to %.1fs)", self.description,
+                    self._policy.initial_s, self._policy.max_s)
+        delay = self._policy.initial_s
+        while not self._stop.wait(delay):
+            cap = self._opener(self.target)
+            if cap.isOpened():
+                self._cap = cap
+                self.reconnects += 1
+                log.info("reconnected to %s", self.description)
+                return True
+            cap.release()
+            delay = min(delay * self._policy.factor, self._policy.max_s)
+        return False
+
+    def read_latest(self, after: int, timeout: float | None = None) -> Frame | None:
+        """The newest frame with index > ``after``; waits for one (None on timeout or when closed)."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._stop.is_set() or (self._latest is not None and self._latest.index > after),
+                timeout=timeout,
+            )
+            if self._latest is not None and self._latest.index > after:
+                return self._latest
+            return None
+
+    def __iter__(self) -> Iterator[Frame]:
+        last = -1
+        while not self._stop.is_set():
+            frame = self.read_latest(last, timeout=1.0)
+            if frame is None:
+                continue
+            last = frame.index
+            yield frame
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout)
+        self._cap.release()
+
+
+def open_source(spec: str | int, *, opener: Opener = _default_opener,
+                reconnect: ReconnectPolicy = ReconnectPolicy()) -> FrameSource:
+    """``0``/``"0"`` camera index, ``rtsp://...``/``http://...`` stream, a directory, an image, or a video file."""
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        index = int(spec)
+        return LiveCapture(index, opener=opener, reconnect=reconnect, description=f"camera {index}")
+    text = str(spec).strip()
+    if not text:
+        raise InputError("empty --source; pass a camera index, a file, a folder or a stream URL")
+    if text.lower().startswith(STREAM_SCHEMES):
+        return LiveCapture(text, opener=opener, reconnect=reconnect, description=f"stream {text}")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ImageFiles(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS), f"folder {path}")
+    if not path.exists():
+        raise InputError(f"source not found: {path} (pass a camera index, a file, a folder or a stream URL)")
+    if path.suffix.lower() in IMAGE_EXTS:
+        return ImageFiles([path], str(path))
+    return VideoFile(path, opener=opener)

@@ -1,0 +1,355 @@
+"""The Python API: ``FaceLLM.load(bundle_dir)`` then ``ask(image, question)`` -> one answer per face.
+
+Stages: detect (YuNet/SCRFD) -> align (5-point similarity, FairFace-like crop) -> encode (ONNX Runtime, all faces
+of an image in one call) -> prefill (each face's image prefix into its own llama.cpp KV slot) -> answer.
+No torch, no transformers. Thread-safe: the detector and the language model each have a lock, so the live loop can
+detect in one thread while another generates; public calls serialise callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator
+
+import numpy as np
+
+from facellm_edge.align import CropConfig, align_face
+from facellm_edge.bundle import Bundle, load_bundle
+from facellm_edge.detect import Detector, DetectorConfig, check_image, create_detector
+from facellm_edge.encode import EncoderConfig, VisionEncoder
+from facellm_edge.errors import OutputError, UsageError
+from facellm_edge.faces import Face
+from facellm_edge.preprocess import crop_to_pixels, crops_to_pixels, tile_image
+
+if TYPE_CHECKING:
+    from facellm_edge.generate import Answer, GenerationConfig, Generator
+    from facellm_edge.llm.engine import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Everything the runtime can be told. One source of defaults for the API and the CLI."""
+
+    detector: str = "yunet"
+    detector_model: Path | None = None
+    detector_threads: int | None = None
+    score_threshold: float = 0.6
+    max_faces: int = 0  # 0 = every face found
+    device: str = "auto"  # ONNX Runtime: auto | cpu | cuda | tensorrt
+    vision_precision: str | None = None  # None = the bundle's preferred (int8 when present)
+    vision_threads: int | None = None
+    llm_quant: str | None = None  # None = the bundle's preferred GGUF
+    n_threads: int | None = None  # llama.cpp generation threads (None = all cores)
+    n_threads_batch: int | None = None  # llama.cpp prefill threads (None = all cores)
+    n_ctx: int = 4096
+    max_slots: int = 4  # faces whose image prefix stays cached
+    n_gpu_layers: int = 0
+    crop: CropConfig = field(default_factory=CropConfig)
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0
+    seed: int = 0
+    check_hashes: bool = True
+
+    def for_live(self) -> "RuntimeConfig":
+        """The live-loop thread policy on small CPUs, for every thread count left unset: 1 llama.cpp thread + 1
+        detector thread (on 2 cores, two llama threads beside a busy detector collapse decoding ~100x)."""
+        one = lambda v: 1 if v is None else v  # noqa: E731
+        return replace(self, n_threads=one(self.n_threads), n_threads_batch=one(self.n_threads_batch),
+                       detector_threads=one(self.detector_threads), vision_threads=one(self.vision_threads))
+
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig(name=self.detector, model_path=self.detector_model, score_threshold=self.score_threshold,
+                              max_faces=self.max_faces, n_threads=self.detector_threads)
+
+    def generation(self, max_tokens: int | None = None, temperature: float | None = None) -> "GenerationConfig":
+        from facellm_edge.generate import GenerationConfig
+
+        return GenerationConfig(
+            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=self.top_p, top_k=self.top_k, repeat_penalty=self.repeat_penalty,
+        )
+
+    def engine(self) -> "EngineConfig":
+        from facellm_edge.generate import EngineConfig
+
+        return EngineConfig(n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
+                            max_slots=self.max_slots, n_gpu_layers=self.n_gpu_layers, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class FaceAnswer:
+    """One face's answer. ``timings`` in ms: detect, align, encode (the batched call), prefill (image prefix),
+    ttft (question prefill + first token), decode. ``key`` names its cached conversation for :meth:`FaceLLM.chat`."""
+
+    index: int
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: str
+    timings: dict[str, float]
+    key: Hashable
+    track_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "face": self.index, "track_id": self.track_id,
+            "box": [round(v, 1) for v in self.box], "score": round(self.score, 4),
+            "landmarks": [[round(x, 1), round(y, 1)] for x, y in self.landmarks],
+            "answer": self.text, "stop_reason": self.stop_reason, "n_tokens": len(self.token_ids),
+            "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _whole_image_face(image: np.ndarray) -> Face:
+    h, w = image.shape[:2]
+    return Face(box=np.array([0, 0, w, h]), score=1.0, landmarks=np.zeros((5, 2)))
+
+
+class FaceLLM:
+    """A loaded bundle: detector + vision encoder + language model. Use as a context manager or call close()."""
+
+    def __init__(self, bundle: Bundle, config: RuntimeConfig, generator: "Generator", encoder: VisionEncoder) -> None:
+        self.bundle = bundle
+        self.config = config
+        self.generator = generator
+        self.encoder = encoder
+        self._detector: Detector | None = None
+        self._detect_lock = threading.Lock()
+        self._llm_lock = threading.RLock()
+        self._keys = itertools.count()
+        self._asked: list[Hashable] = []  # keys of the last ask(): kept for chat(), dropped at the next ask()
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, config: RuntimeConfig = RuntimeConfig()) -> "FaceLLM":
+        from facellm_edge.generate import Generator
+
+        bundle = load_bundle(bundle_dir, check_hashes=config.check_hashes)
+        if bundle.manifest.image.size != config.crop.size:
+            config = replace(config, crop=replace(config.crop, size=bundle.manifest.image.size))
+        generator = Generator.from_bundle(bundle, config.llm_quant, config.engine())
+        try:
+            encoder = VisionEncoder.from_bundle(
+                bundle, EncoderConfig(device=config.device, precision=config.vision_precision,
+                                      n_threads=config.vision_threads),
+                llm_width=generator.n_embd,
+            )
+        except BaseException:
+            generator.close()
+            raise
+        log.info("loaded %s: vision %s, llm %s", bundle.root, encoder.precision, bundle.llm_file(config.llm_quant)[0])
+        return cls(bundle, config, generator, encoder)
+
+    # -- lifetime -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._llm_lock:
+            self.generator.close()
+
+    def __enter__(self) -> "FaceLLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stages (used by ask() and by the live loop) ------------------------------------------------------
+    @property
+    def detector(self) -> Detector:
+        with self._detect_lock:
+            if self._detector is None:
+                self._detector = create_detector(self.config.detector_config())
+            return self._detector
+
+    def detect(self, image_bgr: np.ndarray) -> list[Face]:
+        image = check_image(image_bgr)
+        detector = self.detector
+        with self._detect_lock:
+            t0 = time.perf_counter()
+            faces = detector.detect(image)
+            dt = _ms(t0)
+        for f in faces:
+            f.timings["detect"] = dt
+        return faces
+
+    def encode_faces(self, image_bgr: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Align every face (``face.crop``) and encode all crops in one ONNX call (``face.embeds``)."""
+        if not faces:
+            return faces
+        for f in faces:
+            t0 = time.perf_counter()
+            f.crop = align_face(image_bgr, f.landmarks, self.config.crop)
+            f.timings["align"] = _ms(t0)
+        t0 = time.perf_counter()
+        embeds = self.encoder.encode(crops_to_pixels([f.crop for f in faces], self.bundle.manifest.image))
+        dt = _ms(t0)
+        for f, e in zip(faces, embeds):
+            f.embeds, f.timings["encode"] = e, dt
+        return faces
+
+    def prefill(self, key: Hashable, face: Face) -> None:
+        with self._llm_lock:
+            t0 = time.perf_counter()
+            self.generator.prefill_image(key, face.embeds.reshape(-1, face.embeds.shape[-1]))
+            face.timings["prefill"] = _ms(t0)
+
+    def answer(self, key: Hashable, question: str, *, max_tokens: int | None = None,
+               temperature: float | None = None, on_token: Callable[[str], None] | None = None) -> "Answer":
+        """Ask ``question`` about the face prefilled under ``key``; returns the generator's ``Answer``."""
+        with self._llm_lock:
+            return self.generator.ask(key, question, self.config.generation(max_tokens, temperature), on_token)
+
+    def has(self, key: Hashable) -> bool:
+        with self._llm_lock:
+            return self.generator.has(key)
+
+    def forget(self, key: Hashable) -> None:
+        with self._llm_lock:
+            self.generator.drop(key)
+
+    def new_key(self, prefix: str = "face") -> Hashable:
+        return (prefix, next(self._keys))
+
+    # -- the API --------------------------------------------------------------------------------------------
+    def ask(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
+            temperature: float | None = None, save_crops: str | Path | None = None) -> list[FaceAnswer]:
+        """Answer ``question`` about every face in ``image_bgr``; [] when there is no face."""
+        with self._llm_lock:
+            return [self._answer_face(i, face, key, question, max_tokens, temperature)
+                    for i, face, key in self._prefilled_faces(image_bgr, question, save_crops)]
+
+    def stream(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
+               temperature: float | None = None) -> Iterator[tuple[int, str]]:
+        """Yield (face index, text piece) as each face's answer is decoded, face after face. The model is busy
+        (other callers wait) until the iterator is exhausted or closed."""
+        with self._llm_lock:
+            gen = self.config.generation(max_tokens, temperature)
+            for i, face, key in self._prefilled_faces(image_bgr, question, None):
+                pieces = self.generator.stream(key, question, gen)
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as stop:
+                        face.answer = stop.value.text
+                        break
+                    yield i, piece
+
+    def chat(self, face: FaceAnswer, question: str, *, max_tokens: int | None = None,
+             temperature: float | None = None) -> FaceAnswer:
+        """A follow-up question about a face from the last :meth:`ask`, reusing its cached image prefix."""
+        with self._llm_lock:
+            if not self.generator.has(face.key):
+                raise UsageError(
+                    f"face {face.index}'s conversation is no longer cached (a newer ask() or more than "
+                    f"{self.config.max_slots} faces since); ask about the image again"
+                )
+            ans = self.answer(face.key, question, max_tokens=max_tokens, temperature=temperature)
+        timings = {"ttft": ans.timings["ttft_ms"], "decode": ans.timings["decode_ms"]}
+        return replace(face, text=ans.text, token_ids=ans.token_ids, stop_reason=ans.stop_reason, timings=timings)
+
+    def ask_crop(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
+                 temperature: float | None = None) -> FaceAnswer:
+        """No detection: the whole image is the face crop (resized to one tile if needed), e.g. for MCQ eval."""
+        image = check_image(image_bgr)
+        face = _whole_image_face(image)
+        face.crop = image
+        t0 = time.perf_counter()
+        face.embeds = self.encoder.encode(crop_to_pixels(image, self.bundle.manifest.image))[0]
+        face.timings["encode"] = _ms(t0)
+        return self._answer_face(0, face, None, question, max_tokens, temperature)
+
+    def ask_image(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
+                  temperature: float | None = None) -> FaceAnswer:
+        """No detection: the whole frame with InternVL's dynamic tiling (up to ``max_tiles`` + thumbnail)."""
+        image = check_image(image_bgr)
+        face = _whole_image_face(image)
+        t0 = time.perf_counter()
+        pixels, _ = tile_image(image, self.bundle.manifest.image)
+        face.embeds = self.encoder.encode(pixels).reshape(-1, self.encoder.width)
+        face.timings["encode"] = _ms(t0)
+        return self._answer_face(0, face, None, question, max_tokens, temperature)
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _prefilled_faces(self, image_bgr, question, save_crops) -> Iterator[tuple[int, Face, Hashable]]:
+        """detect -> align -> encode (one batch) -> per face: prefill its image prefix; yields (index, face, key)."""
+        if not isinstance(question, str) or not question.strip():
+            raise UsageError("the question is empty; ask something")
+        image = check_image(image_bgr)
+        faces = self.detect(image)
+        self.encode_faces(image, faces)
+        if save_crops is not None:
+            save_face_crops(faces, Path(save_crops))
+        for old in self._asked:
+            self.generator.drop(old)
+        self._asked = []
+        for i, face in enumerate(faces):
+            key = self.new_key()
+            self.prefill(key, face)
+            self._asked.append(key)
+            yield i, face, key
+
+    def _answer_face(self, index: int, face: Face, key: Hashable | None, question: str, max_tokens: int | None,
+                     temperature: float | None) -> FaceAnswer:
+        with self._llm_lock:
+            if key is None:
+                key = self.new_key()
+                self.prefill(key, face)
+                for old in self._asked:
+                    self.generator.drop(old)
+                self._asked = [key]
+            ans = self.answer(key, question, max_tokens=max_tokens, temperature=temperature)
+        face.answer = ans.text
+        face.timings["ttft"] = ans.timings["ttft_ms"]
+        face.timings["decode"] = ans.timings["decode_ms"]
+        return FaceAnswer(
+            index=index, box=tuple(float(v) for v in face.box), score=face.score,
+            landmarks=tuple((float(x), float(y)) for x, y in face.landmarks), text=ans.text,
+            token_ids=ans.token_ids, stop_reason=ans.stop_reason, timings=dict(face.timings), key=key,
+            track_id=face.track_id,
+        )
+
+
+def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> list[Path]:
+    """Write the aligned crops the model saw as PNGs (only when the user asked: faces are biometric data)."""
+    import os
+    import tempfile
+
+    import cv2
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create --save-crops folder {out_dir}: {exc.strerror or exc}") from exc
+    paths = []
+    for i, f in enumerate(faces):
+        if f.crop is None:
+            continue
+        ok, data = cv2.imencode(".png", f.crop)
+        if not ok:
+            raise OutputError(f"cannot encode crop {i} as PNG")
+        dest = out_dir / (f"{prefix}{i}.png" if f.track_id is None else f"{prefix}_track{f.track_id}.png")
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=out_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data.tobytes())
+            os.replace(tmp, dest)
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+        paths.append(dest)
+    return paths

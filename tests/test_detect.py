@@ -1,0 +1,127 @@
+"""Detection + alignment on real photos with the real YuNet model (../shared)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facellm_edge.align import CropConfig, align_face, estimate_transform, template, transform_points
+from facellm_edge.detect import DetectorConfig, create_detector
+from facellm_edge.errors import InputError, UsageError
+
+
+@pytest.fixture(scope="module")
+def yunet(yunet_model):
+    return create_detector(DetectorConfig(name="yunet", model_path=yunet_model))
+
+
+def _upright(face, crop_cfg):
+    m = estimate_transform(face.landmarks, crop_cfg)
+    lm = transform_points(face.landmarks, m)
+    eyes_y = lm[:2, 1].mean()
+    mouth_y = lm[3:, 1].mean()
+    angle = np.degrees(np.arctan2(lm[1, 1] - lm[0, 1], lm[1, 0] - lm[0, 0]))
+    return lm, eyes_y, mouth_y, angle
+
+
+def test_yunet_finds_astronaut(yunet, astronaut_bgr):
+    faces = yunet.detect(astronaut_bgr)
+    assert len(faces) == 1
+    f = faces[0]
+    assert f.score > 0.8
+    # the face is in the upper middle of the 512x512 photo, right eye (image left) left of the left eye
+    assert 150 < f.box[0] < f.box[2] < 300 and 50 < f.box[1] < f.box[3] < 250
+    assert f.landmarks[0, 0] < f.landmarks[1, 0]
+    assert f.landmarks[3, 0] < f.landmarks[4, 0]
+    assert f.landmarks[:2, 1].mean() < f.landmarks[2, 1] < f.landmarks[3:, 1].mean()
+
+
+def test_yunet_finds_six_faces_in_t1(yunet, t1_bgr):
+    faces = yunet.detect(t1_bgr)
+    assert len(faces) == 6
+    scores = [f.score for f in faces]
+    assert scores == sorted(scores, reverse=True)
+    centres = np.array([[(f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2] for f in faces])
+    # six distinct faces: no two centres closer than 20 px
+    d = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(6) * 1e9
+    assert d.min() > 20
+
+
+def test_aligned_crops_are_upright(yunet, astronaut_bgr, t1_bgr):
+    cfg = CropConfig()
+    for image in (astronaut_bgr, t1_bgr):
+        for face in yunet.detect(image):
+            crop = align_face(image, face.landmarks, cfg)
+            assert crop.shape == (448, 448, 3) and crop.dtype == np.uint8
+            lm, eyes_y, mouth_y, angle = _upright(face, cfg)
+            assert eyes_y < lm[2, 1] < mouth_y  # eyes above nose above mouth
+            assert abs(angle) < 8.0  # eye line nearly horizontal
+            # landmarks land near the template (margin 0.25 -> face in the central two thirds)
+            assert np.abs(lm - template(cfg)).max() < 0.08 * cfg.size
+            assert 448 / 6 < lm[:, 0].min() and lm[:, 0].max() < 448 * 5 / 6
+
+
+def test_rotated_face_is_straightened(yunet, astronaut_bgr):
+    """Rotate the photo by 25 degrees and its landmarks with it: the aligned crop is the same upright face."""
+    import cv2
+
+    h, w = astronaut_bgr.shape[:2]
+    face = yunet.detect(astronaut_bgr)[0]
+    r = cv2.getRotationMatrix2D((w / 2, h / 2), 25, 1.0)
+    rotated = cv2.warpAffine(astronaut_bgr, r, (w, h))
+    lm_rot = transform_points(face.landmarks, r)
+    tilt = np.degrees(np.arctan2(lm_rot[1, 1] - lm_rot[0, 1], lm_rot[1, 0] - lm_rot[0, 0]))
+    assert abs(tilt) > 20
+    cfg = CropConfig()
+    upright = align_face(astronaut_bgr, face.landmarks, cfg).astype(np.float32)
+    straightened = align_face(rotated, lm_rot, cfg).astype(np.float32)
+    inner = slice(112, 336)  # away from the black border the rotation brings in
+    assert np.abs(upright[inner, inner] - straightened[inner, inner]).mean() < 6.0
+    assert np.abs(upright[inner, inner] - np.roll(upright, 20, axis=1)[inner, inner]).mean() > 15.0
+
+
+def test_margin_controls_context():
+    tight, wide = template(CropConfig(margin=0.0)), template(CropConfig(margin=0.5))
+    assert np.ptp(tight[:, 0]) > np.ptp(wide[:, 0]) * 1.9
+    assert abs(tight[:, 0].mean() - wide[:, 0].mean()) < 2  # both centred horizontally
+
+
+def test_no_face_in_blank_image(yunet):
+    assert yunet.detect(np.full((480, 640, 3), 127, np.uint8)) == []
+
+
+def test_unknown_detector_lists_choices():
+    with pytest.raises(UsageError, match="unknown detector 'haar'.*scrfd.*yunet"):
+        create_detector(DetectorConfig(name="haar"))
+
+
+def test_missing_detector_models(tmp_path):
+    with pytest.raises(InputError, match="detector model not found"):
+        create_detector(DetectorConfig(name="yunet", model_path=tmp_path / "nope.onnx"))
+    with pytest.raises(InputError, match="SCRFD model not found.*--detector-model"):
+        create_detector(DetectorConfig(name="scrfd", model_path=tmp_path / "scrfd.onnx"))
+    (tmp_path / "pack").mkdir()
+    with pytest.raises(InputError, match="no SCRFD model"):
+        create_detector(DetectorConfig(name="scrfd", model_path=tmp_path / "pack"))
+
+
+def test_bad_images(yunet):
+    with pytest.raises(InputError):
+        yunet.detect(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(InputError):
+        yunet.detect(np.zeros((64, 64), np.uint8))
+
+
+def test_yunet_cache_honours_xdg(monkeypatch, tmp_path, yunet_model):
+    import shutil
+
+    from facellm_edge.detect import yunet as y
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dest = tmp_path / "facellm-edge" / "models" / y.YUNET_FILE
+    dest.parent.mkdir(parents=True)
+    shutil.copy(yunet_model, dest)
+    assert y.default_model_path(download=False) == dest  # pinned hash matches: no network
+    dest.write_bytes(b"corrupt")
+    with pytest.raises(InputError, match="--detector-model"):
+        y.default_model_path(download=False)

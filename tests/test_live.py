@@ -1,0 +1,213 @@
+"""The live loop on real sources: a video made from the photos, image folders, a stream that drops and comes back."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facellm_edge.errors import InputError
+from facellm_edge.faces import Face
+from facellm_edge.live.loop import DropOldestSlot, LiveConfig, run_live
+from facellm_edge.live.sources import LiveCapture, ReconnectPolicy, open_source
+from facellm_edge.live.tracker import IouTracker, TrackerConfig
+
+SIZE = (640, 480)  # video frame size (w, h)
+
+
+def _fit(image: np.ndarray) -> np.ndarray:
+    """Letterbox an image into SIZE."""
+    w, h = SIZE
+    s = min(w / image.shape[1], h / image.shape[0])
+    r = cv2.resize(image, (int(image.shape[1] * s), int(image.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    out = np.zeros((h, w, 3), np.uint8)
+    y, x = (h - r.shape[0]) // 2, (w - r.shape[1]) // 2
+    out[y:y + r.shape[0], x:x + r.shape[1]] = r
+    return out
+
+
+@pytest.fixture(scope="module")
+def photo_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
+    """6 frames of the astronaut then 6 of t1 (mp4v), with a 1-px drift so boxes move a little."""
+    path = tmp_path_factory.mktemp("video") / "photos.mp4"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, SIZE)
+    assert vw.isOpened()
+    for image in (astronaut_bgr, t1_bgr):
+        base = _fit(image)
+        for i in range(6):
+            vw.write(np.roll(base, i, axis=1))
+    vw.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle, yunet_model):
+    from facellm_edge.pipeline import FaceLLM, RuntimeConfig
+
+    cfg = RuntimeConfig(detector_model=yunet_model, max_tokens=3, llm_quant="f32").for_live()
+    assert (cfg.n_threads, cfg.detector_threads) == (1, 1)
+    with FaceLLM.load(tiny_bundle, cfg) as m:
+        yield m
+
+
+def test_video_runs_headless_with_stable_tracks(model, photo_video, tmp_path):
+    jsonl, out = tmp_path / "answers.jsonl", tmp_path / "annotated.mp4"
+    cfg = LiveConfig(question="How old is this person?", display=False, jsonl=jsonl, output=out, max_tokens=3)
+    stats = run_live(model, open_source(str(photo_video)), cfg)
+    assert stats.frames == 12
+    # 1 astronaut track + 6 t1 tracks, each seen in all 6 of its frames: ids are stable
+    assert sorted(stats.track_frames.values()) == [6] * 7
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert sorted(r["track_id"] for r in lines) == sorted(stats.track_frames)
+    for r in lines:
+        assert r["question"] == cfg.question and isinstance(r["answer"], str) and len(r["box"]) == 4
+        assert {"detect", "align", "encode", "prefill", "ttft", "decode"} <= set(r["timings_ms"])
+    cap = cv2.VideoCapture(str(out))
+    assert cap.isOpened()
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == SIZE
+    ok, first = cap.read()
+    cap.release()
+    assert ok and np.abs(first.astype(int) - _fit(np.zeros((8, 8, 3), np.uint8))).sum() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated.mp4", "answers.jsonl"]  # no temp files left
+
+
+def test_folder_and_image_sources(tmp_path, astronaut_bgr, t1_bgr):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    cv2.imwrite(str(d / "b.png"), t1_bgr)
+    cv2.imwrite(str(d / "a.jpg"), astronaut_bgr)
+    (d / "notes.txt").write_text("not an image")
+    with open_source(str(d)) as src:
+        frames = list(src)
+    assert [f.name for f in frames] == ["a.jpg", "b.png"] and frames[1].image.shape == t1_bgr.shape
+    with open_source(str(d / "a.jpg")) as src:
+        assert len(list(src)) == 1
+    (d / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="cannot decode"):
+        list(open_source(str(d / "empty.png")))
+    with pytest.raises(InputError, match="source not found"):
+        open_source(str(tmp_path / "missing.mp4"))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        open_source(str(tmp_path / "none"))
+
+
+def test_camera_that_does_not_open():
+    with pytest.raises(InputError, match="cannot open camera 9"):
+        open_source(9)
+
+
+def test_lost_stream_reconnects(photo_video):
+    """A live source whose capture ends (a real EOF), then fails to open once, then comes back: frames continue."""
+    calls = []
+
+    def opener(target):
+        calls.append(target)
+        cap = cv2.VideoCapture(str(photo_video))
+        if len(calls) == 2:
+            cap.release()  # the camera is "still gone": a closed capture
+        return cap
+
+    src = LiveCapture("fake-camera", opener=opener, reconnect=ReconnectPolicy(initial_s=0.01, max_s=0.05))
+    try:
+        seen = []
+        for frame in src:
+            seen.append(frame.index)
+            if frame.index >= 14:  # 12 frames per capture: index 14 only exists after a reconnect
+                break
+    finally:
+        src.close()
+    assert len(calls) == 3 and src.reconnects == 1
+    assert seen == sorted(seen) and seen[-1] >= 14
+    assert not src._thread.is_alive()
+
+
+def test_tracker_ids():
+    def face(x):
+        return Face(box=np.array([x, 10, x + 50, 60]), score=0.9, landmarks=np.zeros((5, 2)))
+
+    tr = IouTracker(TrackerConfig(iou_threshold=0.3, max_missed=1))
+    a, b = tr.update([face(0), face(200)], 0)[0]
+    ids = (a.track_id, b.track_id)
+    assert ids[0] != ids[1]
+    faces, ended = tr.update([face(205), face(3)], 1)  # moved a little, order swapped
+    assert (faces[0].track_id, faces[1].track_id) == (ids[1], ids[0]) and ended == []
+    faces, ended = tr.update([face(6)], 2)
+    assert faces[0].track_id == ids[0] and ended == []
+    faces, ended = tr.update([face(9), face(400)], 3)
+    assert ended == [ids[1]] and faces[1].track_id not in ids
+
+
+def test_drop_oldest_slot():
+    q = DropOldestSlot()
+    q.put(1)
+    q.put(2)
+    assert q.get() == 2 and q.dropped == 1
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.get()))
+    t.start()
+    q.put(3)
+    t.join(timeout=5)
+    assert got == [3]
+    q.close()
+    assert q.get() is None
+
+
+def test_overlay_screenshot(astronaut_bgr, yunet_model, tmp_path):
+    from facellm_edge.detect import DetectorConfig, create_detector
+    from facellm_edge.live.overlay import draw, wrap_text
+
+    faces = create_detector(DetectorConfig(model_path=yunet_model)).detect(astronaut_bgr)
+    faces[0].track_id = 1
+    answer = ("The person appears to be a woman in her early forties, smiling, with short brown hair, wearing an "
+              "orange spacesuit in front of an American flag.")
+    out = draw(astronaut_bgr, faces, {1: answer})
+    path = tmp_path / "overlay.png"
+    assert cv2.imwrite(str(path), out)
+    back = cv2.imread(str(path))
+    assert back.shape == astronaut_bgr.shape
+    x1, y1, x2, y2 = (int(v) for v in faces[0].box)
+    changed = np.abs(back.astype(int) - astronaut_bgr.astype(int)).sum(axis=2) > 30
+    assert changed[y1:y2 + 1, x1:x2 + 1].mean() < 0.2  # the face itself stays visible
+    assert changed[:, x2 + 8:].sum() > 2000  # the text panel beside the face (roomier side)
+    lines = wrap_text(answer, 248, 0.5, 1)
+    assert len(lines) > 3 and " ".join(lines) == answer
+    assert all(cv2.getTextSize(s, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)[0][0] <= 248 for s in lines)
+
+
+class _InterruptedFrames:
+    """A real file source that the user interrupts (Ctrl-C arrives in the main thread) after ``n`` frames."""
+
+    live = False
+    fps = 10.0
+
+    def __init__(self, source, n: int) -> None:
+        self.source, self.n = source, n
+
+    def __iter__(self):
+        for frame in self.source:
+            if frame.index == self.n:
+                raise KeyboardInterrupt
+            yield frame
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def test_ctrl_c_finalises_outputs(model, photo_video, tmp_path):
+    jsonl, out = tmp_path / "a.jsonl", tmp_path / "a.mp4"
+    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, max_tokens=2, join_timeout_s=10)
+    before = {t.name for t in threading.enumerate()}
+    stats = run_live(model, _InterruptedFrames(open_source(str(photo_video)), 4), cfg)
+    assert stats.frames == 4
+    assert "vlm-worker" not in {t.name for t in threading.enumerate()} - before
+    assert jsonl.is_file()  # finalised (possibly with fewer answers than faces)
+    cap = cv2.VideoCapture(str(out))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    cap.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.mp4"]

@@ -1,0 +1,130 @@
+"""``facellm-edge ask`` / ``run`` through the real CLI entry point (cli.main), with the tiny bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facellm_edge.cli import main
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, astronaut_bgr, t1_bgr) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("photos")
+    paths = {"astronaut": d / "astronaut.png", "t1": d / "t1.jpg", "blank": d / "blank.png", "empty": d / "empty.jpg"}
+    cv2.imwrite(str(paths["astronaut"]), astronaut_bgr)
+    cv2.imwrite(str(paths["t1"]), t1_bgr)
+    cv2.imwrite(str(paths["blank"]), np.full((300, 400, 3), 200, np.uint8))
+    paths["empty"].write_bytes(b"")
+    return paths
+
+
+@pytest.fixture()
+def common(tiny_bundle, yunet_model) -> list[str]:
+    return ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model), "--max-tokens", "2"]
+
+
+def test_ask_json(photos, common, capsys):
+    rc = main(["ask", str(photos["astronaut"]), "How old is this person?", "--json", *common])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["question"] == "How old is this person?" and out["no_face"] is False
+    (face,) = out["faces"]
+    assert len(face["box"]) == 4 and isinstance(face["answer"], str) and 1 <= face["n_tokens"] <= 2
+    assert {"detect", "align", "encode", "prefill", "ttft", "decode"} <= set(face["timings_ms"])
+
+
+def test_ask_text_and_save_crops(photos, common, capsys, tmp_path):
+    rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *common])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("face ") == 6 and "ms" in out
+    assert len(list((tmp_path / "crops").glob("*.png"))) == 6
+
+
+def test_ask_no_face_is_a_record(photos, common, capsys):
+    rc = main(["ask", str(photos["blank"]), "Age?", "--json", *common])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["faces"] == [] and out["no_face"] is True
+    rc = main(["ask", str(photos["blank"]), "Age?", *common])
+    assert rc == 0 and "no face found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["ask", "{empty}", "Age?"], 3, "cannot decode image"),
+        (["ask", "{missing}", "Age?"], 3, "image not found"),
+        (["ask", "{astronaut}", "Age?", "--detector", "haar"], 2,
+         "unknown detector 'haar'; choose one of: scrfd, yunet"),
+        (["ask", "{astronaut}", "Age?", "--bundle", "{nobundle}"], 3, "bundle not found"),
+        (["ask", "{astronaut}", "Age?", "--detector", "scrfd", "--detector-model", "{missing}"], 3,
+         "SCRFD model not found"),
+        (["run", "--camera", "9", "--question", "Age?", "--no-display"], 3, "cannot open camera 9"),
+        (["run", "--question", "Age?"], 2, "exactly one of --source"),
+    ],
+)
+def test_errors_are_one_line(photos, tiny_bundle, yunet_model, tmp_path, capsys, args, code, message):
+    subst = {"{empty}": str(photos["empty"]), "{missing}": str(tmp_path / "missing.onnx"),
+             "{astronaut}": str(photos["astronaut"]), "{nobundle}": str(tmp_path / "nobundle")}
+    argv = [subst.get(a, a) for a in args]
+    if "--bundle" not in argv:
+        argv += ["--bundle", str(tiny_bundle)]
+    if "--detector-model" not in argv:
+        argv += ["--detector-model", str(yunet_model)]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_run_headless_on_image_folder(photos, common, capsys, tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir()
+    for name in ("astronaut", "t1"):
+        (d / photos[name].name).write_bytes(photos[name].read_bytes())
+    jsonl = tmp_path / "out.jsonl"
+    rc = main(["run", "--source", str(d), "--question", "Age?", "--no-display", "--jsonl", str(jsonl), *common])
+    assert rc == 0, capsys.readouterr().err
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(recs) == 7 and len({r["track_id"] for r in recs}) == 7
+    assert all(r["question"] == "Age?" for r in recs)
+
+
+def _subprocess(code: str, env_extra: dict[str, str], tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+
+
+def test_default_bundle_needs_the_export_extra(photos, yunet_model, tmp_path):
+    """No --bundle and no cached bundle: building it needs torch; without it, the exact pip command."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # torch not installed: `import torch` raises ImportError\n"
+        "from facellm_edge.cli import main\n"
+        f"sys.exit(main(['ask', {str(photos['astronaut'])!r}, 'Age?', '--detector-model', {str(yunet_model)!r}]))\n"
+    )
+    r = _subprocess(code, {"XDG_CACHE_HOME": str(tmp_path / "cache")}, tmp_path)
+    assert r.returncode == 7, r.stderr
+    assert "pip install 'facellm-edge[export]'" in r.stderr
+    assert not (tmp_path / "cache" / "facellm-edge" / "bundles").exists()
+
+
+def test_hub_bundle_id_offline(photos, yunet_model, tmp_path):
+    code = (
+        "import sys\n"
+        "from facellm_edge.cli import main\n"
+        f"sys.exit(main(['ask', {str(photos['astronaut'])!r}, 'Age?', '--bundle', 'nobody/no-such-bundle',"
+        f" '--detector-model', {str(yunet_model)!r}]))\n"
+    )
+    r = _subprocess(code, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert "neither a local folder nor a downloadable hub repo" in r.stderr
