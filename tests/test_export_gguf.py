@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from facellm_edge.errors import ExportError, OutputError, UsageError
@@ -147,23 +148,36 @@ def test_embedding_rows_beyond_tokenizer_are_padded(tiny_checkpoint, tmp_path):
     import llama_cpp
 
     from facellm_edge.export.gguf_llm import write_llm_gguf
-    from facellm_edge.export.verify_llm import LlamaSession, compare_logits
+    from facellm_edge.export.verify_llm import compare_logits, open_engine
 
     model, tokenizer = _load(tiny_checkpoint)
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=128)
     rows = model.model.language_model.embed_tokens.weight.shape[0]
     assert rows > len(tokenizer)
     report = write_llm_gguf(model, tokenizer, tmp_path / "padded.gguf")
-    with LlamaSession(report.path, n_ctx=16) as sess:
-        assert sess.n_vocab == rows
-        assert llama_cpp.llama_vocab_get_text(sess.vocab, rows - 1) == f"[PAD{rows - 1}]".encode()
-        assert llama_cpp.llama_vocab_get_attr(sess.vocab, rows - 1) & llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
+    engine = open_engine(report.path, 16)
+    try:
+        assert engine.n_vocab == rows
+        assert llama_cpp.llama_vocab_get_text(engine.vocab, rows - 1) == f"[PAD{rows - 1}]".encode()
+        assert llama_cpp.llama_vocab_get_attr(engine.vocab, rows - 1) & llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
+    finally:
+        engine.close()
     assert compare_logits(model, tokenizer, report.path)["top1_agreement"] == 1.0
+
+
+def _greedy(engine, ids: list[int], n_new: int) -> list[int]:
+    """Greedy continuation by numpy argmax over llama.cpp's logits."""
+    engine.decode_tokens(ids, seq=0, pos0=0, logits_last=True)
+    out: list[int] = []
+    for _ in range(n_new):
+        out.append(int(np.argmax(engine.logits_last())))
+        engine.decode_tokens(out[-1:], seq=0, pos0=len(ids) + len(out) - 1, logits_last=True)
+    return out
 
 
 def test_quantize_q4_k_m_and_q8_0(tied, tied_f32, tmp_path):
     from facellm_edge.export.quantize import QUANTS, quantize_gguf, read_tensor_infos
-    from facellm_edge.export.verify_llm import LlamaSession
+    from facellm_edge.export.verify_llm import open_engine
 
     _, tokenizer = tied
     src = read_tensor_infos(tied_f32)
@@ -182,11 +196,14 @@ def test_quantize_q4_k_m_and_q8_0(tied, tied_f32, tmp_path):
         else:
             assert {f["name"] for f in report.fallbacks} == not_k_friendly
             assert all(f["type"] not in QUANTS[quant].types for f in report.fallbacks)
-        with LlamaSession(report.path, n_ctx=64) as sess:
-            ids = sess.tokenize(prompt)
+        engine = open_engine(report.path, 64)
+        try:
+            ids = engine.tokenize(prompt, special=True)
             assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            out = sess.greedy(ids, 4)
-        assert len(out) == 4 and all(0 <= t < sess.n_vocab for t in out)
+            out = _greedy(engine, ids, 4)
+        finally:
+            engine.close()
+        assert len(out) == 4 and all(0 <= t < engine.n_vocab for t in out)
     assert not list(tmp_path.glob(".*tmp*"))
 
 

@@ -169,7 +169,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
     """Quantise an f32/f16/bf16 GGUF ``src`` to ``dst`` with llama.cpp (atomically) and report the result."""
     validate_quants([quant])
     llama_cpp = require("llama_cpp", "export")
-    from facellm_edge.export.verify_llm import route_llama_logs
+    from facellm_edge.llm.engine import install_log_hook
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -178,7 +178,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
         raise OutputError(f"output folder {dst.parent} does not exist; create it first")
     if n_threads < 1:
         raise UsageError(f"n_threads must be >= 1, got {n_threads}")
-    route_llama_logs()
+    install_log_hook(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = int(n_threads)
     params.ftype = int(getattr(llama_cpp, QUANTS[quant].ftype_attr))

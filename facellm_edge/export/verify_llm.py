@@ -1,13 +1,12 @@
 """Check a GGUF against the transformers model it came from: logits with injected image embeddings, tokenizer ids.
 
-Contains a small, self-contained llama.cpp session on llama-cpp-python's low-level API (load model + context from a
-path, decode a sequence mixing token batches and embedding batches, read the logits of every position). The
-runtime generator needs the same steps; the lead merges the two later.
+The llama.cpp side runs through the runtime's own engine (:class:`facellm_edge.llm.engine.LlamaEngine`), so the
+export verifies exactly the code path that answers questions on the device (same context settings, flash attention,
+embedding injection).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,136 +14,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from facellm_edge.errors import ExportError, InputError, require
+from facellm_edge.errors import ExportError, require
+from facellm_edge.llm.engine import EngineConfig, LlamaEngine
 
 logger = logging.getLogger(__name__)
 
-# ggml.h `enum ggml_log_level` (not exported by llama-cpp-python): NONE, DEBUG, INFO, WARN, ERROR, CONT.
-_GGML_LOG_WARN, _GGML_LOG_ERROR, _GGML_LOG_CONT = 3, 4, 5
-_llama_log_state: dict[str, Any] = {"callback": None, "last": logging.DEBUG}
-_llama_logger = logging.getLogger("facellm_edge.llama_cpp")
 
-
-def route_llama_logs() -> None:
-    """Send llama.cpp/ggml's stderr chatter to the ``facellm_edge.llama_cpp`` logger (errors stay errors)."""
-    llama_cpp = require("llama_cpp", "export")
-    if _llama_log_state["callback"] is not None:
-        return
-
-    def _forward(level: int, text: bytes, _user: Any) -> None:
-        if level == _GGML_LOG_CONT:  # continuation of the previous message
-            py_level = _llama_log_state["last"]
-        else:
-            py_level = {_GGML_LOG_ERROR: logging.ERROR, _GGML_LOG_WARN: logging.INFO}.get(level, logging.DEBUG)
-            _llama_log_state["last"] = py_level
-        msg = text.decode("utf-8", errors="replace").rstrip("\n")
-        if msg.strip():
-            _llama_logger.log(py_level, "%s", msg)
-
-    callback = llama_cpp.llama_log_callback(_forward)
-    _llama_log_state["callback"] = callback  # keep a reference: ctypes callbacks must outlive their use
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-
-
-class LlamaSession:
-    """One llama.cpp model + context (single sequence), closed with :meth:`close` or as a context manager."""
-
-    def __init__(self, gguf_path: Path | str, *, n_ctx: int, n_threads: int = 1) -> None:
-        self._ll = require("llama_cpp", "export")
-        route_llama_logs()
-        path = Path(gguf_path)
-        if not path.is_file():
-            raise InputError(f"GGUF file {path} does not exist")
-        self.model = self._ll.llama_model_load_from_file(str(path).encode(), self._ll.llama_model_default_params())
-        if not self.model:
-            raise ExportError(f"llama.cpp cannot load {path} (see the facellm_edge.llama_cpp log)")
-        params = self._ll.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = int(n_ctx)
-        params.n_threads = params.n_threads_batch = int(n_threads)
-        self.ctx = self._ll.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            self._ll.llama_model_free(self.model)
-            raise ExportError(f"llama.cpp cannot create a context for {path} (n_ctx={n_ctx})")
-        self.vocab = self._ll.llama_model_get_vocab(self.model)
-        self.n_vocab = int(self._ll.llama_vocab_n_tokens(self.vocab))
-        self.n_embd = int(self._ll.llama_model_n_embd(self.model))
-        self.n_ctx = int(n_ctx)
-        self.n_past = 0
-
-    def __enter__(self) -> "LlamaSession":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if getattr(self, "ctx", None):
-            self._ll.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "model", None):
-            self._ll.llama_model_free(self.model)
-            self.model = None
-
-    def tokenize(self, text: str, *, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (self._ll.llama_token * cap)()
-        n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, cap, False, parse_special)
-        if n < 0:
-            raise ExportError(f"llama.cpp tokenization needs {-n} tokens, more than the buffer of {cap}")
-        return list(buf[:n])
-
-    def reset(self) -> None:
-        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
-        self.n_past = 0
-
-    def decode(self, item: Sequence[int] | np.ndarray, *, all_logits: bool = True) -> np.ndarray:
-        """Decode token ids (1-D ints) or embeddings ([k, n_embd] float32) at the next positions.
-
-        Returns the logits [k, n_vocab] of every position (``all_logits``) or of the last one [1, n_vocab].
-        """
-        arr = np.asarray(item)
-        is_embd = arr.ndim == 2
-        if is_embd and arr.shape[1] != self.n_embd:
-            raise ExportError(f"embeddings have width {arr.shape[1]}, the model expects {self.n_embd}")
-        k = int(arr.shape[0])
-        if k == 0:
-            raise ExportError("nothing to decode")
-        if self.n_past + k > self.n_ctx:
-            raise ExportError(f"{self.n_past + k} positions exceed the context of {self.n_ctx}")
-        batch = self._ll.llama_batch_init(k, self.n_embd if is_embd else 0, 1)
-        try:
-            if is_embd:
-                emb = np.ascontiguousarray(arr, dtype=np.float32)
-                ctypes.memmove(batch.embd, emb.ctypes.data, emb.nbytes)
-            for i in range(k):
-                if not is_embd:
-                    batch.token[i] = int(arr[i])
-                batch.pos[i] = self.n_past + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (all_logits or i == k - 1) else 0
-            batch.n_tokens = k
-            rc = self._ll.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise ExportError(f"llama_decode failed with code {rc}")
-            self.n_past += k
-            n_out = k if all_logits else 1
-            ptr = self._ll.llama_get_logits(self.ctx)
-            return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
-        finally:
-            self._ll.llama_batch_free(batch)
-
-    def greedy(self, prompt_ids: Sequence[int], n_new: int) -> list[int]:
-        """Greedy continuation of ``prompt_ids`` (numpy argmax over the logits)."""
-        logits = self.decode(list(prompt_ids), all_logits=False)
-        out: list[int] = []
-        for _ in range(n_new):
-            tok = int(np.argmax(logits[-1]))
-            out.append(tok)
-            logits = self.decode([tok], all_logits=False)
-        return out
+def open_engine(gguf_path: Path | str, n_ctx: int, n_threads: int = 1) -> LlamaEngine:
+    """A single-sequence llama.cpp engine for checks (the context rounded up to a multiple of 256)."""
+    n_ctx = max(256, -(-int(n_ctx) // 256) * 256)
+    return LlamaEngine(Path(gguf_path), EngineConfig(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                                     max_slots=1))
 
 
 @dataclass(frozen=True)
@@ -198,17 +78,21 @@ def compare_logits(hf_model: Any, tokenizer: Any, gguf_path: Path | str, probe: 
         hidden = lm(inputs_embeds=inputs.to(embed.dtype)).last_hidden_state
         ref = head(hidden)[0].float().numpy()
 
-    with LlamaSession(gguf_path, n_ctx=len(ids), n_threads=probe.n_threads) as sess:
-        if sess.n_vocab != ref.shape[1]:
-            raise ExportError(f"GGUF vocabulary {sess.n_vocab} != model vocabulary {ref.shape[1]}")
+    engine = open_engine(gguf_path, len(ids), probe.n_threads)
+    try:
+        if engine.n_vocab != ref.shape[1]:
+            raise ExportError(f"GGUF vocabulary {engine.n_vocab} != model vocabulary {ref.shape[1]}")
         parts, img_cursor = [], 0
         for a, b, img in _segments(ids, is_image):
             if img:
-                parts.append(sess.decode(image_embeds[img_cursor: img_cursor + b - a].numpy()))
+                item = image_embeds[img_cursor: img_cursor + b - a].numpy()
                 img_cursor += b - a
             else:
-                parts.append(sess.decode(ids[a:b].tolist()))
+                item = ids[a:b]
+            parts.append(engine.logits_of(item, seq=0, pos0=a))
         got = np.concatenate(parts, axis=0)
+    finally:
+        engine.close()
 
     diff = np.abs(got - ref)
     scale = float(np.abs(ref).max())
@@ -259,13 +143,16 @@ def tokenizer_parity(tokenizer: Any, gguf_path: Path | str, probe_texts: Sequenc
         raise ExportError("tokenizer parity needs at least one probe text")
     first_mismatch = None
     n_match = 0
-    with LlamaSession(gguf_path, n_ctx=64) as sess:
+    engine = open_engine(gguf_path, 256)
+    try:
         for text in texts:
             hf_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            ll_ids = sess.tokenize(text, parse_special=True)
+            ll_ids = engine.tokenize(text, special=True)
             if hf_ids == ll_ids:
                 n_match += 1
             elif first_mismatch is None:
                 first_mismatch = {"text": text, "hf": hf_ids, "llama_cpp": ll_ids}
+    finally:
+        engine.close()
     return {"gguf": str(gguf_path), "n_texts": len(texts), "n_match": n_match,
             "percent": 100.0 * n_match / len(texts), "first_mismatch": first_mismatch}

@@ -80,7 +80,7 @@ _log_lock = threading.Lock()
 _log_installed: list[object] = []  # keeps the ctypes callback alive; llama.cpp's log hook is process-wide
 
 
-def _install_log_hook(llama_cpp) -> None:
+def install_log_hook(llama_cpp) -> None:
     """Route llama.cpp's stderr chatter to :mod:`logging`: warnings and errors only, debug/info dropped.
 
     llama.cpp has one process-wide log hook; it is (re)installed whenever an engine is created and another hook is
@@ -122,7 +122,7 @@ class LlamaEngine:
         import llama_cpp as L  # a core dependency; imported here so importing this module stays cheap
 
         self._L = L
-        _install_log_hook(L)
+        install_log_hook(L)
         self.config = config
         self._model = None
         self._ctx = None
@@ -247,6 +247,32 @@ class LlamaEngine:
             ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
             self._fill_meta(batch, n, seq, pos0 + start, logits_last and start + n == total)
             self._decode(batch, n)
+
+    def logits_of(self, item: Sequence[int] | np.ndarray, seq: int, pos0: int) -> np.ndarray:
+        """Decode token ids (1-D) or embeddings (float32 [n, n_embd]) at ``pos0..`` of ``seq`` and return the
+        logits of every position, [n, n_vocab]. For verification against transformers; generation never copies
+        logits."""
+        arr = np.asarray(item)
+        is_embd = arr.ndim == 2
+        if is_embd:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        batch = self._emb_batch if is_embd else self._tok_batch
+        step, out = self.config.n_batch, []
+        for start in range(0, arr.shape[0], step):
+            chunk = arr[start:start + step]
+            n = chunk.shape[0]
+            if is_embd:
+                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+            else:
+                for i, t in enumerate(chunk):
+                    batch.token[i] = int(t)
+            self._fill_meta(batch, n, seq, pos0 + start, False)
+            for i in range(n):
+                batch.logits[i] = 1
+            self._decode(batch, n)
+            ptr = self._L.llama_get_logits(self._ctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy())
+        return np.concatenate(out, axis=0)
 
     def _fill_meta(self, batch, n: int, seq: int, pos0: int, logits_last: bool) -> None:
         for i in range(n):
