@@ -1,0 +1,271 @@
+"""ShareGPT validation and loss masking (tiny InternVL processor, real face crops)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facellm_edge.errors import InputError
+
+QUESTIONS = ("What is the apparent age of this person?", "Describe the face.", "Is the person smiling?")
+
+
+def face_crops(bgr: np.ndarray, yunet: Path, limit: int) -> list[np.ndarray]:
+    """Real face crops found by YuNet (square, with margin)."""
+    import cv2
+
+    h, w = bgr.shape[:2]
+    det = cv2.FaceDetectorYN.create(str(yunet), "", (w, h), 0.6)
+    _, faces = det.detect(bgr)
+    assert faces is not None and len(faces) > 0
+    crops = []
+    for f in faces[:limit]:
+        x, y, bw, bh = f[:4]
+        cx, cy, side = x + bw / 2, y + bh / 2, 1.4 * max(bw, bh)
+        x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+        crops.append(bgr[y0:int(min(h, cy + side / 2)), x0:int(min(w, cx + side / 2))].copy())
+    return crops
+
+
+def write_face_dataset(root: Path, photos: list[np.ndarray], yunet: Path, *, per_photo: int = 3,
+                       jsonl: bool = True) -> tuple[Path, Path, list[dict]]:
+    """Face crops as JPEG under root/images + generated QA records; returns (data file, images dir, records)."""
+    import cv2
+
+    images = root / "images"
+    (images / "faces").mkdir(parents=True, exist_ok=True)
+    records = []
+    for p, photo in enumerate(photos):
+        for k, crop in enumerate(face_crops(photo, yunet, per_photo)):
+            rel = f"faces/p{p}_f{k}.jpg"
+            assert cv2.imwrite(str(images / rel), crop)
+            i = len(records)
+            records.append({"image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{QUESTIONS[i % len(QUESTIONS)]}"},
+                {"from": "gpt", "value": f"The face crop is {crop.shape[1]} by {crop.shape[0]} pixels, number {i}."},
+                {"from": "human", "value": "Anything else?"},
+                {"from": "gpt", "value": "No."},
+            ]})
+    data = root / ("data.jsonl" if jsonl else "data.json")
+    if jsonl:
+        data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    else:
+        data.write_text(json.dumps(records), encoding="utf-8")
+    return data, images, records
+
+
+@pytest.fixture(scope="module")
+def face_data(tmp_path_factory, astronaut_bgr, t1_bgr, yunet_model):
+    root = tmp_path_factory.mktemp("train_data")
+    data, images, records = write_face_dataset(root, [astronaut_bgr, t1_bgr], yunet_model)
+    return root, data, images, records
+
+
+def _write(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_valid_jsonl_and_json_list(face_data, tmp_path):
+    from facellm_edge.train.data import load_samples
+
+    root, data, images, records = face_data
+    samples = load_samples(data, images, skip_bad=False)
+    assert len(samples) == len(records) >= 3
+    assert samples[0].where == "line 1"
+    msgs = samples[0].messages()
+    assert msgs[0]["content"][0] == {"type": "image"}
+    assert msgs[0]["content"][1]["text"] == records[0]["conversations"][0]["value"].removeprefix("<image>\n")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    as_list = tmp_path / "dataset.json"
+    as_list.write_text(json.dumps(records), encoding="utf-8")
+    listed = load_samples(as_list, images, skip_bad=False)
+    assert [s.where for s in listed[:2]] == ["index 0", "index 1"]
+    assert [s.turns for s in listed] == [s.turns for s in samples]
+
+
+BAD = {
+    "missing image": lambda r: {**r, "image": "faces/nope.jpg"},
+    "empty turn 1": lambda r: {**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": "  "}]},
+    "no <image>": lambda r: {**r, "conversations": [{"from": "human", "value": "Who?"}, r["conversations"][1]]},
+    "bad role 'robot'": lambda r: {**r, "conversations": [r["conversations"][0], {"from": "robot", "value": "x"}]},
+    "reserved token <|im_end|>": lambda r: {**r, "conversations": [r["conversations"][0],
+                                                                   {"from": "gpt", "value": "a<|im_end|>b"}]},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_each_bad_record_kind_is_reported_with_count(face_data, tmp_path, kind):
+    from facellm_edge.train.data import load_samples
+
+    _, _, images, records = face_data
+    bad = [BAD[kind](records[0]), BAD[kind](records[1])]
+    data = _write(tmp_path / "d.jsonl", [*bad, *records[2:]])
+    reserved = ("<|im_end|>", "<IMG_CONTEXT>")
+    with pytest.raises(InputError) as e:
+        load_samples(data, images, skip_bad=False, reserved=reserved)
+    msg = str(e.value)
+    assert f"2 bad record(s) of {len(records)}" in msg
+    assert "line 1:" in msg and "line 2:" in msg and kind in msg and "--skip-bad" in msg
+    assert "\n" not in msg
+    kept = load_samples(data, images, skip_bad=True, reserved=reserved)
+    assert [s.where for s in kept] == [f"line {i}" for i in range(3, len(records) + 1)]
+
+
+def test_many_bad_records_show_the_first_few(face_data, tmp_path):
+    from facellm_edge.train.data import load_samples
+
+    _, _, images, records = face_data
+    lines = ["{not json"] + [json.dumps({**records[0], "image": f"faces/missing{i}.jpg"}) for i in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"9 bad record\(s\) of 9 .*line 1: invalid JSON.*and 4 more"):
+        load_samples(data, images, skip_bad=False)
+    with pytest.raises(InputError, match="no usable records"):
+        load_samples(data, images, skip_bad=True)
+
+
+def test_missing_data_and_images(face_data, tmp_path):
+    from facellm_edge.train.data import load_samples
+
+    _, data, images, _ = face_data
+    with pytest.raises(InputError, match="--data"):
+        load_samples(tmp_path / "none.jsonl", images, skip_bad=False)
+    with pytest.raises(InputError, match="--images"):
+        load_samples(data, tmp_path / "no_images", skip_bad=False)
+
+
+def test_labels_cover_exactly_the_answers_and_their_end_of_turn(face_data, tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    from facellm_edge.train.collate import IGNORE_INDEX, Encoder, collate
+    from facellm_edge.train.data import load_samples
+
+    _, data, images, records = face_data
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    tok = processor.tokenizer
+    encoder = Encoder(processor, max_length=2048)
+    sample = load_samples(data, images, skip_bad=False)[0]
+    enc = encoder(sample)
+    ids, labels = enc.input_ids, enc.labels
+    # the prompt is the model's own chat template with the processor's image expansion
+    expected_text = processor.apply_chat_template(sample.messages(), tokenize=False)
+    assert ids == processor(text=[expected_text], images=[_rgb(sample.image)], crop_to_patches=False)["input_ids"][0]
+    image_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert ids.count(image_id) == processor.image_seq_length  # one 448 tile for a face crop
+    assert tuple(enc.pixel_values.shape[:2]) == (1, 3)
+    # labelled tokens, run by run, are the tokenizer's own encoding of each answer + <|im_end|>
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(lab)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    answers = [c["value"] for c in records[0]["conversations"] if c["from"] == "gpt"]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert runs == [tok.encode(a, add_special_tokens=False) + [eot] for a in answers]
+    assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i == image_id)
+    batch = collate([enc, encoder(load_samples(data, images, skip_bad=False)[1])], tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["pixel_values"].shape[0] == 2
+
+
+def test_truncation_keeps_the_image_and_refuses_to_cut_it(face_data, tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    from facellm_edge.errors import UsageError
+    from facellm_edge.train.collate import Encoder
+    from facellm_edge.train.data import load_samples
+
+    _, data, images, _ = face_data
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    sample = load_samples(data, images, skip_bad=False)[0]
+    full = Encoder(processor, 2048)(sample)
+    cut = Encoder(processor, len(full.input_ids) - 3)(sample)
+    assert cut.input_ids == full.input_ids[:-3] and cut.labels == full.labels[:-3]
+    with pytest.raises(UsageError, match="--max-length"):
+        Encoder(processor, 100)(sample)
+
+
+def _rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def test_cli_options_map_one_to_one_onto_train_config():
+    import dataclasses
+    import inspect
+
+    from facellm_edge.commands.train import train_command
+    from facellm_edge.train.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    params = inspect.signature(train_command).parameters
+    assert set(params) == set(fields)
+    for name, p in params.items():
+        option = p.default
+        flag = "--" + name.replace("_", "-")
+        assert flag in option.param_decls, name
+        if fields[name].default is not dataclasses.MISSING:
+            assert option.default == fields[name].default, name  # the dataclass is the one source of defaults
+    d = TrainConfig(base="b", data="d", images="i", out="o")
+    assert (d.lora_rank, d.lora_alpha, d.lora_dropout, d.learning_rate, d.lr_scheduler, d.epochs, d.max_length,
+            d.max_grad_norm) == (16, 32, 0.0, 1e-5, "cosine", 1, 2048, 1.0)  # FaceLLM's recipe
+    assert TrainConfig.from_json(d.to_json()) == d
+
+
+def test_lora_targets_the_llm_by_path_and_vision_or_projector_only_when_asked(tiny_checkpoint):
+    from transformers import InternVLForConditionalGeneration
+
+    from facellm_edge.train.config import TrainConfig
+    from facellm_edge.train.model import wrap_lora
+
+    def trainable(**kw) -> set[str]:
+        model = InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint)
+        cfg = TrainConfig(base=str(tiny_checkpoint), data="d", images="i", out="o", **kw)
+        return {n for n, p in wrap_lora(model, cfg).named_parameters() if p.requires_grad}
+
+    config = InternVLForConditionalGeneration.config_class.from_pretrained(tiny_checkpoint)
+    layers = config.text_config.num_hidden_layers
+    default = trainable()
+    assert all(".language_model.layers." in n and ("lora_A" in n or "lora_B" in n) for n in default)
+    assert len(default) == layers * 7 * 2  # q k v o gate up down, A and B
+    wider = trainable(lora_vision=True, train_projector=True)
+    extra = wider - default
+    assert any(".vision_tower.encoder.layer." in n and "lora_" in n for n in extra)
+    assert any("multi_modal_projector.modules_to_save" in n for n in extra)
+    assert not any("embeddings" in n or "lm_head" in n for n in wider)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_save_adapter_writes_exactly_what_peft_writes(tiny_checkpoint, tmp_path, wide):
+    """The adapter writer (needed because PEFT cannot select FSDP-wrapped names) matches PeftModel.save_pretrained."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import InternVLForConditionalGeneration
+
+    from facellm_edge.train.config import TrainConfig
+    from facellm_edge.train.model import save_adapter, wrap_lora
+
+    cfg = TrainConfig(base=str(tiny_checkpoint), data="d", images="i", out="o", lora_vision=wide, train_projector=wide)
+    model = wrap_lora(InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint), cfg)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "ours").mkdir()
+    model.save_pretrained(tmp_path / "peft")
+    save_adapter(model, model.state_dict(), tmp_path / "ours")
+    want = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) == \
+        json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
