@@ -57,6 +57,7 @@ class RuntimeConfig:
     top_p: float = 0.95
     top_k: int = 40
     repeat_penalty: float = 1.0
+    grammar: str | None = None  # GBNF constraining every answer (e.g. from a JSON schema: --schema FILE)
     seed: int = 0
     check_hashes: bool = True
 
@@ -77,7 +78,7 @@ class RuntimeConfig:
         return GenerationConfig(
             max_tokens=self.max_tokens if max_tokens is None else max_tokens,
             temperature=self.temperature if temperature is None else temperature,
-            top_p=self.top_p, top_k=self.top_k, repeat_penalty=self.repeat_penalty,
+            top_p=self.top_p, top_k=self.top_k, repeat_penalty=self.repeat_penalty, grammar=self.grammar,
         )
 
     def engine(self) -> "EngineConfig":

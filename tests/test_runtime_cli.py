@@ -128,3 +128,25 @@ def test_hub_bundle_id_offline(photos, yunet_model, tmp_path):
     r = _subprocess(code, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, tmp_path)
     assert r.returncode == 3, r.stderr
     assert "neither a local folder nor a downloadable hub repo" in r.stderr
+
+
+def test_ask_with_json_schema_gives_valid_json(photos, tiny_bundle, yunet_model, tmp_path, capsys):
+    """`--schema` constrains the (random tiny) model's answer to the schema through a llama.cpp grammar."""
+    schema = tmp_path / "attributes.json"
+    schema.write_text(json.dumps({
+        "type": "object",
+        "properties": {"age": {"type": "integer"}, "smiling": {"type": "boolean"}},
+        "required": ["age", "smiling"],
+    }))
+    rc = main(["ask", str(photos["astronaut"]), "Describe the face as JSON.", "--json", "--bundle", str(tiny_bundle),
+               "--detector-model", str(yunet_model), "--max-tokens", "48", "--schema", str(schema)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    (face,) = out["faces"]
+    assert face["stop_reason"] == "grammar"  # the grammar completed the object before max_tokens
+    fields = json.loads(face["answer"])
+    assert isinstance(fields["age"], int) and isinstance(fields["smiling"], bool)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    rc = main(["ask", str(photos["astronaut"]), "q", "--bundle", str(tiny_bundle), "--schema", str(bad)])
+    assert rc != 0 and "JSON schema" in capsys.readouterr().err

@@ -60,14 +60,29 @@ def resolve_bundle(spec: Optional[str]) -> Path:
         raise BundleError(f"bundle {spec!r} is neither a local folder nor a downloadable hub repo ({exc})") from exc
 
 
+def _grammar(schema: Optional[Path]) -> Optional[str]:
+    """``--schema FILE`` (a JSON schema) -> a llama.cpp grammar that forces every answer to match it."""
+    if schema is None:
+        return None
+    from facellm_edge.errors import InputError
+    from facellm_edge.generate import schema_to_grammar
+
+    try:
+        text = schema.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the JSON schema {schema}: {exc}") from exc
+    return schema_to_grammar(text)
+
+
 def _config(live: bool, *, detector: str, detector_model: Optional[Path], device: str, quant: Optional[str],
             precision: Optional[str], threads: Optional[int], max_tokens: int, temperature: float, max_faces: int,
-            ctx: int) -> "RuntimeConfig":
+            ctx: int, schema: Optional[Path] = None) -> "RuntimeConfig":
     from facellm_edge.pipeline import RuntimeConfig
 
     cfg = RuntimeConfig(detector=detector, detector_model=detector_model, device=device, llm_quant=quant,
                         vision_precision=precision, max_tokens=max_tokens, temperature=temperature,
-                        max_faces=max_faces, n_ctx=ctx, n_threads=threads, n_threads_batch=threads)
+                        max_faces=max_faces, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+                        grammar=_grammar(schema))
     return cfg.for_live() if live else cfg
 
 
@@ -91,6 +106,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads."),
         max_faces: int = typer.Option(0, "--max-faces", min=0, help="Answer about at most N faces (0 = all)."),
         ctx: int = typer.Option(4096, "--ctx", min=16, help="LLM context size."),
+        schema: Optional[Path] = typer.Option(None, "--schema",
+                                              help="JSON schema file: answers are constrained to match it."),
     ) -> None:
         """Answer a question about every face in a photo."""
         from facellm_edge.detect import check_name
@@ -100,7 +117,7 @@ def register(app: typer.Typer) -> None:
         check_name(detector)
         cfg = _config(False, detector=detector, detector_model=detector_model, device=device, quant=quant,
                       precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
-                      max_faces=max_faces, ctx=ctx)
+                      max_faces=max_faces, ctx=ctx, schema=schema)
         img = read_image(image)
         with FaceLLM.load(resolve_bundle(bundle), cfg) as model:
             if whole_image:
@@ -143,6 +160,8 @@ def register(app: typer.Typer) -> None:
         max_faces: int = typer.Option(0, "--max-faces", min=0, help="Track at most N faces per frame (0 = all)."),
         max_frames: int = typer.Option(0, "--max-frames", min=0, help="Stop after N frames (0 = no limit)."),
         ctx: int = typer.Option(4096, "--ctx", min=16, help="LLM context size."),
+        schema: Optional[Path] = typer.Option(None, "--schema",
+                                              help="JSON schema file: answers are constrained to match it."),
     ) -> None:
         """Live loop: detect and track faces every frame, answer about each new face, stream the answers."""
         from facellm_edge.detect import check_name
@@ -156,7 +175,7 @@ def register(app: typer.Typer) -> None:
         check_name(detector)
         cfg = _config(True, detector=detector, detector_model=detector_model, device=device, quant=quant,
                       precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
-                      max_faces=max_faces, ctx=ctx)
+                      max_faces=max_faces, ctx=ctx, schema=schema)
         live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output,
                           max_tokens=max_tokens, temperature=temperature, max_frames=max_frames)
         frames = open_source(camera if camera is not None else source)  # a bad source fails before loading

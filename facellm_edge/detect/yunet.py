@@ -92,13 +92,20 @@ class YuNetDetector:
         self.model_path = path
         if config.n_threads is not None:
             cv2.setNumThreads(int(config.n_threads))
+        quiet = getattr(getattr(cv2, "utils", None), "logging", None)  # OpenCV 5 warns about DNN targets on load
+        previous = quiet.getLogLevel() if quiet else None
         try:
+            if quiet:
+                quiet.setLogLevel(quiet.LOG_LEVEL_ERROR)
             self._net = cv2.FaceDetectorYN.create(
                 str(path), "", (config.input_size, config.input_size),
                 config.score_threshold, config.nms_threshold, 5000,
             )
         except cv2.error as exc:
             raise InputError(f"cannot load YuNet model {path}: {exc.msg.strip().splitlines()[-1]}") from exc
+        finally:
+            if quiet:
+                quiet.setLogLevel(previous)
         self._size: tuple[int, int] | None = None
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
