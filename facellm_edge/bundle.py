@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from facellm_edge.errors import BundleError, OutputError
+from facellm_edge.errors import BundleError, OutputError, read_json_object
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -218,10 +218,7 @@ def load_bundle(root: str | os.PathLike[str], *, check_hashes: bool = True) -> B
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{root} is not a bundle: no {MANIFEST} (create one with `facellm-edge export`)")
-    try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"cannot read {mpath}: {exc}; re-export the bundle") from exc
+    data = read_json_object(mpath, BundleError, "re-export the bundle")
     bundle = Bundle(root=root, manifest=Manifest.from_dict(data))
     if check_hashes:
         problems = bundle.verify_hashes()

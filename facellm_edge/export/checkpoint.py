@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.errors import CheckpointError, UsageError, require
+from facellm_edge.errors import CheckpointError, UsageError, read_json_object, require
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,7 @@ def inspect_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
+    config = read_json_object(path, CheckpointError)
     archs = [str(a) for a in config.get("architectures") or []]
     model_type = config.get("model_type")
     found = ", ".join(archs) if archs else f"model_type {model_type!r}"
@@ -213,12 +208,7 @@ def read_adapter_config(adapter: Path) -> dict[str, Any]:
     cfg_path = Path(adapter) / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{adapter} is not a PEFT adapter: no {ADAPTER_CONFIG}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path} is not a JSON object")
+    config = read_json_object(cfg_path, CheckpointError)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{adapter} is a {config.get('peft_type')!r} adapter; only LoRA adapters can be merged")
     return config
