@@ -46,15 +46,49 @@ def select_providers(device: str, available: list[str]) -> list[str]:
         )
     return [p for p in DEVICES[device] if p in available]
 
+TRT_MAX_BATCH = 8  # faces per frame in one TensorRT engine profile
+
+
+def provider_options(providers: list[str], onnx_path: Path,
+                     image_size: int | None) -> list[str | tuple[str, dict[str, str]]]:
+    """Attach options to GPU providers. TensorRT: an engine cache in the user cache (the first build of an engine
+    takes minutes; later starts load it in seconds), fp16 kernels, and (tile size known) one optimisation profile
+    for 1..8 faces."""
+    out: list[str | tuple[str, dict[str, str]]] = []
+    for name in providers:
+        if name == "TensorrtExecutionProvider":
+            from facellm_edge.detect.yunet import user_cache_dir
+
+            cache = user_cache_dir() / "tensorrt" / f"{onnx_path.parent.parent.name}-{onnx_path.stem}"
+            cache.mkdir(parents=True, exist_ok=True)
+            opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache), "trt_fp16_enable": "True"}
+            if image_size:
+                tile = f"3x{image_size}x{image_size}"
+                one, most = f"pixel_values:1x{tile}", f"pixel_values:{TRT_MAX_BATCH}x{tile}"
+                opts.update(trt_profile_min_shapes=one, trt_profile_opt_shapes=one, trt_profile_max_shapes=most)
+            out.append((name, opts))
+        else:
+            out.append(name)
+    return out
+
+
+def gpu_first(device: str) -> bool:
+    """Whether ``device`` puts a GPU provider first in this onnxruntime build (then fp32 beats int8)."""
+    import onnxruntime as ort
+
+    return select_providers(device, ort.get_available_providers())[0] != "CPUExecutionProvider"
+
+
 class VisionEncoder:
     def __init__(self, path: Path, *, precision: str, config: EncoderConfig, num_image_tokens: int,
-                 width: int) -> None:
+                 width: int, image_size: int | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
         self.precision = precision
         self.config = config
-        providers = select_providers(config.device, ort.get_available_providers())
+        providers = provider_options(select_providers(config.device, ort.get_available_providers()), self.path,
+                                     image_size)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if config.n_threads is not None:
@@ -87,7 +121,10 @@ class VisionEncoder:
     def from_bundle(cls, bundle: Bundle, config: EncoderConfig = EncoderConfig(), *,
                     llm_width: int | None = None) -> "VisionEncoder":
         """Load the bundle's vision file; ``llm_width`` (the GGUF's n_embd) must equal the ONNX output width."""
-        precision, path = bundle.vision_file(config.precision)
+        want = config.precision
+        if want is None and "fp32" in bundle.manifest.vision and gpu_first(config.device):
+            want = "fp32"  # int8 dynamic quantisation is a CPU (VNNI) optimisation; GPUs run fp32 (TensorRT: fp16)
+        precision, path = bundle.vision_file(want)
         m = bundle.manifest
         width = llm_width if llm_width is not None else m.arch.llm_hidden
         if llm_width is not None and m.arch.llm_hidden != llm_width:
@@ -95,7 +132,8 @@ class VisionEncoder:
                 f"bundle manifest says llm_hidden {m.arch.llm_hidden} but the GGUF's n_embd is {llm_width}; "
                 "re-export the bundle"
             )
-        return cls(path, precision=precision, config=config, num_image_tokens=m.tokens.num_image_tokens, width=width)
+        return cls(path, precision=precision, config=config, num_image_tokens=m.tokens.num_image_tokens, width=width,
+                   image_size=m.image.size)
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         """[B, 3, S, S] float32 -> [B, num_image_tokens, width] float32, one ORT call."""

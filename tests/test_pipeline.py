@@ -246,3 +246,17 @@ def test_runtime_never_imports_torch(tiny_bundle, yunet_model, tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-2000:]
+
+
+def test_tensorrt_options_cache_engines_and_profile_the_batch(tmp_path, monkeypatch):
+    """TensorRT gets an engine cache in the user cache and a 1..8-face profile at the bundle's tile size."""
+    from facellm_edge.encode import TRT_MAX_BATCH, provider_options
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    onnx = tmp_path / "bundle" / "vision" / "int8.onnx"
+    opts = provider_options(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], onnx, 448)
+    (name, trt), cuda, cpu = opts
+    assert name == "TensorrtExecutionProvider" and (cuda, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert Path(trt["trt_engine_cache_path"]).is_dir() and str(tmp_path) in trt["trt_engine_cache_path"]
+    assert trt["trt_profile_max_shapes"] == f"pixel_values:{TRT_MAX_BATCH}x3x448x448"
+    assert provider_options(["CPUExecutionProvider"], onnx, 448) == ["CPUExecutionProvider"]
