@@ -145,6 +145,15 @@ def onnx_files(onnx_path: Path) -> list[Path]:
     return [onnx_path, *(onnx_path.parent / loc for loc in sorted(locations))]
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def quantize_vision_int8(fp32_path: Path, int8_path: Path) -> Path:
     """ONNX Runtime dynamic quantisation: QInt8 weights, MatMul only; keeps the fp32 graph's metadata_props."""
     onnx = require("onnx", "export")
@@ -153,6 +162,9 @@ def quantize_vision_int8(fp32_path: Path, int8_path: Path) -> Path:
     external = len(onnx_files(fp32_path)) > 1
     metadata = read_metadata(fp32_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
+    # The quantiser advises "pre-processing" on the root logger; for dynamic MatMul quantisation it changes nothing.
+    advice = _DropMessage("Please consider to run pre-processing before quantization")
+    logging.getLogger().addFilter(advice)
     try:
         quantization.quantize_dynamic(
             fp32_path, int8_path, weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["MatMul"],
@@ -160,6 +172,8 @@ def quantize_vision_int8(fp32_path: Path, int8_path: Path) -> Path:
         )
     except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
         raise ExportError(f"int8 quantisation of {fp32_path.name} failed: {exc}") from exc
+    finally:
+        logging.getLogger().removeFilter(advice)
     model = onnx.load(str(int8_path), load_external_data=False)
     del model.metadata_props[:]
     for key, value in {**metadata, "quantization": "onnxruntime dynamic QInt8 (MatMul)"}.items():

@@ -184,6 +184,10 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
     params.ftype = int(getattr(llama_cpp, QUANTS[quant].ftype_attr))
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
+    # llama.cpp warns once per fallback tensor; the report below summarises them (errors still get through).
+    llama_log = logging.getLogger("facellm_edge.llama_cpp")
+    level = llama_log.level
+    llama_log.setLevel(logging.ERROR)
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
@@ -193,6 +197,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
     except OSError as exc:
         raise OutputError(f"cannot write {dst}: {exc}") from exc
     finally:
+        llama_log.setLevel(level)
         tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     info = inspect_gguf(dst, quant)
@@ -203,7 +208,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
         bits_per_weight_2d=info["bytes_2d"] * 8 / info["n_params_2d"] if info["n_params_2d"] else 0.0,
         type_histogram=info["type_histogram"], fallbacks=info["fallbacks"], seconds=seconds)
     if report.fallbacks:
-        logger.warning("%s: %d tensor(s) not in the %s mix (llama.cpp fallback, e.g. rows not divisible by 256): "
+        logger.info("%s: %d tensor(s) not in the %s mix (llama.cpp fallback, e.g. rows not divisible by 256): "
                        "%s", dst.name, len(report.fallbacks), quant,
                        ", ".join(f"{f['name']}={f['type']}" for f in report.fallbacks))
     logger.info("quantised %s -> %s: %.2f bits/weight, %s", src.name, dst.name, report.bits_per_weight,
