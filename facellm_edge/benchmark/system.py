@@ -1,0 +1,124 @@
+"""Machine description recorded with every benchmark: CPU, cores, RAM, GPU, ORT providers, library versions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VERSIONED = ("facellm-edge", "torch", "torchvision", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+             "llama-cpp-python", "gguf", "opencv-python", "opencv-python-headless", "insightface", "numpy",
+             "psutil", "matplotlib")
+# CPU features that decide which kernels run (bf16 matmuls in torch, int8 VNNI in ORT / llama.cpp).
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    p = Path("/proc/cpuinfo")
+    if p.is_file():
+        for line in p.read_text(errors="replace").splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = val.strip()
+            elif key == "flags" and not flags:
+                flags = set(val.split())
+    return model, flags
+
+
+def gpu_info() -> list[dict[str, str]]:
+    """GPUs reported by ``nvidia-smi`` (empty when there is none)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed: %s", exc)
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            gpus.append({"name": parts[0], "memory": parts[1], "driver": parts[2]})
+    return gpus
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in VERSIONED:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    out["python"] = platform.python_version()
+    return out
+
+
+def ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def torch_cpu_capability() -> str | None:
+    """The SIMD level torch's CPU kernels dispatch to (AVX2, AVX512, ...); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil
+
+    model, flags = _cpuinfo()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        affinity = os.cpu_count() or 1
+    return {
+        "hostname": socket.gethostname(),
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu_model": model,
+        "cpu_arch": platform.machine(),
+        "physical_cores": physical_cores(),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "usable_cores": affinity,
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+        "torch_cpu_capability": torch_cpu_capability(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpu_info(),
+        "ort_providers": ort_providers(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else [],
+    }
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """Short file-system-safe name for the default output folder, e.g. ``amd-epyc-2c``."""
+    words = [w for w in info.get("cpu_model", "cpu").lower().replace("(r)", "").replace("(tm)", "").split()
+             if w not in ("processor", "cpu", "core", "@")][:2]
+    slug = "-".join("".join(ch for ch in w if ch.isalnum()) for w in words) or "cpu"
+    slug += f"-{info.get('usable_cores', 0)}c"
+    if info.get("gpus"):
+        slug += "-" + "".join(ch for ch in info["gpus"][0]["name"].lower().split()[-1] if ch.isalnum())
+    return slug

@@ -1,0 +1,85 @@
+"""`facellm-edge bench`: per-stage latency and memory of the edge path beside the naive transformers path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def bench_cmd(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Benchmark this bundle."),
+    synthetic: Optional[str] = typer.Option(
+        None, "--synthetic", help="Build a random-weight model with a registry model's dimensions (facellm-1b, "
+        "facellm-8b, facellm-38b; 'tiny' = test size), export it, benchmark it. No download but the tokenizer."),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="Qwen2 tokenizer directory for --synthetic (default: the hub's Qwen/Qwen2.5-0.5B)."),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", help="transformers checkpoint (dir or hub id) for the naive baselines with --bundle "
+        "(default: the one the bundle was exported from)."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", "-q", help="GGUF quants, comma-separated (default: all in the bundle; --synthetic: "
+        "f16,q8_0,q4_0,q4_k_m)."),
+    vision: Optional[str] = typer.Option(None, "--vision", help="ONNX vision precisions (default: all; fp32,int8)."),
+    naive: str = typer.Option(
+        "auto", "--naive", help="Naive baselines: auto, none, or cpu-fp32,cpu-bf16,cuda-bf16 (auto: cpu-fp32, "
+        "cpu-bf16 where the CPU has native bf16, cuda-bf16 where there is a GPU)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Photo with a face (default: insightface's t1.jpg)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="Video for the live loop (default: a clip made "
+                                         "from --image)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: "
+                                       "bench/results/<timestamp>-<machine>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    runs: int = typer.Option(3, "--runs", help="Measured runs per configuration."),
+    warmup: int = typer.Option(1, "--warmup", help="Warm-up runs per configuration (not measured)."),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded per answer (end-of-sequence "
+                                      "ignored, so runs compare)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
+    detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local YuNet .onnx."),
+    profiles: bool = typer.Option(True, "--profiles/--no-profiles", help="Compare threads, ORT optimisation, "
+                                  "KV-cache type and face batching."),
+    live: bool = typer.Option(True, "--live/--no-live", help="Benchmark the frame loop alone and with the VLM busy."),
+    live_frames: int = typer.Option(120, "--live-frames", help="Frames per live-loop measurement."),
+    live_llama_threads: str = typer.Option("1,2", "--live-llama-threads", help="llama.cpp thread counts to compare "
+                                           "while the frame loop runs (comma-separated)."),
+) -> None:
+    """Measure detection, alignment, vision encode, prefill, TTFT (cold/warm), decode, end-to-end and peak memory:
+    edge path (ONNX Runtime + llama.cpp) per precision beside transformers. Writes results.json, results.md and
+    stages.png."""
+    from rich.console import Console
+
+    from facellm_edge.benchmark.config import BenchConfig, LiveConfig, parse_csv
+    from facellm_edge.benchmark.runner import run_bench
+
+    console = Console(stderr=True)
+    cfg = BenchConfig(
+        out=out, bundle=bundle, synthetic=synthetic.lower() if synthetic else None, tokenizer=tokenizer,
+        checkpoint=checkpoint, quants=parse_csv(quant, "quant") if quant else None,
+        vision=parse_csv(vision, "vision precision") if vision else None, naive=parse_csv(naive, "naive baseline"),
+        image=image, runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads,
+        detector_model=detector_model, profiles=profiles, force=force,
+        live=LiveConfig(enabled=live, video=video, frames=live_frames,
+                        llama_threads=_thread_list(live_llama_threads)),
+    )
+    result = run_bench(cfg, progress=lambda msg: console.print(f"[cyan]•[/] {msg}"))
+    console.print((result / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
+                  soft_wrap=True)
+    console.print(f"results written to [bold]{result}[/] (results.json, results.md, stages.png)")
+
+
+def _thread_list(value: str) -> tuple[int, ...]:
+    from facellm_edge.benchmark.config import parse_csv
+    from facellm_edge.errors import UsageError
+
+    try:
+        threads = tuple(int(v) for v in parse_csv(value, "thread count"))
+    except ValueError as exc:
+        raise UsageError(f"--live-llama-threads takes whole numbers like 1,2; got '{value}'") from exc
+    if any(t < 1 for t in threads):
+        raise UsageError(f"--live-llama-threads must be >= 1; got '{value}'")
+    return threads
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_cmd)

@@ -1,0 +1,135 @@
+"""`facellm-edge bench` end to end on a tiny random-weight model built with --synthetic tiny (real architectures,
+real photo, real exporter, real runtime). Runs once per module; no test asserts a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from facellm_edge.benchmark import report
+
+STAGES_EDGE = {"detect_ms", "align_ms", "preprocess_ms", "vision_ms", "image_prefill_ms", "prefill_ms",
+               "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "decode_ms", "end_to_end_ms"}
+STAGES_NAIVE = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s",
+                "end_to_end_ms"}
+DECODE_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, qwen_tokenizer_dir, yunet_model):
+    from facellm_edge.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "results"
+    rc = main(["bench", "--synthetic", "tiny", "--tokenizer", str(qwen_tokenizer_dir), "--quant", "f32",
+               "--vision", "fp32", "--naive", "cpu-fp32", "--runs", "2", "--warmup", "0",
+               "--decode-tokens", str(DECODE_TOKENS), "--threads", "1", "--detector-model", str(yunet_model),
+               "--live-frames", "10", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(bench_run) -> dict:
+    return json.loads((bench_run / "results.json").read_text())
+
+
+def test_writes_exactly_the_three_outputs(bench_run):
+    assert sorted(p.name for p in bench_run.iterdir()) == ["results.json", "results.md", "stages.png"]
+    assert not list(bench_run.parent.glob(".results.tmp-*"))  # atomic: no temporary left behind
+
+
+def test_json_schema(results):
+    assert results["schema"] == report.SCHEMA
+    assert set(report.TOP_KEYS) <= set(results)
+    s = results["settings"]
+    assert (s["runs"], s["warmup"], s["decode_tokens"], s["threads"]) == (2, 0, DECODE_TOKENS, 1)
+    assert s["quants"] == ["f32"] and s["vision"] == ["fp32"] and s["naive"] == ["cpu-fp32"]
+    assert results["machine"]["usable_cores"] >= 1 and "onnxruntime" in results["versions"]
+    assert "build checkpoint" in results["export"]["steps"] and results["export"]["peak_rss_mb"] > 0
+    by_kind = {c["kind"]: c for c in results["configs"]}
+    assert set(by_kind) == {"naive", "edge"}
+    assert set(by_kind["edge"]["stages"]) == STAGES_EDGE
+    assert set(by_kind["naive"]["stages"]) == STAGES_NAIVE
+    for c in results["configs"]:
+        for stat in c["stages"].values():
+            assert stat["n"] == 2 and stat["min"] <= stat["median"] <= stat["p90"] <= stat["max"]
+        assert c["memory"]["peak_rss_mb"] >= c["memory"]["rss_loaded_mb"] > 0
+
+
+def test_edge_answer_is_the_real_pipeline(results):
+    edge = next(c for c in results["configs"] if c["kind"] == "edge")
+    # prefix = template tokens + <img> + 256 image embeddings + </img> + ...: more than the image tokens alone
+    assert edge["image_prefix_tokens"] > 256
+    assert edge["question_tokens"] > 1 and edge["followup_tokens"] > 1
+    assert edge["providers"] == ["CPUExecutionProvider"]
+    assert edge["imports_torch"] is False  # its peak RSS is the runtime's alone
+    st = edge["stages"]
+    parts = st["preprocess_ms"]["samples"][0] + st["vision_ms"]["samples"][0] + st["image_prefill_ms"]["samples"][0]
+    assert st["ttft_cold_ms"]["samples"][0] > parts  # + question prefill + first token
+    assert st["end_to_end_ms"]["samples"][0] > st["ttft_cold_ms"]["samples"][0] + st["detect_ms"]["samples"][0]
+    naive = next(c for c in results["configs"] if c["kind"] == "naive")
+    assert naive["prompt_tokens"] > 256  # one 448 px tile of the aligned face
+
+
+def test_ratios_are_edge_over_naive(results):
+    edge = next(c for c in results["configs"] if c["kind"] == "edge")
+    naive = next(c for c in results["configs"] if c["kind"] == "naive")
+    (r,) = results["ratios"]
+    assert (r["edge"], r["baseline"]) == (edge["name"], naive["name"])
+    assert r["ttft_cold"] == pytest.approx(edge["stages"]["ttft_cold_ms"]["median"]
+                                           / naive["stages"]["ttft_cold_ms"]["median"], abs=1e-3)
+    assert r["peak_rss"] == pytest.approx(edge["memory"]["peak_rss_mb"] / naive["memory"]["peak_rss_mb"], abs=1e-3)
+
+
+def test_targets_profiles_and_live(results):
+    keys = {t["key"] for t in results["targets"]}
+    assert keys == {"cold_ttft_ms", "warm_ttft_ms", "decode_tok_s", "peak_rss_mb", "live_fps_busy",
+                    "live_p99_busy_ms"}
+    for t in results["targets"]:
+        assert t["met"] is not None and t["met"] == report._met(t["op"], t["value"], t["threshold"])
+    settings = {p["setting"].split(" (")[0]: p for p in results["profiles"]}
+    assert {"llama.cpp threads", "ORT threads", "ORT graph optimisation", "faces per encoder call",
+            "GGUF KV-cache type"} <= set(settings)
+    for p in results["profiles"]:
+        assert p["winner"] in p["options"]
+    assert set(settings["ORT graph optimisation"]["options"]) == {"basic", "extended", "all"}
+    assert len(settings["faces per encoder call"]["options"]) == 2  # t1.jpg: all faces batched vs one by one
+    live = results["live"]
+    assert [r["vlm_busy"] for r in live["runs"]] == [False, True, True]
+    assert live["winner"] in {r["name"] for r in live["runs"]}
+    for r in live["runs"]:
+        assert r["fps"] > 0 and r["frame_ms"]["n"] == 10 and r["faces_per_frame"] > 0
+    assert all(r["vlm_tok_s"] > 0 for r in live["runs"] if r["vlm_busy"])
+
+
+def test_markdown_and_png(bench_run, results):
+    md = (bench_run / "results.md").read_text()
+    for c in results["configs"]:
+        assert f"| {c['name']} |" in md
+    assert "## Targets" in md and "## Profiles" in md and "## Live loop" in md and "Edge / naive" in md
+    assert md.count("**met**") + md.count("**missed**") == len(results["targets"])
+    import matplotlib.image
+
+    png = matplotlib.image.imread(str(bench_run / "stages.png"))
+    assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 400
+    assert png[..., :3].std() > 0.05  # bars were drawn, not a blank canvas
+
+
+def test_results_hold_no_pixels_or_paths_to_faces(results, bench_run):
+    text = (bench_run / "results.json").read_text()
+    assert "face.png" not in text and "/tmp" not in json.dumps(results["settings"])
+    assert Path(results["settings"]["image"]).name == results["settings"]["image"]
+
+
+def test_targets_without_live_or_edge_are_not_measured(results):
+    live_less = report.evaluate_targets(results["configs"], None)
+    status = {t["key"]: t["met"] for t in live_less}
+    assert status["live_fps_busy"] is None and status["live_p99_busy_ms"] is None
+    assert status["cold_ttft_ms"] is not None
+    naive_only = [c for c in results["configs"] if c["kind"] == "naive"]
+    assert all(t["met"] is None for t in report.evaluate_targets(naive_only, None))
+    assert report.compute_ratios(naive_only) == []
+    md = report.to_markdown({**results, "targets": live_less, "live": None, "profiles": []})
+    assert md.count("not measured") == 2 and "## Live loop" not in md
