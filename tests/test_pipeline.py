@@ -213,6 +213,7 @@ def test_encoder_batches_and_providers(tmp_path):
     batch = enc.encode(x)
     assert batch.shape == (3, 256, 32)
     assert np.allclose(batch[1], enc.encode(x[1:2])[0], atol=1e-5)
+    assert np.allclose(batch, enc.encode(x, one_call=True), atol=1e-5)  # CPU policy (face by face) == one call
     with pytest.raises(BundleError, match="width 32 but the LLM's n_embd is 64"):
         VisionEncoder(path, precision="fp32", config=EncoderConfig(), num_image_tokens=256, width=64)
     available = ort.get_available_providers()
