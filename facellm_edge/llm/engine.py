@@ -24,7 +24,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -225,64 +225,47 @@ class LlamaEngine:
     # -- decoding -------------------------------------------------------------------------------------
     def decode_tokens(self, tokens: Sequence[int], seq: int, pos0: int, *, logits_last: bool) -> None:
         """Decode ``tokens`` at positions ``pos0..`` of ``seq``; keep the logits of the last one if asked."""
-        step = self.config.n_batch
-        batch = self._tok_batch
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start:start + step]
-            n = len(chunk)
-            for i, t in enumerate(chunk):
-                batch.token[i] = t
-            self._fill_meta(batch, n, seq, pos0 + start, logits_last and start + n == len(tokens))
-            self._decode(batch, n)
+        for _ in self._decode_chunks(tokens, seq, pos0, "last" if logits_last else "none"):
+            pass
 
     def decode_embeddings(self, embeds: np.ndarray, seq: int, pos0: int, *, logits_last: bool) -> None:
         """Decode rows of ``embeds`` (float32 [n, n_embd]) as input embeddings at positions ``pos0..``."""
-        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        step = self.config.n_batch
-        batch = self._emb_batch
-        total = embeds.shape[0]
-        for start in range(0, total, step):
-            chunk = embeds[start:start + step]
-            n = chunk.shape[0]
-            ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-            self._fill_meta(batch, n, seq, pos0 + start, logits_last and start + n == total)
-            self._decode(batch, n)
+        for _ in self._decode_chunks(embeds, seq, pos0, "last" if logits_last else "none"):
+            pass
 
     def logits_of(self, item: Sequence[int] | np.ndarray, seq: int, pos0: int) -> np.ndarray:
         """Decode token ids (1-D) or embeddings (float32 [n, n_embd]) at ``pos0..`` of ``seq`` and return the
         logits of every position, [n, n_vocab]. For verification against transformers; generation never copies
         logits."""
-        arr = np.asarray(item)
-        is_embd = arr.ndim == 2
-        if is_embd:
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        out = [np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n, self.n_vocab)).copy()
+               for n in self._decode_chunks(item, seq, pos0, "all")]
+        return np.concatenate(out, axis=0)
+
+    def _decode_chunks(self, item: Sequence[int] | np.ndarray, seq: int, pos0: int, outputs: str) -> Iterator[int]:
+        """Decode token ids (1-D) or embeddings (2-D) in ``n_batch`` chunks; yield each chunk's size after its
+        decode. ``outputs``: which positions keep logits — "none", "last" (of the whole item) or "all"."""
+        is_embd = isinstance(item, np.ndarray) and item.ndim == 2
+        arr = np.ascontiguousarray(item, dtype=np.float32) if is_embd else item
         batch = self._emb_batch if is_embd else self._tok_batch
-        step, out = self.config.n_batch, []
-        for start in range(0, arr.shape[0], step):
+        total, step = len(arr), self.config.n_batch
+        for start in range(0, total, step):
             chunk = arr[start:start + step]
-            n = chunk.shape[0]
+            n = len(chunk)
             if is_embd:
                 ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
             else:
                 for i, t in enumerate(chunk):
                     batch.token[i] = int(t)
-            self._fill_meta(batch, n, seq, pos0 + start, False)
             for i in range(n):
-                batch.logits[i] = 1
+                batch.pos[i] = pos0 + start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = outputs == "all"
+            if outputs == "last" and start + n == total:
+                batch.logits[n - 1] = 1
+            batch.n_tokens = n
             self._decode(batch, n)
-            ptr = self._L.llama_get_logits(self._ctx)
-            out.append(np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy())
-        return np.concatenate(out, axis=0)
-
-    def _fill_meta(self, batch, n: int, seq: int, pos0: int, logits_last: bool) -> None:
-        for i in range(n):
-            batch.pos[i] = pos0 + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = 0
-        if logits_last:
-            batch.logits[n - 1] = 1
-        batch.n_tokens = n
+            yield n
 
     def _decode(self, batch, n: int) -> None:
         rc = self._L.llama_decode(self._ctx, batch)
