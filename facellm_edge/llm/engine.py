@@ -24,7 +24,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -45,6 +45,9 @@ class EngineConfig:
     n_gpu_layers: int = 0
     max_slots: int = 4  # faces whose prefix stays in the KV cache; the least recently used is evicted
     seed: int = 0  # seed of every answer's sampling distribution (temperature > 0): same input, same answer
+    # Read the GGUF into memory instead of mmap-ing it. On CPUs llama.cpp repacks quantised weights into its own
+    # buffers anyway; with mmap the file's pages stay resident too (FaceLLM-1B q4_0: 777 -> 587 MB peak RSS).
+    mmap: bool = False
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -80,11 +83,12 @@ _log_lock = threading.Lock()
 _log_installed: list[object] = []  # keeps the ctypes callback alive; llama.cpp's log hook is process-wide
 
 
-def install_log_hook(llama_cpp) -> None:
+def install_log_hook(llama_cpp) -> Any:
     """Route llama.cpp's stderr chatter to :mod:`logging`: warnings and errors only, debug/info dropped.
 
     llama.cpp has one process-wide log hook; it is (re)installed whenever an engine is created and another hook is
-    active, so a Generator's loads are always routed this way."""
+    active, so a Generator's loads are always routed this way. Returns the ctypes callback (libmtmd takes the same
+    one: ``mtmd_log_set``)."""
     with _log_lock:
         if not _log_installed:
 
@@ -113,6 +117,7 @@ def install_log_hook(llama_cpp) -> None:
         llama_cpp.llama_log_get(ctypes.byref(current), ctypes.byref(user))
         if ctypes.cast(current, ctypes.c_void_p).value != ctypes.cast(ours, ctypes.c_void_p).value:
             llama_cpp.llama_log_set(ours, ctypes.c_void_p(0))
+        return ours
 
 
 class LlamaEngine:
@@ -137,6 +142,7 @@ class LlamaEngine:
             )
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
+        mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.mmap else L.LLAMA_LOAD_MODE_NONE
         self._model = L.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self._model:
             raise InputError(
