@@ -207,13 +207,29 @@ def test_quantize_q4_k_m_and_q8_0(tied, tied_f32, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_q4_0_pure_puts_the_tied_head_in_q4_0_too(tied_f32, tmp_path):
+    from facellm_edge.export.quantize import quantize_gguf, read_tensor_infos
+
+    types = {}
+    for quant in ("q4_0", "q4_0_pure"):
+        report = quantize_gguf(tied_f32, tmp_path / f"{quant}.gguf", quant, n_threads=2)
+        types[quant] = {t.name: t.type for t in read_tensor_infos(report.path) if len(t.shape) == 2}
+        # q4_0's head wants Q6_K, which a width of 64 cannot hold (llama.cpp falls back to Q8_0); pure has no head rule
+        assert [f["name"] for f in report.fallbacks] == (["token_embd.weight"] if quant == "q4_0" else [])
+    # llama.cpp's q4_0 keeps the output head (the tied embedding) at higher precision; --pure does not
+    assert types["q4_0"]["token_embd.weight"] != "Q4_0"
+    assert set(types["q4_0_pure"].values()) == {"Q4_0"}
+    assert {k: v for k, v in types["q4_0"].items() if k != "token_embd.weight"} == \
+           {k: v for k, v in types["q4_0_pure"].items() if k != "token_embd.weight"}
+
+
 def test_unknown_quant_message():
     from facellm_edge.export.quantize import validate_quants
 
     with pytest.raises(UsageError) as exc:
         validate_quants("q4_km,q8_0")
     assert str(exc.value) == ("unknown quant 'q4_km'; choose from f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
-                              "q4_0, iq4_nl")
+                              "q4_0, iq4_nl, q4_0_pure")
     assert validate_quants(" Q4_K_M, q8_0,q4_k_m ") == ("q4_k_m", "q8_0")
 
 
