@@ -21,8 +21,11 @@ def _fmt_bytes(n: int) -> str:
 def export_cmd(
     model: str = typer.Argument(..., help="Checkpoint: local directory or Hugging Face id (e.g. Idiap/FaceLLM-1B)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to create."),
-    quant: str = typer.Option("q4_k_m", "--quant", "-q", help="LLM precisions, comma-separated: f32,f16,bf16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0."),
-    vision: str = typer.Option("fp32,int8", "--vision", help="Vision precisions, comma-separated: fp32,int8."),
+    quant: str = typer.Option("q4_k_m", "--quant", "-q", help="LLM precisions, comma-separated: f32,f16,bf16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0,iq4_nl,q4_0_pure (every tensor q4_0, the output head too)."),
+    vision: str = typer.Option(
+        "fp32,int8", "--vision",
+        help="Vision targets, comma-separated: fp32,int8 (ONNX graphs) and mmproj (llama.cpp clip/mtmd InternVL "
+             "projector GGUF, f16, for llama-mtmd-cli / llama-server / ollama)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter to merge before export."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX/GGUF outputs against transformers."),
@@ -48,7 +51,7 @@ def export_cmd(
     m = result.manifest
     if m.verification:
         console.print(verification_table(m.verification))
-    total = sum(e.bytes for e in [*m.vision.values(), *m.llm.values()])
+    total = sum(e.bytes for e in [*m.vision.values(), *m.llm.values(), *([m.mmproj] if m.mmproj else [])])
     console.print(f"bundle written to [bold]{result.out}[/] ({_fmt_bytes(total)}) in {result.seconds:.1f} s")
     import shlex
 
@@ -65,6 +68,11 @@ def verification_table(v: dict[str, Any]):
     for prec, r in v.get("vision", {}).items():
         t.add_row("vision ONNX vs torch (batch 1, 3)", prec,
                   f"max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}  cosine {r['cosine_min']:.6f}")
+    if "mmproj" in v:
+        r = v["mmproj"]
+        t.add_row(f"mmproj via libmtmd vs torch ({r['n_tokens']} tokens, {r['image']})", "f16",
+                  f"max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}  "
+                  f"worst token cosine {r['token_cosine_min']:.6f}")
     for q, r in v.get("llm", {}).items():
         t.add_row(f"GGUF vs transformers logits ({r['n_positions']} pos, {r['n_image_positions']} image)", q,
                   f"top-1 {r['top1_agreement']:.2%}  max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}")
@@ -105,6 +113,10 @@ def inspect_cmd(
             bpw = e.extra.get("bits_per_weight")
             label = f"{prec}" + (f" ({bpw:.2f} b/w)" if isinstance(bpw, (int, float)) else "")
             t.add_row(kind, label, e.path, _fmt_bytes(e.bytes), e.sha256[:12] + "…")
+    if m.mmproj is not None:
+        e = m.mmproj
+        label = f"mmproj {e.extra.get('ftype', '')}".strip()
+        t.add_row("vision (llama.cpp)", label, e.path, _fmt_bytes(e.bytes), e.sha256[:12] + "…")
     console.print(t)
     if m.verification:
         console.print(verification_table(m.verification))

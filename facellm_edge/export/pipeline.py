@@ -1,9 +1,9 @@
 """Export orchestration: checkpoint -> verified bundle, written atomically.
 
 Steps (each timed and sized, reported through ``on_step``):
-  load checkpoint (+ merge LoRA) -> vision ONNX fp32 (+ int8) -> LLM GGUF (f32 master) -> llama.cpp quantisation
-  -> verification (ONNX vs torch, GGUF vs transformers logits with injected image embeddings, tokenizer parity)
-  -> manifest.json.
+  load checkpoint (+ merge LoRA) -> vision ONNX fp32 (+ int8) (+ llama.cpp mmproj GGUF) -> LLM GGUF (f32 master)
+  -> llama.cpp quantisation -> verification (ONNX vs torch, mmproj through libmtmd vs torch, GGUF vs transformers
+  logits with injected image embeddings, tokenizer parity) -> manifest.json.
 Everything is written into a hidden temporary directory that is renamed to ``out`` only at the very end.
 """
 
@@ -28,10 +28,18 @@ log = logging.getLogger(__name__)
 VISION_TARGETS: dict[str, str] = {
     "fp32": "torch.onnx export of vision tower + pixel shuffle + projector",
     "int8": "ONNX Runtime dynamic quantisation of the fp32 graph (QInt8 weights, MatMul)",
+    "mmproj": "llama.cpp clip/mtmd InternVL projector GGUF (f16), for llama.cpp/ollama peers",
 }
+# Targets that are ONNX graphs (manifest.vision, read by the ONNX runtime); "mmproj" goes to manifest.mmproj.
+ONNX_VISION = ("fp32", "int8")
 # Verification gates: a mismatch beyond these is a bug in the export, so it fails the export.
 FP32_ONNX_MAX_ABS = 1e-3
 F32_GGUF_MIN_TOP1 = 0.99
+# mmproj (f16 matrices, ggml's GELU) vs torch, per image token. Measured on the tiny test models: worst token cosine
+# 0.9999998 (f16 and f32); a position table left in InternViT's CLS-first order gives 0.15 (tests/test_mmproj.py).
+# 0.999 leaves room for f16 rounding at FaceLLM sizes (see the 1B measurement in export/README.md) and still catches
+# layout errors.
+MMPROJ_MIN_TOKEN_COSINE = 0.999
 
 
 @dataclass(frozen=True)
@@ -168,14 +176,27 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
     def onnx_bytes(p: Path) -> int:  # the graph plus its external weight files (large vision towers)
         return sum(f.stat().st_size for f in onnx_vision.onnx_files(p))
 
-    steps.run("vision -> ONNX fp32", lambda: onnx_vision.export_vision_onnx(
-        loaded.model, fp32, image_size=image.size, mean=image.mean, std=image.std, source_model=source.get("model")),
-              size_of=onnx_bytes)
-    vision_paths["fp32"] = fp32
+    # The fp32 graph is the source of int8 and the verification reference: made unless neither is needed.
+    need_fp32 = cfg.verify or any(v in cfg.vision for v in ONNX_VISION)
+    if need_fp32:
+        steps.run("vision -> ONNX fp32", lambda: onnx_vision.export_vision_onnx(
+            loaded.model, fp32, image_size=image.size, mean=image.mean, std=image.std,
+            source_model=source.get("model")), size_of=onnx_bytes)
+        vision_paths["fp32"] = fp32
     if "int8" in cfg.vision:
         int8 = tmp / "vision" / "int8.onnx"
         steps.run("vision -> ONNX int8", lambda: onnx_vision.quantize_vision_int8(fp32, int8), size_of=onnx_bytes)
         vision_paths["int8"] = int8
+    mmproj_path: Path | None = None
+    mmproj_report: dict[str, Any] = {}
+    if "mmproj" in cfg.vision:
+        from facellm_edge.export import mmproj
+
+        mmproj_path = tmp / "vision" / mmproj.MMPROJ_FILE
+        mmproj_report = steps.run("vision -> mmproj GGUF f16", lambda: mmproj.write_mmproj_gguf(
+            loaded.model, loaded.processor, mmproj_path, ftype="f16"),
+                                  size_of=lambda _: mmproj_path.stat().st_size,
+                                  detail=lambda r: f"{r['tensors']} tensors ({r['n_f16']} f16)")
 
     # -- LLM ------------------------------------------------------------------------------------------------
     (tmp / "llm").mkdir()
@@ -198,10 +219,10 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
     verification: dict[str, Any] = {}
     if cfg.verify:
         verification = steps.run("verify", lambda: _verify(loaded, vision_paths, llm_paths, master,
-                                                           tokens.num_image_tokens, cfg.threads),
+                                                           tokens.num_image_tokens, cfg.threads, mmproj_path),
                                  detail=lambda v: "ok")
     # Intermediate files the user did not ask for are not part of the bundle.
-    if "fp32" not in cfg.vision:
+    if "fp32" not in cfg.vision and "fp32" in vision_paths:
         for f in onnx_vision.onnx_files(fp32):
             f.unlink()
         del vision_paths["fp32"]
@@ -220,6 +241,8 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
         llm={k: file_entry(tmp, p, **_quant_extra(quant_reports.get(k))) for k, p in llm_paths.items()},
         tools=_tool_versions(),
         verification=verification,
+        mmproj=(file_entry(tmp, mmproj_path, projector="internvl", ftype=mmproj_report["ftype"],
+                           preproc_tiles=mmproj_report["preproc_tiles"]) if mmproj_path is not None else None),
     )
 
 
@@ -246,7 +269,7 @@ def _quant_detail(report: Any) -> str:
 
 
 def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Path], master: Path,
-            num_image_tokens: int, threads: int | None) -> dict[str, Any]:
+            num_image_tokens: int, threads: int | None, mmproj_path: Path | None = None) -> dict[str, Any]:
     from facellm_edge.export import onnx_vision, verify_llm
 
     def portable(report: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +285,17 @@ def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Pat
     if worst > FP32_ONNX_MAX_ABS:
         raise ExportError(f"ONNX fp32 vision output differs from torch by {worst:.3g} (> {FP32_ONNX_MAX_ABS}); "
                           "this is an export bug — please report it")
+    if mmproj_path is not None:
+        from facellm_edge.export import mmproj
+
+        # libmtmd needs the LLM for its width check and <img> markers: the f32 master is always there now.
+        out["mmproj"] = mmproj.verify_mmproj(loaded.model, loaded.processor, mmproj_path, master,
+                                             n_threads=threads or os.cpu_count() or 1)
+        worst_tok = out["mmproj"]["token_cosine_min"]
+        if worst_tok < MMPROJ_MIN_TOKEN_COSINE:
+            raise ExportError(f"mmproj (llama.cpp) image embeddings differ from torch: worst token cosine "
+                              f"{worst_tok:.6f} (< {MMPROJ_MIN_TOKEN_COSINE}); "
+                              "this is an export bug — please report it")
     for quant, path in {"f32": master, **llm_paths}.items():
         out["llm"][quant] = portable(verify_llm.compare_logits(loaded.model, loaded.tokenizer, path, probe))
     top1 = out["llm"]["f32"]["top1_agreement"]
