@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from facellm_edge.benchmark import report
+from facellm_edge.benchmark import report, roofline
 
 STAGES_EDGE = {"detect_ms", "align_ms", "preprocess_ms", "vision_ms", "image_prefill_ms", "prefill_ms",
                "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "decode_ms", "end_to_end_ms"}
@@ -133,3 +133,58 @@ def test_targets_without_live_or_edge_are_not_measured(results):
     assert report.compute_ratios(naive_only) == []
     md = report.to_markdown({**results, "targets": live_less, "live": None, "profiles": []})
     assert md.count("not measured") == 2 and "## Live loop" not in md
+
+
+def test_roofline_bounds_every_edge_configuration(results, bench_run):
+    roof = results["roofline"]
+    c = roof["ceilings"]
+    assert c["threads"] == 1 and c["mem_read_gb_s"] > 0 and c["fp32_gflop_s"] > 0 and c["int8_gop_s"] > 0
+    edge = next(x for x in results["configs"] if x["kind"] == "edge")
+    assert roof["prompt_tokens"] == edge["image_prefix_tokens"] + edge["question_tokens"]
+    assert edge["bounds"] == roofline.bounds(c, roof["vision"]["fp32"], "fp32", roof["llm"]["f32"])
+    by_key = {t["key"]: t for t in results["targets"]}
+    assert by_key["decode_tok_s"]["bound"] == edge["bounds"]["decode_tok_s"]
+    assert by_key["cold_ttft_ms"]["bound"] == edge["bounds"]["ttft_cold_ms"]
+    assert by_key["peak_rss_mb"]["bound"] is None
+    md = (bench_run / "results.md").read_text()
+    assert "## Roofline" in md and f"| {edge['name']} |" in md.split("## Roofline")[1]
+
+
+def test_roofline_work_counts_the_tiny_model_by_hand(tiny_bundle):
+    """Vision MACs and decode bytes from the files equal a count from the tiny model's dimensions."""
+    from facellm_edge.bundle import load_bundle
+    from facellm_edge.export.quantize import read_tensor_infos
+    from facellm_edge.synthetic import SyntheticSpec
+
+    b = load_bundle(tiny_bundle)
+    s, a = SyntheticSpec(), b.manifest.arch
+    tokens = (s.image_size // s.patch_size) ** 2 + 1
+    hv, inter, ht = s.vision_hidden, s.vision_intermediate, s.text_hidden
+    # vision_hidden == text_hidden (64) in the tiny model: every matrix counts on all tokens, projector included
+    per_token = s.vision_layers * (4 * hv * hv + 2 * hv * inter) + (4 * hv) * ht + ht * ht
+    patch = hv * 3 * s.patch_size ** 2 * (tokens - 1)
+    v = roofline.vision_work(b.vision_file("fp32")[1], image_size=s.image_size, patch_size=s.patch_size,
+                             vision_hidden=hv, vision_layers=s.vision_layers, llm_hidden=ht,
+                             num_image_tokens=b.manifest.tokens.num_image_tokens)
+    assert v["tokens"] == tokens
+    assert v["weight_gmac"] * 1e9 == pytest.approx(tokens * per_token + patch, rel=1e-9)
+    assert v["attention_gmac"] * 1e9 == pytest.approx(2 * tokens * tokens * hv * s.vision_layers)
+    gguf = b.llm_file("q8_0")[1]
+    w = roofline.llm_work(gguf, prompt_tokens=300, kv_dim=a.llm_hidden // a.llm_heads * a.llm_kv_heads,
+                          n_layers=a.llm_layers)
+    mats = [t for t in read_tensor_infos(gguf) if len(t.shape) >= 2]
+    kv = 2 * a.llm_layers * 300 * (ht // s.text_heads * s.text_kv_heads) * 2
+    assert w["decode_mb_per_token"] * 2**20 == pytest.approx(sum(t.n_bytes for t in mats) + kv)
+    assert "output.weight" not in {t.name for t in mats}  # tied: the embedding is read once, as the head
+    assert w["prefill_gflop"] * 1e9 == pytest.approx(
+        2 * 300 * s.text_layers * (ht * ht * 2 + 2 * ht * (ht // s.text_heads * s.text_kv_heads)
+                                   + 3 * ht * s.text_intermediate) + 2 * a.vocab_size * ht, rel=1e-6)
+
+
+def test_roofline_bounds_arithmetic():
+    ceilings = {"fp32_gflop_s": 100.0, "int8_gop_s": 200.0, "mem_read_gb_s": 10.0}
+    vision = {"weight_gmac": 300.0, "attention_gmac": 50.0}
+    llm = {"prefill_gflop": 200.0, "decode_mb_per_token": 10e9 / 40 / 2**20}
+    b = roofline.bounds(ceilings, vision, "int8", llm)
+    assert b == {"vision_ms": 4000.0, "prefill_ms": 1000.0, "ttft_cold_ms": 5000.0, "decode_tok_s": 40.0}
+    assert roofline.bounds(ceilings, vision, "fp32", llm)["vision_ms"] == 7000.0

@@ -15,7 +15,7 @@ NAIVE_TARGETS: dict[str, tuple[str, str]] = {
 }
 AUTO = "auto"  # cpu-fp32, cpu-bf16, and cuda-bf16 when a CUDA device is visible
 
-SYNTHETIC_QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
+SYNTHETIC_QUANTS = ("f16", "q8_0", "q4_0", "q4_0_pure", "q4_k_m")
 SYNTHETIC_VISION = ("fp32", "int8")
 TINY = "tiny"  # --synthetic tiny: facellm_edge.synthetic.SyntheticSpec() defaults (test size, not in the registry)
 
@@ -64,6 +64,7 @@ class BenchConfig:
     threads: int | None = None  # llama.cpp / ORT / torch threads; None: physical cores
     detector_model: Path | None = None  # YuNet .onnx; None: the detector's cached default
     profiles: bool = True
+    roofline: bool = True  # measure this machine's ceilings and bound every edge configuration by them
     live: LiveConfig = field(default_factory=LiveConfig)
     config_timeout_s: float = 1800.0  # one isolated configuration
     force: bool = False  # replace an existing --out

@@ -8,7 +8,10 @@
     ratios: [ {edge, baseline, ttft_cold, ttft_warm, decode, end_to_end, peak_rss} ]   (edge / naive, medians),
     profiles: [ {setting, metric, better: "lower" | "higher", options: {VALUE: {median, p90, ...}}, winner} ],
     live: {source, width, height, frames, runs: [...], winner} | null,
-    targets: [ {key, label, op, threshold, value, config, met} ]
+    roofline: {ceilings{mem_read_gb_s, fp32_gflop_s, int8_gop_s, ...}, vision{PREC: work}, llm{QUANT: work},
+               prompt_tokens} | null      (edge configs then carry bounds{vision_ms, prefill_ms, ttft_cold_ms,
+                                            decode_tok_s}: the best this machine allows; see benchmark/roofline.py)
+    targets: [ {key, label, op, threshold, value, config, met, bound, reachable} ]
 
 Stage keys (milliseconds unless the name ends in ``tok_s``): detect_ms, align_ms, preprocess_ms, vision_ms,
 image_prefill_ms, prefill_ms, ttft_cold_ms, ttft_warm_ms, decode_tok_s, decode_ms, end_to_end_ms.
@@ -28,7 +31,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "facellm-edge-bench/1"
 TOP_KEYS = ("schema", "created", "settings", "machine", "versions", "export", "configs", "ratios", "profiles",
-            "live", "targets")
+            "live", "roofline", "targets")
+# Targets whose best possible value on this machine the roofline gives: target key -> (bound key, best is min?).
+TARGET_BOUNDS = {"cold_ttft_ms": ("ttft_cold_ms", True), "decode_tok_s": ("decode_tok_s", False)}
 # Stacked bar segments (per-answer wall time), in pipeline order.
 BAR_STAGES = (("detect_ms", "detect"), ("align_ms", "align"), ("preprocess_ms", "preprocess"),
               ("vision_ms", "vision encode"), ("prefill_ms", "LLM prefill (image + question)"),
@@ -101,8 +106,20 @@ def evaluate_targets(configs: list[dict[str, Any]], live: dict[str, Any] | None)
             continue
         best = max(cands) if op == ">=" else min(cands)
         out.append({"key": key, "label": label, "op": op, "threshold": threshold, "value": round(best[0], 2),
-                    "config": best[1], "met": _met(op, best[0], threshold)})
+                    "config": best[1], "met": _met(op, best[0], threshold), **_bound(key, op, threshold, edge)})
     return out
+
+
+def _bound(key: str, op: str, threshold: float, edge: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best value any edge configuration could reach on this machine (roofline), and whether that meets it."""
+    if key not in TARGET_BOUNDS:
+        return {"bound": None, "reachable": None}
+    name, lowest = TARGET_BOUNDS[key]
+    vals = [c["bounds"][name] for c in edge if c.get("bounds")]
+    if not vals:
+        return {"bound": None, "reachable": None}
+    b = min(vals) if lowest else max(vals)
+    return {"bound": round(b, 1), "reachable": _met(op, b, threshold)}
 
 
 # -- Markdown ------------------------------------------------------------------------------------------------
@@ -149,11 +166,16 @@ def to_markdown(r: dict[str, Any]) -> str:
         for q in r["ratios"]:
             lines.append(f"| {q['edge']} | {q['baseline']} | {_fmt(q['ttft_cold'], 2)}× | {_fmt(q['ttft_warm'], 2)}× "
                          f"| {_fmt(q['decode'], 2)}× | {_fmt(q['end_to_end'], 2)}× | {_fmt(q['peak_rss'], 2)}× |")
-    lines += ["", "## Targets (issue 4)", "", "| target | threshold | best | config | status |", "|---|---|---|---|---|"]
+    lines += ["", "## Targets (issue 4)", "",
+              "| target | threshold | best | config | status | best possible here (roofline) |", "|---|---|---|---|---|---|"]
     for t in r["targets"]:
         status = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        bound = t.get("bound")
+        reach = "–" if bound is None else (f"{_fmt(bound)}: " + ("reachable" if t["reachable"] else
+                                                                 "beyond this machine"))
         lines.append(f"| {t['label']} | {t['op']} {_fmt(t['threshold'], 0)} | {_fmt(t['value'])} | "
-                     f"{t['config'] or '–'} | {status} |")
+                     f"{t['config'] or '–'} | {status} | {reach} |")
+    lines += _roofline_lines(r)
     if r.get("profiles"):
         lines += ["", "## Profiles", "", "| setting | metric | " + "options (median, p90) | winner |", "|---|---|---|---|"]
         for p in r["profiles"]:
@@ -176,6 +198,35 @@ def to_markdown(r: dict[str, Any]) -> str:
                   f"peak RSS {_fmt(e.get('peak_rss_mb'), 0)} MB."]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _roofline_lines(r: dict[str, Any]) -> list[str]:
+    roof = r.get("roofline")
+    if not roof:
+        return []
+    c = roof["ceilings"]
+    lines = ["", "## Roofline: measured vs the best this machine allows", "",
+             f"Ceilings measured here with {c['threads']} threads: memory read {_fmt(c['mem_read_gb_s'])} GB/s, "
+             f"ONNX Runtime fp32 MatMul {_fmt(c['fp32_gflop_s'])} GFLOP/s, int8 DynamicQuantizeMatMul "
+             f"{_fmt(c['int8_gop_s'])} GOP/s ({' x '.join(map(str, c['gemm_shape']))}). "
+             f"Prompt: {roof['prompt_tokens']} tokens.", ""]
+    for prec, v in roof["vision"].items():
+        lines.append(f"- vision {prec}: {_fmt(2 * v['weight_gmac'])} GOP in weight products + "
+                     f"{_fmt(2 * v['attention_gmac'])} GFLOP attention ({v['tokens']} tokens)")
+    for q, w in roof["llm"].items():
+        lines.append(f"- LLM {q}: prefill {_fmt(w['prefill_gflop'])} GFLOP; decode reads "
+                     f"{_fmt(w['decode_mb_per_token'])} MB per token (output head {_fmt(w['head_mb'])} MB)")
+    lines += ["", "| config | vision ms (bound) | prefill ms (bound) | TTFT cold ms (bound) | decode tok/s (bound) |",
+              "|---|---|---|---|---|"]
+    for cfg in r["configs"]:
+        b = cfg.get("bounds")
+        if not b:
+            continue
+        lines.append(f"| {cfg['name']} | {_fmt(median(cfg, 'vision_ms'))} ({_fmt(b['vision_ms'])}) | "
+                     f"{_fmt(median(cfg, 'prefill_ms'))} ({_fmt(b['prefill_ms'])}) | "
+                     f"{_fmt(median(cfg, 'ttft_cold_ms'))} ({_fmt(b['ttft_cold_ms'])}) | "
+                     f"{_fmt(median(cfg, 'decode_tok_s'))} ({_fmt(b['decode_tok_s'])}) |")
+    return lines
 
 
 # -- plot ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from facellm_edge.benchmark import report
+from facellm_edge.benchmark import report, roofline
 from facellm_edge.benchmark.config import SYNTHETIC_QUANTS, SYNTHETIC_VISION, TINY, BenchConfig, resolve_naive
 from facellm_edge.benchmark.edge import aligned_face_crop, edge_payload
 from facellm_edge.benchmark.live import live_payload
@@ -205,6 +205,15 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                             timeout_s=cfg.config_timeout_s, label=f"edge {v}+{q}"))
                 progress(_summary(configs[-1]))
         edge = [c for c in configs if c["kind"] == "edge"]
+        roof = None
+        if cfg.roofline:
+            progress("roofline: this machine's ceilings and the model's work")
+            roof = run_isolated("facellm_edge.benchmark.roofline:run_roofline",
+                                {"bundle": str(bundle_dir), "threads": threads, "vision": list(visions),
+                                 "quants": list(quants),
+                                 "prompt_tokens": edge[0]["image_prefix_tokens"] + edge[0]["question_tokens"]},
+                                timeout_s=cfg.config_timeout_s, label="roofline")
+            roofline.attach_bounds(roof, configs)
         best = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))
         profiles: list[dict[str, Any]] = []
         if cfg.profiles:
@@ -237,6 +246,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         "ratios": report.compute_ratios(configs),
         "profiles": profiles,
         "live": live,
+        "roofline": roof,
         "targets": report.evaluate_targets(configs, live),
     }
     progress(f"writing {out}")
