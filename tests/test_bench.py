@@ -23,7 +23,7 @@ def bench_run(tmp_path_factory, qwen_tokenizer_dir, yunet_model):
 
     out = tmp_path_factory.mktemp("bench") / "results"
     rc = main(["bench", "--synthetic", "tiny", "--tokenizer", str(qwen_tokenizer_dir), "--quant", "f32",
-               "--vision", "fp32", "--naive", "cpu-fp32", "--runs", "2", "--warmup", "0",
+               "--vision", "fp32,mmproj", "--naive", "cpu-fp32", "--runs", "2", "--warmup", "0",
                "--decode-tokens", str(DECODE_TOKENS), "--threads", "1", "--detector-model", str(yunet_model),
                "--live-frames", "10", "--out", str(out)])
     assert rc == 0
@@ -45,12 +45,12 @@ def test_json_schema(results):
     assert set(report.TOP_KEYS) <= set(results)
     s = results["settings"]
     assert (s["runs"], s["warmup"], s["decode_tokens"], s["threads"]) == (2, 0, DECODE_TOKENS, 1)
-    assert s["quants"] == ["f32"] and s["vision"] == ["fp32"] and s["naive"] == ["cpu-fp32"]
+    assert s["quants"] == ["f32"] and s["vision"] == ["fp32", "mmproj"] and s["naive"] == ["cpu-fp32"]
     assert results["machine"]["usable_cores"] >= 1 and "onnxruntime" in results["versions"]
     assert "build checkpoint" in results["export"]["steps"] and results["export"]["peak_rss_mb"] > 0
     by_kind = {c["kind"]: c for c in results["configs"]}
-    assert set(by_kind) == {"naive", "edge"}
-    assert set(by_kind["edge"]["stages"]) == STAGES_EDGE
+    assert set(by_kind) == {"naive", "edge", "peer"}
+    assert set(by_kind["edge"]["stages"]) == STAGES_EDGE == set(by_kind["peer"]["stages"])
     assert set(by_kind["naive"]["stages"]) == STAGES_NAIVE
     for c in results["configs"]:
         for stat in c["stages"].values():
@@ -71,6 +71,18 @@ def test_edge_answer_is_the_real_pipeline(results):
     assert st["end_to_end_ms"]["samples"][0] > st["ttft_cold_ms"]["samples"][0] + st["detect_ms"]["samples"][0]
     naive = next(c for c in results["configs"] if c["kind"] == "naive")
     assert naive["prompt_tokens"] > 256  # one 448 px tile of the aligned face
+
+
+def test_peer_is_llama_cpp_vision_with_the_same_llm(results):
+    edge = next(c for c in results["configs"] if c["kind"] == "edge")
+    peer = next(c for c in results["configs"] if c["kind"] == "peer")
+    assert peer["vision"] == "mmproj" and peer["quant"] == edge["quant"]
+    assert peer["providers"] == ["llama.cpp libmtmd (CPU)"] and peer["imports_torch"] is False
+    # same prompt through the same llama.cpp LLM: only the image embeddings' source differs
+    assert (peer["image_prefix_tokens"], peer["question_tokens"]) == (edge["image_prefix_tokens"], edge["question_tokens"])
+    assert peer["stages"]["vision_ms"]["median"] > 0 and peer["files_mb"]["vision"] > 0
+    assert "bounds" not in peer  # not an edge configuration: no targets, ratios or roofline rows
+    assert all(r["edge"] != peer["name"] for r in results["ratios"])
 
 
 def test_ratios_are_edge_over_naive(results):

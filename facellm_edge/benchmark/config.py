@@ -16,7 +16,7 @@ NAIVE_TARGETS: dict[str, tuple[str, str]] = {
 AUTO = "auto"  # cpu-fp32, cpu-bf16, and cuda-bf16 when a CUDA device is visible
 
 SYNTHETIC_QUANTS = ("f16", "q8_0", "q4_0", "q4_0_pure", "q4_k_m")
-SYNTHETIC_VISION = ("fp32", "int8")
+SYNTHETIC_VISION = ("fp32", "int8", "mmproj")  # mmproj: the llama.cpp peer's vision encoder
 TINY = "tiny"  # --synthetic tiny: facellm_edge.synthetic.SyntheticSpec() defaults (test size, not in the registry)
 
 DEFAULT_QUESTION = "Describe this person's face: apparent age, expression and accessories."

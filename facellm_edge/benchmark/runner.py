@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from facellm_edge.benchmark import report, roofline
 from facellm_edge.benchmark.config import SYNTHETIC_QUANTS, SYNTHETIC_VISION, TINY, BenchConfig, resolve_naive
-from facellm_edge.benchmark.edge import aligned_face_crop, edge_payload
+from facellm_edge.benchmark.edge import PEER, aligned_face_crop, edge_payload
 from facellm_edge.benchmark.live import live_payload
 from facellm_edge.benchmark.naive import naive_payload
 from facellm_edge.benchmark.stages import run_isolated
@@ -180,7 +180,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             model = f"bundle {bundle.root.name} ({bundle.manifest.source.get('model')})"
             ckpt_ref = naive_checkpoint(cfg, bundle.manifest.source) if naive else ""
         quants = _pick(cfg.quants, bundle.manifest.llm, "GGUF quant")
-        visions = _pick(cfg.vision, bundle.manifest.vision, "vision precision")
+        onnx_wanted = None if cfg.vision is None else tuple(v for v in cfg.vision if v != PEER) or None
+        visions = _pick(onnx_wanted, bundle.manifest.vision, "vision precision")
+        # The llama.cpp peer (libmtmd + the bundle's mmproj) runs when the bundle has one, unless --vision excludes it.
+        peer = bundle.manifest.mmproj is not None and (cfg.vision is None or PEER in cfg.vision)
+        if cfg.vision is not None and PEER in cfg.vision and bundle.manifest.mmproj is None:
+            raise BundleError("the bundle has no mmproj; export it with --vision ...,mmproj or drop mmproj")
         common = dict(question=cfg.question, followup=cfg.followup, runs=cfg.runs, warmup=cfg.warmup,
                       decode_tokens=cfg.decode_tokens, threads=threads)
 
@@ -205,6 +210,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                             timeout_s=cfg.config_timeout_s, label=f"edge {v}+{q}"))
                 progress(_summary(configs[-1]))
         edge = [c for c in configs if c["kind"] == "edge"]
+        if peer:  # same LLM quant as the fastest edge configuration: only the vision encoder differs
+            q = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))["quant"]
+            progress(f"peer: llama.cpp libmtmd vision + {q}")
+            configs.append(run_isolated("facellm_edge.benchmark.edge:run_edge",
+                                        edge_payload(bundle_dir, PEER, q, image, **common,
+                                                     detector_model=cfg.detector_model),
+                                        timeout_s=cfg.config_timeout_s, label=f"peer mtmd+{q}"))
+            progress(_summary(configs[-1]))
         roof = None
         if cfg.roofline:
             progress("roofline: this machine's ceilings and the model's work")
@@ -237,7 +250,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"model": model, "runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
                      "threads": threads, "question": cfg.question, "followup": cfg.followup,
-                     "image": image.name, "quants": list(quants), "vision": list(visions), "naive": list(naive),
+                     "image": image.name, "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
+                     "naive": list(naive),
                      "naive_skipped": skipped, "best_edge": best["name"]},
         "machine": info,
         "versions": vers,

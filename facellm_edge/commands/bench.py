@@ -21,7 +21,8 @@ def bench_cmd(
     quant: Optional[str] = typer.Option(
         None, "--quant", "-q", help="GGUF quants, comma-separated (default: all in the bundle; --synthetic: "
         "f16,q8_0,q4_0,q4_k_m)."),
-    vision: Optional[str] = typer.Option(None, "--vision", help="ONNX vision precisions (default: all; fp32,int8)."),
+    vision: Optional[str] = typer.Option(None, "--vision", help="Vision encoders: ONNX fp32,int8 and mmproj (the llama.cpp libmtmd peer) (default: all the bundle has; "
+                                "--synthetic: fp32,int8,mmproj)."),
     naive: str = typer.Option(
         "auto", "--naive", help="Naive baselines: auto, none, or cpu-fp32,cpu-bf16,cuda-bf16 (auto: cpu-fp32, "
         "cpu-bf16 where the CPU has native bf16, cuda-bf16 where there is a GPU)."),
