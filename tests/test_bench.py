@@ -73,6 +73,15 @@ def test_edge_answer_is_the_real_pipeline(results):
     assert naive["prompt_tokens"] > 256  # one 448 px tile of the aligned face
 
 
+def test_quality_comes_from_the_verified_synthetic_export(results, bench_run):
+    by_kind = {c["kind"]: c for c in results["configs"]}
+    edge, peer = by_kind["edge"], by_kind["peer"]
+    assert "verify" in results["export"]["steps"]
+    assert edge["quality"]["llm_top1"] >= 0.99 and edge["quality"]["vision_cosine"] > 0.9999  # f32 GGUF, fp32 ONNX
+    assert peer["quality"]["vision_cosine"] > 0.999 and peer["quality"]["llm_top1"] == edge["quality"]["llm_top1"]
+    assert f"top-1 {100 * edge['quality']['llm_top1']:.1f} %" in (bench_run / "results.md").read_text()
+
+
 def test_peer_is_llama_cpp_vision_with_the_same_llm(results):
     edge = next(c for c in results["configs"] if c["kind"] == "edge")
     peer = next(c for c in results["configs"] if c["kind"] == "peer")

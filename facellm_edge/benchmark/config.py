@@ -65,6 +65,7 @@ class BenchConfig:
     detector_model: Path | None = None  # YuNet .onnx; None: the detector's cached default
     profiles: bool = True
     roofline: bool = True  # measure this machine's ceilings and bound every edge configuration by them
+    verify: bool = True  # --synthetic: verify the export, so every quant's logit agreement is reported as quality
     live: LiveConfig = field(default_factory=LiveConfig)
     config_timeout_s: float = 1800.0  # one isolated configuration
     force: bool = False  # replace an existing --out

@@ -67,6 +67,15 @@ def aligned_face_crop(image_path: Path, detector_model: Path | None, size: int) 
 PEER = "mmproj"  # vision "precision" of the llama.cpp/libmtmd peer
 
 
+def quality(verification: dict[str, Any], vision: str, quant: str) -> dict[str, float | None]:
+    """What the export measured for these files against transformers (None where the bundle was not verified)."""
+    llm = verification.get("llm", {}).get(quant) or {}
+    vis = verification.get("mmproj") if vision == PEER else verification.get("vision", {}).get(vision)
+    vis = vis or {}
+    return {"llm_top1": llm.get("top1_agreement"), "llm_max_rel_diff": llm.get("max_rel_diff"),
+            "vision_cosine": vis.get("token_cosine_min", vis.get("cosine_min"))}
+
+
 class _MtmdEncoder:
     """libmtmd behind the ONNX encoder's interface, for the benchmark (takes the aligned BGR crop, not pixels)."""
 
@@ -191,6 +200,7 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
         "files_mb": {"vision": round(vision_entry.bytes / 2**20, 1),
                      "llm": round(llm_entry.bytes / 2**20, 1)},
         **info,
+        "quality": quality(bundle.manifest.verification, p["vision"], p["quant"]),
         "stages": timer.summary(),
         "memory": {"rss_start_mb": round(rss_start, 1), "rss_loaded_mb": round(rss_loaded, 1),
                    "rss_sampled_peak_mb": round(sampler.peak_mb, 1)},

@@ -135,6 +135,17 @@ def _cell(cfg: dict[str, Any], stage: str) -> str:
     return f"{_fmt(s['median'])} ({_fmt(s['p90'])})"
 
 
+def _quality(c: dict[str, Any]) -> str:
+    """Export verification against transformers: vision cosine (worst), LLM top-1 agreement and max rel. diff."""
+    q = c.get("quality") or {}
+    parts = []
+    if q.get("vision_cosine") is not None:
+        parts.append(f"vision cos {q['vision_cosine']:.4f}")
+    if q.get("llm_top1") is not None:
+        parts.append(f"top-1 {100 * q['llm_top1']:.1f} %, rel {q['llm_max_rel_diff']:.1e}")
+    return ", ".join(parts) or "–"
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     m, s = r["machine"], r["settings"]
     flags = ", ".join(k for k, v in m.get("cpu_flags", {}).items() if v) or "none"
@@ -149,8 +160,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"Medians (p90) over {s['runs']} runs after {s['warmup']} warm-up; {s['decode_tokens']} decoded tokens per "
         f"answer (end-of-sequence ignored); threads: {s['threads']}; question: \"{s['question']}\".",
         "",
-        "| config | " + " | ".join(h for _, h in TABLE_COLUMNS) + " | peak RSS MB | LLM bits/w |",
-        "|---|" + "---|" * (len(TABLE_COLUMNS) + 2),
+        "| config | " + " | ".join(h for _, h in TABLE_COLUMNS) + " | peak RSS MB | LLM bits/w | quality |",
+        "|---|" + "---|" * (len(TABLE_COLUMNS) + 3),
     ]
     for c in r["configs"]:
         peak = c["memory"].get("peak_rss_mb")
@@ -158,7 +169,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         mem = _fmt(peak, 0) + (f" (+{_fmt(cuda, 0)} GPU)" if cuda is not None else "")
         bpw = c.get("bits_per_weight")
         lines.append(f"| {c['name']} | " + " | ".join(_cell(c, k) for k, _ in TABLE_COLUMNS)
-                     + f" | {mem} | {_fmt(bpw, 2) if bpw else '–'} |")
+                     + f" | {mem} | {_fmt(bpw, 2) if bpw else '–'} | {_quality(c)} |")
     if r["ratios"]:
         lines += ["", "## Edge / naive (medians; < 1 is better except decode)", "",
                   "| edge | baseline | TTFT cold | TTFT warm | decode | end-to-end | peak RSS |",

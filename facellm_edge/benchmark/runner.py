@@ -75,18 +75,19 @@ def build_and_export(p: dict[str, Any]) -> dict[str, Any]:
     ckpt = build_checkpoint(work / "checkpoint", Path(p["tokenizer"]), spec)
     build_s = time.perf_counter() - t0
     res = export_bundle(ExportConfig(model=str(ckpt), out=work / "bundle", quants=tuple(p["quants"]),
-                                     vision=tuple(p["vision"]), verify=False, force=True, threads=int(p["threads"])))
+                                     vision=tuple(p["vision"]), verify=bool(p["verify"]), force=True,
+                                     threads=int(p["threads"])))
     steps = {"build checkpoint": round(build_s, 1), **{s.name: round(s.seconds, 1) for s in res.steps}}
     return {"checkpoint": str(ckpt), "bundle": str(res.out), "seconds": round(sum(steps.values()), 1),
             "steps": steps}
 
 
 def synthetic_bundle(name: str, tok_dir: Path, work: Path, quants: tuple[str, ...], vision: tuple[str, ...],
-                     threads: int, timeout_s: float) -> tuple[Path, Path, dict[str, Any]]:
+                     threads: int, timeout_s: float, verify: bool) -> tuple[Path, Path, dict[str, Any]]:
     """(checkpoint, bundle, export timings) of a synthetic model, built and exported in a fresh process."""
     r = run_isolated("facellm_edge.benchmark.runner:build_and_export",
                      {"name": name, "tokenizer": str(tok_dir), "work": str(work), "quants": list(quants),
-                      "vision": list(vision), "threads": threads}, timeout_s=timeout_s, label=f"export {name}")
+                      "vision": list(vision), "threads": threads, "verify": verify}, timeout_s=timeout_s, label=f"export {name}")
     info = {"seconds": r["seconds"], "steps": r["steps"], "peak_rss_mb": r["memory"]["peak_rss_mb"]}
     return Path(r["checkpoint"]), Path(r["bundle"]), info
 
@@ -169,7 +170,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             progress(f"building a random-weight '{cfg.synthetic}' checkpoint and exporting it")
             ckpt, bundle_dir, export_info = synthetic_bundle(
                 cfg.synthetic, tokenizer_dir(cfg.tokenizer), work, cfg.quants or SYNTHETIC_QUANTS,
-                cfg.vision or SYNTHETIC_VISION, threads, cfg.config_timeout_s)
+                cfg.vision or SYNTHETIC_VISION, threads, cfg.config_timeout_s, cfg.verify)
             bundle = load_bundle(bundle_dir)
             dims = "test-size dimensions" if cfg.synthetic == TINY else "the real model's dimensions"
             model = f"synthetic {cfg.synthetic} (random weights, {dims})"

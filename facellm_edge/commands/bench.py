@@ -42,6 +42,8 @@ def bench_cmd(
                                   "KV-cache type and face batching."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure this machine's memory bandwidth "
                                   "and GEMM throughput and show the best time each stage could reach."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="--synthetic: verify the export, so each quant's "
+                                "logit agreement with transformers is reported beside its speed."),
     live: bool = typer.Option(True, "--live/--no-live", help="Benchmark the frame loop alone and with the VLM busy."),
     live_frames: int = typer.Option(120, "--live-frames", help="Frames per live-loop measurement."),
     live_llama_threads: str = typer.Option("1,2", "--live-llama-threads", help="llama.cpp thread counts to compare "
@@ -61,7 +63,7 @@ def bench_cmd(
         checkpoint=checkpoint, quants=parse_csv(quant, "quant") if quant else None,
         vision=parse_csv(vision, "vision precision") if vision else None, naive=parse_csv(naive, "naive baseline"),
         image=image, runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads,
-        detector_model=detector_model, profiles=profiles, roofline=roofline, force=force,
+        detector_model=detector_model, profiles=profiles, roofline=roofline, verify=verify, force=force,
         live=LiveConfig(enabled=live, video=video, frames=live_frames,
                         llama_threads=_thread_list(live_llama_threads)),
     )
