@@ -157,6 +157,7 @@ def build_checkpoint(out_dir: Path, qwen_tokenizer_dir: Path, spec: SyntheticSpe
     config.architectures = ["InternVLForConditionalGeneration"]
     torch.manual_seed(spec.seed)
     model = transformers.InternVLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+    _vary_constant_parameters(model, spec.initializer_range)
     model.save_pretrained(out_dir)
 
     # InternVL3's preprocessing: 448 px tiles, ImageNet mean/std, bicubic, up to 12 tiles.
@@ -170,3 +171,21 @@ def build_checkpoint(out_dir: Path, qwen_tokenizer_dir: Path, spec: SyntheticSpe
     )
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def _vary_constant_parameters(model, std: float) -> None:
+    """Give every parameter that transformers initialises to a constant (the position table and class token: 0;
+    norm weights: 1, biases: 0; layer scales: 0.1) random values around that constant.
+
+    Constant parameters hide converter bugs: zero q/k/v biases are interchangeable (torch.onnx even stores one shared
+    tensor for all of them), and a position table written in the wrong row order still adds zeros. Compute does
+    not depend on the values, so benchmarks of synthetic models are unaffected.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.detach().reshape(-1)
+            if p.is_floating_point() and flat.numel() > 0 and bool((flat == flat[0]).all()):
+                p.add_(torch.randn_like(p) * std)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -41,7 +42,8 @@ def test_ask_json(photos, common, capsys):
 def test_ask_text_and_save_crops(photos, common, capsys, tmp_path):
     rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *common])
     out = capsys.readouterr().out
-    assert rc == 0 and out.count("face ") == 6 and "ms" in out
+    # one "face N [box]: answer" line per face (the random model's answers may contain any text, "face " too)
+    assert rc == 0 and len(re.findall(r"^face \d+ \[", out, flags=re.M)) == 6 and "ms" in out
     assert len(list((tmp_path / "crops").glob("*.png"))) == 6
 
 
