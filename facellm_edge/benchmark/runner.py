@@ -202,23 +202,20 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                             naive_payload(ckpt_ref, target, crop_path, **common),
                                             timeout_s=cfg.config_timeout_s, label=f"naive {target}"))
                 progress(_summary(configs[-1]))
-        for v in visions:
-            for q in quants:
-                progress(f"edge {v}+{q}")
-                configs.append(run_isolated("facellm_edge.benchmark.edge:run_edge",
-                                            edge_payload(bundle_dir, v, q, image, **common,
-                                                         detector_model=cfg.detector_model),
-                                            timeout_s=cfg.config_timeout_s, label=f"edge {v}+{q}"))
-                progress(_summary(configs[-1]))
+
+        def edge_config(vision: str, quant: str, label: str) -> dict[str, Any]:
+            progress(label)
+            c = run_isolated("facellm_edge.benchmark.edge:run_edge",
+                             edge_payload(bundle_dir, vision, quant, image, **common, detector_model=cfg.detector_model),
+                             timeout_s=cfg.config_timeout_s, label=label)
+            progress(_summary(c))
+            return c
+
+        configs += [edge_config(v, q, f"edge {v}+{q}") for v in visions for q in quants]
         edge = [c for c in configs if c["kind"] == "edge"]
         if peer:  # same LLM quant as the fastest edge configuration: only the vision encoder differs
             q = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))["quant"]
-            progress(f"peer: llama.cpp libmtmd vision + {q}")
-            configs.append(run_isolated("facellm_edge.benchmark.edge:run_edge",
-                                        edge_payload(bundle_dir, PEER, q, image, **common,
-                                                     detector_model=cfg.detector_model),
-                                        timeout_s=cfg.config_timeout_s, label=f"peer mtmd+{q}"))
-            progress(_summary(configs[-1]))
+            configs.append(edge_config(PEER, q, f"peer: llama.cpp libmtmd vision + {q}"))
         roof = None
         if cfg.roofline:
             progress("roofline: this machine's ceilings and the model's work")

@@ -34,7 +34,11 @@ VISION_TARGETS: dict[str, str] = {
 ONNX_VISION = ("fp32", "int8")
 # Verification gates: a mismatch beyond these is a bug in the export, so it fails the export.
 FP32_ONNX_MAX_ABS = 1e-3
-F32_GGUF_MIN_TOP1 = 0.99
+# GGUF f32 vs transformers: max |logit difference| relative to the largest logit. Measured: 2e-4 (tiny), 4.5e-3
+# (FaceLLM-1B dimensions; llama.cpp keeps the KV cache in f16). A wrong tensor, RoPE or norm gives O(0.1..1).
+# Top-1 agreement is reported but not gated: on random weights the logits are nearly flat, and f16 rounding alone
+# flipped 1.1 % of the argmaxes at 1B size.
+F32_GGUF_MAX_REL = 0.05
 # mmproj (f16 matrices, ggml's GELU) vs torch, per image token. Measured on the tiny test models: worst token cosine
 # 0.9999998 (f16 and f32); a position table left in InternViT's CLS-first order gives 0.15 (tests/test_mmproj.py).
 # 0.999 leaves room for f16 rounding at FaceLLM sizes (see the 1B measurement in export/README.md) and still catches
@@ -298,9 +302,10 @@ def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Pat
                               "this is an export bug — please report it")
     for quant, path in {"f32": master, **llm_paths}.items():
         out["llm"][quant] = portable(verify_llm.compare_logits(loaded.model, loaded.tokenizer, path, probe))
-    top1 = out["llm"]["f32"]["top1_agreement"]
-    if top1 < F32_GGUF_MIN_TOP1:
-        raise ExportError(f"GGUF f32 top-1 agreement with transformers is {top1:.1%} (< {F32_GGUF_MIN_TOP1:.0%}); "
+    f32 = out["llm"]["f32"]
+    if f32["max_rel_diff"] > F32_GGUF_MAX_REL:
+        raise ExportError(f"GGUF f32 logits differ from transformers by {f32['max_rel_diff']:.3g} of the largest logit "
+                          f"(> {F32_GGUF_MAX_REL}; top-1 agreement {f32['top1_agreement']:.1%}); "
                           "this is an export bug — please report it")
     out["tokenizer"] = portable(verify_llm.tokenizer_parity(loaded.tokenizer, master))
     if out["tokenizer"]["percent"] < 100.0:
