@@ -52,6 +52,30 @@ def test_f32_logits_match_transformers_with_image_embeddings(tied, tied_f32):
     assert res["max_rel_diff"] < 1e-3, res
 
 
+def test_export_gate_passes_a_correct_gguf_and_stops_a_wrong_one(tied, tied_f32, tmp_path):
+    """A conversion bug (here: layer 0's attention output projection written with its sign flipped) must fail the
+    export's f32 gate; the correct file must pass it."""
+    import copy
+
+    import torch
+
+    from facellm_edge.export.gguf_llm import write_llm_gguf
+    from facellm_edge.export.pipeline import check_f32_logits
+    from facellm_edge.export.verify_llm import LogitProbe, compare_logits
+
+    model, tokenizer = tied
+    probe = LogitProbe(n_image_tokens=24, seed=3)
+    check_f32_logits(compare_logits(model, tokenizer, tied_f32, probe))
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.language_model.layers[0].self_attn.o_proj.weight.neg_()
+    wrong = tmp_path / "wrong-f32.gguf"
+    write_llm_gguf(broken, tokenizer, wrong, ftype="f32")
+    report = compare_logits(model, tokenizer, wrong, probe)
+    with pytest.raises(ExportError, match="GGUF f32 logits differ from transformers"):
+        check_f32_logits(report)
+
+
 # bf16 keeps 8 mantissa bits and the tiny random model's top-1 margins are ~1e-3 of the logit scale: measured
 # top-1 1.0 on the default probe, 0.964 on a 64-image-token probe. f16: 1.0 on both.
 @pytest.mark.parametrize("ftype,min_top1", [("f16", 0.99), ("bf16", 0.95)])

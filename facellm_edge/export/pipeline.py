@@ -273,6 +273,14 @@ def _quant_detail(report: Any) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def check_f32_logits(report: dict[str, Any]) -> None:
+    """The export gate on the f32 GGUF: raises when its logits are not transformers' (a conversion bug)."""
+    if report["max_rel_diff"] > F32_GGUF_MAX_REL:
+        raise ExportError(f"GGUF f32 logits differ from transformers by {report['max_rel_diff']:.3g} of the largest "
+                          f"logit (> {F32_GGUF_MAX_REL}; top-1 agreement {report['top1_agreement']:.1%}); "
+                          "this is an export bug — please report it")
+
+
 def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Path], master: Path,
             num_image_tokens: int, threads: int | None, mmproj_path: Path | None = None) -> dict[str, Any]:
     from facellm_edge.export import onnx_vision, verify_llm
@@ -303,11 +311,7 @@ def _verify(loaded: Any, vision_paths: dict[str, Path], llm_paths: dict[str, Pat
                               "this is an export bug — please report it")
     for quant, path in {"f32": master, **llm_paths}.items():
         out["llm"][quant] = portable(verify_llm.compare_logits(loaded.model, loaded.tokenizer, path, probe))
-    f32 = out["llm"]["f32"]
-    if f32["max_rel_diff"] > F32_GGUF_MAX_REL:
-        raise ExportError(f"GGUF f32 logits differ from transformers by {f32['max_rel_diff']:.3g} of the largest logit "
-                          f"(> {F32_GGUF_MAX_REL}; top-1 agreement {f32['top1_agreement']:.1%}); "
-                          "this is an export bug — please report it")
+    check_f32_logits(out["llm"]["f32"])
     out["tokenizer"] = portable(verify_llm.tokenizer_parity(loaded.tokenizer, master))
     if out["tokenizer"]["percent"] < 100.0:
         raise ExportError(f"llama.cpp tokenizes differently from the checkpoint's tokenizer: "
