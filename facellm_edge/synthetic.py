@@ -188,4 +188,3 @@ def _vary_constant_parameters(model, std: float) -> None:
             flat = p.detach().reshape(-1)
             if p.is_floating_point() and flat.numel() > 0 and bool((flat == flat[0]).all()):
                 p.add_(torch.randn_like(p) * std)
-

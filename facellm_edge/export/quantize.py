@@ -41,9 +41,9 @@ QUANTS: dict[str, QuantSpec] = {
     "q4_0": QuantSpec("LLAMA_FTYPE_MOSTLY_Q4_0", ("Q4_0", "Q6_K")),
     "iq4_nl": QuantSpec("LLAMA_FTYPE_MOSTLY_IQ4_NL", ("IQ4_NL", "Q6_K")),
     # Decode on a CPU is memory-bound: each token reads every weight once. The tied 151k x 896 embedding / output
-    # head is 28 % of Qwen2.5-0.5B's weights, and with a width of 896 its Q6_K falls back to Q8_0 (144 MB of a
-    # 346 MB q4_0 file). Pure Q4_0 reads 278 MB per token instead (bench/README: ~+20 % tok/s, -68 MB RSS), at the
-    # quality cost the export's logit check reports.
+    # head is 28 % of Qwen2.5-0.5B's weights, and with a width of 896 its Q6_K falls back to Q8_0 (138 of the
+    # 333 MiB a q4_0 token reads). Pure Q4_0 reads 268 MiB per token instead (bench roofline; -65 MB peak RSS), at
+    # the quality cost the export's logit check reports.
     "q4_0_pure": QuantSpec("LLAMA_FTYPE_MOSTLY_Q4_0", ("Q4_0",), pure=True),
 }
 
