@@ -13,17 +13,14 @@ only when everything (including verification) succeeded.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from facellm_edge.errors import BundleError, OutputError, read_json_object
+from facellm_edge.errors import BundleError, read_json_object
+from facellm_edge.io import atomic_directory, atomic_write_text, sha256_file  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -143,14 +140,6 @@ class Manifest:
             raise BundleError(f"manifest.json is malformed ({exc!s}); re-export the bundle") from exc
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_entry(root: Path, path: Path, **extra: Any) -> FileEntry:
     """Describe ``path`` (inside ``root``) for the manifest."""
     rel = path.relative_to(root).as_posix()
@@ -225,52 +214,3 @@ def load_bundle(root: str | os.PathLike[str], *, check_hashes: bool = True) -> B
         if problems:
             raise BundleError(f"bundle {root} is damaged: {'; '.join(problems)}; re-export it")
     return bundle
-
-
-# -- atomic output ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(dest: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``dest`` only if the block succeeds.
-
-    On any exception the temporary directory is removed and ``dest`` is untouched. With ``force`` an existing
-    ``dest`` is replaced only after the new one is complete.
-    """
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise OutputError(f"output {dest} already exists; choose another --out or pass --force to replace it")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
-    try:
-        yield tmp
-        if dest.exists():
-            old = parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facellm_edge.bundle import load_bundle, sha256_file
+from facellm_edge.bundle import load_bundle
+from facellm_edge.io import sha256_file
 from facellm_edge.cli import main
 from facellm_edge.errors import ExportError, RuntimeStageError
 

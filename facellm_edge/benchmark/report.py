@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.benchmark.config import TARGETS
-from facellm_edge.bundle import atomic_directory
+from facellm_edge.io import atomic_directory
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from facellm_edge.bundle import atomic_write_text
+from facellm_edge.io import atomic_write_text
 from facellm_edge.errors import InputError, OutputError
 
 _ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}

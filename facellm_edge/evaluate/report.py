@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from facellm_edge.bundle import atomic_directory
+from facellm_edge.io import atomic_directory
 from facellm_edge.errors import InputError, OutputError, require
 from facellm_edge.evaluate.scoring import ItemResult
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from facellm_edge import __version__
-from facellm_edge.bundle import MANIFEST, SCHEMA_VERSION, Manifest, atomic_directory, atomic_write_text, file_entry
+from facellm_edge.bundle import MANIFEST, SCHEMA_VERSION, Manifest, file_entry
+from facellm_edge.io import atomic_directory, atomic_write_text
 from facellm_edge.errors import ExportError, FaceLLMEdgeError, OutputError, UsageError, require
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.bundle import atomic_write_text
+from facellm_edge.io import atomic_write_text
 from facellm_edge.errors import CheckpointError, OutputError, UsageError
 from facellm_edge.train.config import TrainConfig
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.bundle import atomic_directory
+from facellm_edge.io import atomic_directory
 from facellm_edge.errors import UsageError, require
 from facellm_edge.train import checkpoint as ckpt
 from facellm_edge.train.collate import EncodedDataset, Encoder, PadCollator
