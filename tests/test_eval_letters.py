@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from facellm_edge.evaluate.letters import extract_letter
+from facellm_edge.errors import UsageError
+from facellm_edge.evaluate.letters import DEFAULT_RULES, extract_letter, extract_letter_facexbench, get_rules
 
 OPTS = {"A": "Happy", "B": "Sad", "C": "Angry", "D": "Surprised"}
 AGE = {"A": "0-2", "B": "20-29", "C": "30-39", "D": "more than 70"}
+CANNOT = {"A": "Yes", "B": "No", "C": "Cannot determine", "D": "Both"}
 
 CASES = [
     ("B", OPTS, "B"),
@@ -50,6 +52,14 @@ CASES = [
     ("The person is happy or sad.", OPTS, None),
     ("The image is blurry.", OPTS, None),
     ("E", OPTS, None),
+    # a lowercase article after "the answer is" names no option; the option text decides
+    ("The answer is a woman aged 20-29", AGE, "B"),
+    ("The answer is a person in their 30-39 range", AGE, "C"),
+    ("answer: (a)", OPTS, "A"),
+    # an option whose text reads like a refusal is an answer, not a refusal
+    ("Cannot determine", CANNOT, "C"),
+    ("C. Cannot determine", CANNOT, "C"),
+    ("It cannot be determined from this image.", OPTS, None),
 ]
 
 
@@ -60,3 +70,36 @@ def test_extract_letter(text, options, expected):
 
 def test_table_is_large_enough():
     assert len(CASES) >= 25
+
+
+# FaceXBench's aggregate_results.py rule, case by case (what it returns, including its quirks: a capital "A" article
+# counts, lowercase letters never do, the first option whose text occurs in the answer wins).
+FACEXBENCH_CASES = [
+    ("B", OPTS, "B"),
+    ("(C)", OPTS, "C"),
+    ("D. Surprised", OPTS, "D"),
+    ("Option B", OPTS, "B"),
+    ("b", OPTS, None),  # lowercase is never a label
+    ("The answer is B.", OPTS, "B"),  # found by the whole-text search
+    ("A man who looks sad", OPTS, "A"),  # its quirk: the article "A" is a label
+    ("The answer is a woman aged 30-39", AGE, "C"),  # no capital label -> option text
+    ("The answer is a woman aged 20-29", AGE, "A"),  # its quirk: option A's "0-2" occurs inside "20-29"
+    ("Sad", OPTS, "B"),
+    ("They look happy", OPTS, None),  # option texts match case-sensitively
+    ("Cannot determine", CANNOT, "C"),
+    ("I think it is E", OPTS, None),
+    ("The image is blurry.", OPTS, None),
+    ("", OPTS, None),
+]
+
+
+@pytest.mark.parametrize("text, options, expected", FACEXBENCH_CASES)
+def test_extract_letter_facexbench(text, options, expected):
+    assert extract_letter_facexbench(text, options) == expected
+
+
+def test_rules_by_name():
+    assert DEFAULT_RULES == "facexbench" and get_rules("facexbench") is extract_letter_facexbench
+    assert get_rules("robust") is extract_letter
+    with pytest.raises(UsageError, match="unknown --letter-rules 'lax'; choose from facexbench, robust"):
+        get_rules("lax")

@@ -1,6 +1,11 @@
-"""Answer-letter extraction from free-form model output.
+"""Answer-letter extraction from free-form model output: two rule sets, chosen by name (``RULES``).
 
-Order of evidence: explicit statements ("Answer: B", "the answer is (B)", "**B**"), a leading letter ("B", "(B)",
+``facexbench`` (the default) behaves exactly like FaceXBench's own ``aggregate_results.py``, so scores are
+comparable with the published tables: six case-sensitive label patterns tried at the start of the answer, then
+anywhere (pattern by pattern, first hit that is an option label wins), then the option texts (equal, then
+contained, in option order). A lowercase letter is never a label.
+
+``robust`` is this project's own, stricter rule. Order of evidence: explicit statements ("Answer: B", "the answer is (B)", "**B**"), a leading letter ("B", "(B)",
 "B) text", "B. text"), a lone option letter anywhere, then the text of exactly one option. Refusals and answers that
 name several different options give ``None`` (counted as wrong, reported as unanswered).
 """
@@ -8,7 +13,7 @@ name several different options give ``None`` (counted as wrong, reported as unan
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 _REFUSAL = re.compile(
     r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can'?t|i cannot|i can not|i'?m unable|i am unable|"
@@ -23,8 +28,23 @@ def _clean(text: str) -> str:
     return text.strip()
 
 
+def _lower_letter_is_label(match: re.Match, text: str) -> bool:
+    """A lowercase letter counts as a label only when it is set off as one: "(a)", "[b]", "a)", "c." or "d" at
+    the end. "The answer is a woman" names no option."""
+    letter_at, end = match.start("l"), match.end("l")
+    before = text[letter_at - 1] if letter_at else ""
+    after = text[end:end + 1]
+    return before in "([" and before != "" or after in (")", "]", ".", ":", ",", "") or not text[end:].strip(" .!")
+
+
+def _names_an_option(text: str, options: Mapping[str, str]) -> bool:
+    low = text.lower()
+    return any(re.search(rf"(?<!\w){re.escape(v.lower().strip(' .'))}(?!\w)", low) for v in options.values())
+
+
 def extract_letter(text: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a model's answer chooses, or None if it refuses, is ambiguous or chooses nothing."""
+    """The ``robust`` rule: the option letter a model's answer chooses, or None if it refuses, is ambiguous or
+    chooses nothing."""
     letters = "".join(options)
     if not text or not letters:
         return None
@@ -44,16 +64,18 @@ def extract_letter(text: str, options: Mapping[str, str]) -> str | None:
     ]
     for pat in explicit:
         m = re.search(pat, t, re.IGNORECASE)
-        if m and (m.group("l").isupper() or re.search(r"answer|option|choose|pick|select", m.group(0), re.I)):
+        if m and (m.group("l").isupper() or _lower_letter_is_label(m, t)):
             return m.group("l").upper()
 
     # 2. leading letter: "B", "(B)", "B)", "B.", "B:", "[B]", "B - text"
     m = re.match(rf"^[\(\[]?{L}(?:[\)\]\.:,]|\s*-|\s*$|\s+(?=[A-Z]))", t)
+    # an option whose own text reads like a refusal ("Cannot determine") is an answer, not a refusal
+    refuses = bool(_REFUSAL.search(t)) and not _names_an_option(t, options)
     if m and (m.group("l").isupper() or len(t) <= 3 or re.match(rf"^[\(\[]?{cls}[\)\]\.:]", t)):
-        if not _REFUSAL.search(t):
+        if not refuses:
             return m.group("l").upper()
 
-    if _REFUSAL.search(t):
+    if refuses:
         return None
 
     # 3. a lone capital option letter somewhere ("I think it's B", "It is C because ...")
@@ -74,3 +96,51 @@ def extract_letter(text: str, options: Mapping[str, str]) -> str | None:
     if len(hits) > 1:  # drop options contained in a longer matching one ("20-29" vs "20-29 years old")
         hits = [k for k in hits if not any(k != o and options[k].lower() in options[o].lower() for o in hits)]
     return hits[0] if len(hits) == 1 else None
+
+
+# FaceXBench's label patterns, in its order. Each is tried with re.match at the start of the answer first; then each
+# in turn with re.findall over the whole answer. Case-sensitive: only capital option labels count.
+_FACEXBENCH_PATTERNS = tuple(re.compile(p) for p in (
+    r"\b\(?([A-Za-z])\)?\b",  # "A", "(A)"
+    r"\bOption\s+([A-Za-z])\b",  # "Option A"
+    r"\b([A-Za-z])\.",  # "A."
+    r"\b([A-Za-z]):",  # "A:"
+    r"\b([A-Za-z])\s+-",  # "A -"
+    r"\b\(([A-Za-z])\)",  # "(A)"
+))
+
+
+def extract_letter_facexbench(text: str, options: Mapping[str, str]) -> str | None:
+    """FaceXBench's ``extract_option_label`` rule (see the module docstring); ``options`` in label order."""
+    labels = list(options)
+    answer = text.strip()
+    for pattern in _FACEXBENCH_PATTERNS:
+        m = pattern.match(answer)
+        if m and m.group(1) in labels:
+            return m.group(1)
+    for pattern in _FACEXBENCH_PATTERNS:
+        for label in pattern.findall(answer):
+            if label in labels:
+                return label
+    for label, option in options.items():
+        option = str(option).strip()
+        if option == answer or option in answer:
+            return label
+    return None
+
+
+Extractor = Callable[[str, Mapping[str, str]], "str | None"]
+RULES: dict[str, Extractor] = {
+    "facexbench": extract_letter_facexbench,  # FaceXBench's aggregate_results.py: comparable with published tables
+    "robust": extract_letter,  # this project's rule: explicit statements first, refusals and ambiguity -> None
+}
+DEFAULT_RULES = "facexbench"
+
+
+def get_rules(name: str) -> Extractor:
+    from facellm_edge.errors import UsageError
+
+    try:
+        return RULES[name]
+    except KeyError:
+        raise UsageError(f"unknown --letter-rules {name!r}; choose from {', '.join(RULES)}") from None
