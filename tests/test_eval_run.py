@@ -128,7 +128,7 @@ def test_bench_options_list_and_prompt(bench):
     items = load_bench(path, images)
     q2 = items[1]
     assert q2.options == (("A", "1"), ("B", "3"), ("C", "6"), ("D", "9"))
-    assert q2.prompt().splitlines()[1:3] == ["A. 1", "B. 3"]
+    assert q2.prompt().splitlines()[-4:-2] == ["(A) 1", "(B) 3"]
     assert dict(items[0].groups) == {"gender": "female"} and items[2].groups == ()
 
 
@@ -187,9 +187,12 @@ def test_facexbench_native_task_files(tmp_path, astronaut_bgr):
     assert item.id == "fairface_single_mcq_age_test/1" and item.answer == "A"
     assert (item.category, item.task) == ("bias_fairness", "age")
     assert item.images == (root / "images" / "age" / "question_1.png",)
-    assert item.prompt().splitlines() == [
-        "Age groups: 0-2, 3-9, 10-19, 20-29, 30-39.", "Estimate the age group of the person in this image.",
-        "A. 30-39", "B. 20-29", "C. None of the above", "D. 0-2", "Please answer with only the option letter."]
+    # byte-identical to FaceXBench's evaluate.py: prepend_text only on request, postpend before the options
+    assert item.prompt() == ("Estimate the age group of the person in this image.\n"
+                             "Please answer with only the option letter.\n"
+                             "(A) 30-39\n(B) 20-29\n(C) None of the above\n(D) 0-2\n")
+    assert item.prompt(prepend_text=True).startswith("Age groups: 0-2, 3-9, 10-19, 20-29, 30-39.\nEstimate")
+    assert item.num_images == "single"
     task["sub-category"] = "gender"
     (root / "fairface_single_mcq_gender_test.json").write_text(json.dumps(task))
     items = load_bench(root)  # a folder of task files

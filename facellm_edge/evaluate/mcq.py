@@ -1,7 +1,8 @@
 """FaceXBench-style bench files: a JSON list of multiple-choice questions about one or more face images.
 
 Item: ``{"id", "question", "options": {"A": .., "B": ..} | [..], "answer": "B", "images": [paths], "category",
-"task", optional "group" (str or {attr: value}) / "demographics" ({attr: value})}``.
+"task", optional "group" (str or {attr: value}) / "demographics" ({attr: value}), "context", "prepend_text",
+"postpend_text" (default: an answer-with-the-letter instruction), "num_images"}``. Texts are kept byte for byte.
 
 FaceXBench's own per-task files are read as they are too: ``{"category", "sub-category", "prepend_text",
 "postpend_text", "questions": {"1": {"image_paths", "question_text", "options": [..], "correct_answer_option"}}}``
@@ -20,6 +21,7 @@ from facellm_edge.errors import InputError
 
 LETTERS = string.ascii_uppercase
 PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
+FACEXBENCH_LABELS = 4  # FaceXBench's evaluate.py labels options A-D and leaves any further option out of the prompt
 
 
 @dataclass(frozen=True)
@@ -32,19 +34,28 @@ class MCQItem:
     category: str
     task: str
     groups: tuple[tuple[str, str], ...] = ()  # demographic attribute -> value
-    preamble: str = ""  # task context put before the question (FaceXBench's prepend_text)
-    instruction: str = PROMPT_SUFFIX  # put after the options (FaceXBench's postpend_text)
+    context: str = ""  # FaceXBench's task context (tools_use tasks: the API catalogue), always in the prompt
+    prepend: str = ""  # FaceXBench's prepend_text (task description): in the prompt only with --prepend-text
+    postpend: str = PROMPT_SUFFIX  # FaceXBench's postpend_text (answer instruction), before the options
+    num_images: str = ""  # FaceXBench's "single" | "multiple" | "zero" (its tools task shows a black image)
 
     @property
     def option_map(self) -> dict[str, str]:
         return dict(self.options)
 
-    def prompt(self) -> str:
-        lines = [self.preamble.strip()] if self.preamble.strip() else []
-        lines.append(self.question.strip())
-        lines += [f"{letter}. {text}" for letter, text in self.options]
-        lines.append(self.instruction.strip() or PROMPT_SUFFIX)
-        return "\n".join(lines)
+    def prompt(self, prepend_text: bool = False) -> str:
+        """The question text exactly as FaceXBench's ``evaluate.py`` builds it (the images go before it):
+        ``context\n`` + (``prepend_text\n`` with --prepend-text) + ``question\n`` + ``postpend\n`` +
+        ``(A) option\n`` per option, A-D."""
+        text = f"{self.context}\n" if self.context else ""
+        if prepend_text and self.prepend:
+            text += f"{self.prepend}\n"
+        text += f"{self.question}\n"
+        if self.postpend:
+            text += f"{self.postpend}\n"
+        for letter, option in self.options[:FACEXBENCH_LABELS]:
+            text += f"({letter}) {option}\n"
+        return text
 
 
 def _str(item: dict, key: str, where: str, required: bool = True) -> str:
@@ -54,6 +65,26 @@ def _str(item: dict, key: str, where: str, required: bool = True) -> str:
     if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
         raise InputError(f"{where}: field '{key}' must be a non-empty string")
     return str(value).strip()
+
+
+def _exact(item: dict, key: str, where: str) -> str:
+    """A required text field, validated like ``_str`` but kept exactly as written."""
+    _str(item, key, where)
+    return str(item[key])
+
+
+def _text(item: dict, key: str, where: str) -> str:
+    """An optional free-text field, kept exactly as written (FaceXBench's prompt is byte-exact)."""
+    value = item.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string")
+    return value
+
+
+def _count_name(n: int) -> str:
+    return "single" if n == 1 else "multiple"
 
 
 def _options(raw: object, where: str) -> tuple[tuple[str, str], ...]:
@@ -73,7 +104,7 @@ def _options(raw: object, where: str) -> tuple[tuple[str, str], ...]:
     for letter, text in pairs:
         if not isinstance(text, (str, int, float)) or isinstance(text, bool) or not str(text).strip():
             raise InputError(f"{where}: option {letter} must be a non-empty string")
-    return tuple((letter, str(text).strip()) for letter, text in pairs)
+    return tuple((letter, str(text)) for letter, text in pairs)  # as written: the prompt is byte-exact
 
 
 def _groups(item: dict, where: str) -> tuple[tuple[str, str], ...]:
@@ -104,7 +135,10 @@ def _from_facexbench(raw: dict, path: Path) -> list[dict]:
             "id": f"{path.stem}/{n}", "question": q.get("question_text"), "options": q.get("options"),
             "answer": q.get("correct_answer_option"), "images": q.get("image_paths"),
             "category": raw.get("category"), "task": raw.get("sub-category") or path.stem,
-            "_preamble": raw.get("prepend_text") or "", "_instruction": raw.get("postpend_text") or "",
+            # FaceXBench puts its context into the prompt for tools_use tasks only
+            "context": raw.get("context") if raw.get("category") == "tools_use" else "",
+            "prepend_text": raw.get("prepend_text") or "", "postpend_text": raw.get("postpend_text") or "",
+            "num_images": raw.get("num_images"),
         })
     return out
 
@@ -168,9 +202,11 @@ def load_bench(path: Path, images_dir: Path | None = None) -> list[MCQItem]:
                 raise InputError(f"{where}: image {full} does not exist (check --images)")
             paths.append(full)
         items.append(MCQItem(
-            id=qid, question=_str(item, "question", where), options=options, answer=answer, images=tuple(paths),
+            id=qid, question=_exact(item, "question", where), options=options, answer=answer, images=tuple(paths),
             category=_str(item, "category", where), task=_str(item, "task", where, required=False) or "all",
-            groups=_groups(item, where), preamble=str(item.get("_preamble", "")),
-            instruction=str(item.get("_instruction", "")) or PROMPT_SUFFIX,
+            groups=_groups(item, where), context=_text(item, "context", where),
+            prepend=_text(item, "prepend_text", where),
+            postpend=_text(item, "postpend_text", where) if "postpend_text" in item else PROMPT_SUFFIX,
+            num_images=_text(item, "num_images", where) or _count_name(len(paths)),
         ))
     return items

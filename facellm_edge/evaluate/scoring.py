@@ -17,6 +17,7 @@ class ItemResult:
     predicted: str | None  # None: refusal / no letter found
     raw: str
     seconds: float
+    num_images: str = ""  # FaceXBench's single / multiple / zero
 
     @property
     def correct(self) -> bool:
@@ -29,7 +30,7 @@ class ItemResult:
     def from_json(cls, d: dict) -> "ItemResult":
         return cls(id=str(d["id"]), category=str(d["category"]), task=str(d["task"]), groups=dict(d.get("groups") or {}),
                    answer=str(d["answer"]), predicted=d.get("predicted"), raw=str(d.get("raw", "")),
-                   seconds=float(d.get("seconds", 0.0)))
+                   seconds=float(d.get("seconds", 0.0)), num_images=str(d.get("num_images") or ""))
 
 
 @dataclass(frozen=True)
@@ -89,5 +90,6 @@ def score(results: list[ItemResult], config: ScoreConfig = ScoreConfig()) -> dic
         "by_category": _by(results, lambda r: r.category, config),
         "by_task": _by(results, lambda r: r.task, config),
         "by_group": groups,
+        "by_num_images": _by([r for r in results if r.num_images], lambda r: r.num_images, config),
         "bootstrap": {"n": config.n_bootstrap, "seed": config.seed, "confidence": config.confidence},
     }
