@@ -1,20 +1,60 @@
-"""Files on disk, one helper of each kind: atomic file and directory writes, sha256.
+"""Files on disk, one helper of each kind: atomic file and directory writes, sha256, and the ownership rule.
 
 Every output of the toolkit goes through here, so that an interrupted or failed write never leaves a
-half-written file under the user's name.
+half-written file under the user's name, and so that one rule decides what ``--force`` may replace:
+
+* only a directory this tool provably wrote — one carrying our marker file (:data:`MARKER`, written into every
+  :func:`atomic_directory` output) or one a caller's ``recognise`` function vouches for (a bundle whose manifest
+  parses as ours, results folders of older versions by their exact file set) — and
+* only when it holds nothing but the files we wrote (a user's note dropped into it blocks the replacement).
+
+Outputs get the permissions of ordinary files: ``0o666 & ~umask`` / ``0o777 & ~umask`` (644/755 under umask 022),
+not the 600/700 of the temporary files and directories they are built in.
+
+Temporary directories are named ``.<name>.tmp-<pid>-<random>`` and locked (``flock``) while in use. A later write
+to the same destination removes the ones whose process is dead and whose lock is free (left by ``kill -9`` or a
+power cut); a live writer's directory is never touched. Older unlabelled ``.<name>.tmp-<random>`` directories are
+left alone: nothing proves their writer is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from facellm_edge.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+MARKER = ".facellm-edge-output.json"
+TOOL = "facellm-edge"
+
+# A function that, given an existing directory, returns the relative POSIX paths of the files this tool wrote in
+# it — or None when it cannot prove the directory is ours.
+Recogniser = Callable[[Path], "set[str] | None"]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of output folder: ``name`` is a noun phrase for messages and the marker ("a bundle", "eval results");
+    ``recognise`` proves ownership of folders without the marker (older versions; bundles, whose manifest is the
+    proof); ``marker`` says whether :func:`atomic_directory` writes :data:`MARKER` into it."""
+
+    name: str
+    recognise: Recogniser | None = None
+    marker: bool = True
+
+
+OUTPUT = OutputKind("an output folder")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -25,25 +65,227 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_directory(dest: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``dest`` only if the block succeeds.
+# -- permissions ------------------------------------------------------------------------------------------------
 
-    On any exception the temporary directory is removed and ``dest`` is untouched. With ``force`` an existing
-    ``dest`` is replaced only after the new one is complete.
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` alone is a set-and-restore
+    that briefly exposes umask 0 to other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def apply_default_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would have (umask respected)."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for top, dirs, files in os.walk(root):
+        for d in dirs:
+            p = os.path.join(top, d)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for f in files:
+            p = os.path.join(top, f)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
+# -- ownership --------------------------------------------------------------------------------------------------
+
+def files_under(root: Path) -> Iterator[str]:
+    """Relative POSIX paths of every non-directory entry under ``root`` (symlinks included, never followed)."""
+    for top, dirs, files in os.walk(root):
+        rel_top = Path(top).relative_to(root)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            yield (rel_top / name).as_posix()
+
+
+def marker_files(dest: Path, kind: str) -> set[str] | None:
+    """The files listed in ``dest``'s marker when it marks a ``kind`` output of this tool; None otherwise."""
+    path = Path(dest) / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("tool") == TOOL and data.get("kind") == kind
+            and isinstance(data.get("files"), list) and all(isinstance(f, str) for f in data["files"])):
+        return None
+    return {*data["files"], MARKER}
+
+
+def check_replaceable(dest: Path, *, force: bool, kind: OutputKind = OUTPUT) -> None:
+    """The ``--force`` rule, in one place: raise :class:`OutputError` unless ``dest`` is absent, or ``force`` is
+    given and ``dest`` is a ``kind`` output this tool wrote that holds nothing else."""
+    dest = Path(dest)
+    if not os.path.lexists(dest):
+        return
+    if not force:
+        raise OutputError(f"output {dest} already exists; choose another --out or pass --force to replace it")
+    refuse = f"refusing to replace {dest}"
+    fix = "move it away or choose another --out"
+    if dest.is_symlink() or not dest.is_dir():
+        raise OutputError(f"{refuse}: it is not a folder written by {TOOL}; {fix}")
+    owned = marker_files(dest, kind.name)
+    if owned is None and kind.recognise is not None:
+        owned = kind.recognise(dest)
+    if owned is None:
+        raise OutputError(f"{refuse}: it is not {kind.name} written by {TOOL}; {fix}")
+    foreign = next((f for f in files_under(dest) if f not in owned), None)
+    if foreign is not None:
+        raise OutputError(f"{refuse}: it holds {foreign}, which {TOOL} did not write; {fix}")
+
+
+def check_replaceable_file(path: Path, *, force: bool, kind: str, recognise: Callable[[Path], bool]) -> None:
+    """:func:`check_replaceable` for an output that is one file: ``recognise(path)`` must prove it is ours."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not force:
+        raise OutputError(f"output {path} already exists; choose another --out or pass --force to replace it")
+    if path.is_symlink() or not path.is_file() or not recognise(path):
+        raise OutputError(f"refusing to replace {path}: it is not {kind} written by {TOOL}; move it away or choose "
+                          "another --out")
+
+
+def known_file_set(names: set[str], json_name: str, schema: str) -> Recogniser:
+    """A recogniser for outputs of versions without the marker: exactly ``names``, with ``json_name`` a JSON object
+    whose ``schema`` key is ``schema``."""
+
+    def recognise(dest: Path) -> set[str] | None:
+        present = set(files_under(dest))
+        if present != names or (dest / json_name).is_symlink():
+            return None
+        try:
+            doc = json.loads((dest / json_name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return set(names) if isinstance(doc, dict) and doc.get("schema") == schema else None
+
+    return recognise
+
+
+# -- stale temporaries ------------------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the pid check alone decides
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+def _unlocked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _lock(fd, blocking=False)
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+
+
+def clean_stale_temps(dest: Path) -> list[Path]:
+    """Remove ``dest``'s temporary siblings left by dead processes; return what was removed or restored.
+
+    ``.<name>.tmp-<pid>-*``: a build that never finished -> removed. ``.<name>.old-<pid>``: the previous output,
+    set aside for the instant of the swap -> removed when ``dest`` exists, renamed back to ``dest`` otherwise.
     """
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise OutputError(f"output {dest} already exists; choose another --out or pass --force to replace it")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    # exactly the names atomic_directory gives: mkdtemp's suffix is 8 characters of [a-z0-9_]
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(?:(tmp)-(\d+)-[a-z0-9_]{{8}}|(old)-(\d+))$")
+    done: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return done
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(m.group(2) or m.group(4))
+        if _pid_alive(pid):
+            continue
+        path = Path(entry.path)
+        if m.group(1) == "tmp":
+            if not _unlocked(path):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted run (pid %d)", path, pid)
+        elif os.path.lexists(dest):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, the previous %s set aside by an interrupted run", path, dest.name)
+        else:
+            os.replace(path, dest)
+            log.warning("restored %s from %s, set aside by an interrupted run", dest, path)
+        done.append(path)
+    return done
+
+
+# -- atomic writes ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_directory(dest: Path, *, force: bool = False, kind: OutputKind = OUTPUT) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``dest`` only if the block succeeds.
+
+    On any exception (Ctrl-C included) the temporary directory is removed and ``dest`` is untouched. With
+    ``force`` an existing ``dest`` is replaced only if :func:`check_replaceable` allows it (checked before and
+    again just before the swap), and only after the new one is complete. ``kind.marker`` writes :data:`MARKER`
+    (tool, version, kind, file list) into the output so that a later ``--force`` can prove it is ours.
+    """
+    dest = Path(dest)
+    check_replaceable(dest, force=force, kind=kind)
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+        clean_stale_temps(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise OutputError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+    lock_fd = os.open(tmp, os.O_RDONLY)
     try:
+        _lock(lock_fd, blocking=True)  # a concurrent clean_stale_temps sees a live writer
         yield tmp
-        if dest.exists():
+        if kind.marker:
+            from facellm_edge import __version__
+
+            files = sorted(files_under(tmp))
+            doc = {"tool": TOOL, "version": __version__, "kind": kind.name, "files": files}
+            (tmp / MARKER).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        apply_default_modes(tmp)
+        if os.path.lexists(dest):
+            check_replaceable(dest, force=force, kind=kind)
             old = parent / f".{dest.name}.old-{os.getpid()}"
             os.replace(dest, old)
             os.replace(tmp, dest)
@@ -53,16 +295,26 @@ def atomic_directory(dest: Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock_fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    The file keeps the mode of the file it replaces; a new file gets ``0o666 & ~umask``.
+    """
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = file_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -14,6 +14,7 @@ from facellm_edge.bundle import (
     file_entry, load_bundle,
 )
 from facellm_edge.errors import BundleError, OutputError
+from facellm_edge.io import MARKER
 
 
 def _manifest(root: Path) -> Manifest:
@@ -86,7 +87,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     assert (dest / "a").read_text() == "1"
     with atomic_directory(dest, force=True) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in dest.iterdir()) == ["b"]
+    assert sorted(p.name for p in dest.iterdir()) == [MARKER, "b"]  # our marker: a later --force may replace it
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 

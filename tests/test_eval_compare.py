@@ -13,6 +13,7 @@ from facellm_edge.cli import main
 from facellm_edge.evaluate.report import RESULTS_SCHEMA
 from facellm_edge.evaluate.runner import results_document
 from facellm_edge.evaluate.scoring import ItemResult, ScoreConfig, accuracy, score
+from facellm_edge.io import MARKER
 
 
 def _r(i, cat, answer, pred, group=None):
@@ -58,7 +59,7 @@ def test_eval_compare_known_agreement(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["eval", "compare", str(a), str(b), "--out", str(out)]) == 0
     assert "agreement 0.600" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "compare.json", "compare.md", "compare.png"]
     doc = json.loads((out / "compare.json").read_text())
     o = doc["overall"]
     # predictions differ on q2, q7, q8, q9 -> 6/10 agree

@@ -11,6 +11,7 @@ import pytest
 from facellm_edge.cli import main
 from facellm_edge.errors import InputError
 from facellm_edge.evaluate.mcq import load_bench
+from facellm_edge.io import MARKER
 
 
 @pytest.fixture()
@@ -45,7 +46,7 @@ def test_eval_transformers_path(tiny_checkpoint, bench, tmp_path, capsys):
                str(out), "--max-new-tokens", "4", "--bootstrap", "200"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "results.json", "results.md", "results.png"]
     doc = json.loads((out / "results.json").read_text())
     assert doc["schema"] == "facellm-edge/eval-results/1" and doc["meta"]["backend"] == "transformers"
     items = doc["items"]

@@ -104,9 +104,9 @@ def compare(
     from rich.console import Console
 
     from facellm_edge.evaluate.compare import compare_results
-    from facellm_edge.evaluate.report import check_out, load_results, write_compare
+    from facellm_edge.evaluate.report import COMPARE, check_out, load_results, write_compare
 
-    check_out(out, force)
+    check_out(out, force, COMPARE)
     _, ra = load_results(a)
     _, rb = load_results(b)
     cmp = compare_results(ra, rb, name_a=str(a), name_b=str(b))

@@ -7,18 +7,24 @@ import json
 import math
 from pathlib import Path
 
-from facellm_edge.io import atomic_directory
-from facellm_edge.errors import InputError, OutputError, require
+from facellm_edge.io import OutputKind, atomic_directory, check_replaceable, known_file_set
+from facellm_edge.errors import InputError, require
 from facellm_edge.evaluate.scoring import ItemResult
 
 RESULTS_SCHEMA = "facellm-edge/eval-results/1"
 COMPARE_SCHEMA = "facellm-edge/eval-compare/1"
+# Output kinds for the --force ownership rule (facellm_edge.io): folders of versions without the marker file are
+# recognised by their exact file set and the schema inside their JSON.
+RESULTS = OutputKind("eval results", known_file_set({"results.json", "results.md", "results.png"}, "results.json",
+                                                    RESULTS_SCHEMA))
+COMPARE = OutputKind("an eval comparison", known_file_set({"compare.json", "compare.md", "compare.png"},
+                                                          "compare.json", COMPARE_SCHEMA))
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Fail before a long run if the output folder exists and --force was not given."""
-    if Path(out).exists() and not force:
-        raise OutputError(f"output {out} already exists; choose another --out or pass --force to replace it")
+def check_out(out: Path, force: bool, kind: OutputKind = RESULTS) -> None:
+    """Fail before a long run if the output folder exists and --force was not given, or if --force would replace
+    something that is not this ``eval`` output of this tool."""
+    check_replaceable(Path(out), force=force, kind=kind)
 
 
 def _pct(x: float) -> str:
@@ -73,7 +79,7 @@ def _bar_png(path: Path, labels: list[str], series: dict[str, list[float]], errs
 
 def write_results(out: Path, doc: dict, *, force: bool = False) -> Path:
     s = doc["summary"]
-    with atomic_directory(Path(out), force=force) as tmp:
+    with atomic_directory(Path(out), force=force, kind=RESULTS) as tmp:
         (tmp / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "results.md").write_text(results_markdown(doc), encoding="utf-8")
         cats = {"overall": s["overall"], **s["by_category"]}
@@ -116,7 +122,7 @@ def compare_markdown(cmp: dict) -> str:
 def write_compare(out: Path, cmp: dict, *, force: bool = False) -> Path:
     doc = {"schema": COMPARE_SCHEMA, **cmp}
     blocks = {"overall": cmp["overall"], **cmp["by_category"]}
-    with atomic_directory(Path(out), force=force) as tmp:
+    with atomic_directory(Path(out), force=force, kind=COMPARE) as tmp:
         (tmp / "compare.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "compare.md").write_text(compare_markdown(cmp), encoding="utf-8")
         _bar_png(tmp / "compare.png", list(blocks),

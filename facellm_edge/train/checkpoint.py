@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.io import atomic_write_text
+from facellm_edge.io import OutputKind, atomic_write_text, files_under
 from facellm_edge.errors import CheckpointError, OutputError, UsageError
 from facellm_edge.train.config import TrainConfig
 
@@ -79,6 +79,16 @@ def check_out(cfg: TrainConfig) -> Path | None:
         log.warning("--resume: %s has no checkpoint yet; starting from step 0", out)
         return None
     return found[-1][1]
+
+
+def in_training_run(dest: Path) -> set[str] | None:
+    """Recogniser for ``adapter/`` and ``merged/`` written by versions without the output marker: they are ours
+    when they sit in a training run folder (``check_out`` never starts a run in a folder holding anything)."""
+    return set(files_under(dest)) if (Path(dest).parent / CONFIG_FILE).is_file() else None
+
+
+ADAPTER = OutputKind("a LoRA adapter", recognise=in_training_run)
+MERGED = OutputKind("a merged checkpoint", recognise=in_training_run)
 
 
 def write_config(cfg: TrainConfig) -> None:

@@ -214,11 +214,11 @@ def _run(cfg: TrainConfig, accelerator: Any, precision: str, cuda: bool, resume_
         state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
         if accelerator.is_main_process:
             adapter = cfg.out / "adapter"
-            with atomic_directory(adapter, force=True) as tmp:
+            with atomic_directory(adapter, force=True, kind=ckpt.ADAPTER) as tmp:
                 save_adapter(accelerator.unwrap_model(model), state_dict, tmp)
             if cfg.merge:
                 merged = cfg.out / "merged"
-                with atomic_directory(merged, force=True) as tmp:
+                with atomic_directory(merged, force=True, kind=ckpt.MERGED) as tmp:
                     merge_adapter(cfg.base, adapter, tmp)
         accelerator.wait_for_everyone()
     accelerator.end_training()
