@@ -43,7 +43,7 @@ def build(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from facellm_edge.datagen.build import BuildConfig, BuildStats, build_dataset
+    from facellm_edge.datagen.build import BuildConfig, BuildStats, JsonlStore, build_dataset
     from facellm_edge.datagen.labels import check_images, read_labels
     from facellm_edge.datagen.prompts import FAMILIES, FAMILY_NAMES, get_family
     from facellm_edge.errors import RuntimeStageError
@@ -62,6 +62,7 @@ def build(
     if limit:
         rows = rows[:limit]
     check_images(rows, images)
+    JsonlStore(out).recover()  # refuse a file it did not write (or repair its own torn line) before any model loads
 
     if backend == "openai":
         from facellm_edge.datagen.backends import OpenAIBackend, OpenAIConfig, api_key_from_env

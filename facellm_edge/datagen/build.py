@@ -77,6 +77,18 @@ class RateLimiter:
             self._cond.notify_all()
 
 
+# The keys of a record (json.dumps keeps this order, so a record's line starts with RECORD_START).
+RECORD_KEYS = ("id", "image", "conversations", "family", "labels", "model")
+RECORD_START = b'{"id": "'
+
+
+def is_record(obj: object) -> bool:
+    """Whether ``obj`` is a record this builder writes: exactly its keys, ``id`` = ``image#family``."""
+    return (isinstance(obj, dict) and tuple(obj) == RECORD_KEYS and all(isinstance(obj[k], str) for k in
+            ("id", "image", "family", "model")) and obj["id"] == f"{obj['image']}#{obj['family']}"
+            and isinstance(obj["conversations"], list) and isinstance(obj["labels"], dict))
+
+
 class JsonlStore:
     """Append-only JSONL with crash recovery; thread-safe appends."""
 
@@ -86,42 +98,64 @@ class JsonlStore:
         self._fd: int | None = None
 
     def recover(self) -> set[str]:
-        """Truncate a torn last line (from a crash) and return the ids already written."""
+        """Return the ids already written; complete a torn last line (from a crash) or drop it.
+
+        The file is changed only when every line proves it is this builder's output (:func:`is_record`, and a torn
+        tail that starts like a record); anything else is refused with the file left byte-identical.
+        """
         ids: set[str] = set()
         if not self.path.exists():
             return ids
         if not self.path.is_file():
             raise OutputError(f"--out {self.path} exists and is not a file")
+        def not_ours(why: str) -> OutputError:
+            return OutputError(f"{self.path} was not written by `facellm-edge data build` ({why}), so it is left "
+                               "untouched; choose another --out")
+
         good_end = 0
-        torn = False
+        tail = b""
         with open(self.path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
-                    torn = True  # last line without its newline: the write in flight when the process died
+                    tail = line  # last line without its newline: the write in flight when the process died
                     break
                 if line.strip():
                     try:
                         obj = json.loads(line)
                     except ValueError:
                         obj = None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-                        raise OutputError(f"{self.path} line {lineno} is not a record of this builder (damaged before "
-                                          "its last line); move the file away or fix that line, then rerun")
+                    if not is_record(obj):
+                        raise not_ours(f"line {lineno} is not one of its records")
                     ids.add(obj["id"])
                 good_end += len(line)
-        if torn:
-            log.warning("%s: truncating a torn last line (%d bytes) left by an interrupted run", self.path,
-                        self.path.stat().st_size - good_end)
-            with open(self.path, "r+b") as f:
+        if not tail:
+            return ids
+        if not tail.startswith(RECORD_START):
+            raise not_ours("its last line is not one of its records")
+        try:
+            obj = json.loads(tail)
+        except ValueError:
+            obj = None
+        if obj is not None and not is_record(obj):
+            raise not_ours("its last line is not one of its records")
+        with open(self.path, "r+b") as f:
+            if obj is not None:  # the record is whole: only its newline is missing
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                ids.add(obj["id"])
+                log.warning("%s: completed the last record (its newline was lost by an interrupted run)", self.path)
+            else:
                 f.truncate(good_end)
-                f.flush()
-                os.fsync(f.fileno())
+                log.warning("%s: dropped a torn last record (%d bytes) left by an interrupted run", self.path,
+                            len(tail))
+            f.flush()
+            os.fsync(f.fileno())
         return ids
 
     def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # umask applies
         except OSError as exc:
             raise OutputError(f"cannot open {self.path} for appending: {exc.strerror or exc}") from exc
 

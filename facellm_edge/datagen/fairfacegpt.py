@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from facellm_edge.io import atomic_write_text
+from facellm_edge.datagen.build import is_record
+from facellm_edge.io import atomic_write_text, check_replaceable_file
 from facellm_edge.errors import InputError, OutputError
 
 _ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -64,11 +65,30 @@ def _turns(entry: dict, where: str) -> list[dict]:
     return turns
 
 
+def _is_imported_record(obj: object) -> bool:
+    keys = set(obj) if isinstance(obj, dict) else set()
+    return ({"id", "image", "conversations"} <= keys <= {"id", "image", "conversations", "family", "labels"}
+            and isinstance(obj["id"], str) and isinstance(obj["image"], str) and isinstance(obj["conversations"], list))
+
+
+def is_sharegpt_jsonl(path: Path) -> bool:
+    """Whether every line of ``path`` is a record this tool writes (``data build`` or ``import-fairfacegpt``)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    obj = json.loads(line)
+                    if not (is_record(obj) or _is_imported_record(obj)):
+                        return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def import_fairfacegpt(dataset_json: Path, images_dir: Path | None, out: Path, *, force: bool = False) -> int:
     """Validate + normalise ``dataset_json`` into ``out`` (JSONL, written atomically). Returns the record count."""
     dataset_json, out = Path(dataset_json), Path(out)
-    if out.exists() and not force:
-        raise OutputError(f"output {out} already exists; choose another --out or pass --force to replace it")
+    check_replaceable_file(out, force=force, kind="a ShareGPT JSONL", recognise=is_sharegpt_jsonl)
     try:
         obj = json.loads(dataset_json.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
