@@ -9,53 +9,74 @@ A bundle is a directory::
 Every file is listed with its relative path, size and sha256. Nothing downstream reads the original checkpoint.
 Bundles are written atomically: files go into a hidden temporary sibling directory which is renamed into place
 only when everything (including verification) succeeded.
+
+A bundle is untrusted input (it may come from a hub or a USB stick). :func:`load_bundle` checks the manifest
+against the dataclasses below (types and rules, see :mod:`facellm_edge.typed`; keys it does not know are ignored)
+and requires every listed path to be relative, normalised and — symlinks followed — inside the bundle folder,
+before any listed file is opened or stat-ed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from facellm_edge.errors import BundleError, read_json_object
-from facellm_edge.io import atomic_directory, atomic_write_text, sha256_file  # noqa: F401  (re-exported)
+from facellm_edge.io import OutputKind, atomic_directory, atomic_write_text, sha256_file  # noqa: F401  (re-exported)
+from facellm_edge.typed import SchemaError, check_value, load_typed, rule
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+def relative_posix_path(p: str) -> str | None:
+    """None when ``p`` is a normalised relative POSIX path (``llm/q4_0.gguf``); otherwise why it is not."""
+    parts = p.split("/")
+    if not p or p.startswith("/") or "\\" in p or re.match(r"^[A-Za-z]:", p) or "\0" in p:
+        return f"must be a relative path inside the bundle, got {p!r}"
+    if any(part in ("", ".", "..") for part in parts):
+        return f"must be a normalised path inside the bundle (no '..', '.' or '//'), got {p!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class FileEntry:
-    path: str  # relative to the bundle root, POSIX separators
-    bytes: int
-    sha256: str
+    path: str = rule(check=relative_posix_path)  # relative to the bundle root, POSIX separators
+    bytes: int = rule(min=0)
+    sha256: str = rule(pattern=r"[0-9a-f]{64}")
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. bits_per_weight, fallback tensors, opset
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    size: int  # tile side in pixels (448 for InternVL3)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    min_tiles: int = 1
-    max_tiles: int = 12
+    size: int = rule(min=1)  # tile side in pixels (448 for InternVL3)
+    mean: tuple[float, float, float] = rule()
+    std: tuple[float, float, float] = rule(min=1e-12)
+    min_tiles: int = rule(default=1, min=1)
+    max_tiles: int = rule(default=12, min=1)
     use_thumbnail: bool = True
 
 
 @dataclass(frozen=True)
 class TokenSpec:
     image_context: str  # "<IMG_CONTEXT>"
-    image_context_id: int
-    image_start: str  # "<img>"
-    image_start_id: int
-    image_end: str  # "</img>"
-    image_end_id: int
-    num_image_tokens: int  # per tile (256 for 448 px, patch 14, pixel shuffle 0.5)
-    eos_ids: tuple[int, ...]
-    bos_id: int | None = None
-    pad_id: int | None = None
+    image_context_id: int = rule(min=0)
+    image_start: str = rule()  # "<img>"
+    image_start_id: int = rule(min=0)
+    image_end: str = rule()  # "</img>"
+    image_end_id: int = rule(min=0)
+    num_image_tokens: int = rule(min=1)  # per tile (256 for 448 px, patch 14, pixel shuffle 0.5)
+    eos_ids: tuple[int, ...] = rule(min=0)
+    bos_id: int | None = rule(default=None, min=0)
+    pad_id: int | None = rule(default=None, min=0)
 
 
 @dataclass(frozen=True)
@@ -76,17 +97,17 @@ class PromptSpec:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    vision_hidden: int
-    vision_layers: int
-    patch_size: int
-    downsample_ratio: float
-    llm_hidden: int  # == width of ``image_embeds`` == n_embd of the GGUF
-    llm_layers: int
-    llm_heads: int
-    llm_kv_heads: int
-    vocab_size: int
-    context_length: int
-    tie_word_embeddings: bool
+    vision_hidden: int = rule(min=1)
+    vision_layers: int = rule(min=1)
+    patch_size: int = rule(min=1)
+    downsample_ratio: float = rule(min=1e-6)
+    llm_hidden: int = rule(min=1)  # == width of ``image_embeds`` == n_embd of the GGUF
+    llm_layers: int = rule(min=1)
+    llm_heads: int = rule(min=1)
+    llm_kv_heads: int = rule(min=1)
+    vocab_size: int = rule(min=1)
+    context_length: int = rule(min=1)
+    tie_word_embeddings: bool = rule()
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,7 @@ class Manifest:
     prompt: PromptSpec
     vision: dict[str, FileEntry]  # precision -> file ("fp32", "int8")
     llm: dict[str, FileEntry]  # quant -> file ("f32", "f16", "q4_k_m", ...)
-    tools: dict[str, str]
+    tools: dict[str, str] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     mmproj: FileEntry | None = None
 
@@ -110,34 +131,33 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        try:
-            version = d["schema_version"]
-            if version != SCHEMA_VERSION:
-                raise BundleError(
-                    f"bundle schema version {version} is not supported by this facellm-edge "
-                    f"(expects {SCHEMA_VERSION}); re-export the bundle or upgrade facellm-edge"
-                )
-            image = dict(d["image"])
-            image["mean"] = tuple(image["mean"])
-            image["std"] = tuple(image["std"])
-            tokens = dict(d["tokens"])
-            tokens["eos_ids"] = tuple(tokens["eos_ids"])
-            return cls(
-                schema_version=version,
-                created=d["created"],
-                source=d["source"],
-                arch=ArchSpec(**d["arch"]),
-                image=ImageSpec(**image),
-                tokens=TokenSpec(**tokens),
-                prompt=PromptSpec(**d["prompt"]),
-                vision={k: FileEntry(**v) for k, v in d["vision"].items()},
-                llm={k: FileEntry(**v) for k, v in d["llm"].items()},
-                tools=d.get("tools", {}),
-                verification=d.get("verification", {}),
-                mmproj=FileEntry(**d["mmproj"]) if d.get("mmproj") else None,
+        """Check ``d`` against the schema (raises :class:`ManifestError` naming the key) and build the manifest."""
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise ManifestError(f"manifest.json is malformed: 'schema_version' must be an integer, got "
+                                    f"{json.dumps(version)}; re-export the bundle")
+            raise BundleError(
+                f"bundle schema version {version} is not supported by this facellm-edge "
+                f"(expects {SCHEMA_VERSION}); re-export the bundle or upgrade facellm-edge"
             )
-        except (KeyError, TypeError) as exc:
-            raise BundleError(f"manifest.json is malformed ({exc!s}); re-export the bundle") from exc
+        try:
+            m = load_typed(cls, d)
+            for k, e in m.vision.items():  # the external weight files of large ONNX graphs are files too
+                check_value(e.extra.get("external_data", []), _EXTERNAL, f"vision.{k}.extra.external_data")
+        except SchemaError as exc:
+            raise ManifestError(f"manifest.json is malformed: {exc}; re-export the bundle") from exc
+        unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            log.debug("manifest.json: ignoring keys this version does not know: %s", ", ".join(unknown))
+        return m
+
+
+class ManifestError(BundleError):
+    """manifest.json does not match the schema (wrong type, missing key, path outside the bundle)."""
+
+
+_EXTERNAL = tuple[FileEntry, ...]  # FileEntry.extra["external_data"]: the weight files of large ONNX graphs
 
 
 def file_entry(root: Path, path: Path, **extra: Any) -> FileEntry:
@@ -146,13 +166,59 @@ def file_entry(root: Path, path: Path, **extra: Any) -> FileEntry:
     return FileEntry(path=rel, bytes=path.stat().st_size, sha256=sha256_file(path), extra=dict(extra))
 
 
+def resolve_inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` with every symlink followed, or None when it leads outside ``root``.
+
+    Only paths inside ``root`` are ever ``lstat``-ed or read (as links): a link pointing out is rejected from its
+    target text, so nothing outside the bundle is touched. The result keeps ``root``'s spelling.
+    """
+    real_root = Path(os.path.realpath(root))
+    cur, parts, hops = real_root, list(PurePosixPath(rel).parts), 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = cur.parent
+            if cur != real_root and real_root not in cur.parents:
+                return None
+            continue
+        nxt = cur / part
+        try:
+            st = os.lstat(nxt)
+        except OSError:  # missing: what follows is checked lexically; verify_hashes reports it missing
+            if ".." in parts:
+                return None
+            cur = nxt.joinpath(*parts)
+            break
+        if not stat.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        hops += 1
+        target = os.readlink(nxt)
+        if hops > 40:
+            return None
+        if os.path.isabs(target):  # allowed only when it names a place under the (real) root
+            tparts = PurePosixPath(target).parts
+            if tparts[:len(real_root.parts)] != real_root.parts:
+                return None
+            cur, parts = real_root, [*tparts[len(real_root.parts):], *parts]
+        else:
+            parts = [*PurePosixPath(target).parts, *parts]
+    return Path(root) / cur.relative_to(real_root)
+
+
 @dataclass(frozen=True)
 class Bundle:
     root: Path
     manifest: Manifest
 
     def path(self, entry: FileEntry) -> Path:
-        return self.root / entry.path
+        """Where ``entry`` is, inside the bundle (BundleError if the manifest or a symlink points outside)."""
+        p = resolve_inside(self.root, entry.path)
+        if p is None:
+            raise BundleError(f"bundle {self.root} is damaged: {entry.path} leads outside the bundle; re-export it")
+        return p
 
     def vision_file(self, precision: str | None = None) -> tuple[str, Path]:
         return self._pick(self.manifest.vision, precision, ("int8", "fp32"), "vision")
@@ -180,10 +246,15 @@ class Bundle:
         for e in self.manifest.vision.values():
             yield e
             # external weight files of large ONNX graphs
-            yield from (FileEntry(**x) for x in e.extra.get("external_data", []))
+            yield from check_value(e.extra.get("external_data", []), _EXTERNAL)
         yield from self.manifest.llm.values()
         if self.manifest.mmproj is not None:
             yield self.manifest.mmproj
+
+    def check_paths(self) -> None:
+        """Every listed file must stay inside the bundle (BundleError otherwise); nothing outside is touched."""
+        for e in self.entries():
+            self.path(e)
 
     def verify_hashes(self) -> list[str]:
         """Return a list of problems (missing file, size or sha256 mismatch); empty when intact."""
@@ -204,13 +275,76 @@ def load_bundle(root: str | os.PathLike[str], *, check_hashes: bool = True) -> B
     root = Path(root)
     if not root.exists():
         raise BundleError(f"bundle not found: {root} (create one with `facellm-edge export`)")
-    mpath = root / MANIFEST
+    mpath = resolve_inside(root, MANIFEST)
+    if mpath is None:
+        raise BundleError(f"bundle {root} is damaged: {MANIFEST} leads outside the bundle; re-export it")
     if not mpath.is_file():
         raise BundleError(f"{root} is not a bundle: no {MANIFEST} (create one with `facellm-edge export`)")
     data = read_json_object(mpath, BundleError, "re-export the bundle")
-    bundle = Bundle(root=root, manifest=Manifest.from_dict(data))
+    try:
+        bundle = Bundle(root=root, manifest=Manifest.from_dict(data))
+    except ManifestError as exc:
+        raise BundleError(f"bundle {root} is damaged: {exc}") from exc
+    bundle.check_paths()
     if check_hashes:
         problems = bundle.verify_hashes()
         if problems:
             raise BundleError(f"bundle {root} is damaged: {'; '.join(problems)}; re-export it")
     return bundle
+
+
+def bundle_files(root: Path) -> set[str] | None:
+    """The files of the bundle at ``root`` (manifest + every listed file), or None when it is not a bundle of ours:
+    the ownership proof :func:`facellm_edge.io.check_replaceable` needs before ``export --force`` replaces it."""
+    mpath = Path(root) / MANIFEST
+    if mpath.is_symlink() or not mpath.is_file():
+        return None
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+        bundle = Bundle(root=Path(root), manifest=Manifest.from_dict(data))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, BundleError):
+        return None
+    return {MANIFEST, *(e.path for e in bundle.entries())}
+
+
+# What `export` writes: no marker file in the bundle, its manifest is the proof of ownership.
+BUNDLE = OutputKind("a bundle", recognise=bundle_files, marker=False)
+
+
+# Hub repo ids as the hub accepts them: owner/name, word characters, '.', '-' (no '--' or '..'), <= 96 each.
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(?<![.-])$")
+
+
+def _is_path(spec: str) -> bool:
+    """``spec`` can only be a local path: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x\\y``, ``bundle`` ..."""
+    seps = {os.sep, os.altsep} - {None, "/"}
+    return (spec.startswith((".", "/", "~")) or spec.endswith("/") or any(sep in spec for sep in seps)
+            or not _HUB_ID.match(spec))
+
+
+def resolve_bundle_spec(spec: str) -> Path:
+    """``--bundle`` -> a local folder, or the snapshot of a hub repo.
+
+    Only a plausible hub id (``owner/name`` with nothing path-like about it and no local ``owner`` folder) is looked
+    up on the hub; a missing local path is reported without any network access.
+    """
+    path = Path(spec).expanduser()
+    if os.path.lexists(path) or _is_path(spec):
+        return path  # load_bundle says what is wrong with it, if anything
+    owner = spec.split("/", 1)[0]
+    if os.path.lexists(owner):  # `bundles/facellm` with a local `bundles/`: a mistyped path, not a hub id
+        raise BundleError(f"no bundle at {spec} ('{owner}' is a local folder, so {spec} was not looked up as a hub "
+                          f"repo); check the path, or create it with `facellm-edge export --out {spec}`")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=spec))
+    except RepositoryNotFoundError as exc:
+        raise BundleError(f"no bundle at {spec} (and no hub repo of that name)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise BundleError(f"no bundle at {spec}: neither a local folder nor a downloadable hub repo (offline, and "
+                          "not in the hub cache)") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"no bundle at {spec}: neither a local folder nor a downloadable hub repo ({first})") from exc

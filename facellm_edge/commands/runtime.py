@@ -34,7 +34,7 @@ def default_bundle_dir() -> Path:
 
 def resolve_bundle(spec: Optional[str]) -> Path:
     """A local bundle folder, a hub repo id (snapshot_download), or the cached default bundle (built on first use)."""
-    from facellm_edge.bundle import MANIFEST
+    from facellm_edge.bundle import MANIFEST, resolve_bundle_spec
 
     if spec is None:
         dest = default_bundle_dir()
@@ -48,16 +48,7 @@ def resolve_bundle(spec: Optional[str]) -> Path:
         log.warning("no --bundle: exporting %s (%s) to %s (first use only; this takes a while)",
                     DEFAULT_MODEL, DEFAULT_QUANT, dest)
         return export_bundle(ExportConfig(model=DEFAULT_MODEL, out=dest, quants=(DEFAULT_QUANT,))).out
-    path = Path(spec).expanduser()
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        return path  # load_bundle reports a missing/invalid folder
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=spec))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise BundleError(f"bundle {spec!r} is neither a local folder nor a downloadable hub repo ({exc})") from exc
+    return resolve_bundle_spec(spec)  # a local folder, or a hub id only when it cannot be a path the user meant
 
 
 def _grammar(schema: Optional[Path]) -> Optional[str]:

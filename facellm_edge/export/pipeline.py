@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from facellm_edge import __version__
-from facellm_edge.bundle import MANIFEST, SCHEMA_VERSION, Manifest, file_entry
-from facellm_edge.io import atomic_directory, atomic_write_text
+from facellm_edge.bundle import BUNDLE, MANIFEST, SCHEMA_VERSION, Manifest, file_entry
+from facellm_edge.io import atomic_directory, atomic_write_text, check_replaceable, clean_stale_temps
 from facellm_edge.errors import ExportError, FaceLLMEdgeError, OutputError, UsageError, require
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,7 @@ def validate(cfg: ExportConfig) -> ExportConfig:
     if unknown:
         raise UsageError(f"unknown vision precision '{unknown[0]}'; choose from {', '.join(VISION_TARGETS)}")
     out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise OutputError(f"output {out} already exists; choose another --out or pass --force to replace it")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise OutputError(f"refusing to replace {out}: it exists and is not a bundle")
+    check_replaceable(out, force=cfg.force, kind=BUNDLE)  # --force replaces only a bundle whose manifest parses
     if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
         raise UsageError(f"adapter directory not found: {cfg.adapter}")
     return ExportConfig(**{**asdict(cfg), "quants": tuple(quants), "vision": vision, "out": out})
@@ -144,6 +141,7 @@ class _Steps:
 def export_bundle(cfg: ExportConfig, on_step: Callable[[StepEvent], None] | None = None) -> ExportResult:
     require("torch", "export")
     cfg = validate(cfg)
+    clean_stale_temps(cfg.out)  # temp dirs of exports killed before they could clean up (kill -9, power cut)
     require("transformers", "export").logging.disable_progress_bar()  # our own step lines report progress
     from facellm_edge.export import checkpoint as ckpt
 
@@ -155,7 +153,7 @@ def export_bundle(cfg: ExportConfig, on_step: Callable[[StepEvent], None] | None
     if cfg.adapter is not None:
         source = {**source, "adapter": str(Path(cfg.adapter).resolve())}
     try:
-        with atomic_directory(cfg.out, force=cfg.force) as tmp:
+        with atomic_directory(cfg.out, force=cfg.force, kind=BUNDLE) as tmp:
             manifest = _export_into(tmp, cfg, loaded, source, ckpt_dir, steps)
             atomic_write_text(tmp / MANIFEST, manifest.to_json())
     except OSError as exc:
