@@ -151,6 +151,37 @@ class OpenAIBackend:
                           completion_tokens=int(usage.get("completion_tokens") or 0))
 
 
+# The reply of the local model is constrained (llama.cpp grammar from a JSON schema) to
+#   {"question": "<q>", "answer": "<a>"}
+# with printable-ASCII strings of bounded length, so that the grammar can always close within max_tokens: llama.cpp's
+# converter allows at most one space at each of its 9 whitespace points, the fixed JSON text is 27 bytes, every
+# allowed character is one byte, and every token is at least one byte. Unbounded strings let a small model run into
+# the token cap mid-string and return JSON that does not parse.
+QA_FIXED_BYTES = 27 + 9
+QA_MIN_TOKENS = QA_FIXED_BYTES + 2  # one character each
+QA_MAX_QUESTION = 200
+_ASCII_CHAR = r"[ !#-\[\]-~]"  # printable ASCII except '"' and '\' (they would need JSON escapes)
+
+
+def _bounded_string(n: int) -> dict:
+    return {"type": "string", "minLength": 1, "maxLength": n, "pattern": f"^{_ASCII_CHAR}{{1,{n}}}$"}
+
+
+def qa_schema(max_tokens: int) -> dict:
+    """The JSON schema of a reply that fits in ``max_tokens`` whatever the model writes (see above)."""
+    free = max_tokens - QA_FIXED_BYTES
+    if free < 2:
+        raise UsageError(f"--max-tokens {max_tokens} is too small for --backend llama: the JSON reply needs at least "
+                         f"{QA_MIN_TOKENS} tokens")
+    q = min(QA_MAX_QUESTION, max(1, free // 3))
+    return {
+        "type": "object",
+        "properties": {"question": _bounded_string(q), "answer": _bounded_string(free - q)},
+        "required": ["question", "answer"],
+        "additionalProperties": False,
+    }
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     gguf: Path
@@ -160,13 +191,8 @@ class LlamaConfig:
     n_threads: int | None = None
     seed: int = 0
 
-
-# JSON schema the local model's output is constrained to (llama.cpp grammar from the schema).
-QA_SCHEMA = {
-    "type": "object",
-    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-    "required": ["question", "answer"],
-}
+    def __post_init__(self) -> None:
+        qa_schema(self.max_tokens)  # a budget the reply cannot fit in is a usage error, before the model loads
 
 
 class LlamaBackend:
@@ -188,6 +214,7 @@ class LlamaBackend:
             raise InputError(f"cannot load GGUF model {gguf}: {exc}") from exc
         self._lock = threading.Lock()  # one llama context: requests are served one at a time
         self._warned = False
+        self.schema = qa_schema(config.max_tokens)
 
     def complete(self, system: str, user: str, image: ImagePayload | None) -> Completion:
         with self._lock:
@@ -198,7 +225,7 @@ class LlamaBackend:
             out = self._llm.create_chat_completion(
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
                 max_tokens=self.config.max_tokens, temperature=self.config.temperature,
-                response_format={"type": "json_object", "schema": QA_SCHEMA},
+                response_format={"type": "json_object", "schema": self.schema},
             )
         usage = out.get("usage") or {}
         return Completion(text=out["choices"][0]["message"]["content"] or "",
