@@ -166,24 +166,42 @@ def file_entry(root: Path, path: Path, **extra: Any) -> FileEntry:
     return FileEntry(path=rel, bytes=path.stat().st_size, sha256=sha256_file(path), extra=dict(extra))
 
 
-def resolve_inside(root: Path, rel: str) -> Path | None:
-    """``root / rel`` with every symlink followed, or None when it leads outside ``root``.
+def _hub_blobs(real_root: Path) -> Path | None:
+    """The ``blobs`` folder of a Hugging Face cache snapshot (``models--o--n/snapshots/<rev>``), whose files are
+    symlinks into it: the one place outside the bundle folder a bundle's files may live."""
+    repo = real_root.parent.parent
+    if real_root.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return repo / "blobs"
+    return None
 
-    Only paths inside ``root`` are ever ``lstat``-ed or read (as links): a link pointing out is rejected from its
-    target text, so nothing outside the bundle is touched. The result keeps ``root``'s spelling.
+
+def resolve_inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` with every symlink followed, or None when it leads outside ``root`` (or, for a bundle in the
+    Hugging Face cache, outside the snapshot and its repo's ``blobs``).
+
+    Nothing outside is ever ``lstat``-ed or read as a link: a link pointing out is rejected from its target text.
+    A result inside ``root`` keeps ``root``'s spelling.
     """
     real_root = Path(os.path.realpath(root))
+    bases = [b for b in (real_root, _hub_blobs(real_root)) if b is not None]
+
+    def inside(p: Path) -> bool:
+        return any(p == b or b in p.parents for b in bases)
+
+    def on_the_way(p: Path) -> bool:  # inside a base, or a folder above one (a link may climb up and down again)
+        return inside(p) or any(p in b.parents for b in bases)
+
     cur, parts, hops = real_root, list(PurePosixPath(rel).parts), 0
     while parts:
         part = parts.pop(0)
         if part in ("", "."):
             continue
+        nxt = cur.parent if part == ".." else cur / part
+        if not on_the_way(nxt):
+            return None
         if part == "..":
-            cur = cur.parent
-            if cur != real_root and real_root not in cur.parents:
-                return None
+            cur = nxt
             continue
-        nxt = cur / part
         try:
             st = os.lstat(nxt)
         except OSError:  # missing: what follows is checked lexically; verify_hashes reports it missing
@@ -198,14 +216,13 @@ def resolve_inside(root: Path, rel: str) -> Path | None:
         target = os.readlink(nxt)
         if hops > 40:
             return None
-        if os.path.isabs(target):  # allowed only when it names a place under the (real) root
-            tparts = PurePosixPath(target).parts
-            if tparts[:len(real_root.parts)] != real_root.parts:
-                return None
-            cur, parts = real_root, [*tparts[len(real_root.parts):], *parts]
+        if os.path.isabs(target):  # resolved again from "/": every step must stay on the way to a base
+            cur, parts = Path("/"), [*PurePosixPath(target).parts[1:], *parts]
         else:
             parts = [*PurePosixPath(target).parts, *parts]
-    return Path(root) / cur.relative_to(real_root)
+    if not inside(cur):
+        return None
+    return Path(root) / cur.relative_to(real_root) if real_root == cur or real_root in cur.parents else cur
 
 
 @dataclass(frozen=True)

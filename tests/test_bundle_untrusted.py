@@ -163,6 +163,37 @@ def test_symlinks_inside_the_bundle_are_fine(tmp_path):
     assert b.llm_file()[1].resolve() == (root / "store" / "model.gguf").resolve()
 
 
+def test_hub_cache_snapshot_links_into_its_own_blobs(tmp_path, secret, monkeypatch):
+    """A bundle downloaded by huggingface_hub is a snapshot folder of symlinks into the repo's blobs/: it loads; a
+    link into another repo's blobs (or anywhere else) does not."""
+    built = tmp_path / "built"
+    _bundle(built)
+    repo = tmp_path / "hub" / "models--acme--facellm-bundle"
+    snap = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    for f in sorted(p for p in built.rglob("*") if p.is_file()):
+        rel = f.relative_to(built)
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snap / rel).symlink_to(Path(*[".."] * (len(rel.parts) + 1), "blobs", blob.name))  # as the hub writes them
+    b = load_bundle(snap)
+    assert b.llm_file()[1] == repo / "blobs" / b.manifest.llm["q8_0"].sha256
+    other = tmp_path / "hub" / "models--evil--x" / "blobs"
+    other.mkdir(parents=True)
+    (other / "w").write_bytes(b"gguf-bytes")
+    gguf = snap / "llm" / "q8_0.gguf"
+    gguf.unlink()
+    gguf.symlink_to(Path("..", "..", "..", "..", "models--evil--x", "blobs", "w"))
+    touches = _Touches(monkeypatch)
+    try:
+        with pytest.raises(BundleError, match="is damaged: llm/q8_0.gguf leads outside the bundle"):
+            load_bundle(snap)
+    finally:
+        touches.stop(monkeypatch)
+    assert not touches.touched(other / "w")
+
+
 def test_manifest_symlinked_out_is_damage(tmp_path, secret):
     root = tmp_path / "b"
     _bundle(root)
