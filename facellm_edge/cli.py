@@ -7,14 +7,20 @@ This is the only place that prints errors and exits. Each area registers its com
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
+from typing import Any
 
 import typer
 
 from facellm_edge import __version__
 from facellm_edge.errors import FaceLLMEdgeError
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="facellm-edge",
@@ -64,35 +70,175 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, turn our errors into one line + exit code."""
-    try:
-        app(args=argv, standalone_mode=False)
-    except FaceLLMEdgeError as exc:
-        if os.environ.get("FACELLM_EDGE_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except typer.Exit as exc:  # raised by --version / explicit exits
-        return exc.exit_code
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+    """Console entry point: run the app, turn every failure into one line on stderr + an exit code.
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            return 130
-        if os.environ.get("FACELLM_EDGE_DEBUG"):
+    Codes: 0 done, 2 usage, 3 input, 4 output, 5 export, 6 runtime, 7 missing extra, 130 Ctrl-C, 143 SIGTERM."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    with _StopSignals() as stop:
+        rc, line = _run(args)
+    if stop.signum is not None:  # a stop request wins over whatever the interrupted command did next
+        rc, line = _STOP[stop.signum]
+    if line:
+        print(line, file=sys.stderr)
+    return rc
+
+
+# -- signals -------------------------------------------------------------------------------------------
+_STOP = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+
+
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (systemd, ``docker stop``) for the length of one ``main`` call.
+
+    The first raises KeyboardInterrupt in the main thread, so every ``finally`` and ``atomic_directory`` cleanup
+    runs and finished results are kept; ``signum`` remembers it even if a command catches the KeyboardInterrupt to
+    shut down gracefully (the live loop does). A second one is not raised, so the cleanup it would cut short
+    finishes; a third stops at once (temporary files may then be left). Handlers are restored on exit; a signal
+    the parent process ignores (``nohup``) stays ignored; outside the main thread nothing is installed."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._count = 0
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOP:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._saved.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self._count += 1
+        if self.signum is None:
+            self.signum = signum
+        if self._count == 2:
+            log.warning("stopping: finishing the cleanup first (once more quits at once, leaving temporary files)")
+            return
+        raise KeyboardInterrupt
+
+
+# -- errors -> one line ----------------------------------------------------------------------------------
+def _run(args: list[str]) -> tuple[int, str]:
+    """Run the app; (exit code, the line to print on stderr or "")."""
+    click_exc = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or typer's vendored copy of them
+    debug = os.environ.get("FACELLM_EDGE_DEBUG")
+    try:
+        rc = app(args=args, prog_name="facellm-edge", standalone_mode=False)
+    except FaceLLMEdgeError as exc:
+        if debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
-    return 0
+        return exc.exit_code, f"error: {_one_line(str(exc))}"
+    except KeyboardInterrupt:  # typer turns it into exit code 130; this is a fallback
+        return _STOP[signal.SIGINT]
+    except typer.Exit as exc:
+        return exc.exit_code, ""
+    except typer.Abort:  # end of input at a prompt
+        return 1, "error: aborted (end of input)"
+    except SystemExit as exc:  # typer exits 1 on a broken pipe (`| head`)
+        return (int(exc.code or 0), "") if not isinstance(exc.code, str) else (1, f"error: {exc.code}")
+    except click_exc.NoArgsIsHelpError as exc:  # a bare command group: its help (rich prints it while formatting)
+        if exc.format_message().strip():
+            typer.echo(exc.format_message())
+        return exc.exit_code, ""
+    except click_exc.UsageError as exc:
+        return exc.exit_code, _usage_line(exc, args)
+    except click_exc.ClickException as exc:
+        return exc.exit_code, f"error: {_one_line(exc.format_message())}"
+    except OSError as exc:  # a file or folder the library opened without naming the fix
+        if debug:
+            raise
+        return _os_error(exc)
+    except UnicodeEncodeError as exc:  # non-UTF-8 bytes from argv (surrogate-escaped) reached a text encoder
+        if debug:
+            raise
+        return _not_utf8(args, exc)
+    except Exception as exc:
+        if debug:
+            raise
+        return 1, f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (run with --debug for the traceback)"
+    return (rc if isinstance(rc, int) else 0), ""  # typer returns 130 for a KeyboardInterrupt it caught
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _usage_line(exc, args: list[str]) -> str:
+    """click's usage error as one line: what is wrong with which option, then the usage line."""
+    msg = _one_line(exc.format_message()).rstrip(".")
+    if len(msg) > 1 and msg[0].isupper() and msg[1].islower():
+        msg = msg[0].lower() + msg[1:]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:  # the option parser raises some errors (an option without its value) without a context
+        cmd, path, _, _ = _walk(args, len(args))
+        ctx = typer.Context(cmd, info_name=" ".join(path))
+    usage = _one_line(ctx.get_usage())
+    usage = usage[0].lower() + usage[1:] if usage.startswith("Usage:") else usage
+    return f"error: {msg} ({usage}; see {ctx.command_path} --help)"
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _os_error(exc: OSError) -> tuple[int, str]:
+    """An OSError as one line naming the file and the reason (exit 4 for a full / read-only disk, else 3)."""
+    what = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror.lower() if exc.strerror else _one_line(str(exc))
+    fix = "; run as a user who may access it, or change its permissions" if isinstance(exc, PermissionError) else ""
+    code = 4 if exc.errno in _OUTPUT_ERRNOS else 3
+    return code, f"error: {f'cannot access {what}: ' if what else ''}{reason}{fix}"
+
+
+def _not_utf8(args: list[str], exc: UnicodeEncodeError) -> tuple[int, str]:
+    """Name the command-line argument whose bytes are not UTF-8 (Python keeps them as lone surrogates)."""
+    bad = [i for i, a in enumerate(args) if _has_surrogates(a)]
+    hit = next((i for i in bad if args[i] in exc.object or exc.object in args[i]), bad[0] if bad else None)
+    if hit is None:
+        return 3, f"error: text that is not valid UTF-8 ({exc.object[exc.start:exc.end]!r}); use UTF-8 text"
+    raw = args[hit].encode("utf-8", "surrogateescape")
+    return 2, f"error: {_argument_name(args, hit)} is not valid UTF-8 text ({raw!r}); pass it in UTF-8"
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _argument_name(args: list[str], index: int) -> str:
+    """The option (``--question``) or argument (``QUESTION``) that ``args[index]`` is the value of."""
+    if args[index].startswith("--") and "=" in args[index]:
+        return args[index].split("=", 1)[0]
+    cmd, _path, positional, option = _walk(args, index)
+    if option is not None:
+        return option
+    arguments = [p for p in cmd.params if p.param_type_name == "argument"]
+    return arguments[positional].name.upper() if positional < len(arguments) else f"argument {index + 1}"
+
+
+def _walk(args: list[str], stop: int) -> tuple[Any, list[str], int, str | None]:
+    """Read ``args[:stop]`` the way the parser does: the (sub)command they reach, its path (``facellm-edge data
+    build``), how many positional arguments it has been given, and the option ``args[stop]`` is the value of."""
+    cmd, path = typer.main.get_command(app), ["facellm-edge"]
+    positional, i = 0, 0
+    while i < stop:
+        t = args[i]
+        opt = next((p for p in cmd.params if t.split("=", 1)[0] in getattr(p, "opts", ())), None)
+        if t.startswith("-") and opt is not None:
+            if not (opt.is_flag or opt.count) and "=" not in t:
+                if i + 1 == stop:
+                    return cmd, path, positional, t
+                i += 1
+        elif not t.startswith("-") and t in getattr(cmd, "commands", {}):
+            cmd, positional = cmd.commands[t], 0
+            path.append(t)
+        elif not t.startswith("-"):
+            positional += 1
+        i += 1
+    return cmd, path, positional, None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,6 +83,9 @@ def read_json_object(path, error: type[FaceLLMEdgeError], fix: str = "") -> dict
     suffix = f"; {fix}" if fix else ""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as exc:  # the file is fine: re-exporting or re-downloading would not help
+        raise error(f"cannot read {path}: permission denied; run as a user who may read it, or change its "
+                    "permissions") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"cannot read {path}: {exc}{suffix}") from exc
     if not isinstance(data, dict):

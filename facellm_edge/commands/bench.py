@@ -54,6 +54,10 @@ def bench_cmd(
     stages.png."""
     from rich.console import Console
 
+    if bundle is not None:  # a missing or damaged bundle fails before torch is imported or anything is measured
+        from facellm_edge.bundle import load_bundle
+
+        load_bundle(bundle, check_hashes=False)  # the run re-checks every hash
     from facellm_edge.benchmark.config import BenchConfig, LiveConfig, parse_csv
     from facellm_edge.benchmark.runner import run_bench
 

@@ -48,6 +48,7 @@ def train_command(
     merge: bool = typer.Option(d("merge"), "--merge", help="Also write out/merged (full merged checkpoint)."),
 ) -> None:
     """LoRA fine-tune FaceLLM / InternVL3 on ShareGPT face data (FaceLLM's recipe by default)."""
+    _check_inputs(data, images)
     from facellm_edge.train import train
     from facellm_edge.train.config import TrainConfig
 
@@ -68,6 +69,17 @@ def train_command(
         typer.echo(f"adapter: {result.adapter} (step {result.global_step})")
     if result.merged is not None:
         typer.echo(f"merged: {result.merged}")
+
+
+def _check_inputs(data: Path, images: Path) -> None:
+    """Missing input paths fail in a second, before torch is imported or the device is probed (and warned about)."""
+    from facellm_edge.errors import InputError
+
+    if not data.is_file():
+        raise InputError(f"training data {data} not found: pass --data with a ShareGPT .json or .jsonl file")
+    if not images.is_dir():
+        raise InputError(f"image directory {images} not found: pass --images with the folder the records' "
+                         "'image' paths are relative to")
 
 
 def register(app: typer.Typer) -> None:

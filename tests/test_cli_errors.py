@@ -1,0 +1,237 @@
+"""Every bad input is one line on stderr and a specific exit code: usage errors (typer's own click), arguments
+whose bytes are not UTF-8, files the user may not read, and a sweep over every command's typical mistakes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from facellm_edge.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, f"expected one line on stderr, got: {err!r}"
+    return err.strip()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory, astronaut_bgr) -> Path:
+    p = tmp_path_factory.mktemp("photo") / "astronaut.png"
+    cv2.imwrite(str(p), astronaut_bgr)
+    return p
+
+
+# -- usage errors -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["ask", "p.png", "Age?", "--max-tokens", "0"], ["'--max-tokens'", "greater than or equal to 1",
+                                                         "usage: facellm-edge ask [OPTIONS]"]),
+        (["ask", "p.png", "Age?", "--max-tokens", "lots"], ["'--max-tokens'", "valid integer"]),
+        (["export"], ["missing argument 'model'", "usage: facellm-edge export [OPTIONS]"]),
+        (["export", "ckpt"], ["missing option '--out'"]),
+        (["export", "ckpt", "--out", "b", "--shiny"], ["no such option: --shiny", "usage: facellm-edge export"]),
+        (["run", "--camera", "-1", "--question", "Age?"], ["'--camera'", "greater than or equal to 0"]),
+        (["data", "build", "--labels"], ["'--labels'", "requires an argument", "usage: facellm-edge data build"]),
+        (["eval", "--limit", "0"], ["'--limit'"]),
+        (["bench", "--runs", "many"], ["'--runs'", "usage: facellm-edge bench"]),
+        (["frobnicate"], ["no such command 'frobnicate'", "usage: facellm-edge [OPTIONS] COMMAND"]),
+    ],
+)
+def test_usage_errors_name_the_option_and_exit_2(argv, names, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(argv)
+    line = _err_line(capsys)
+    assert rc == 2, line
+    assert line.startswith("error: ") and "unexpected" not in line
+    for name in names:
+        assert name in line, line
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "ckpt", "--out", "b", "--quant", "q9_9"], "unknown quant 'q9_9'; choose from"),
+    (["ask", "{photo}", "Age?", "--bundle", "{bundle}", "--device", "tpu"], "unknown device 'tpu'; choose one of"),
+    (["ask", "{photo}", "Age?", "--detector", "haar"], "unknown detector 'haar'; choose one of"),
+    (["train", "--base", "b", "--data", "d.json", "--images", ".", "--out", "o", "--lr-scheduler", "zigzag"],
+     "--lr-scheduler must be one of"),
+])
+def test_bad_choices_are_usage_errors(argv, message, photo, tiny_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    rc = main([a.replace("{photo}", str(photo)).replace("{bundle}", str(tiny_bundle)) for a in argv])
+    line = _err_line(capsys)
+    assert rc == 2 and message in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["d.json"]
+
+
+def test_bare_command_prints_help_not_an_error(capsys):
+    rc = main([])
+    cap = capsys.readouterr()
+    assert rc == 2 and "Usage: facellm-edge" in cap.out and cap.err == ""
+
+
+# -- arguments whose bytes are not UTF-8 --------------------------------------------------------------
+NOT_UTF8 = os.fsdecode(b"caf\xe9?")  # what Python makes of Latin-1 bytes in argv: a lone surrogate
+
+
+def test_question_that_is_not_utf8_names_the_argument(photo, tiny_bundle, yunet_model, capsys):
+    common = ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model), "--max-tokens", "2"]
+    rc = main(["ask", str(photo), NOT_UTF8, *common])
+    line = _err_line(capsys)
+    assert rc == 2, line
+    assert line == "error: QUESTION is not valid UTF-8 text (b'caf\\xe9?'); pass it in UTF-8"
+    rc = main(["run", "--source", str(photo), "--no-display", f"--question={NOT_UTF8}", *common])
+    line = _err_line(capsys)
+    assert rc == 2 and line.startswith("error: --question is not valid UTF-8 text"), line
+
+
+def test_file_name_that_is_not_utf8_still_works(photo, tiny_bundle, yunet_model, tmp_path, capsys):
+    """Linux file names are bytes: a Latin-1 name is a valid path, not an error."""
+    latin1 = tmp_path / os.fsdecode(b"astr\xe9.png")
+    shutil.copy(photo, latin1)
+    rc = main(["ask", str(latin1), "Age?", "--json", "--bundle", str(tiny_bundle), "--detector-model",
+               str(yunet_model), "--max-tokens", "2"])
+    assert rc == 0, capsys.readouterr().err
+    assert '"no_face": false' in capsys.readouterr().out
+
+
+# -- files the user may not read (tests run as root, which ignores permission bits: drop that power) ---------
+def _unprivileged() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot take away root's right to read every file")
+    # root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH is held to permission bits like any other user
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def _lock(path: Path, mode: int) -> None:
+    """Make ``path`` another user's with ``mode`` (not root: our own file with no permission at all)."""
+    if os.geteuid() == 0:
+        for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+            os.chown(p, 65534, 65534)
+        os.chmod(path, mode)
+    else:
+        os.chmod(path, 0)
+
+
+def _cli(argv: list[str], cwd: Path, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (real stderr: log lines and tracebacks count), offline, with its own cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(cwd / ".." / "cache")}
+    return subprocess.run([*prefix, sys.executable, "-m", "facellm_edge.cli", *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("locked, mode", [(".", 0o700), ("manifest.json", 0o600), ("llm/q8_0.gguf", 0o600),
+                                          ("vision/int8.onnx", 0o600)])
+def test_unreadable_bundle_is_one_line_permission_denied(locked, mode, photo, tiny_bundle, yunet_model, tmp_path):
+    prefix = _unprivileged()
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    _lock(bundle / locked, mode)
+    r = _cli(["ask", str(photo), "Age?", "--bundle", str(bundle), "--detector-model", str(yunet_model),
+              "--quant", "q8_0", "--precision", "int8", "--max-tokens", "2"], tmp_path, prefix)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert "permission denied" in r.stderr and "unexpected" not in r.stderr
+    assert str(bundle) in r.stderr  # names what it could not read
+    assert "re-export" not in r.stderr  # the bundle is fine: re-exporting would not help
+    assert r.stdout == ""
+
+
+@pytest.mark.xfail(strict=True, reason="export/checkpoint.py check_safetensors reports safetensors' 'No such file' "
+                   "for EACCES; it must open the file itself first (reported to the lead)")
+def test_unreadable_checkpoint_weights_say_permission_denied(tiny_checkpoint, tmp_path):
+    prefix = _unprivileged()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    _lock(ckpt / "model.safetensors", 0o600)
+    r = _cli(["export", str(ckpt), "--out", str(tmp_path / "b"), "--quant", "q8_0", "--no-verify"], tmp_path, prefix)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert "permission denied" in r.stderr.lower() and "No such file" not in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+# -- sweep: every command's typical mistakes -------------------------------------------------------------
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in root.rglob("*")}
+
+
+SWEEP = [
+    # (argv, exit code, what the line must name)
+    (["export", "{missing}", "--out", "{tmp}/b"], 3, "{missing}"),
+    (["export", "{missing}", "--out", "{tmp}/b", "--quant", "q9_9"], 2, "q9_9"),
+    (["export", "{missing}", "--out", "{tmp}/b", "--vision", "png"], 2, "png"),
+    (["export", "{missing}"], 2, "--out"),
+    (["inspect", "{missing}"], 3, "{missing}"),
+    (["inspect", "{notes}"], 3, "{notes}"),
+    (["ask", "{missing}.png", "Age?"], 3, "{missing}.png"),
+    (["ask", "{notes}", "Age?"], 3, "{notes}"),
+    (["ask", "{photo}", "Age?", "--max-tokens", "0"], 2, "--max-tokens"),
+    (["ask", "{photo}", "Age?", "--ctx", "5"], 2, "--ctx"),
+    (["ask", "{photo}", "Age?", "--threads", "0"], 2, "--threads"),
+    (["ask", "{photo}", "Age?", "--temperature", "-1"], 2, "--temperature"),
+    (["ask", "{photo}", "Age?", "--bundle", "{missing}"], 3, "{missing}"),
+    (["ask", "{photo}", "Age?", "--schema", "{missing}.json"], 3, "{missing}.json"),
+    (["ask", "{photo}", "Age?", "--bundle", "{bundle}", "--detector-model", "{missing}.onnx"], 3, "{missing}.onnx"),
+    (["ask", "{photo}", "Age?", "--bundle", "{bundle}", "--quant", "q2_k"], 3, "q2_k"),
+    (["run", "--question", "Age?"], 2, "--source"),
+    (["run", "--camera", "-1", "--question", "Age?"], 2, "--camera"),
+    (["run", "--source", "{missing}.mp4", "--question", "Age?", "--no-display"], 3, "{missing}.mp4"),
+    (["run", "--source", "{photo}", "--question", "Age?", "--max-frames", "-1"], 2, "--max-frames"),
+    (["bench", "--bundle", "{missing}"], 3, "{missing}"),
+    (["bench", "--runs", "x"], 2, "--runs"),
+    (["bench", "--live-llama-threads", "a,b"], 2, "--live-llama-threads"),
+    (["bench", "--synthetic", "nope", "--out", "{tmp}/bench"], 2, "nope"),
+    (["train", "--base", "b", "--data", "{missing}.json", "--images", "{tmp}", "--out", "{tmp}/t"], 3,
+     "{missing}.json"),
+    (["train", "--base", "b", "--data", "{notes}", "--images", "{missing}", "--out", "{tmp}/t"], 3, "{missing}"),
+    (["train", "--base", "b", "--data", "{notes}", "--images", "{tmp}", "--out", "{tmp}/t", "--lora-rank", "0"],
+     2, "--lora-rank"),
+    (["train", "--base", "b", "--data", "{notes}", "--images", "{tmp}", "--out", "{tmp}/t", "--lr", "fast"], 2,
+     "--lr"),
+    (["data", "build", "--labels", "{missing}.csv", "--images", "{tmp}", "--out", "{tmp}/qa.jsonl"], 3,
+     "{missing}.csv"),
+    (["data", "import-fairfacegpt", "{missing}.json", "--out", "{tmp}/f.jsonl"], 3, "{missing}.json"),
+    (["eval", "--bench", "{missing}.json", "--bundle", "{missing}"], 3, "{missing}.json"),
+    (["eval", "--bench", "{notes}"], 2, "--model"),
+    (["eval", "compare", "{missing}1", "{missing}2"], 3, "{missing}1"),
+    (["frobnicate"], 2, "frobnicate"),
+    (["--bogus"], 2, "--bogus"),
+]
+
+
+@pytest.mark.parametrize("argv, code, names", SWEEP, ids=[" ".join(a[:3]) + f" ({i})" for i, (a, _, _) in
+                                                          enumerate(SWEEP)])
+def test_sweep_every_command_fails_with_one_line(argv, code, names, photo, tiny_bundle, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes\n")  # a user file: it must come out untouched
+    shutil.copy(photo, work / "p.png")
+    subst = {"{missing}": str(work / "missing"), "{notes}": str(work / "notes.txt"), "{photo}": str(work / "p.png"),
+             "{tmp}": str(work), "{bundle}": str(tiny_bundle)}
+
+    def fill(s: str) -> str:
+        for k, v in subst.items():
+            s = s.replace(k, v)
+        return s
+
+    before = _tree(work)
+    r = _cli([fill(a) for a in argv], work)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert fill(names) in r.stderr, r.stderr
+    assert "unexpected" not in r.stderr and "Traceback" not in r.stderr
+    assert _tree(work) == before  # no user file changed, nothing (temporary or not) left behind
