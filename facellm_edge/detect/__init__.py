@@ -27,7 +27,7 @@ DEFAULT_DETECTOR = "yunet"
 @dataclass(frozen=True)
 class DetectorConfig:
     name: str = DEFAULT_DETECTOR
-    model_path: Path | None = None  # local model file; None = the backend's default (fetched/cached)
+    model_path: Path | None = None  # local model file; None = the backend's default (YuNet: shipped in the package)
     score_threshold: float = 0.6
     nms_threshold: float = 0.3
     input_size: int = 640  # longest side the detector works at

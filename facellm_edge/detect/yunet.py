@@ -1,7 +1,8 @@
 """YuNet (OpenCV zoo, MIT) through ``cv2.FaceDetectorYN``: the default detector.
 
-The model (232 KB) is fetched on first use into the user cache with a pinned sha256, or read from a local file
-given as ``DetectorConfig.model_path`` (``--detector-model``).
+The model (232 KB) ships inside the package (``models/``, with its MIT licence) and is checked against a pinned
+sha256 before first use: the default detector works offline, with no download and no cache. A local file given as
+``DetectorConfig.model_path`` (``--detector-model``) is used instead when set.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -23,11 +23,10 @@ from facellm_edge.faces import Face
 log = logging.getLogger(__name__)
 
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
-YUNET_URL = (
-    "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/face_detection_yunet_2023mar.onnx"
-)
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
-_fetch_lock = threading.Lock()
+PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / YUNET_FILE
+_checked: set[Path] = set()
+_check_lock = threading.Lock()
 
 
 def user_cache_dir() -> Path:
@@ -44,38 +43,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def default_model_path(*, download: bool = True) -> Path:
-    """The cached YuNet model; downloaded atomically (temp file + sha256 check + rename) when absent."""
-    dest = user_cache_dir() / "models" / YUNET_FILE
-    with _fetch_lock:
-        if dest.is_file() and _sha256(dest) == YUNET_SHA256:
-            return dest
-        if not download:
-            raise InputError(f"YuNet model not in the cache ({dest}); pass --detector-model PATH")
-        import urllib.request
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        log.warning("downloading the YuNet face detector (232 KB, MIT) to %s", dest)
-        fd, tmp = tempfile.mkstemp(prefix=f".{YUNET_FILE}.", dir=dest.parent)
+def default_model_path(path: Path = PACKAGED_MODEL) -> Path:
+    """The YuNet model shipped in the package, once its sha256 matches the pinned one (checked once per process)."""
+    with _check_lock:
+        if path in _checked:
+            return path
         try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(YUNET_URL, timeout=60) as r:
-                while block := r.read(1 << 16):
-                    f.write(block)
-            got = _sha256(Path(tmp))
-            if got != YUNET_SHA256:
-                raise InputError(
-                    f"downloaded YuNet model has sha256 {got}, expected {YUNET_SHA256}; "
-                    "retry, or pass --detector-model PATH"
-                )
-            os.replace(tmp, dest)
+            got = _sha256(path)
         except OSError as exc:
-            raise InputError(
-                f"cannot download the YuNet model from {YUNET_URL} ({exc}); pass --detector-model PATH"
-            ) from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return dest
+            raise InputError(f"the packaged YuNet model {path} cannot be read ({exc.strerror or exc}); reinstall "
+                             "facellm-edge or pass --detector-model PATH") from exc
+        if got != YUNET_SHA256:
+            raise InputError(f"the packaged YuNet model {path} is damaged (sha256 {got}, expected {YUNET_SHA256}); "
+                             "reinstall facellm-edge or pass --detector-model PATH")
+        _checked.add(path)
+    return path
 
 
 class YuNetDetector:
