@@ -5,6 +5,12 @@ registry entry: compute does not depend on weight values). The tokenizer is a re
 directory given by the caller, turned into an InternVL3 tokenizer the way transformers' own InternVL conversion
 script does it: InternVL3's added tokens after the 151,643 regular ones and its plain ChatML chat template.
 Token ids are never hard-coded: read them from the tokenizer this module saves.
+
+The checkpoints look like the ones users have, not like what is convenient: the embedding has as many rows as
+``tokenizer.json`` has tokens (151,674 for InternVL3's Qwen2.5, ``text_config.vocab_size``), so the ``<video>`` token
+that InternVL3-hf conversions declare as an extra special token gets id 151,674, one past the last row, exactly as on
+the hub; ``video_token=False`` builds an older -hf conversion without any video token, and ``text_bos=False`` one with
+no BOS id anywhere (Qwen's tokenizer has ``bos_token: null``).
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class SyntheticSpec:
     initializer_range: float = 0.02
     seed: int = 0
     extra_text: dict[str, Any] = field(default_factory=dict)
+    video_token: bool = True  # declare <video> (InternVL3-hf); False: an older -hf conversion without one
+    text_bos: bool = True  # text_config.bos_token_id = <|endoftext|> (InternVL3-hf); False: no BOS id anywhere
 
     @classmethod
     def from_registry(cls, name: str) -> "SyntheticSpec":
@@ -86,8 +94,12 @@ class SyntheticSpec:
         )
 
 
-def build_internvl_tokenizer(qwen_dir: Path, out_dir: Path) -> Path:
-    """Write an InternVL3-style tokenizer (Qwen2 BPE + InternVL3 added tokens + ChatML template) to ``out_dir``."""
+def build_internvl_tokenizer(qwen_dir: Path, out_dir: Path, *, video_token: bool = True) -> Path:
+    """Write an InternVL3-style tokenizer (Qwen2 BPE + InternVL3 added tokens + ChatML template) to ``out_dir``.
+
+    ``video_token``: declare ``<video>`` as a named extra special token, as InternVL3-hf checkpoints do (it is not
+    in ``tokenizer.json``: transformers appends it after the file's tokens when loading).
+    """
     qwen_dir, out_dir = Path(qwen_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = json.loads((qwen_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -110,7 +122,8 @@ def build_internvl_tokenizer(qwen_dir: Path, out_dir: Path) -> Path:
         decoder[str(t["id"])] = {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
     cfg["added_tokens_decoder"] = decoder
     cfg["additional_special_tokens"] = list(INTERNVL3_ADDED_TOKENS)
-    cfg["extra_special_tokens"] = dict(INTERNVL_EXTRA_SPECIAL_TOKENS)
+    cfg["extra_special_tokens"] = {k: v for k, v in INTERNVL_EXTRA_SPECIAL_TOKENS.items()
+                                   if video_token or k != "video_token"}
     cfg["chat_template"] = INTERNVL3_CHAT_TEMPLATE
     cfg["eos_token"] = "<|im_end|>"
     cfg["pad_token"] = "<|endoftext|>"
@@ -121,6 +134,13 @@ def build_internvl_tokenizer(qwen_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def text_vocab_size(tokenizer_dir: Path) -> int:
+    """Tokens in ``tokenizer.json`` (regular + added): the embedding rows of the checkpoint it belongs to."""
+    tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok["added_tokens"]]
+    return max(ids) + 1
+
+
 def build_checkpoint(out_dir: Path, qwen_tokenizer_dir: Path, spec: SyntheticSpec = SyntheticSpec(),
                      *, dtype: str = "float32") -> Path:
     """Save a random-weight ``InternVLForConditionalGeneration`` + processor + tokenizer to ``out_dir``."""
@@ -128,7 +148,7 @@ def build_checkpoint(out_dir: Path, qwen_tokenizer_dir: Path, spec: SyntheticSpe
     transformers = require("transformers", "export")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_internvl_tokenizer(qwen_tokenizer_dir, out_dir)
+    build_internvl_tokenizer(qwen_tokenizer_dir, out_dir)  # with <video>: transformers' processor needs one to save
     tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
 
     vision = transformers.InternVLVisionConfig(
@@ -141,9 +161,9 @@ def build_checkpoint(out_dir: Path, qwen_tokenizer_dir: Path, spec: SyntheticSpe
     text = transformers.Qwen2Config(
         hidden_size=spec.text_hidden, num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads, intermediate_size=spec.text_intermediate,
-        vocab_size=len(tokenizer), max_position_embeddings=spec.max_position_embeddings,
+        vocab_size=text_vocab_size(out_dir), max_position_embeddings=spec.max_position_embeddings,
         rope_theta=spec.rope_theta, tie_word_embeddings=spec.tie_word_embeddings,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>") if spec.text_bos else None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         initializer_range=spec.initializer_range, **spec.extra_text,
     )
@@ -170,6 +190,9 @@ def build_checkpoint(out_dir: Path, qwen_tokenizer_dir: Path, spec: SyntheticSpe
         image_seq_length=config.image_seq_length, chat_template=INTERNVL3_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
+    # The hub's tokenizer files, not transformers' re-save (which writes the appended <video> into tokenizer.json);
+    # without a video token for an older -hf conversion.
+    build_internvl_tokenizer(qwen_tokenizer_dir, out_dir, video_token=spec.video_token)
     return out_dir
 
 

@@ -59,6 +59,15 @@ def tiny_checkpoint(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint_old_hf(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """An older InternVL3-hf conversion: no video token in its tokenizer at all (transformers' InternVLProcessor
+    cannot load it as is) and no BOS id in its config or tokenizer. (``tiny_checkpoint`` has the current hub layout:
+    ``<video>`` declared, one id past the embedding's last row.)"""
+    return _build(tmp_path_factory, qwen_tokenizer_dir, "tiny_old_hf", tie_word_embeddings=True, seed=4,
+                  video_token=False, text_bos=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     """Tiny checkpoint with a separate lm_head (like Qwen2.5-7B / FaceLLM-8B)."""
     return _build(tmp_path_factory, qwen_tokenizer_dir, "tiny_untied", tie_word_embeddings=False, seed=1)

@@ -131,9 +131,12 @@ def test_gguf_metadata_and_vocab(tied, tied_f32):
 def test_tokenizer_parity(tied, tied_f32):
     from facellm_edge.export.verify_llm import default_parity_probes, tokenizer_parity
 
-    _, tokenizer = tied
-    probes = default_parity_probes(tokenizer)
+    model, tokenizer = tied
+    rows = model.model.language_model.embed_tokens.weight.shape[0]
+    probes = default_parity_probes(tokenizer, rows)
     assert any(tokenizer.context_image_token in p for p in probes)
+    # <video> sits one past the embedding's rows (as in InternVL3-hf): not in the GGUF, so not probed
+    assert tokenizer.convert_tokens_to_ids("<video>") == rows and not any("<video>" in p for p in probes)
     res = tokenizer_parity(tokenizer, tied_f32, probes)
     assert res["n_texts"] == len(probes)
     assert res["percent"] == 100.0, res["first_mismatch"]

@@ -60,8 +60,10 @@ class TransformersBackend:
             raise UsageError(f"--device {config.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from exc
         self.config, self.model = config, config.model
         self._torch = torch
+        from facellm_edge.export.checkpoint import load_processor  # also checkpoints without a video token
+
+        self._processor = load_processor(config.model, revision=config.revision)
         try:
-            self._processor = transformers.AutoProcessor.from_pretrained(config.model, revision=config.revision)
             model = transformers.InternVLForConditionalGeneration.from_pretrained(
                 config.model, revision=config.revision, dtype=getattr(torch, config.dtype))
         except (OSError, ValueError) as exc:

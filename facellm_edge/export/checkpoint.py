@@ -28,6 +28,8 @@ REMOTE_CODE_MODEL_TYPES = ("internvl_chat",)
 HUB_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
+# The tokenizer attributes InternVL's image blocks need; a video token is optional (older -hf conversions lack it).
+IMAGE_TOKEN_ATTRIBUTES = ("start_image_token", "context_image_token", "end_image_token")
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,61 @@ def check_safetensors(path: Path) -> int:
 # -- load --------------------------------------------------------------------------------------------------
 
 
+def _declared_token(tokenizer: Any, name: str) -> str | None:
+    """The token the tokenizer declares under ``name`` (``extra_special_tokens``), None when it declares none."""
+    try:
+        value = getattr(tokenizer, name)
+    except AttributeError:  # transformers 5 raises for undeclared model-specific tokens
+        return None
+    return str(value) if value else None
+
+
+def load_processor(source: str | Path, revision: str | None = None) -> Any:
+    """transformers' ``InternVLProcessor`` for a checkpoint folder or hub id, also when its tokenizer declares no
+    ``video_token``.
+
+    transformers 5's ``InternVLProcessor.__init__`` reads ``tokenizer.video_token``, which older InternVL3-hf
+    conversions do not declare (``AttributeError``), although images need only ``<img>``, ``</img>`` and
+    ``<IMG_CONTEXT>``. So the processor is assembled here from the checkpoint's own parts (what ``AutoProcessor``
+    does): for such a tokenizer the image token stands in as the video token while the processor is built (its
+    image-or-video pattern then only ever matches images) and the processor's ``video_token`` is ``None``
+    afterwards, which turns transformers' video checks off. Only this processor instance is touched.
+    """
+    transformers = require("transformers", "export")
+    kwargs = {"revision": revision} if revision is not None else {}
+    where = f"{source}" + (f"@{revision}" if revision else "")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(source, **kwargs)
+        video_processor = transformers.AutoVideoProcessor.from_pretrained(source, **kwargs)
+        settings, _ = transformers.InternVLProcessor.get_processor_dict(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot load the processor/tokenizer of {where}: {str(exc).strip().splitlines()[0]}") \
+            from exc
+    missing = [n for n in IMAGE_TOKEN_ATTRIBUTES if _declared_token(tokenizer, n) is None]
+    if missing:
+        raise CheckpointError(f"the tokenizer of {where} declares no {', '.join(missing)} (extra_special_tokens in "
+                              "tokenizer_config.json): not an InternVL-hf checkpoint")
+    unknown = [t for t in (_declared_token(tokenizer, n) for n in IMAGE_TOKEN_ATTRIBUTES)
+               if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if unknown:
+        raise CheckpointError(f"the tokenizer of {where} has no token for {', '.join(unknown)}")
+    has_video = _declared_token(tokenizer, "video_token") is not None
+    if not has_video:
+        tokenizer.video_token = tokenizer.context_image_token  # a plain attribute of this instance, removed below
+    try:
+        processor = transformers.InternVLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+            **{k: settings[k] for k in ("image_seq_length", "chat_template") if k in settings})
+    finally:
+        if not has_video:
+            del tokenizer.video_token
+    if not has_video:
+        processor.video_token = None
+        log.info("%s declares no video token: images only", where)
+    return processor
+
+
 def load_model(directory: Path, adapter: Path | None = None, dtype: Any = None) -> LoadedCheckpoint:
     """Load model (eval), processor and tokenizer from ``directory``; merge ``adapter`` (PEFT LoRA) if given.
 
@@ -179,10 +236,7 @@ def load_model(directory: Path, adapter: Path | None = None, dtype: Any = None) 
             raise CheckpointError(f"adapter {adapter} has no *.safetensors weights")
         for f in adapter_files:
             check_safetensors(f)
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot load the processor/tokenizer of {directory}: {exc}") from exc
+    processor = load_processor(directory)
     try:
         model, info = transformers.InternVLForConditionalGeneration.from_pretrained(
             directory, dtype=dtype, output_loading_info=True)

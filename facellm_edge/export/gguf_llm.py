@@ -134,13 +134,24 @@ def _looks_special(token: str) -> bool:
 
 
 def _vocab(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
-    """Tokens in id order + their types, as llama.cpp's converter builds them for byte-level BPE."""
+    """Tokens in id order + their types, as llama.cpp's converter builds them for byte-level BPE.
+
+    A token with an id past the embedding's rows can never be embedded nor produced by the model: InternVL3-hf
+    checkpoints declare ``<video>`` as an extra special token, which transformers appends at id 151,674 of a
+    151,674-row embedding. llama.cpp needs exactly one token per row, so such tokens are left out (one log line).
+    """
     gguf = require("gguf", "export")
     reverse = {i: tok for tok, i in tokenizer.get_vocab().items()}
-    if max(reverse) >= n_vocab:
-        raise ExportError(f"the tokenizer has id {max(reverse)} but the embedding has only {n_vocab} rows: "
-                          "tokenizer and checkpoint do not match")
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    past = sorted(i for i in reverse if i >= n_vocab)
+    regular = [i for i in past if i not in added]
+    if regular:  # a BPE vocabulary larger than the embedding: another model's tokenizer
+        raise ExportError(f"the tokenizer has id {max(regular)} but the embedding has only {n_vocab} rows: "
+                          "tokenizer and checkpoint do not match")
+    if past:
+        logger.info("left out of the GGUF vocabulary %d token(s) with ids past the embedding's %d rows, which the "
+                    "model can neither read nor write: %s", len(past), n_vocab,
+                    ", ".join(f"{reverse[i]} ({i})" for i in past[:5]) + (" ..." if len(past) > 5 else ""))
     tokens: list[str] = []
     types: list[int] = []
     for i in range(n_vocab):
@@ -170,12 +181,20 @@ def _special_vocab(tokenizer: Any, text: Any, n_vocab: int) -> Any:
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
         raise ExportError("the tokenizer has no BPE merges: a byte-level BPE (Qwen2) tokenizer is required")
-    # Qwen has no BOS token of its own; like llama.cpp's converter (which reads config.json) use the model's.
+    # Qwen's tokenizer has no BOS token; like llama.cpp's converter (SpecialVocab also reads config.json) use the
+    # model's when its config names one, and write none otherwise (add_bos is off either way, as for Qwen2).
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(text, "bos_token_id", None)
     ids = {"bos": bos, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
     for kind, tid in ids.items():
         if tid is None:
+            if kind == "bos":
+                special.special_token_ids.pop(kind, None)
+                logger.debug("no BOS token id in the tokenizer or config: the GGUF names none")
+                continue
             raise ExportError(f"the tokenizer/config has no {kind} token id")
+        if not 0 <= int(tid) < n_vocab:
+            raise ExportError(f"the {kind} token id {tid} is past the embedding's {n_vocab} rows: the model cannot "
+                              "use it; tokenizer and checkpoint do not match")
         special.special_token_ids[kind] = int(tid)
     special.add_special_token = {"bos": False}
     special.chat_template = tokenizer.chat_template

@@ -113,13 +113,18 @@ def compare_logits(hf_model: Any, tokenizer: Any, gguf_path: Path | str, probe: 
     return result
 
 
-def default_parity_probes(tokenizer: Any) -> list[str]:
-    """Probe texts: chat template + image/special tokens read from the tokenizer, multilingual, emoji, code, spaces."""
+def default_parity_probes(tokenizer: Any, n_vocab: int | None = None) -> list[str]:
+    """Probe texts: chat template + image/special tokens read from the tokenizer, multilingual, emoji, code, spaces.
+
+    ``n_vocab``: the GGUF's vocabulary size; special tokens with ids past it (InternVL3-hf's ``<video>``, appended
+    after the embedding's rows) are not in the GGUF on purpose and are left out of the probes.
+    """
     chat = tokenizer.apply_chat_template(
         [{"role": "system", "content": "You are a face analysis assistant."},
          {"role": "user", "content": "How old is this person?"}], tokenize=False, add_generation_prompt=True)
     img = f"{tokenizer.start_image_token}{tokenizer.context_image_token * 5}{tokenizer.end_image_token}\n"
-    specials = " ".join(tokenizer.all_special_tokens)
+    specials = " ".join(t for t in tokenizer.all_special_tokens
+                        if n_vocab is None or tokenizer.convert_tokens_to_ids(t) < n_vocab)
     return [
         chat,
         img + "Is the person smiling?",
@@ -138,13 +143,13 @@ def default_parity_probes(tokenizer: Any) -> list[str]:
 
 def tokenizer_parity(tokenizer: Any, gguf_path: Path | str, probe_texts: Sequence[str] | None = None) -> dict:
     """llama.cpp ids (parse_special=True) == transformers ids (add_special_tokens=False) on each probe text."""
-    texts = list(probe_texts) if probe_texts is not None else default_parity_probes(tokenizer)
-    if not texts:
-        raise ExportError("tokenizer parity needs at least one probe text")
     first_mismatch = None
     n_match = 0
     engine = open_engine(gguf_path, 256)
     try:
+        texts = list(probe_texts) if probe_texts is not None else default_parity_probes(tokenizer, engine.n_vocab)
+        if not texts:
+            raise ExportError("tokenizer parity needs at least one probe text")
         for text in texts:
             hf_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
             ll_ids = engine.tokenize(text, special=True)

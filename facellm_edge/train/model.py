@@ -99,7 +99,9 @@ def merge_adapter(base: str, adapter_dir: Any, out_dir: Any) -> None:
     model = transformers.InternVLForConditionalGeneration.from_pretrained(base, dtype="auto")
     merged = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
-    transformers.AutoProcessor.from_pretrained(base).save_pretrained(out_dir)
+    from facellm_edge.export.checkpoint import load_processor  # also checkpoints without a video token
+
+    load_processor(base).save_pretrained(out_dir)
 
 
 FSDP_SEGMENT = "_fsdp_wrapped_module."
