@@ -245,7 +245,10 @@ def test_unknown_manifest_keys_are_ignored(tmp_path):
 
 @pytest.fixture
 def no_network(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: maybe done already
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")
