@@ -22,7 +22,8 @@ def run(
     model: Optional[str] = typer.Option(None, "--model", help="InternVL/FaceLLM checkpoint folder or hub id."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Edge bundle folder (runtime backend)."),
     out: Path = typer.Option(Path("eval_results"), "--out", help="Output folder (results.json/.md/.png)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one this command wrote, "
+                               "holding nothing else)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Answer length limit."),
     llm_quant: Optional[str] = typer.Option(None, "--llm-quant", help="--bundle: which GGUF (default: preferred)."),
@@ -98,7 +99,8 @@ def compare(
     a: Path = typer.Argument(..., help="results.json of run A (e.g. the transformers reference)."),
     b: Path = typer.Argument(..., help="results.json of run B (e.g. a quantised bundle)."),
     out: Path = typer.Option(Path("eval_compare"), "--out", help="Output folder (compare.json/.md/.png)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one this command wrote, "
+                               "holding nothing else)."),
 ) -> None:
     """Answer agreement between two runs and accuracy delta per category (quantisation drift)."""
     from rich.console import Console

@@ -29,7 +29,8 @@ def export_cmd(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter to merge before export."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX/GGUF outputs against transformers."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only a bundle "
+                               "facellm-edge wrote, holding nothing else)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for quantisation (default: all cores)."),
 ) -> None:
     """Export a FaceLLM/InternVL checkpoint to a verified edge bundle (ONNX vision + GGUF LLM)."""
