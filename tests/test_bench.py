@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from facellm_edge.benchmark import report, roofline
+from facellm_edge.io import MARKER
 
 STAGES_EDGE = {"detect_ms", "align_ms", "preprocess_ms", "vision_ms", "image_prefill_ms", "prefill_ms",
                "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "decode_ms", "end_to_end_ms"}
@@ -36,7 +37,7 @@ def results(bench_run) -> dict:
 
 
 def test_writes_exactly_the_three_outputs(bench_run):
-    assert sorted(p.name for p in bench_run.iterdir()) == ["results.json", "results.md", "stages.png"]
+    assert sorted(p.name for p in bench_run.iterdir()) == [MARKER, "results.json", "results.md", "stages.png"]
     assert not list(bench_run.parent.glob(".results.tmp-*"))  # atomic: no temporary left behind
 
 

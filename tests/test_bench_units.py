@@ -147,6 +147,12 @@ def test_missing_inputs_fail_before_any_work(tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     rc = main(["bench", "--synthetic", "tiny", "--out", str(tmp_path / "exists")])
     assert rc == 4 and "already exists" in capsys.readouterr().err
+    # --force replaces only bench results: a folder of the user's is refused before any work, byte-identical
+    (tmp_path / "exists" / "thesis.tex").write_text("chapter 1")
+    rc = main(["bench", "--synthetic", "tiny", "--out", str(tmp_path / "exists"), "--force"])
+    assert rc == 4 and "is not bench results written by facellm-edge" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "exists").iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "exists" / "thesis.tex").read_text() == "chapter 1"
     assert not (tmp_path / "o").exists()
 
 

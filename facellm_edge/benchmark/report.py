@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.benchmark.config import TARGETS
-from facellm_edge.io import atomic_directory
+from facellm_edge.io import OutputKind, atomic_directory, known_file_set
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "facellm-edge-bench/1"
+# --force replaces only bench results: ours carry the marker; older ones are recognised by their exact file set
+BENCH = OutputKind("bench results", known_file_set({"results.json", "results.md", "stages.png"}, "results.json", SCHEMA))
 TOP_KEYS = ("schema", "created", "settings", "machine", "versions", "export", "configs", "ratios", "profiles",
             "live", "roofline", "targets")
 # Targets whose best possible value on this machine the roofline gives: target key -> (bound key, best is min?).
@@ -273,7 +275,7 @@ def write_results(r: dict[str, Any], out: Path, *, force: bool) -> Path:
     missing = [k for k in TOP_KEYS if k not in r]
     if missing:
         raise ValueError(f"results lack keys {missing}")
-    with atomic_directory(Path(out), force=force) as tmp:
+    with atomic_directory(Path(out), force=force, kind=BENCH) as tmp:
         (tmp / "results.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
         (tmp / "results.md").write_text(to_markdown(r), encoding="utf-8")
         plot_stages(r, tmp / "stages.png")

@@ -24,7 +24,8 @@ from facellm_edge.benchmark.live import live_payload
 from facellm_edge.benchmark.naive import naive_payload
 from facellm_edge.benchmark.stages import run_isolated
 from facellm_edge.benchmark.system import machine_info, machine_slug, physical_cores, versions
-from facellm_edge.errors import BundleError, InputError, OutputError, UsageError
+from facellm_edge.errors import BundleError, InputError, UsageError
+from facellm_edge.io import check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
     info, vers = machine_info(), versions()
     threads = cfg.threads or physical_cores()
     out = cfg.out if cfg.out is not None else default_out(Path("bench/results"), info)
-    if out.exists() and not cfg.force:
-        raise OutputError(f"output {out} already exists; choose another --out or pass --force to replace it")
+    check_replaceable(out, force=cfg.force, kind=report.BENCH)  # before any work, not after the whole run
     image = Path(cfg.image) if cfg.image is not None else default_image()
     if not image.is_file():
         raise InputError(f"image not found: {image}")
