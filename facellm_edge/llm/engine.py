@@ -21,10 +21,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -120,6 +121,68 @@ def install_log_hook(llama_cpp) -> Any:
         return ours
 
 
+# -- Ctrl-C / SIGTERM during long llama.cpp calls --------------------------------------------------------
+# Python runs a signal's handler at the next bytecode of the main thread. During a model load that is inside
+# llama.cpp's ctypes log callback: the KeyboardInterrupt is raised there, ctypes prints "Exception ignored on calling
+# ctypes callback function" and the load carries on. So while llama.cpp works, SIGINT/SIGTERM only note the signal;
+# the load's progress callback then returns false (llama.cpp cancels the load), and once the C call has returned the
+# signal's own handler runs (KeyboardInterrupt, or the CLI's SIGTERM handling).
+T = TypeVar("T")
+_held_signal: list[int | None] = [None]
+_progress_installed: list[object] = []  # keeps the ctypes progress callback alive
+
+
+def progress_callback(llama_cpp) -> Any:
+    """llama.cpp model-load progress callback that cancels the load once Ctrl-C / SIGTERM arrived."""
+    if not _progress_installed:
+
+        @llama_cpp.llama_progress_callback
+        def _progress(_progress: float, _user: ctypes.c_void_p) -> bool:
+            return _held_signal[0] is None
+
+        _progress_installed.append(_progress)
+    return _progress_installed[0]
+
+
+def call_holding_signals(fn: Callable[[], T], release: Callable[[T], None] | None = None) -> T:
+    """Run ``fn`` (a long llama.cpp call) with SIGINT/SIGTERM held; a signal that arrived meanwhile is delivered to
+    its own handler (KeyboardInterrupt) once ``fn`` has returned, after ``release(result)`` frees what it made.
+    Signals whose handler is not a Python function (ignored, default) and calls outside the main thread are left
+    alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def hold(signum: int, _frame: object) -> None:
+        if _held_signal[0] is None:
+            _held_signal[0] = signum
+
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            saved[sig] = handler
+            signal.signal(sig, hold)
+    result = None
+    try:
+        result = fn()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)  # runs a still-pending signal's handler (``hold``) first
+        signum, _held_signal[0] = _held_signal[0], None
+        if signum is not None:
+            if result and release is not None:
+                release(result)
+            saved[signum](signum, None)
+    return result
+
+
+def load_model(llama_cpp, path: Path, mparams) -> Any:
+    """``llama_model_load_from_file`` that Ctrl-C / SIGTERM cancel (raising KeyboardInterrupt); NULL on failure."""
+    mparams.progress_callback = progress_callback(llama_cpp)
+    return call_holding_signals(lambda: llama_cpp.llama_model_load_from_file(str(path).encode(), mparams),
+                                llama_cpp.llama_model_free)
+
+
 class LlamaEngine:
     """One GGUF model and one context with ``config.max_slots`` sequences in a unified KV cache."""
 
@@ -143,7 +206,7 @@ class LlamaEngine:
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.mmap else L.LLAMA_LOAD_MODE_NONE
-        self._model = L.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        self._model = load_model(L, gguf_path, mparams)
         if not self._model:
             raise InputError(
                 f"llama.cpp cannot load {gguf_path} (not a GGUF, truncated, or an unknown architecture); "
@@ -165,7 +228,11 @@ class LlamaEngine:
             L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         cparams.no_perf = True
-        self._ctx = L.llama_init_from_model(self._model, cparams)
+        try:
+            self._ctx = call_holding_signals(lambda: L.llama_init_from_model(self._model, cparams), L.llama_free)
+        except BaseException:  # Ctrl-C / SIGTERM: free the model now, not when the traceback is gone
+            self.close()
+            raise
         if not self._ctx:
             self.close()
             raise RuntimeStageError(

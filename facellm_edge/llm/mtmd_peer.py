@@ -68,7 +68,7 @@ class MtmdVision:
         mparams.n_gpu_layers = 0  # only hparams + vocabulary are used: the weights stay in the mapped file
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP
         mparams.use_extra_bufts = False  # no CPU repack: it would copy every weight (+190 MB for 1B q4_0)
-        self._model = L.llama_model_load_from_file(str(text_gguf).encode(), mparams)
+        self._model = engine.load_model(L, text_gguf, mparams)  # Ctrl-C / SIGTERM cancel the load
         if not self._model:
             raise InputError(f"llama.cpp cannot load {text_gguf} (not a GGUF, truncated, or an unknown architecture)")
         self.text_hidden = int(L.llama_model_n_embd(self._model))
@@ -82,7 +82,12 @@ class MtmdVision:
                                        else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._marker = M.mtmd_default_marker()
         cparams.media_marker = self._marker
-        self._ctx = M.mtmd_init_from_file(str(mmproj).encode(), self._model, cparams)
+        try:
+            self._ctx = engine.call_holding_signals(
+                lambda: M.mtmd_init_from_file(str(mmproj).encode(), self._model, cparams), M.mtmd_free)
+        except BaseException:  # Ctrl-C / SIGTERM while libmtmd loaded: free the text model now
+            self.close()
+            raise
         if not self._ctx:
             self.close()
             raise RuntimeStageError(
