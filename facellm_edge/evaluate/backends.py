@@ -44,7 +44,8 @@ class TransformersConfig:
 
 
 class TransformersBackend:
-    """``InternVLForConditionalGeneration`` + ``AutoProcessor``, greedy decoding; each image is its own image block."""
+    """``InternVLForConditionalGeneration`` + its processor (``load_processor``: also checkpoints without a video
+    token), greedy decoding; each image is its own image block."""
 
     name = "transformers"
     max_images = None
