@@ -77,7 +77,9 @@ def run_naive(p: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     try:
-        processor = transformers.AutoProcessor.from_pretrained(p["checkpoint"])
+        from facellm_edge.export.checkpoint import load_processor
+
+        processor = load_processor(p["checkpoint"])  # also checkpoints without a video token
         model = transformers.InternVLForConditionalGeneration.from_pretrained(p["checkpoint"], dtype=dtype)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the transformers checkpoint {p['checkpoint']} for the naive baseline: "
