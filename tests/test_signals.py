@@ -153,8 +153,9 @@ def _wait_for(proc: subprocess.Popen, stream, pattern: str, timeout: float = 300
     pytest.fail(f"no '{pattern}' within {timeout} s")
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_signal_mid_export_leaves_nothing(sig, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("sigs", ["SIGINT", "SIGTERM", "SIGINT SIGINT"])
+def test_signal_mid_export_leaves_nothing(sigs, tiny_checkpoint, tmp_path):
+    """Also an impatient double Ctrl-C: the second press must not cut the cleanup of the first short."""
     work = tmp_path / "work"
     work.mkdir()
     out = work / "bundle"
@@ -164,12 +165,13 @@ def test_signal_mid_export_leaves_nothing(sig, tiny_checkpoint, tmp_path):
     try:
         seen = _wait_for(proc, proc.stderr, "load checkpoint")  # a step is done: the bundle is half-written
         t0 = time.monotonic()
-        proc.send_signal(getattr(signal, sig))
+        for sig in sigs.split():
+            proc.send_signal(getattr(signal, sig))
         _, rest = proc.communicate(timeout=120)
     finally:
         proc.kill()
         proc.wait()
-    code, line = STOP[sig]
+    code, line = STOP[sigs.split()[0]]
     stderr = "".join(seen) + rest
     assert proc.returncode == code, stderr[-3000:]
     _clean_stop(stderr, line)
