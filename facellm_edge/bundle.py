@@ -290,6 +290,15 @@ class Bundle:
 def load_bundle(root: str | os.PathLike[str], *, check_hashes: bool = True) -> Bundle:
     """Load and validate a bundle directory. Raises :class:`BundleError` with a one-line message."""
     root = Path(root)
+    try:
+        return _load_bundle(root, check_hashes)
+    except PermissionError as exc:
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != root else ""
+        raise BundleError(f"cannot read bundle {root}{where}: permission denied; run as a user who may read it, "
+                          "or fix its permissions") from exc
+
+
+def _load_bundle(root: Path, check_hashes: bool) -> Bundle:
     if not root.exists():
         raise BundleError(f"bundle not found: {root} (create one with `facellm-edge export`)")
     mpath = resolve_inside(root, MANIFEST)

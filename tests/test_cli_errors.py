@@ -150,8 +150,6 @@ def test_unreadable_bundle_is_one_line_permission_denied(locked, mode, photo, ti
     assert r.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason="export/checkpoint.py check_safetensors reports safetensors' 'No such file' "
-                   "for EACCES; it must open the file itself first (reported to the lead)")
 def test_unreadable_checkpoint_weights_say_permission_denied(tiny_checkpoint, tmp_path):
     prefix = _unprivileged()
     ckpt = tmp_path / "ckpt"

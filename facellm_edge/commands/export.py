@@ -31,7 +31,7 @@ def export_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX/GGUF outputs against transformers."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only a bundle "
                                "facellm-edge wrote, holding nothing else)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for quantisation (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for quantisation (default: all cores)."),
 ) -> None:
     """Export a FaceLLM/InternVL checkpoint to a verified edge bundle (ONNX vision + GGUF LLM)."""
     from rich.console import Console

@@ -151,6 +151,11 @@ def check_safetensors(path: Path) -> int:
     if not path.is_file():
         raise CheckpointError(f"weight file {path.name} is missing from {path.parent}; re-download the checkpoint")
     try:
+        with open(path, "rb"):  # safetensors reports EACCES as "No such file": say what really stops us
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"cannot read weight file {path}: {(exc.strerror or str(exc)).lower()}") from exc
+    try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             return len(list(f.keys()))
     except Exception as exc:  # SafetensorError has no importable base class across versions
