@@ -16,6 +16,7 @@ import numpy as np
 
 from facellm_edge.bundle import Bundle
 from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
+from facellm_edge.onnxrt import onnxruntime_module
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def provider_options(providers: list[str], onnx_path: Path,
 
 def gpu_first(device: str) -> bool:
     """Whether ``device`` puts a GPU provider first in this onnxruntime build (then fp32 beats int8)."""
-    import onnxruntime as ort
+    ort = onnxruntime_module()
 
     return select_providers(device, ort.get_available_providers())[0] != "CPUExecutionProvider"
 
@@ -83,7 +84,7 @@ def gpu_first(device: str) -> bool:
 class VisionEncoder:
     def __init__(self, path: Path, *, precision: str, config: EncoderConfig, num_image_tokens: int,
                  width: int, image_size: int | None = None) -> None:
-        import onnxruntime as ort
+        ort = onnxruntime_module()
 
         self.path = Path(path)
         self.precision = precision

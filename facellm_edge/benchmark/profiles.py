@@ -37,7 +37,8 @@ def _timed(fn, runs: int, warmup: int, key: str = "x") -> list[float]:
 
 def run_profiles(p: dict[str, Any]) -> dict[str, Any]:
     """Entry point of the subprocess. Payload: the edge payload plus ``max_threads``."""
-    import onnxruntime as ort
+    from facellm_edge.onnxrt import onnxruntime_module  # telemetry off
+    ort = onnxruntime_module()
 
     from facellm_edge.align import CropConfig, align_face
     from facellm_edge.benchmark.edge import make_detector, open_runtime, read_bgr

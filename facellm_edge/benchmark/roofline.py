@@ -59,7 +59,8 @@ def mem_read_gb_s(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
 
 
 def _ort_gemm(threads: int, int8: bool, reps: int = 5) -> float:
-    import onnxruntime as ort
+    from facellm_edge.onnxrt import onnxruntime_module  # telemetry off
+    ort = onnxruntime_module()
     from onnx import TensorProto, helper, numpy_helper
 
     m, k, n = GEMM_SHAPE

@@ -67,7 +67,8 @@ def versions() -> dict[str, str]:
 
 def ort_providers() -> list[str]:
     try:
-        import onnxruntime as ort
+        from facellm_edge.onnxrt import onnxruntime_module  # telemetry off
+        ort = onnxruntime_module()
     except ImportError:
         return []
     return list(ort.get_available_providers())

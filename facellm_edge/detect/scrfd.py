@@ -48,6 +48,9 @@ class ScrfdDetector:
         self.config = config
         self.model_path = resolve_model(config.model_path)
         log.warning(LICENCE_NOTE)
+        from facellm_edge.onnxrt import disable_telemetry
+
+        disable_telemetry()  # before insightface imports onnxruntime
         from insightface.model_zoo import get_model
 
         try:

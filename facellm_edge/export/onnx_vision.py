@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from facellm_edge import __version__
 from facellm_edge.errors import ExportError, require
+from facellm_edge.onnxrt import onnxruntime_module
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def quantize_vision_int8(fp32_path: Path, int8_path: Path) -> Path:
     from facellm_edge.export.onnx_fuse import fuse_attention
 
     onnx = require("onnx", "export")
-    quantization = require("onnxruntime.quantization", "export")
+    quantization = onnxruntime_module("export", "onnxruntime.quantization")
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     external = len(onnx_files(fp32_path)) > 1
     metadata = read_metadata(fp32_path)
@@ -192,7 +193,7 @@ def quantize_vision_int8(fp32_path: Path, int8_path: Path) -> Path:
 
 
 def _session(onnx_path: Path) -> Any:
-    ort = require("onnxruntime", "export")
+    ort = onnxruntime_module("export")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
