@@ -321,3 +321,172 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# -- single output files (--jsonl, --output) --------------------------------------------------------------------
+
+def check_output_file(path: Path, *, option: str, exists: str = "refuse", fix: str = "") -> None:
+    """Check, before any work, that ``path`` can be written as one output file; :class:`OutputError` naming
+    ``option`` otherwise. Nothing is created. ``exists``: "refuse" an existing file (``fix`` says what to pass
+    instead), "append" to it or "replace" it. The parent folder (or its nearest existing ancestor: missing folders
+    are made later) is probed with an unnamed temporary file, so permissions, read-only disks and ACLs are tested
+    for real, root included."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file path")
+    if os.path.lexists(path):
+        if not path.is_file():
+            raise OutputError(f"{option} {path} is not a regular file; give a file path")
+        if exists == "refuse":
+            raise OutputError(f"{option} {path} already exists; {fix or 'choose another path'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {option} {path}: {existing} is not a folder")
+    try:  # the folder, or the nearest one that exists (where the missing ones would be made)
+        tempfile.TemporaryFile(dir=existing).close()  # O_TMPFILE where supported: no name ever appears
+    except OSError as exc:
+        raise OutputError(f"cannot write {option} {path}: {(exc.strerror or str(exc)).lower()} in {existing}") from exc
+    if os.path.lexists(path) and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {option} {path}: permission denied")
+
+
+def open_line_log(path: Path, *, append: bool):
+    """Open a JSON-lines output for :func:`write_line`: a new file (``append=False``: one that appeared since it was
+    checked is refused, never truncated) or the end of an existing one. A file whose last line has no newline (a
+    write cut by a power loss) gets one first, so the next line starts clean and the torn one stays as it was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a" if append else "x", encoding="utf-8")
+        if append and fh.tell() > 0:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    fh.write("\n")
+    except FileExistsError as exc:
+        raise OutputError(f"{path} already exists; pass --append to add to it or choose another file") from exc
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return fh
+
+
+def write_line(fh, line: str) -> None:
+    """Append one line and push it to the disk: an interrupted run or a power cut keeps every complete line."""
+    fh.write(line + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+_TEMP_FILE_RANDOM = r"[a-z0-9_]{8}"  # tempfile's random part
+
+
+def temp_file_beside(dest: Path) -> Path:
+    """An empty temporary file beside ``dest`` with ``dest``'s suffix (encoders pick the container from it), named
+    ``.<stem>.tmp-<pid>-<random><suffix>`` so that :func:`clean_stale_temp_files` can tell a dead run's leftovers."""
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.tmp-{os.getpid()}-", suffix=dest.suffix, dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def clean_stale_temp_files(dest: Path) -> list[Path]:
+    """Remove the temporary files of :func:`temp_file_beside` for ``dest`` whose process is gone (``kill -9``, power
+    cut): they may hold faces. A live process's file is never touched."""
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    pattern = re.compile(rf"^\.{re.escape(dest.stem)}\.tmp-(\d+)-{_TEMP_FILE_RANDOM}{re.escape(dest.suffix)}$")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False) or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+            log.warning("removed %s, left by an interrupted run (pid %s)", entry.path, m.group(1))
+    return removed
+
+
+def commit_temp_file(tmp: Path, dest: Path) -> None:
+    """Give ``tmp`` the mode of an ordinary new file (umask respected) and move it to ``dest`` atomically."""
+    os.chmod(tmp, file_mode())
+    os.replace(tmp, dest)
+
+
+# -- images -----------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: 120 MB as BGR; bigger photos are refused before they are decoded
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels (Pillow reads the first few KB)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from facellm_edge.errors import InputError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except Image.DecompressionBombError as exc:  # Pillow's own cap (2 x MAX_IMAGE_PIXELS) refused the header
+            raise _TooLarge(2 * (Image.MAX_IMAGE_PIXELS or 0)) from exc
+        except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:  # the file system's error, not the decoder's
+                raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+            raise InputError(f"cannot decode image {path} (empty, damaged or not an image file)") from exc
+
+
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f}".removesuffix(".0") + " MP"
+
+
+class _TooLarge(Exception):
+    def __init__(self, at_least: int) -> None:
+        super().__init__(at_least)
+        self.at_least = at_least
+
+
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray":
+    """Read an image file as BGR uint8. Missing, unreadable, undecodable, or above ``max_pixels`` (checked on the
+    header, before any pixel is decoded; 0 = no limit) -> :class:`~facellm_edge.errors.InputError`."""
+    import cv2
+    import numpy as np
+
+    from facellm_edge.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        w, h = image_size(path)
+    except _TooLarge as big:
+        if max_pixels and max_pixels <= big.at_least:
+            raise InputError(f"image {path} has more than {_mp(big.at_least)}, above the {_mp(max_pixels)} limit; "
+                             "downscale it or raise --max-pixels") from None
+        w = h = 0  # the caller allowed more than Pillow's cap: OpenCV decodes it
+    if max_pixels and w * h > max_pixels:
+        raise InputError(f"image {path} is {w}x{h} ({_mp(w * h)}), above the {_mp(max_pixels)} limit; "
+                         "downscale it or raise --max-pixels")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None or image.size == 0:
+        raise InputError(f"cannot decode image {path} (empty, damaged or not an image file)")
+    return image

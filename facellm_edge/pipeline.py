@@ -24,6 +24,7 @@ from facellm_edge.detect import Detector, DetectorConfig, check_image, create_de
 from facellm_edge.encode import EncoderConfig, VisionEncoder
 from facellm_edge.errors import OutputError, UsageError
 from facellm_edge.faces import Face
+from facellm_edge.io import DEFAULT_MAX_PIXELS
 from facellm_edge.preprocess import crop_to_pixels, crops_to_pixels, tile_image
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
     from facellm_edge.llm.engine import EngineConfig
 
 log = logging.getLogger(__name__)
+
+_PROMPT_CELLS = 64  # per face beside the image tokens: the chat template (11 tokens with the Qwen2.5 template of
+# the tests' bundles: 6 around the image, 5 after the question) and a question of up to ~50 tokens
+_MIN_SLOTS = 4
+_MAX_AUTO_SLOTS = 64
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,11 @@ class RuntimeConfig:
     n_threads: int | None = None  # llama.cpp generation threads (None = all cores)
     n_threads_batch: int | None = None  # llama.cpp prefill threads (None = all cores)
     n_ctx: int = 4096
-    max_slots: int = 4  # faces whose image prefix stays cached
+    # Faces whose conversation (image prefix + turns) stays in the KV cache, so chat() can follow up without
+    # re-encoding. None = as many as the context holds: n_ctx // (image tokens + 64 + max_tokens), at least 4 and at
+    # most 64 (FaceLLM-1B, 4096 ctx, 128 tokens: 9). Each one costs n_vocab * 4 bytes of llama.cpp output buffer
+    # (0.6 MB at Qwen2.5's vocabulary) whether used or not; the KV cells are shared.
+    max_slots: int | None = None
     n_gpu_layers: int = 0
     crop: CropConfig = field(default_factory=CropConfig)
     max_tokens: int = 128
@@ -60,6 +70,14 @@ class RuntimeConfig:
     grammar: str | None = None  # GBNF constraining every answer (e.g. from a JSON schema: --schema FILE)
     seed: int = 0
     check_hashes: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS  # image files above this are refused from their header (0 = no limit)
+
+    def slots_for(self, num_image_tokens: int) -> int:
+        """``max_slots``, or when it is None the number of faces a context of ``n_ctx`` holds (see above)."""
+        if self.max_slots is not None:
+            return self.max_slots
+        per_face = num_image_tokens + _PROMPT_CELLS + self.max_tokens
+        return max(_MIN_SLOTS, min(_MAX_AUTO_SLOTS, self.n_ctx // per_face))
 
     def for_live(self) -> "RuntimeConfig":
         """The live-loop thread policy on small CPUs, for every thread count left unset: 1 llama.cpp thread + 1
@@ -144,6 +162,7 @@ class FaceLLM:
         bundle = load_bundle(bundle_dir, check_hashes=config.check_hashes)
         if bundle.manifest.image.size != config.crop.size:
             config = replace(config, crop=replace(config.crop, size=bundle.manifest.image.size))
+        config = replace(config, max_slots=config.slots_for(bundle.manifest.tokens.num_image_tokens))
         generator = Generator.from_bundle(bundle, config.llm_quant, config.engine())
         try:
             encoder = VisionEncoder.from_bundle(
@@ -255,8 +274,9 @@ class FaceLLM:
         with self._llm_lock:
             if not self.generator.has(face.key):
                 raise UsageError(
-                    f"face {face.index}'s conversation is no longer cached (a newer ask() or more than "
-                    f"{self.config.max_slots} faces since); ask about the image again"
+                    f"face {face.index}'s conversation is no longer cached: a newer ask() replaced it, or more "
+                    f"faces than the KV cache keeps (max_slots={self.config.max_slots}, n_ctx={self.config.n_ctx}); "
+                    "ask about the image again, or raise RuntimeConfig.n_ctx (--ctx) and max_slots"
                 )
             ans = self.answer(face.key, question, max_tokens=max_tokens, temperature=temperature)
         timings = {"ttft": ans.timings["ttft_ms"], "decode": ans.timings["decode_ms"]}
@@ -291,6 +311,9 @@ class FaceLLM:
             raise UsageError("the question is empty; ask something")
         image = check_image(image_bgr)
         faces = self.detect(image)
+        if len(faces) > self.config.max_slots:
+            log.info("%d faces but %d KV slots: chat() can follow up on the last %d only (raise n_ctx and max_slots "
+                     "to keep them all)", len(faces), self.config.max_slots, self.config.max_slots)
         self.encode_faces(image, faces)
         if save_crops is not None:
             save_face_crops(faces, Path(save_crops))
@@ -326,10 +349,9 @@ class FaceLLM:
 
 def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> list[Path]:
     """Write the aligned crops the model saw as PNGs (only when the user asked: faces are biometric data)."""
-    import os
-    import tempfile
-
     import cv2
+
+    from facellm_edge.io import commit_temp_file, temp_file_beside
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,14 +365,13 @@ def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> l
         if not ok:
             raise OutputError(f"cannot encode crop {i} as PNG")
         dest = out_dir / (f"{prefix}{i}.png" if f.track_id is None else f"{prefix}_track{f.track_id}.png")
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=out_dir)
+        tmp = temp_file_beside(dest)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data.tobytes())
-            os.replace(tmp, dest)
+            tmp.write_bytes(data.tobytes())
+            commit_temp_file(tmp, dest)
         except OSError as exc:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+        finally:  # an error or Ctrl-C: no hidden copy of a face is left behind
+            tmp.unlink(missing_ok=True)
         paths.append(dest)
     return paths

@@ -211,3 +211,67 @@ def test_ctrl_c_finalises_outputs(model, photo_video, tmp_path):
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
     cap.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.mp4"]
+
+
+def test_each_answer_is_on_disk_when_it_is_reported(model, photo_video, tmp_path):
+    """--jsonl is appended and flushed per answer (a crash or power cut keeps every complete line), not a temp file
+    renamed at the end; the user sees each line in the file as soon as the answer exists."""
+    jsonl = tmp_path / "a.jsonl"
+    seen: list[bool] = []
+
+    def on_record(rec: dict) -> None:
+        lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+        seen.append(bool(lines) and json.loads(lines[-1]) == rec)
+
+    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, max_tokens=2)
+    stats = run_live(model, open_source(str(photo_video)), cfg, on_record=on_record)
+    assert stats.answers == 7 and seen == [True] * 7
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+
+
+def test_interrupt_at_any_point_finalises(model, photo_video, tmp_path):
+    """Ctrl-C / SIGTERM (the CLI raises KeyboardInterrupt in the main thread) landing wherever the main thread is
+    when the first answer arrives — detection, drawing, encoding the video, or waiting for the worker."""
+    import _thread
+
+    jsonl, out = tmp_path / "a.jsonl", tmp_path / "a.mp4"
+    fired: list[int] = []
+
+    def on_record(rec: dict) -> None:
+        if not fired:
+            fired.append(rec["track_id"])
+            _thread.interrupt_main()
+
+    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, max_tokens=2, join_timeout_s=30)
+    before = {t.name for t in threading.enumerate()}
+    stats = run_live(model, open_source(str(photo_video)), cfg, on_record=on_record)
+    assert fired and stats.interrupted
+    assert "vlm-worker" not in {t.name for t in threading.enumerate()} - before
+    assert [json.loads(x)["track_id"] for x in jsonl.read_text().splitlines()][0] == fired[0]
+    cap = cv2.VideoCapture(str(out))
+    assert 0 < int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == stats.frames
+    cap.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.mp4"]
+
+
+def test_outputs_are_checked_before_the_first_frame(model, photo_video, tmp_path):
+    from facellm_edge.errors import OutputError
+
+    (tmp_path / "dir.jsonl").mkdir()
+    (tmp_path / "old.mp4").write_bytes(b"mine")
+
+    class NoFrames:
+        live, fps, skipped = False, 10.0, 0
+
+        def __iter__(self):
+            raise AssertionError("a frame was read before the outputs were checked")
+
+        def close(self) -> None:
+            pass
+
+    for cfg, message in ((LiveConfig(question="q", display=False, jsonl=tmp_path / "dir.jsonl"), "is a folder"),
+                         (LiveConfig(question="q", display=False, output=tmp_path / "old.mp4"), "already exists")):
+        with pytest.raises(OutputError, match=message):
+            run_live(model, NoFrames(), cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "old.mp4"]
+    assert (tmp_path / "old.mp4").read_bytes() == b"mine" and list((tmp_path / "dir.jsonl").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -53,6 +54,27 @@ def test_chat_reuses_the_cached_face(model, astronaut_bgr):
     model.ask(astronaut_bgr, QUESTION)  # a new ask forgets the old faces
     with pytest.raises(UsageError, match="no longer cached"):
         model.chat(face, "Anything else?")
+
+
+def test_readme_example_chats_with_every_face_of_a_group_photo(tiny_bundle, t1_bgr):
+    """The README's loop (ask, then chat() about each answer) on a 6-face photo with the default config: every
+    face's conversation is still cached (the slots follow the context, not a fixed 4)."""
+    with FaceLLM.load(tiny_bundle, RuntimeConfig(max_tokens=3)) as m:
+        answers = m.ask(t1_bgr, QUESTION)
+        assert len(answers) == 6
+        for answer in answers:
+            follow = m.chat(answer, "And what is their expression?")
+            assert follow.key == answer.key and len(follow.token_ids) >= 1
+            assert follow.timings["ttft"] < answer.timings["prefill"] + answer.timings["ttft"]  # no image prefill
+
+
+def test_chat_past_the_slots_says_how_to_raise_them(tiny_bundle, t1_bgr):
+    with FaceLLM.load(tiny_bundle, RuntimeConfig(max_tokens=2, max_slots=4)) as m:
+        answers = m.ask(t1_bgr, QUESTION)
+        assert m.chat(answers[5], "And?").key == answers[5].key  # the last 4 are kept
+        with pytest.raises(UsageError, match=r"max_slots=4, n_ctx=4096\); .*raise RuntimeConfig.n_ctx \(--ctx\) "
+                                             r"and max_slots"):
+            m.chat(answers[0], "And?")
 
 
 def test_no_face_gives_empty_list(model):
@@ -131,7 +153,8 @@ def test_greedy_tokens_match_transformers(model, tiny_bundle, astronaut_bgr):
 
 
 def _copy_bundle(src: Path, dst: Path) -> Path:
-    """A cheap copy: manifest copied, large files symlinked."""
+    """A cheap copy: manifest copied, large files hard-linked (a symlink out of the bundle is a damaged bundle now;
+    the tests replace a file by unlinking it first, so the original is never changed)."""
     dst.mkdir()
     for p in src.rglob("*"):
         if p.is_file():
@@ -140,7 +163,10 @@ def _copy_bundle(src: Path, dst: Path) -> Path:
             if p.name == "manifest.json":
                 shutil.copy(p, q)
             else:
-                q.symlink_to(p.resolve())
+                try:
+                    os.link(p, q)
+                except OSError:  # another file system
+                    shutil.copy(p, q)
     return dst
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from facellm_edge.errors import BundleError
+from facellm_edge.io import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from facellm_edge.pipeline import RuntimeConfig
@@ -24,6 +25,11 @@ DEFAULT_QUANT = "q4_k_m"
 
 _BUNDLE_HELP = ("Bundle folder, or a hub repo id of a published bundle. Default: FaceLLM-1B at q4_k_m in the user "
                 "cache, exported on first use (needs the 'export' extra).")
+
+
+_MAX_PIXELS = DEFAULT_MAX_PIXELS
+_MAX_PIXELS_HELP = ("Refuse image files larger than this many pixels, read from the file's header before decoding "
+                    "(0 = no limit).")
 
 
 def default_bundle_dir() -> Path:
@@ -67,13 +73,13 @@ def _grammar(schema: Optional[Path]) -> Optional[str]:
 
 def _config(live: bool, *, detector: str, detector_model: Optional[Path], device: str, quant: Optional[str],
             precision: Optional[str], threads: Optional[int], max_tokens: int, temperature: float, max_faces: int,
-            ctx: int, schema: Optional[Path] = None) -> "RuntimeConfig":
+            ctx: int, max_pixels: int, schema: Optional[Path] = None) -> "RuntimeConfig":
     from facellm_edge.pipeline import RuntimeConfig
 
     cfg = RuntimeConfig(detector=detector, detector_model=detector_model, device=device, llm_quant=quant,
                         vision_precision=precision, max_tokens=max_tokens, temperature=temperature,
                         max_faces=max_faces, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
-                        grammar=_grammar(schema))
+                        max_pixels=max_pixels, grammar=_grammar(schema))
     return cfg.for_live() if live else cfg
 
 
@@ -99,17 +105,18 @@ def register(app: typer.Typer) -> None:
         ctx: int = typer.Option(4096, "--ctx", min=16, help="LLM context size."),
         schema: Optional[Path] = typer.Option(None, "--schema",
                                               help="JSON schema file: answers are constrained to match it."),
+        max_pixels: int = typer.Option(_MAX_PIXELS, "--max-pixels", min=0, help=_MAX_PIXELS_HELP),
     ) -> None:
         """Answer a question about every face in a photo."""
         from facellm_edge.detect import check_name
-        from facellm_edge.live.sources import read_image
+        from facellm_edge.io import read_image
         from facellm_edge.pipeline import FaceLLM
 
         check_name(detector)
         cfg = _config(False, detector=detector, detector_model=detector_model, device=device, quant=quant,
                       precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
-                      max_faces=max_faces, ctx=ctx, schema=schema)
-        img = read_image(image)
+                      max_faces=max_faces, ctx=ctx, max_pixels=max_pixels, schema=schema)
+        img = read_image(image, cfg.max_pixels)  # before the bundle loads: a bad photo fails at once
         with FaceLLM.load(resolve_bundle(bundle), cfg) as model:
             if whole_image:
                 answers = [model.ask_crop(img, question)]
@@ -137,8 +144,14 @@ def register(app: typer.Typer) -> None:
         question: str = typer.Option(..., "--question", "-q", help="Asked once about every new face."),
         bundle: Optional[str] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
         no_display: bool = typer.Option(False, "--no-display", help="Headless: no window."),
-        jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write one JSON line per answered face."),
-        output: Optional[Path] = typer.Option(None, "--output", help="Write the annotated video (mp4)."),
+        jsonl: Optional[Path] = typer.Option(None, "--jsonl",
+                                             help="Write one JSON line per answered face, each flushed to disk as "
+                                                  "it is made. An existing file is refused unless --append."),
+        append: bool = typer.Option(False, "--append", help="Add to an existing --jsonl file."),
+        output: Optional[Path] = typer.Option(None, "--output",
+                                              help="Write the annotated video (mp4). An existing file is refused "
+                                                   "unless --force."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --output video."),
         max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Max tokens per answer."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
         detector: str = typer.Option("yunet", "--detector", help="yunet (MIT, default) or scrfd (non-commercial)."),
@@ -153,23 +166,29 @@ def register(app: typer.Typer) -> None:
         ctx: int = typer.Option(4096, "--ctx", min=16, help="LLM context size."),
         schema: Optional[Path] = typer.Option(None, "--schema",
                                               help="JSON schema file: answers are constrained to match it."),
+        max_pixels: int = typer.Option(_MAX_PIXELS, "--max-pixels", min=0, help=_MAX_PIXELS_HELP),
     ) -> None:
         """Live loop: detect and track faces every frame, answer about each new face, stream the answers."""
         from facellm_edge.detect import check_name
         from facellm_edge.errors import UsageError
-        from facellm_edge.live.loop import LiveConfig, run_live
+        from facellm_edge.live.loop import LiveConfig, check_outputs, run_live
         from facellm_edge.live.sources import open_source
         from facellm_edge.pipeline import FaceLLM
 
         if (source is None) == (camera is None):
             raise UsageError("give exactly one of --source (file, folder, URL, camera index) or --camera N")
+        if append and jsonl is None:
+            raise UsageError("--append adds to a --jsonl file; give --jsonl FILE too")
+        if force and output is None:
+            raise UsageError("--force replaces an existing --output video; give --output FILE too")
         check_name(detector)
         cfg = _config(True, detector=detector, detector_model=detector_model, device=device, quant=quant,
                       precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
-                      max_faces=max_faces, ctx=ctx, schema=schema)
-        live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output,
-                          max_tokens=max_tokens, temperature=temperature, max_frames=max_frames)
-        frames = open_source(camera if camera is not None else source)  # a bad source fails before loading
+                      max_faces=max_faces, ctx=ctx, max_pixels=max_pixels, schema=schema)
+        live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output, append=append,
+                          overwrite=force, max_tokens=max_tokens, temperature=temperature, max_frames=max_frames)
+        check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads
+        frames = open_source(camera if camera is not None else source, max_pixels=cfg.max_pixels)
         try:
             with FaceLLM.load(resolve_bundle(bundle), cfg) as model:
                 model.detector  # load the detector before the first frame is processed
@@ -177,4 +196,7 @@ def register(app: typer.Typer) -> None:
                 stats = run_live(model, frames, live, on_record=echo)
         finally:
             frames.close()
+        if stats.skipped:
+            log.warning("%d %s of %s could not be read and were skipped (see the warnings above)", stats.skipped,
+                        frames.unit, frames.description)
         log.info("%d frames, %.1f FPS, %d answers", stats.frames, stats.fps, stats.answers)

@@ -4,8 +4,10 @@ The frame loop never waits for the language model. It hands the worker the newes
 answer yet through a drop-oldest queue of size 1; the worker encodes new faces' crops in one batch and prefills
 their image prefix as soon as they appear (new tracks before pending answers), then streams each answer token by
 token into a per-track cache that the overlay draws. Answers are cached per track; a track that ends frees its KV
-slot. Shutdown (q/Esc, Ctrl-C, end of a file source) stops the worker, joins threads with a timeout, releases the
-source and finalises the outputs (annotated video, JSON lines) atomically.
+slot. Shutdown (q/Esc, Ctrl-C or SIGTERM — the CLI turns both into KeyboardInterrupt —, end of a file source) stops
+the worker, joins threads with a timeout, releases the source and finalises the outputs: the annotated video is
+written to a temporary file that becomes ``--output`` (a playable file of the frames so far) or is removed; JSON lines
+are appended and flushed to the disk one by one, so an interrupted run or a power cut keeps every complete line.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import numpy as np
 
 from facellm_edge.errors import OutputError
 from facellm_edge.faces import Face
+from facellm_edge.io import (check_output_file, clean_stale_temp_files, commit_temp_file, open_line_log,
+                             temp_file_beside, write_line)
 from facellm_edge.live.overlay import draw
 from facellm_edge.live.sources import FrameSource
 from facellm_edge.live.tracker import IouTracker, TrackerConfig
@@ -35,8 +38,10 @@ log = logging.getLogger(__name__)
 class LiveConfig:
     question: str
     display: bool = True
-    jsonl: Path | None = None
-    output: Path | None = None  # annotated video (mp4v)
+    jsonl: Path | None = None  # one JSON line per answer; an existing file is refused unless ``append``
+    output: Path | None = None  # annotated video (mp4v); an existing file is refused unless ``overwrite``
+    append: bool = False  # add to an existing ``jsonl`` file instead of refusing it
+    overwrite: bool = False  # replace an existing ``output`` video (atomically, once the new one is complete)
     max_tokens: int | None = None
     temperature: float | None = None
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
@@ -206,25 +211,17 @@ class VlmWorker(threading.Thread):
         self.on_answer(item)
 
 
-class _AtomicFile:
-    """A temp file beside ``dest`` that replaces it on ``commit`` (removed on ``discard``)."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = Path(dest)
-        try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{self.dest.stem}.", suffix=self.dest.suffix, dir=self.dest.parent)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.dest}: {exc.strerror or exc}") from exc
-        os.close(fd)
-        self.tmp = Path(name)
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.dest)
-
-    def discard(self) -> None:
-        if self.tmp.exists():
-            self.tmp.unlink()
+def check_outputs(config: LiveConfig) -> None:
+    """Check the output paths before any work (a folder, an existing file, an unwritable place: one line now, not
+    after the whole run). Nothing is created."""
+    if config.jsonl is not None:
+        check_output_file(config.jsonl, option="--jsonl", exists="append" if config.append else "refuse",
+                          fix="pass --append to add to it, or choose another file")
+    if config.output is not None:
+        if config.jsonl is not None and Path(config.jsonl).resolve() == Path(config.output).resolve():
+            raise OutputError(f"--jsonl and --output are the same file ({config.output}); give two paths")
+        check_output_file(config.output, option="--output", exists="replace" if config.overwrite else "refuse",
+                          fix="pass --force to replace it, or choose another file")
 
 
 @dataclass
@@ -234,6 +231,8 @@ class LiveStats:
     answers: int = 0
     seconds: float = 0.0
     dropped_jobs: int = 0
+    skipped: int = 0  # images / frames of the source that could not be read (see FrameSource.skipped)
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM (KeyboardInterrupt)
     records: list[dict] = field(default_factory=list)  # one per answered track (what --jsonl gets)
     track_frames: dict[int, int] = field(default_factory=dict)  # track id -> frames it was seen in
 
@@ -244,38 +243,51 @@ class LiveStats:
 
 def run_live(model: Any, source: FrameSource, config: LiveConfig,
              on_record: Callable[[dict], None] | None = None) -> LiveStats:
-    """Run the loop until the source ends, the user quits (q/Esc) or Ctrl-C. Returns what happened.
+    """Run the loop until the source ends, the user quits (q/Esc) or Ctrl-C / SIGTERM. Returns what happened.
 
     ``on_record`` gets each answered face's record (the JSON line) as soon as it is complete (worker thread)."""
-    import cv2
-
+    check_outputs(config)
     stats = LiveStats()
     lock = threading.Lock()
-    jsonl = _AtomicFile(config.jsonl) if config.jsonl else None
-    jsonl_fh = open(jsonl.tmp, "w", encoding="utf-8") if jsonl else None
-    video = _AtomicFile(config.output) if config.output else None
-    writer = None
-
-    def on_answer(item: TrackAnswer) -> None:
-        rec = {"frame": item.frame, "track_id": item.track_id, "box": item.face.box_list(),
-               "score": round(item.face.score, 4), "question": config.question, "answer": item.text,
-               "stop_reason": item.stop_reason,
-               "timings_ms": {k: round(v, 2) for k, v in item.face.timings.items()}}
-        with lock:
-            stats.answers += 1
-            stats.records.append(rec)
-            if jsonl_fh is not None:
-                jsonl_fh.write(json.dumps(rec) + "\n")
-                jsonl_fh.flush()
-        if on_record is not None:
-            on_record(rec)
-
-    tracker = IouTracker(config.tracker)
-    worker = VlmWorker(model, config, on_answer)
-    worker.start()
-    t_start = time.perf_counter()
+    outputs: _Outputs | None = None
     finished = False
     try:
+        outputs = _Outputs(config, source)
+
+        def on_answer(item: TrackAnswer) -> None:
+            rec = {"frame": item.frame, "track_id": item.track_id, "box": item.face.box_list(),
+                   "score": round(item.face.score, 4), "question": config.question, "answer": item.text,
+                   "stop_reason": item.stop_reason,
+                   "timings_ms": {k: round(v, 2) for k, v in item.face.timings.items()}}
+            with lock:
+                if outputs.closed:  # a late answer from a worker that outlived the join timeout
+                    return
+                stats.answers += 1
+                stats.records.append(rec)
+                outputs.record(rec)
+            if on_record is not None:
+                on_record(rec)
+
+        worker = VlmWorker(model, config, on_answer)
+        _loop(model, source, config, stats, worker, outputs)
+        finished = True  # the source ended, the user quit, or Ctrl-C / SIGTERM: keep what was made
+    finally:
+        if outputs is not None:
+            with lock:
+                outputs.close(keep=finished)
+    if stats.interrupted:
+        log.info("interrupted; %d frames, %d answers kept", stats.frames, stats.answers)
+    return stats
+
+
+def _loop(model: Any, source: FrameSource, config: LiveConfig, stats: LiveStats, worker: VlmWorker,
+          outputs: "_Outputs") -> None:
+    import cv2
+
+    tracker = IouTracker(config.tracker)
+    t_start = time.perf_counter()
+    try:
+        worker.start()
         for frame in source:
             if worker.error is not None:
                 raise worker.error
@@ -288,17 +300,11 @@ def run_live(model: Any, source: FrameSource, config: LiveConfig,
             stats.faces += len(faces)
             for f in faces:
                 stats.track_frames[f.track_id] = stats.track_frames.get(f.track_id, 0) + 1
-            if video is not None or config.display:
+            if outputs.video is not None or config.display:
                 shown = draw(frame.image, faces, worker.texts(),
                              status=f"{stats.frames / max(time.perf_counter() - t_start, 1e-6):.1f} FPS")
-                if video is not None:
-                    if writer is None:
-                        h, w = shown.shape[:2]
-                        fps = source.fps if source.fps and source.fps > 0 else 25.0
-                        writer = cv2.VideoWriter(str(video.tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-                        if not writer.isOpened():
-                            raise OutputError(f"cannot write video {config.output} (mp4v codec unavailable)")
-                    writer.write(shown)
+                if outputs.video is not None:
+                    outputs.write_frame(shown)
                 if config.display:
                     cv2.imshow(config.window, shown)
                     if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
@@ -309,31 +315,85 @@ def run_live(model: Any, source: FrameSource, config: LiveConfig,
             if not source.live:  # a file ended: let the worker finish what it has
                 if not worker.wait_idle(config.drain_timeout_s):
                     log.warning("answers still pending after %.0fs; stopping", config.drain_timeout_s)
-        finished = True
     except KeyboardInterrupt:
         log.info("interrupted; shutting down")
-        finished = True
+        stats.interrupted = True
     finally:
         stats.seconds = time.perf_counter() - t_start
         worker.stop()
-        worker.join(timeout=config.join_timeout_s)
+        if worker.ident is not None:  # started
+            worker.join(timeout=config.join_timeout_s)
         if worker.is_alive():
             log.warning("VLM worker did not stop within %.1fs", config.join_timeout_s)
         source.close()
         stats.dropped_jobs = worker.jobs.dropped
-        if writer is not None:
-            writer.release()
-        if jsonl_fh is not None:
-            jsonl_fh.close()
+        stats.skipped = getattr(source, "skipped", 0)
         if config.display:
             cv2.destroyAllWindows()
-        for out in (jsonl, video):
-            if out is None:
-                continue
-            if finished and (out is jsonl or writer is not None):
-                out.commit()
-            else:
-                out.discard()
     if worker.error is not None:
         raise worker.error
-    return stats
+
+
+class _Outputs:
+    """The loop's files. JSON lines: opened (created, or appended to) before the first frame, one flushed and
+    fsync-ed line per answer. Video: a temporary file beside ``--output`` (stale ones of dead runs removed first)
+    that replaces it at the end when frames were written, and is removed otherwise. After an error the video is
+    removed too, and so is a JSON lines file this run created and never wrote to; written lines always stay."""
+
+    def __init__(self, config: LiveConfig, source: FrameSource) -> None:
+        self.config = config
+        self.fps = source.fps if source.fps and source.fps > 0 else 25.0
+        self.closed = False
+        self.jsonl = None
+        self.video: Path | None = None
+        self.writer = None
+        self.frames = 0
+        self.lines = 0
+        self.created_jsonl = False
+        try:
+            if config.jsonl is not None:
+                self.created_jsonl = not os.path.lexists(config.jsonl)
+                self.jsonl = open_line_log(config.jsonl, append=config.append)
+            if config.output is not None:
+                clean_stale_temp_files(Path(config.output))
+                self.video = temp_file_beside(Path(config.output))
+        except BaseException:
+            if self.jsonl is not None:
+                self.jsonl.close()
+                if self.created_jsonl:
+                    Path(config.jsonl).unlink(missing_ok=True)
+            raise
+
+    def record(self, rec: dict) -> None:
+        if self.jsonl is not None:
+            write_line(self.jsonl, json.dumps(rec))
+            self.lines += 1
+
+    def write_frame(self, image: np.ndarray) -> None:
+        import cv2
+
+        if self.writer is None:
+            h, w = image.shape[:2]
+            self.writer = cv2.VideoWriter(str(self.video), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self.writer.isOpened():
+                raise OutputError(f"cannot write video {self.config.output} (mp4v codec unavailable)")
+        self.writer.write(image)
+        self.frames += 1
+
+    def close(self, keep: bool) -> None:
+        """Finalise: the video becomes ``--output`` when ``keep`` and frames were written; temps always go."""
+        self.closed = True
+        try:
+            if self.jsonl is not None:
+                self.jsonl.close()
+                if not keep and self.created_jsonl and not self.lines:
+                    Path(self.config.jsonl).unlink(missing_ok=True)
+        finally:
+            if self.video is not None:
+                try:
+                    if self.writer is not None:
+                        self.writer.release()
+                    if keep and self.frames:
+                        commit_temp_file(self.video, Path(self.config.output))
+                finally:
+                    Path(self.video).unlink(missing_ok=True)  # no-op once committed

@@ -16,6 +16,9 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from facellm_edge.errors import InputError
+from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image
+
+__all__ = ["FrameSource", "ImageFiles", "VideoFile", "LiveCapture", "open_source", "read_image", "Frame"]
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,12 @@ class ReconnectPolicy:
     factor: float = 2.0
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as BGR uint8; unreadable/empty -> :class:`InputError`."""
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None or image.size == 0:
-        raise InputError(f"cannot decode image {path} (empty or not an image file)")
-    return image
-
-
 def _default_opener(target: Any) -> Capture:
+    import os
+
+    # FFmpeg's own messages about damaged frames would go straight to stderr, one per frame; the sources report
+    # skipped frames themselves. Read once, when OpenCV opens its first video: a user's own setting is kept.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     import cv2
 
     return cv2.VideoCapture(target)
@@ -72,6 +66,8 @@ class FrameSource:
 
     live = False
     description = ""
+    skipped = 0  # images / frames that could not be read and were left out (each logged once as a warning)
+    unit = "frames"
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -91,29 +87,59 @@ class FrameSource:
 
 
 class ImageFiles(FrameSource):
-    """One image or a folder of images (sorted by name)."""
+    """One image or a folder of images (sorted by name). In a folder, an image that cannot be read (damaged, not an
+    image, too large, no permission) is skipped with a warning and counted in ``skipped``; only when none of them
+    can be read is that an error."""
 
-    def __init__(self, paths: list[Path], description: str) -> None:
+    unit = "images"
+
+    def __init__(self, paths: list[Path], description: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if not paths:
             raise InputError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {description}")
         self.paths = paths
         self.description = description
+        self.max_pixels = max_pixels
+        self.skipped = 0
 
     def __iter__(self) -> Iterator[Frame]:
+        self.skipped = 0
         for i, p in enumerate(self.paths):
-            yield Frame(i, read_image(p), p.name)
+            try:
+                image = read_image(p, self.max_pixels)
+            except InputError as exc:
+                if len(self.paths) == 1:
+                    raise
+                self.skipped += 1
+                log.warning("%s; skipped", exc)
+                continue
+            yield Frame(i, image, p.name)
+        if self.skipped == len(self.paths):
+            raise InputError(f"none of the {len(self.paths)} images in {self.description} could be read")
 
 
 class VideoFile(FrameSource):
-    """A video file read in order, every frame."""
+    """A video file read in order, every frame. A frame that cannot be decoded (a damaged stretch of the file) is
+    skipped and counted in ``skipped``, and reading goes on up to the container's frame count: a failed read is
+    the end only past that count, when the count is unknown, or after ``max_bad_run`` failures in a row. Frame
+    indexes are positions in the file (skipped ones included)."""
 
-    def __init__(self, path: Path, opener: Opener = _default_opener) -> None:
+    def __init__(self, path: Path, opener: Opener = _default_opener, max_bad_run: int = 250) -> None:
         self.description = str(path)
+        self.max_bad_run = max_bad_run
+        self.skipped = 0
         self._cap = opener(str(path))
         if not self._cap.isOpened():
             self._cap.release()
             raise InputError(f"cannot open video {path} (unsupported codec or not a video)")
         self._stopped = threading.Event()
+
+    def _frame_count(self) -> int:
+        import cv2
+
+        try:
+            return max(0, int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
+        except Exception:  # a non-cv2 capture without properties
+            return 0
 
     @property
     def fps(self) -> float:
@@ -122,13 +148,24 @@ class VideoFile(FrameSource):
         return float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
 
     def __iter__(self) -> Iterator[Frame]:
-        i = 0
+        total, i, bad_run, good = self._frame_count(), 0, 0, 0
         while not self._stopped.is_set():
             ok, image = self._cap.read()
-            if not ok or image is None:
-                return
-            yield Frame(i, image)
+            if ok and image is not None:
+                bad_run = 0
+                good += 1
+                yield Frame(i, image)
+            elif i >= total or bad_run >= self.max_bad_run:
+                break
+            else:
+                if bad_run == 0:
+                    log.warning("%s: frame %d cannot be decoded (damaged?); skipping to the next good frame",
+                                self.description, i)
+                bad_run += 1
+                self.skipped += 1
             i += 1
+        if not good and self.skipped and not self._stopped.is_set():
+            raise InputError(f"no frame of {self.description} could be decoded ({self.skipped} tried)")
 
     def close(self) -> None:
         self._stopped.set()
@@ -235,8 +272,9 @@ class LiveCapture(FrameSource):
 
 
 def open_source(spec: str | int, *, opener: Opener = _default_opener,
-                reconnect: ReconnectPolicy = ReconnectPolicy()) -> FrameSource:
-    """``0``/``"0"`` camera index, ``rtsp://...``/``http://...`` stream, a directory, an image, or a video file."""
+                reconnect: ReconnectPolicy = ReconnectPolicy(), max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameSource:
+    """``0``/``"0"`` camera index, ``rtsp://...``/``http://...`` stream, a directory, an image, or a video file.
+    ``max_pixels`` bounds the size of image files (0 = no limit)."""
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
         index = int(spec)
         return LiveCapture(index, opener=opener, reconnect=reconnect, description=f"camera {index}")
@@ -247,9 +285,13 @@ def open_source(spec: str | int, *, opener: Opener = _default_opener,
         return LiveCapture(text, opener=opener, reconnect=reconnect, description=f"stream {text}")
     path = Path(text).expanduser()
     if path.is_dir():
-        return ImageFiles(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS), f"folder {path}")
+        try:
+            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        except OSError as exc:
+            raise InputError(f"cannot list folder {path}: {exc.strerror or exc}") from exc
+        return ImageFiles(paths, f"folder {path}", max_pixels)
     if not path.exists():
         raise InputError(f"source not found: {path} (pass a camera index, a file, a folder or a stream URL)")
     if path.suffix.lower() in IMAGE_EXTS:
-        return ImageFiles([path], str(path))
+        return ImageFiles([path], str(path), max_pixels)
     return VideoFile(path, opener=opener)
