@@ -91,3 +91,193 @@ def test_facexbench_folder_loads_with_exact_prompts(facexbench_dir):
         "fairface_single_mcq_age_test/2": "single", "tools_retrieval/1": "zero"}
     assert (items["fairface_single_mcq_age_test/2"].option_map["C"], items["tools_retrieval/1"].category) == (
         "Cannot determine", "tools_use")
+
+
+# -- the whole eval on FaceXBench's layout: predictions.jsonl, accuracy by num_images, eval score -----------------
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_eval_run_on_facexbench_folder_writes_predictions(facexbench_dir, tiny_checkpoint, tmp_path, capsys):
+    from facellm_edge.cli import main
+    from facellm_edge.evaluate.letters import extract_letter_facexbench
+    from facellm_edge.io import MARKER
+
+    out = tmp_path / "res"
+    rc = main(["eval", "run", "--bench", str(facexbench_dir), "--model", str(tiny_checkpoint), "--out", str(out),
+               "--max-new-tokens", "3", "--bootstrap", "50"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "predictions.jsonl", "results.json", "results.md",
+                                                     "results.png"]
+    items = {it.id: it for it in load_bench(facexbench_dir)}
+    preds = _lines(out / "predictions.jsonl")
+    assert [p["id"] for p in preds] == sorted(items)  # files in name order, questions in file order
+    for p in preds:
+        it = items[p["id"]]
+        # the exact text the model was asked (FaceXBench's prompt, no prepend_text by default) and its images
+        assert p["prompt"] == it.prompt(prepend_text=False) and "This is the" not in p["prompt"]
+        assert p["images"] == [str(x) for x in it.images]
+        assert (p["answer"], p["task"], p["category"], p["num_images"]) == (it.answer, it.task, it.category,
+                                                                          it.num_images)
+        assert p["predicted"] == extract_letter_facexbench(p["raw"], it.option_map)  # the default rules
+        assert p["truncated"] in (True, False, None)
+    assert preds[-1]["prompt"].startswith("Ignore the black image provided.\n")  # tools_use context kept
+    doc = json.loads((out / "results.json").read_text())
+    assert {k: doc["meta"][k] for k in ("prepend_text", "letter_rules", "max_new_tokens")} == {
+        "prepend_text": False, "letter_rules": "facexbench", "max_new_tokens": 3}
+    s = doc["summary"]
+    assert {k: v["n"] for k, v in s["by_num_images"].items()} == {"multiple": 1, "single": 2, "zero": 1}
+    cap = s["hit_max_new_tokens"]
+    assert cap["count"] + cap["unknown"] <= 4 and cap["count"] == sum(p["truncated"] is True for p in preds)
+    md = (out / "results.md").read_text()
+    assert "| images | n |" in md and "| multiple | 1 |" in md and "prepend_text off" in md and "`facexbench`" in md
+    # the folder is ours by its marker (predictions.jsonl included): --force replaces it
+    rc = main(["eval", "--bench", str(facexbench_dir), "--model", str(tiny_checkpoint), "--out", str(out),
+               "--max-new-tokens", "3", "--bootstrap", "50", "--force", "--prepend-text", "--limit", "2"])
+    assert rc == 0, capsys.readouterr().err
+    again = _lines(out / "predictions.jsonl")
+    assert [p["id"] for p in again] == sorted(items)[:2]
+    assert all(p["prompt"] == items[p["id"]].prompt(prepend_text=True) and "This is the" in p["prompt"]
+               for p in again)
+    assert json.loads((out / "results.json").read_text())["meta"]["prepend_text"] is True
+
+
+def test_transformers_backend_asks_the_prepend_text_only_when_loaded_with_it(facexbench_dir, tiny_checkpoint):
+    from facellm_edge.evaluate.backends import TransformersBackend, TransformersConfig
+
+    backend = TransformersBackend(TransformersConfig(model=str(tiny_checkpoint)))
+    tok = backend._processor.tokenizer
+    for prepend in (False, True):
+        (item,) = [it for it in load_bench(facexbench_dir, prepend_text=prepend) if it.id == "tools_retrieval/1"]
+        text = tok.decode(backend.encode(item)["input_ids"][0])
+        assert item.prompt() in text
+        assert ("This is the tools_retrieval task.\n" in text) is prepend
+
+
+# Saved answers for the fixture's four questions, and what each rule set reads from them.
+SAVED = {
+    "fairface_single_mcq_age_test/1": ("C", False, "C", "C"),
+    "fairface_single_mcq_age_test/2": ("Cannot determine", None, "C", "C"),  # an option, not a refusal
+    "agedb30_multiple_mcq/1": ("I think it is (B) Images 1 and 3, not A", True, "B", None),  # robust: ambiguous
+    "tools_retrieval/1": ("answer: a", None, None, "A"),  # facexbench: lowercase is never a label
+}
+
+
+def _saved_predictions(path: Path, bench: Path, **change) -> Path:
+    items = {it.id: it for it in load_bench(bench)}
+    lines = []
+    for qid, (raw, truncated, _, _) in SAVED.items():
+        rec = {"id": qid, "prompt": items[qid].prompt(), "images": [str(p) for p in items[qid].images], "raw": raw,
+               "predicted": "Z", "answer": items[qid].answer, "truncated": truncated, "seconds": 0.5}
+        lines.append(json.dumps({**rec, **change.get(qid, {})}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("rules, column", [("facexbench", 2), ("robust", 3)])
+def test_eval_score_rescores_saved_answers_without_a_model(facexbench_dir, tmp_path, capsys, rules, column):
+    import shutil
+
+    from facellm_edge.cli import main
+
+    preds = _saved_predictions(tmp_path / "predictions.jsonl", facexbench_dir)
+    shutil.rmtree(facexbench_dir / "images")  # re-scoring needs the questions only
+    out = tmp_path / "scored"
+    rc = main(["eval", "score", "--bench", str(facexbench_dir), "--predictions", str(preds), "--letter-rules", rules,
+               "--out", str(out), "--bootstrap", "50"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((out / "results.json").read_text())
+    got = {it["id"]: it["predicted"] for it in doc["items"]}
+    assert got == {qid: row[column] for qid, row in SAVED.items()}
+    assert doc["summary"]["overall"]["correct"] == 3 and doc["summary"]["overall"]["unanswered"] == 1
+    assert doc["summary"]["hit_max_new_tokens"] == {"count": 1, "unknown": 2}
+    assert doc["meta"]["letter_rules"] == rules and doc["meta"]["rescored_from"] == str(preds)
+    assert {k: v["n"] for k, v in doc["summary"]["by_num_images"].items()} == {"multiple": 1, "single": 2, "zero": 1}
+    rescored = _lines(out / "predictions.jsonl")
+    assert [(p["id"], p["raw"], p["predicted"]) for p in rescored] == [(q, r[0], r[column]) for q, r in SAVED.items()]
+    assert "re-scored from" in (out / "results.md").read_text()
+
+
+def test_eval_score_takes_the_run_settings_from_the_results_beside(facexbench_dir, tmp_path, capsys):
+    from facellm_edge.cli import main
+    from facellm_edge.evaluate.report import write_results
+    from facellm_edge.evaluate.runner import results_document
+
+    run = tmp_path / "run"
+    write_results(run, results_document([], {"bench": "b", "model": "Idiap/FaceLLM-1B", "backend": "transformers",
+                                             "prepend_text": False, "letter_rules": "facexbench",
+                                             "max_new_tokens": 2048}),
+                  predictions=_saved_predictions(tmp_path / "p.jsonl", facexbench_dir).read_text())
+    assert main(["eval", "score", "--bench", str(facexbench_dir), "--predictions", str(run / "predictions.jsonl"),
+                 "--letter-rules", "robust", "--out", str(tmp_path / "s"), "--bootstrap", "50"]) == 0
+    meta = json.loads((tmp_path / "s" / "results.json").read_text())["meta"]
+    assert (meta["model"], meta["backend"], meta["max_new_tokens"], meta["letter_rules"]) == (
+        "Idiap/FaceLLM-1B", "transformers", 2048, "robust")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"agedb30_multiple_mcq/1": {"id": "agedb30_multiple_mcq/9"}},
+     "line 3: question 'agedb30_multiple_mcq/9' is not in the bench"),
+    ({"agedb30_multiple_mcq/1": {"id": "fairface_single_mcq_age_test/1"}},
+     "line 3: question 'fairface_single_mcq_age_test/1' appears a second time"),
+    ({"tools_retrieval/1": {"answer": "B"}}, "line 4: question 'tools_retrieval/1' has correct letter 'B' here but "
+                                              "'A' in the bench: not the same bench"),
+    ({"fairface_single_mcq_age_test/2": {"prompt": "Is the person older than 30?\n"}},
+     "line 2: question 'fairface_single_mcq_age_test/2' was asked with another prompt"),
+    ({"fairface_single_mcq_age_test/1": {"raw": 3}}, "line 1: needs string fields 'id' and 'raw'"),
+    ({"fairface_single_mcq_age_test/1": {"truncated": "yes"}}, "line 1: 'truncated' must be true, false or null"),
+])
+def test_eval_score_refuses_predictions_of_another_bench(facexbench_dir, tmp_path, capsys, edit, expected):
+    from facellm_edge.cli import main
+
+    preds = _saved_predictions(tmp_path / "p.jsonl", facexbench_dir, **edit)
+    capsys.readouterr()
+    rc = main(["eval", "score", "--bench", str(facexbench_dir), "--predictions", str(preds), "--out",
+               str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 3 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_score_file_errors_and_usage(facexbench_dir, tmp_path, capsys):
+    from facellm_edge.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "raw": "A"}\n{torn')
+    for preds, code, expected in [(bad, 3, "line 2 is not valid JSON"), (tmp_path / "none.jsonl", 3, "does not exist"),
+                                  (tmp_path, 3, "is a folder; pass its predictions.jsonl")]:
+        rc = main(["eval", "score", "--bench", str(facexbench_dir), "--predictions", str(preds), "--out",
+                   str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == code and expected in err and err.count("\n") == 1, err
+    good = _saved_predictions(tmp_path / "p.jsonl", facexbench_dir)
+    assert main(["eval", "score", "--bench", str(facexbench_dir), "--predictions", str(good), "--letter-rules", "lax",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "unknown --letter-rules 'lax'" in capsys.readouterr().err
+    assert main(["eval", "--bench", str(facexbench_dir), "score", "--predictions", str(good)]) == 2
+    assert "go after its subcommand" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rules, column", [("facexbench", 2), ("robust", 3)])
+def test_run_bench_reads_letters_by_the_chosen_rules_and_keeps_the_cap_report(facexbench_dir, rules, column):
+    """run_bench with a backend that replays saved answers (the MCQBackend protocol), as plain strings (no stop
+    reason) or as MCQAnswer (stop reason known)."""
+    from facellm_edge.evaluate.mcq import MCQAnswer
+    from facellm_edge.evaluate.runner import run_bench
+
+    class Replay:
+        name, model, max_images = "replay", "saved answers", None
+
+        def answer(self, item):
+            raw, truncated = SAVED[item.id][:2]
+            return raw if truncated is None else MCQAnswer(raw, truncated)
+
+        def close(self):
+            pass
+
+    results = run_bench(load_bench(facexbench_dir), Replay(), letter_rules=rules)
+    assert {r.id: (r.raw, r.truncated, r.predicted) for r in results} == {
+        q: (row[0], row[1], row[column]) for q, row in SAVED.items()}
+    assert {r.id: r.num_images for r in results}["agedb30_multiple_mcq/1"] == "multiple"

@@ -46,7 +46,8 @@ def test_eval_transformers_path(tiny_checkpoint, bench, tmp_path, capsys):
                str(out), "--max-new-tokens", "4", "--bootstrap", "200"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "predictions.jsonl", "results.json", "results.md",
+                                                     "results.png"]
     doc = json.loads((out / "results.json").read_text())
     assert doc["schema"] == "facellm-edge/eval-results/1" and doc["meta"]["backend"] == "transformers"
     items = doc["items"]
@@ -139,9 +140,20 @@ def test_eval_usage_errors(bench, tmp_path, capsys):
     assert "exactly one of --model" in capsys.readouterr().err
     assert main(["eval", "--bench", str(path), "--images", str(images), "--model", "m", "--bundle", "b"]) == 2
     assert main(["eval", "--images", str(images)]) == 2
+    capsys.readouterr()
     assert main(["eval", "--bench", str(path), "--images", str(images), "--model", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "o")]) == 3
-    assert "cannot load InternVL checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the processor is loaded first (load_processor), so it names the failure
+    assert err.startswith(f"error: cannot load the processor/tokenizer of {tmp_path / 'nope'}: ") and \
+        err.count("\n") == 1
+    # `eval run` is the same command, with the same checks
+    assert main(["eval", "run", "--bench", str(path), "--images", str(images)]) == 2
+    assert "exactly one of --model" in capsys.readouterr().err
+    # an unknown rule set is refused before any work
+    assert main(["eval", "run", "--bench", str(path), "--images", str(images), "--model", str(tmp_path / "nope"),
+                 "--letter-rules", "lax", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown --letter-rules 'lax'; choose from facexbench, robust" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bundle_backend_refuses_multi_image_questions(bench, tmp_path, capsys):
@@ -164,6 +176,10 @@ def test_eval_bundle_path_and_compare(tiny_bundle, tiny_checkpoint, bench, tmp_p
     for it in doc["items"]:
         assert isinstance(it["raw"], str) and (it["predicted"] is None or it["predicted"] in "ABCD")
     assert (tmp_path / "edge" / "results.png").stat().st_size > 0
+    preds = [json.loads(line) for line in (tmp_path / "edge" / "predictions.jsonl").read_text().splitlines()]
+    asked = {it.id: it for it in load_bench(single, images)}
+    assert [(p["id"], p["prompt"], p["raw"]) for p in preds] == [(it["id"], asked[it["id"]].prompt(), it["raw"])
+                                                                 for it in doc["items"]]
     # the quantisation-drift report between the edge run and itself: everything agrees, no delta
     assert main(["eval", "compare", str(tmp_path / "edge" / "results.json"), str(tmp_path / "edge" / "results.json"),
                  "--out", str(tmp_path / "cmp")]) == 0

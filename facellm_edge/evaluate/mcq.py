@@ -38,15 +38,18 @@ class MCQItem:
     prepend: str = ""  # FaceXBench's prepend_text (task description): in the prompt only with --prepend-text
     postpend: str = PROMPT_SUFFIX  # FaceXBench's postpend_text (answer instruction), before the options
     num_images: str = ""  # FaceXBench's "single" | "multiple" | "zero" (its tools task shows a black image)
+    with_prepend: bool = False  # the default of prompt(): FaceXBench's --prepend_text, chosen when the bench is loaded
 
     @property
     def option_map(self) -> dict[str, str]:
         return dict(self.options)
 
-    def prompt(self, prepend_text: bool = False) -> str:
+    def prompt(self, prepend_text: bool | None = None) -> str:
         """The question text exactly as FaceXBench's ``evaluate.py`` builds it (the images go before it):
         ``context\n`` + (``prepend_text\n`` with --prepend-text) + ``question\n`` + ``postpend\n`` +
-        ``(A) option\n`` per option, A-D."""
+        ``(A) option\n`` per option, A-D. ``prepend_text`` None: as the bench was loaded (``with_prepend``)."""
+        if prepend_text is None:
+            prepend_text = self.with_prepend
         text = f"{self.context}\n" if self.context else ""
         if prepend_text and self.prepend:
             text += f"{self.prepend}\n"
@@ -56,6 +59,14 @@ class MCQItem:
         for letter, option in self.options[:FACEXBENCH_LABELS]:
             text += f"({letter}) {option}\n"
         return text
+
+
+@dataclass(frozen=True)
+class MCQAnswer:
+    """What a backend answered: the text, and whether generation stopped at the token cap (None: unknown)."""
+
+    text: str
+    truncated: bool | None = None
 
 
 def _str(item: dict, key: str, where: str, required: bool = True) -> str:
@@ -152,15 +163,19 @@ def _read_json(path: Path) -> object:
         raise InputError(f"bench file {path} is not valid JSON: {exc}") from exc
 
 
-def load_bench(path: Path, images_dir: Path | None = None) -> list[MCQItem]:
+def load_bench(path: Path, images_dir: Path | None = None, *, prepend_text: bool = False,
+               check_images: bool = True) -> list[MCQItem]:
     """Read and validate a bench file (or a folder of FaceXBench task files); every error names the item (index
-    and id) and the field. Image paths are relative to ``images_dir`` (default: the bench file's folder)."""
+    and id) and the field. Image paths are relative to ``images_dir`` (default: the bench file's folder).
+    ``prepend_text``: the items' prompts carry FaceXBench's prepend_text (its --prepend_text). ``check_images``
+    False: image files need not exist (re-scoring saved answers needs only the questions)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
             raise InputError(f"bench folder {path} holds no .json files")
-        items = [it for f in files for it in load_bench(f, images_dir if images_dir is not None else path)]
+        items = [it for f in files for it in load_bench(f, images_dir if images_dir is not None else path,
+                                                        prepend_text=prepend_text, check_images=check_images)]
         ids = [it.id for it in items]
         if len(set(ids)) != len(ids):
             raise InputError(f"bench folder {path}: question ids repeat across files")
@@ -198,7 +213,7 @@ def load_bench(path: Path, images_dir: Path | None = None) -> list[MCQItem]:
         paths = []
         for p in imgs:
             full = Path(p) if Path(p).is_absolute() or images_dir is None else Path(images_dir) / p
-            if not full.is_file():
+            if check_images and not full.is_file():
                 raise InputError(f"{where}: image {full} does not exist (check --images)")
             paths.append(full)
         items.append(MCQItem(
@@ -207,6 +222,6 @@ def load_bench(path: Path, images_dir: Path | None = None) -> list[MCQItem]:
             groups=_groups(item, where), context=_text(item, "context", where),
             prepend=_text(item, "prepend_text", where),
             postpend=_text(item, "postpend_text", where) if "postpend_text" in item else PROMPT_SUFFIX,
-            num_images=_text(item, "num_images", where) or _count_name(len(paths)),
+            num_images=_text(item, "num_images", where) or _count_name(len(paths)), with_prepend=prepend_text,
         ))
     return items

@@ -1,5 +1,5 @@
-"""Eval outputs: ``results.json`` + ``results.md`` + ``results.png`` (and ``compare.*``), written as one atomic
-directory (nothing appears unless everything was written)."""
+"""Eval outputs: ``results.json`` + ``results.md`` + ``results.png`` + ``predictions.jsonl`` (and ``compare.*``),
+written as one atomic directory (nothing appears unless everything was written)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facellm_edge.io import OutputKind, atomic_directory, check_replaceable, known_file_set
 from facellm_edge.errors import InputError, require
+from facellm_edge.evaluate.predictions import PREDICTIONS
 from facellm_edge.evaluate.scoring import ItemResult
 
 RESULTS_SCHEMA = "facellm-edge/eval-results/1"
@@ -39,13 +40,29 @@ def _acc_rows(title: str, table: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def _settings_lines(m: dict, s: dict) -> list[str]:
+    lines = []
+    if "letter_rules" in m:
+        lines.append(f"- prompt: FaceXBench's, prepend_text {'on' if m.get('prepend_text') else 'off'}; letters read "
+                     f"by the `{m['letter_rules']}` rules; answers capped at {m.get('max_new_tokens', '?')} new tokens")
+    if m.get("rescored_from"):
+        lines.append(f"- re-scored from `{m['rescored_from']}` (no model run)")
+    cap = s.get("hit_max_new_tokens")
+    if cap is not None:
+        unknown = f" ({cap['unknown']} answers without a stop reason)" if cap["unknown"] else ""
+        lines.append(f"- answers that hit the token cap: {cap['count']}{unknown}")
+    return lines
+
+
 def results_markdown(doc: dict) -> str:
     s, m = doc["summary"], doc["meta"]
     lines = [f"# Evaluation: {m.get('bench', '')}", "", f"- model: `{m.get('model', '')}` ({m.get('backend', '')})",
-             f"- questions: {s['overall']['n']}, wall time {m.get('wall_s', 0):.1f} s", ""]
+             f"- questions: {s['overall']['n']}, wall time {m.get('wall_s', 0):.1f} s", *_settings_lines(m, s), ""]
     lines += _acc_rows("overall", {"all": s["overall"]})
     lines += _acc_rows("category", s["by_category"])
     lines += _acc_rows("task", s["by_task"])
+    if s.get("by_num_images"):
+        lines += _acc_rows("images", s["by_num_images"])
     for attr, table in s["by_group"].items():
         lines += _acc_rows(f"{attr}", table)
     return "\n".join(lines)
@@ -77,10 +94,13 @@ def _bar_png(path: Path, labels: list[str], series: dict[str, list[float]], errs
     fig.savefig(path, format="png", dpi=100)
 
 
-def write_results(out: Path, doc: dict, *, force: bool = False) -> Path:
+def write_results(out: Path, doc: dict, *, force: bool = False, predictions: str | None = None) -> Path:
+    """The results folder; ``predictions``: the text of its ``predictions.jsonl`` (see evaluate.predictions)."""
     s = doc["summary"]
     with atomic_directory(Path(out), force=force, kind=RESULTS) as tmp:
         (tmp / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if predictions is not None:
+            (tmp / PREDICTIONS).write_text(predictions, encoding="utf-8")
         (tmp / "results.md").write_text(results_markdown(doc), encoding="utf-8")
         cats = {"overall": s["overall"], **s["by_category"]}
         _bar_png(tmp / "results.png", list(cats), {"accuracy": [c["accuracy"] for c in cats.values()]},
@@ -104,6 +124,17 @@ def load_results(path: Path) -> tuple[dict, list[ItemResult]]:
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: an item is malformed ({exc})") from exc
     return doc.get("meta", {}), items
+
+
+def run_meta(folder: Path) -> dict:
+    """The meta of the ``results.json`` in ``folder`` (the run a ``predictions.jsonl`` beside it came from: model,
+    backend, prompt settings), or {} when there is none of ours."""
+    try:
+        meta, _ = load_results(Path(folder) / "results.json")
+    except InputError:
+        return {}
+    return {k: v for k, v in meta.items() if k not in ("rescored_from", "bench_questions")} \
+        if isinstance(meta, dict) else {}
 
 
 def compare_markdown(cmp: dict) -> str:

@@ -18,6 +18,7 @@ class ItemResult:
     raw: str
     seconds: float
     num_images: str = ""  # FaceXBench's single / multiple / zero
+    truncated: bool | None = None  # generation stopped at --max-new-tokens (None: the backend did not say)
 
     @property
     def correct(self) -> bool:
@@ -30,7 +31,14 @@ class ItemResult:
     def from_json(cls, d: dict) -> "ItemResult":
         return cls(id=str(d["id"]), category=str(d["category"]), task=str(d["task"]), groups=dict(d.get("groups") or {}),
                    answer=str(d["answer"]), predicted=d.get("predicted"), raw=str(d.get("raw", "")),
-                   seconds=float(d.get("seconds", 0.0)), num_images=str(d.get("num_images") or ""))
+                   seconds=float(d.get("seconds", 0.0)), num_images=str(d.get("num_images") or ""),
+                   truncated=_opt_bool(d.get("truncated")))
+
+
+def _opt_bool(value: object) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"'truncated' must be true, false or null, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -91,5 +99,7 @@ def score(results: list[ItemResult], config: ScoreConfig = ScoreConfig()) -> dic
         "by_task": _by(results, lambda r: r.task, config),
         "by_group": groups,
         "by_num_images": _by([r for r in results if r.num_images], lambda r: r.num_images, config),
+        "hit_max_new_tokens": {"count": sum(r.truncated is True for r in results),
+                               "unknown": sum(r.truncated is None for r in results)},
         "bootstrap": {"n": config.n_bootstrap, "seed": config.seed, "confidence": config.confidence},
     }
