@@ -419,10 +419,15 @@ def clean_stale_temp_files(dest: Path) -> list[Path]:
     return removed
 
 
-def commit_temp_file(tmp: Path, dest: Path) -> None:
-    """Give ``tmp`` the mode of an ordinary new file (umask respected) and move it to ``dest`` atomically."""
+def commit_temp_file(tmp: Path, dest: Path, *, replace: bool = True) -> None:
+    """Give ``tmp`` the mode of an ordinary new file (umask respected) and move it to ``dest`` atomically. With
+    ``replace=False`` an existing ``dest`` is never touched: :class:`FileExistsError` (hard link, then unlink)."""
     os.chmod(tmp, file_mode())
-    os.replace(tmp, dest)
+    if replace:
+        os.replace(tmp, dest)
+    else:
+        os.link(tmp, dest)
+        os.unlink(tmp)
 
 
 # -- images -----------------------------------------------------------------------------------------------------

@@ -349,6 +349,8 @@ class FaceLLM:
 
 def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> list[Path]:
     """Write the aligned crops the model saw as PNGs (only when the user asked: faces are biometric data)."""
+    import os
+
     import cv2
 
     from facellm_edge.io import commit_temp_file, temp_file_beside
@@ -357,18 +359,22 @@ def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> l
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create --save-crops folder {out_dir}: {exc.strerror or exc}") from exc
+    named = [(i, f, out_dir / (f"{prefix}{i}.png" if f.track_id is None else f"{prefix}_track{f.track_id}.png"))
+             for i, f in enumerate(faces) if f.crop is not None]
+    taken = [dest for _, _, dest in named if os.path.lexists(dest)]
+    if taken:  # never replace a file we cannot prove is ours: the user's picture may carry that name
+        raise OutputError(f"--save-crops: {taken[0]} already exists; choose an empty folder")
     paths = []
-    for i, f in enumerate(faces):
-        if f.crop is None:
-            continue
+    for i, f, dest in named:
         ok, data = cv2.imencode(".png", f.crop)
         if not ok:
             raise OutputError(f"cannot encode crop {i} as PNG")
-        dest = out_dir / (f"{prefix}{i}.png" if f.track_id is None else f"{prefix}_track{f.track_id}.png")
         tmp = temp_file_beside(dest)
         try:
             tmp.write_bytes(data.tobytes())
-            commit_temp_file(tmp, dest)
+            commit_temp_file(tmp, dest, replace=False)
+        except FileExistsError as exc:  # created by someone else since the check above
+            raise OutputError(f"--save-crops: {dest} already exists; choose an empty folder") from exc
         except OSError as exc:
             raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
         finally:  # an error or Ctrl-C: no hidden copy of a face is left behind

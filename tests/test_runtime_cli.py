@@ -45,6 +45,15 @@ def test_ask_text_and_save_crops(photos, common, capsys, tmp_path):
     # one "face N [box]: answer" line per face (the random model's answers may contain any text, "face " too)
     assert rc == 0 and len(re.findall(r"^face \d+ \[", out, flags=re.M)) == 6 and "ms" in out
     assert len(list((tmp_path / "crops").glob("*.png"))) == 6
+    assert not [p for p in (tmp_path / "crops").iterdir() if p.name.startswith(".")]  # no hidden temp left
+    # a second ask into the same folder: the crops there are not provably ours, so nothing is replaced
+    before = {p.name: p.read_bytes() for p in (tmp_path / "crops").iterdir()}
+    (tmp_path / "crops" / "face0.png").write_bytes(b"the user's own picture")
+    before["face0.png"] = b"the user's own picture"
+    rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *common])
+    err = capsys.readouterr().err
+    assert rc == 4 and err.count("\n") == 1 and "face0.png already exists; choose an empty folder" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "crops").iterdir()} == before
 
 
 def test_ask_no_face_is_a_record(photos, common, capsys):

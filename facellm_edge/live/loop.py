@@ -233,7 +233,6 @@ class LiveStats:
     dropped_jobs: int = 0
     skipped: int = 0  # images / frames of the source that could not be read (see FrameSource.skipped)
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM (KeyboardInterrupt)
-    records: list[dict] = field(default_factory=list)  # one per answered track (what --jsonl gets)
     track_frames: dict[int, int] = field(default_factory=dict)  # track id -> frames it was seen in
 
     @property
@@ -262,8 +261,7 @@ def run_live(model: Any, source: FrameSource, config: LiveConfig,
             with lock:
                 if outputs.closed:  # a late answer from a worker that outlived the join timeout
                     return
-                stats.answers += 1
-                stats.records.append(rec)
+                stats.answers += 1  # records go to --jsonl / on_record as they come: none kept in memory
                 outputs.record(rec)
             if on_record is not None:
                 on_record(rec)
