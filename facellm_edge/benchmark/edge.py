@@ -34,12 +34,9 @@ def edge_payload(bundle: Path, vision: str, quant: str, image: Path, question: s
 
 
 def read_bgr(path: str | Path) -> np.ndarray:
-    import cv2
+    from facellm_edge.io import read_image
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"cannot read image {path} (a JPEG/PNG photo with at least one face is needed)")
-    return img
+    return read_image(Path(path))  # the runtime's own reader and decoded-size bound
 
 
 def make_detector(detector_model: str | Path | None, threads: int | None):

@@ -19,7 +19,7 @@ from typing import Any
 
 from facellm_edge.benchmark.config import NAIVE_TARGETS
 from facellm_edge.benchmark.stages import RssSampler, StageTimer, repeat, rss_mb
-from facellm_edge.errors import CheckpointError, InputError, RuntimeStageError, require
+from facellm_edge.errors import CheckpointError, RuntimeStageError, require
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,9 @@ def _load_rgb(path: str):
     import cv2
     from PIL import Image
 
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise InputError(f"cannot read image {path}")
-    return Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    from facellm_edge.io import read_image
+
+    return Image.fromarray(cv2.cvtColor(read_image(Path(path)), cv2.COLOR_BGR2RGB))
 
 
 class _TokenClock:

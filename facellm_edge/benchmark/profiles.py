@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from facellm_edge.benchmark.stages import StageTimer, repeat, summarize
+from facellm_edge.llm.engine import call_holding_signals
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ def _kv_profiles(p: dict[str, Any], bundle, threads: int, runs: int, warmup: int
     prefill: dict[str, list[float]] = {}
     decode: dict[str, list[float]] = {}
     for name, ggml_type in types.items():
-        llm = llama_cpp.Llama(str(gguf_path), n_ctx=max(1024, prompt_len + n_new + 16), n_threads=threads,
-                              n_threads_batch=threads, flash_attn=True, type_k=ggml_type, type_v=ggml_type,
-                              verbose=False)
+        llm = call_holding_signals(lambda: llama_cpp.Llama(  # Ctrl-C mid-load: honoured once the load returns
+            str(gguf_path), n_ctx=max(1024, prompt_len + n_new + 16), n_threads=threads, n_threads_batch=threads,
+            flash_attn=True, type_k=ggml_type, type_v=ggml_type, verbose=False), release=lambda m: m.close())
         try:
             words = llm.tokenize(p["question"].encode(), add_bos=False)
             prompt = (words * (prompt_len // max(len(words), 1) + 1))[:prompt_len]
