@@ -215,6 +215,19 @@ def _unlocked(path: Path) -> bool:
         os.close(fd)  # closing releases the probe's lock
 
 
+def _siblings_named(dest: Path, pattern: "re.Pattern[str]") -> Iterator[tuple[os.DirEntry, "re.Match[str]"]]:
+    """The entries beside ``dest`` whose names match ``pattern`` (none when the folder cannot be listed)."""
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is not None:
+            yield entry, m
+
+
 def clean_stale_temps(dest: Path) -> list[Path]:
     """Remove ``dest``'s temporary siblings left by dead processes; return what was removed or restored.
 
@@ -222,17 +235,11 @@ def clean_stale_temps(dest: Path) -> list[Path]:
     set aside for the instant of the swap -> removed when ``dest`` exists, renamed back to ``dest`` otherwise.
     """
     dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
     # exactly the names atomic_directory gives: mkdtemp's suffix is 8 characters of [a-z0-9_]
     pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(?:(tmp)-(\d+)-[a-z0-9_]{{8}}|(old)-(\d+))$")
     done: list[Path] = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return done
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or not entry.is_dir(follow_symlinks=False):
+    for entry, m in _siblings_named(dest, pattern):
+        if not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(m.group(2) or m.group(4))
         if _pid_alive(pid):
@@ -401,16 +408,10 @@ def clean_stale_temp_files(dest: Path) -> list[Path]:
     """Remove the temporary files of :func:`temp_file_beside` for ``dest`` whose process is gone (``kill -9``, power
     cut): they may hold faces. A live process's file is never touched."""
     dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
     pattern = re.compile(rf"^\.{re.escape(dest.stem)}\.tmp-(\d+)-{_TEMP_FILE_RANDOM}{re.escape(dest.suffix)}$")
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or not entry.is_file(follow_symlinks=False) or _pid_alive(int(m.group(1))):
+    for entry, m in _siblings_named(dest, pattern):
+        if not entry.is_file(follow_symlinks=False) or _pid_alive(int(m.group(1))):
             continue
         with contextlib.suppress(OSError):
             os.unlink(entry.path)
