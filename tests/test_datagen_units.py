@@ -105,7 +105,7 @@ def test_import_fairfacegpt(tmp_path, astronaut_bgr, capsys):
     assert main(["data", "import-fairfacegpt", str(src), "--out", str(out)]) == 4
     for entry, msg in [({"image": "train/1.jpg"}, "entry 0: needs 'conversations'"),
                        ({"image": "train/2.jpg", "question": "q", "answer": "a"}, "are not under"),
-                       ({"conversations": []}, "entry 0 has no image path"),
+                       ({"conversations": []}, "entry 0: no image path"),
                        ({"image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]}, "alternate")]:
         src.write_text(json.dumps([entry]))
         with pytest.raises(InputError, match=msg):

@@ -1,10 +1,12 @@
-"""Import the published FairFaceGPT ``dataset.json`` into this project's ShareGPT JSONL, validated, as is.
+"""Import the published FairFaceGPT ``dataset.json`` (or any dataset in a layout LLaMA-Factory reads) into this
+project's ShareGPT JSONL, validated, texts as they are.
 
-Accepted entry shapes (a JSON list, or an object holding the list under ``data``/``annotations``/``samples``):
-``{"image": "train/1.jpg", "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`` (ShareGPT, also with
-``role``/``content`` keys) or ``{"image": ..., "question": ..., "answer": ...}``. The image key may also be
-``image_path``/``file``. Texts are kept as they are; the ``<image>`` tag is put at the start of the first human turn
-when it is absent. Optional ``id``, ``family``/``category`` and ``labels`` are carried over.
+Input: a JSON list of records, an object holding the list under ``data``/``annotations``/``samples``, or JSONL (one
+record a line). Records in the layouts of :mod:`facellm_edge.datagen.sharegpt` (``conversations`` with
+``from``/``value`` or ``messages`` with ``role``/``content``; ``image`` or ``images``; a system turn or ``system``
+column), or ``{"image": ..., "question": ..., "answer": ...}``; the image key may also be ``image_path``/``file``.
+The ``<image>`` tag is put at the start of the first user turn when no turn has it. Optional ``id``,
+``family``/``category`` and ``labels`` are carried over; a system prompt becomes the record's ``system``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import json
 from pathlib import Path
 
 from facellm_edge.datagen.build import is_record
+from facellm_edge.datagen.sharegpt import (
+    ASSISTANT, IMAGE_TAG, TURN_KEYS, USER, LayoutError, read_turns, record_image, system_column,
+)
 from facellm_edge.io import atomic_write_text, check_replaceable_file
 from facellm_edge.errors import InputError, OutputError
 
-_ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-_IMAGE_KEYS = ("image", "image_path", "file")
+_EXTRA_IMAGE_KEYS = ("image_path", "file")
 _LIST_KEYS = ("data", "annotations", "samples")
 
 
@@ -26,48 +30,66 @@ def _entries(obj: object, path: Path) -> list:
         for k in _LIST_KEYS:
             if isinstance(obj.get(k), list):
                 return obj[k]
+        if any(k in obj for k in (*TURN_KEYS, "question")):
+            return [obj]  # JSONL of one record
         raise InputError(f"{path}: expected a JSON list of entries (or an object with one of {', '.join(_LIST_KEYS)})")
     if not isinstance(obj, list):
         raise InputError(f"{path}: expected a JSON list of entries")
     return obj
 
 
-def _turns(entry: dict, where: str) -> list[dict]:
-    if "conversations" in entry:
-        conv = entry["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise InputError(f"{where}: 'conversations' must be a non-empty list")
-        turns = []
-        for j, t in enumerate(conv):
-            if not isinstance(t, dict):
-                raise InputError(f"{where}: conversations[{j}] is not an object")
-            role = _ROLE.get(str(t.get("from", t.get("role", ""))).lower())
-            value = t.get("value", t.get("content"))
-            if role is None:
-                raise InputError(f"{where}: conversations[{j}] has no known speaker (from/role: human|gpt|user|assistant)")
-            if not isinstance(value, str) or not value.strip():
-                raise InputError(f"{where}: conversations[{j}] has an empty text")
-            turns.append({"from": role, "value": value})
-    elif "question" in entry and "answer" in entry:
-        q, a = entry["question"], entry["answer"]
-        if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
-            raise InputError(f"{where}: 'question' and 'answer' must be non-empty strings")
-        turns = [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    else:
-        raise InputError(f"{where}: needs 'conversations' or 'question'+'answer'")
-    if turns[0]["from"] != "human" or len(turns) % 2:
-        raise InputError(f"{where}: turns must alternate human/gpt starting with human and end with gpt")
-    for j, t in enumerate(turns):
-        if t["from"] != ("human" if j % 2 == 0 else "gpt"):
-            raise InputError(f"{where}: turn {j} should be {'human' if j % 2 == 0 else 'gpt'}")
-    if "<image>" not in turns[0]["value"]:
-        turns[0] = {"from": "human", "value": "<image>\n" + turns[0]["value"]}
-    return turns
+def _read_entries(path: Path) -> list[tuple[str, object]]:
+    """(where, entry) for a JSON document, or for JSONL (one record a line, blank lines skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(f"{path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    try:
+        return [(f"{path} entry {i}", e) for i, e in enumerate(_entries(json.loads(text), path))]
+    except json.JSONDecodeError as exc:
+        if not text.lstrip().startswith("{"):
+            raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    out = []  # not one JSON document but objects: JSONL, read line by line
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path} line {n}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} line {n} is not valid JSON ({exc.msg}); JSONL needs one record a line") from exc
+    return out
+
+
+def _turns(entry: dict, where: str) -> tuple[list[dict], str | None]:
+    has_turns = any(k in entry for k in TURN_KEYS)
+    if not has_turns and not ("question" in entry and "answer" in entry):
+        raise InputError(f"{where}: needs 'conversations' (or 'messages', or 'question'+'answer')")
+    try:
+        if has_turns:
+            pairs, system = read_turns(entry)
+        else:
+            q, a = entry["question"], entry["answer"]
+            if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
+                raise LayoutError("'question' and 'answer' must be non-empty strings")
+            pairs, system = ((USER, q), (ASSISTANT, a)), system_column(entry)
+    except LayoutError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+    tags = [k for k, (_, text) in enumerate(pairs) if IMAGE_TAG in text]
+    if len(tags) > 1 or (tags and pairs[tags[0]][1].count(IMAGE_TAG) > 1):
+        raise InputError(f"{where}: more than one {IMAGE_TAG} tag (one image per record)")
+    if tags and tags[0] != 0:
+        raise InputError(f"{where}: {IMAGE_TAG} is in a later turn; it must be in the first user turn")
+    turns = [{"from": role, "value": text} for role, text in pairs]
+    if not tags:
+        turns[0] = {"from": USER, "value": f"{IMAGE_TAG}\n" + turns[0]["value"]}
+    return turns, system
 
 
 def _is_imported_record(obj: object) -> bool:
     keys = set(obj) if isinstance(obj, dict) else set()
-    return ({"id", "image", "conversations"} <= keys <= {"id", "image", "conversations", "family", "labels"}
+    return ({"id", "image", "conversations"} <= keys <= {"id", "image", "system", "conversations", "family", "labels"}
             and isinstance(obj["id"], str) and isinstance(obj["image"], str) and isinstance(obj["conversations"], list))
 
 
@@ -89,20 +111,14 @@ def import_fairfacegpt(dataset_json: Path, images_dir: Path | None, out: Path, *
     """Validate + normalise ``dataset_json`` into ``out`` (JSONL, written atomically). Returns the record count."""
     dataset_json, out = Path(dataset_json), Path(out)
     check_replaceable_file(out, force=force, kind="a ShareGPT JSONL", recognise=is_sharegpt_jsonl)
-    try:
-        obj = json.loads(dataset_json.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputError(f"{dataset_json} does not exist") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{dataset_json} is not valid JSON: {exc}") from exc
     lines, ids, missing = [], set(), []
-    for i, entry in enumerate(_entries(obj, dataset_json)):
-        where = f"{dataset_json} entry {i}"
+    for i, (where, entry) in enumerate(_read_entries(dataset_json)):
         if not isinstance(entry, dict):
             raise InputError(f"{where} is not an object")
-        image = next((entry[k] for k in _IMAGE_KEYS if isinstance(entry.get(k), str) and entry[k]), None)
-        if image is None:
-            raise InputError(f"{where} has no image path (one of {', '.join(_IMAGE_KEYS)})")
+        try:
+            image = record_image(entry, _EXTRA_IMAGE_KEYS)
+        except LayoutError as exc:
+            raise InputError(f"{where}: {exc}") from exc
         if Path(image).is_absolute() or ".." in Path(image).parts:
             raise InputError(f"{where}: image path must be relative to --images, got {image!r}")
         if images_dir is not None and not (Path(images_dir) / image).is_file():
@@ -111,7 +127,11 @@ def import_fairfacegpt(dataset_json: Path, images_dir: Path | None, out: Path, *
         if rid in ids:
             raise InputError(f"{where}: duplicate id {rid!r}")
         ids.add(rid)
-        record = {"id": rid, "image": Path(image).as_posix(), "conversations": _turns(entry, where)}
+        turns, system = _turns(entry, where)
+        record = {"id": rid, "image": Path(image).as_posix()}
+        if system is not None:
+            record["system"] = system
+        record["conversations"] = turns
         family = entry.get("family", entry.get("category"))
         if isinstance(family, str):
             record["family"] = family

@@ -1,9 +1,12 @@
-"""ShareGPT records (FairFaceGPT's format): read, validate up front, convert to chat-template messages.
+"""ShareGPT records (FairFaceGPT's format, and the other layouts LLaMA-Factory reads): read, validate up front,
+convert to chat-template messages.
 
 A record is ``{"image": "rel/path.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", "value": "..."}, ...]}``; the file is a JSON list or JSONL (one record per line). Every problem is
-collected first and reported in one error (count + the first few records with their line/index and reason);
-``skip_bad`` drops the bad records instead.
+{"from": "gpt", "value": "..."}, ...]}``, or any layout of :mod:`facellm_edge.datagen.sharegpt` (``messages`` with
+``role``/``content``, ``images`` as a list of one, a system turn or ``system`` column: the system prompt goes into
+the sample's messages). The file is a JSON list or JSONL (one record per line). Every problem is collected first
+and reported in one error (count + the first few records with their line/index and reason); ``skip_bad`` drops the
+bad records instead.
 """
 
 from __future__ import annotations
@@ -14,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facellm_edge.datagen.sharegpt import IMAGE_TAG, USER, LayoutError, read_conversation
 from facellm_edge.errors import InputError
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-USER_ROLES = {"human": "user", "user": "user"}
-ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant"}
+IMAGE_PLACEHOLDER = IMAGE_TAG
 SHOW_BAD = 5
 
 
@@ -36,10 +38,14 @@ class Sample:
     image: Path  # absolute path
     turns: tuple[Turn, ...]
     image_before_text: bool = True  # <image> came before the first user text (the FairFaceGPT layout)
+    system: str | None = None  # the record's own system prompt (system turn or column)
 
     def messages(self) -> list[dict[str, Any]]:
-        """Messages for ``processor.apply_chat_template``: the image is the first user turn's image content."""
+        """Messages for ``processor.apply_chat_template``: the record's system prompt first when it has one, the
+        image as the first user turn's image content."""
         out: list[dict[str, Any]] = []
+        if self.system is not None:
+            out.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         for i, t in enumerate(self.turns):
             content: list[dict[str, Any]] = [{"type": "text", "text": t.text}]
             if i == 0:
@@ -89,26 +95,18 @@ class _Malformed:
 def _check(where: str, rec: Any, images: Path, reserved: tuple[str, ...]) -> Sample | BadRecord:
     if isinstance(rec, _Malformed):
         return BadRecord(where, rec.reason)
-    if not isinstance(rec, dict):
-        return BadRecord(where, f"record is a {type(rec).__name__}, not an object")
-    image = rec.get("image")
-    if not isinstance(image, str) or not image.strip():
-        return BadRecord(where, "no 'image' path")
-    convs = rec.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        return BadRecord(where, "no 'conversations' list")
+    try:
+        conv = read_conversation(rec)
+    except LayoutError as exc:
+        return BadRecord(where, str(exc))
+    if conv.system is not None:
+        clash = next((t for t in (*reserved, IMAGE_PLACEHOLDER) if t and t in conv.system), None)
+        if clash:
+            return BadRecord(where, f"the system prompt contains {clash}")
     turns: list[Turn] = []
     placeholders = 0
     image_before_text = True
-    for k, c in enumerate(convs):
-        if not isinstance(c, dict) or not isinstance(c.get("from"), str) or not isinstance(c.get("value"), str):
-            return BadRecord(where, f"turn {k} is not {{'from': str, 'value': str}}")
-        src, value = c["from"], c["value"]
-        expected = USER_ROLES if k % 2 == 0 else ASSISTANT_ROLES
-        if src not in expected:
-            want = "human/user" if k % 2 == 0 else "gpt/assistant"
-            return BadRecord(where, f"bad role {src!r} in turn {k} (turns alternate, starting with human: "
-                                    f"expected {want})")
+    for k, (role, value) in enumerate(conv.turns):
         n = value.count(IMAGE_PLACEHOLDER)
         placeholders += n
         if n and k != 0:
@@ -122,17 +120,15 @@ def _check(where: str, rec: Any, images: Path, reserved: tuple[str, ...]) -> Sam
         clash = next((t for t in reserved if t and t in value), None)
         if clash:
             return BadRecord(where, f"turn {k} contains the reserved token {clash}")
-        turns.append(Turn(expected[src], value))
+        turns.append(Turn("user" if role == USER else "assistant", value))
     if placeholders == 0:
         return BadRecord(where, f"no {IMAGE_PLACEHOLDER} in the first human turn")
     if placeholders > 1:
         return BadRecord(where, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders (one image per record)")
-    if turns[-1].role != "assistant":
-        return BadRecord(where, "last turn is not an assistant answer")
-    path = (images / image).resolve()
+    path = (images / conv.image).resolve()
     if not path.is_file():
-        return BadRecord(where, f"missing image {image}")
-    return Sample(where, path, tuple(turns), image_before_text)
+        return BadRecord(where, f"missing image {conv.image}")
+    return Sample(where, path, tuple(turns), image_before_text, conv.system)
 
 
 def load_samples(data: Path, images: Path, *, skip_bad: bool, reserved: tuple[str, ...] = ()) -> list[Sample]:
