@@ -109,12 +109,14 @@ def build(
 
 @data_app.command("import-fairfacegpt")
 def import_fairfacegpt_cmd(
-    dataset_json: Path = typer.Argument(..., help="The published FairFaceGPT dataset.json."),
+    dataset_json: Path = typer.Argument(..., help="The published FairFaceGPT dataset.json, or a dataset in another "
+                                        "layout LLaMA-Factory reads (JSON or JSONL; see docs/data.md)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root; when given, every image must exist."),
     out: Path = typer.Option(..., "--out", help="Output ShareGPT JSONL."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
-    """Validate and normalise the published FairFaceGPT dataset into ShareGPT JSONL."""
+    """Validate and normalise the published FairFaceGPT dataset (or one in the LLaMA-Factory layouts) into ShareGPT
+    JSONL; a record's system prompt is kept as its 'system'."""
     from rich.console import Console
 
     from facellm_edge.datagen.fairfacegpt import import_fairfacegpt

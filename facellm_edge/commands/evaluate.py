@@ -48,8 +48,8 @@ def run(
     n_bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
-    """Answer every question with --model (transformers) or --bundle (edge runtime) and score it (`eval run` is
-    the same command)."""
+    """Answer every question with --model (transformers) or --bundle (edge runtime) and score it (`eval --bench`
+    and `eval run --bench` are one command)."""
     if ctx.invoked_subcommand is not None:
         if bench is not None or model is not None or bundle is not None:
             raise UsageError(f"options of `eval` go after its subcommand: `eval {ctx.invoked_subcommand} ...`")
