@@ -196,7 +196,10 @@ def test_eval_score_rescores_saved_answers_without_a_model(facexbench_dir, tmp_p
     assert {k: v["n"] for k, v in doc["summary"]["by_num_images"].items()} == {"multiple": 1, "single": 2, "zero": 1}
     rescored = _lines(out / "predictions.jsonl")
     assert [(p["id"], p["raw"], p["predicted"]) for p in rescored] == [(q, r[0], r[column]) for q, r in SAVED.items()]
-    assert "re-scored from" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "re-scored from" in md and f"`{rules}` rules" in md
+    # no results.json beside the predictions: what the run was is not claimed
+    assert "model: not recorded" in md and "prepend_text" not in md and "capped at" not in md
 
 
 def test_eval_score_takes_the_run_settings_from_the_results_beside(facexbench_dir, tmp_path, capsys):
@@ -214,6 +217,8 @@ def test_eval_score_takes_the_run_settings_from_the_results_beside(facexbench_di
     meta = json.loads((tmp_path / "s" / "results.json").read_text())["meta"]
     assert (meta["model"], meta["backend"], meta["max_new_tokens"], meta["letter_rules"]) == (
         "Idiap/FaceLLM-1B", "transformers", 2048, "robust")
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "`Idiap/FaceLLM-1B` (transformers)" in md and "prepend_text off" in md and "capped at 2048" in md
 
 
 @pytest.mark.parametrize("edit, expected", [

@@ -41,10 +41,15 @@ def _acc_rows(title: str, table: dict[str, dict]) -> list[str]:
 
 
 def _settings_lines(m: dict, s: dict) -> list[str]:
-    lines = []
+    """What the meta knows of how the questions were asked and read (a re-scored file may not know all of it)."""
+    parts = []
+    if "prepend_text" in m:
+        parts.append(f"FaceXBench's prompt, prepend_text {'on' if m['prepend_text'] else 'off'}")
     if "letter_rules" in m:
-        lines.append(f"- prompt: FaceXBench's, prepend_text {'on' if m.get('prepend_text') else 'off'}; letters read "
-                     f"by the `{m['letter_rules']}` rules; answers capped at {m.get('max_new_tokens', '?')} new tokens")
+        parts.append(f"letters read by the `{m['letter_rules']}` rules")
+    if "max_new_tokens" in m:
+        parts.append(f"answers capped at {m['max_new_tokens']} new tokens")
+    lines = [f"- {'; '.join(parts)}"] if parts else []
     if m.get("rescored_from"):
         lines.append(f"- re-scored from `{m['rescored_from']}` (no model run)")
     cap = s.get("hit_max_new_tokens")
@@ -56,7 +61,9 @@ def _settings_lines(m: dict, s: dict) -> list[str]:
 
 def results_markdown(doc: dict) -> str:
     s, m = doc["summary"], doc["meta"]
-    lines = [f"# Evaluation: {m.get('bench', '')}", "", f"- model: `{m.get('model', '')}` ({m.get('backend', '')})",
+    model = f"- model: `{m['model']}` ({m.get('backend', '')})" if m.get("model") else \
+        "- model: not recorded (no results.json beside the predictions)"
+    lines = [f"# Evaluation: {m.get('bench', '')}", "", model,
              f"- questions: {s['overall']['n']}, wall time {m.get('wall_s', 0):.1f} s", *_settings_lines(m, s), ""]
     lines += _acc_rows("overall", {"all": s["overall"]})
     lines += _acc_rows("category", s["by_category"])
