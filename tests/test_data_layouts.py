@@ -64,6 +64,8 @@ REFUSED = {
                                                    *_conversations()[2:]]},
         "system turn 2: only the first turn may be a system prompt"),
     "a system column that is not a string": ({**AUTHORS, "system": ["a"]}, "'system' must be a string"),
+    "an empty conversation": ({"image": "faces/a.jpg", "messages": []},
+                              "no 'messages' list of turns (it is empty or not a list)"),
     "both conversations and messages": ({**AUTHORS, "messages": _conversations(("role", "content"))},
                                         "has both 'conversations' and 'messages'"),
     "a list content (OpenAI parts)": (

@@ -61,11 +61,11 @@ def _raw_turns(entry: dict) -> tuple[str, list]:
     if len(present) > 1:
         raise LayoutError("has both 'conversations' and 'messages'; keep one")
     if not present:
-        raise LayoutError("needs 'conversations' (or 'messages')")
+        raise LayoutError("no 'conversations' (or 'messages') list of turns")
     key = present[0]
     turns = entry[key]
     if not isinstance(turns, list) or not turns:
-        raise LayoutError(f"'{key}' must be a non-empty list of turns")
+        raise LayoutError(f"no '{key}' list of turns (it is empty or not a list)")
     return key, turns
 
 
