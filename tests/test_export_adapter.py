@@ -42,8 +42,10 @@ def test_adapter_export_matches_peft_logits(tiny_checkpoint, tmp_path, capsys):
     probe = LogitProbe(n_image_tokens=b.manifest.tokens.num_image_tokens)
     # The PEFT model computes base + LoRA on the fly (nothing merged): the GGUF must reproduce it.
     lora = compare_logits(peft_model.base_model.model, tokenizer, gguf, probe)
-    # (llama.cpp keeps the KV cache in f16, hence ~1e-3 relative differences on these larger activations)
-    assert lora["top1_agreement"] == 1.0 and lora["max_rel_diff"] < 1e-2
+    # (llama.cpp keeps the KV cache in f16, hence ~1e-3 relative differences on these larger activations, which can
+    # flip the argmax of a near-tied random-weight position: top-1 must agree wherever the margin is above that noise)
+    assert lora["max_rel_diff"] < 1e-2 and lora["top1_agreement"] >= 0.99
+    assert lora["top1_agreement_clear_positions"] == 1.0 and lora["clear_positions"] >= 0.9 * lora["n_positions"]
     # ... and it is not the base model (the adapter was applied).
     with peft_model.disable_adapter():
         plain = compare_logits(peft_model.base_model.model, tokenizer, gguf, probe)

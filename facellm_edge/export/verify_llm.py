@@ -97,12 +97,18 @@ def compare_logits(hf_model: Any, tokenizer: Any, gguf_path: Path | str, probe: 
     diff = np.abs(got - ref)
     scale = float(np.abs(ref).max())
     agree = ref.argmax(-1) == got.argmax(-1)
+    # positions whose reference top-2 margin exceeds twice the difference there: only numerical noise could flip
+    # their argmax otherwise, so agreement on them is exact or a real conversion error
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * diff.max(axis=-1)
     result = {
         "gguf": str(gguf_path),
         "n_positions": int(len(ids)),
         "n_image_positions": int(is_image.sum()),
         "top1_agreement": float(agree.mean()),
         "top1_agreement_image_positions": float(agree[is_image].mean()),
+        "clear_positions": int(clear.sum()),
+        "top1_agreement_clear_positions": float(agree[clear].mean()) if clear.any() else float("nan"),
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
         "logit_scale": scale,
