@@ -1,4 +1,9 @@
-"""Files on disk, one helper of each kind: atomic file and directory writes, sha256, and the ownership rule.
+"""Files on disk, one helper of each kind: atomic file and directory writes, sha256, the ownership rule, single
+output files (``--jsonl``, ``--output``) and the bounded image reader.
+
+Longer than the ~400 lines a module should be, on purpose: it is the one owner of every byte the toolkit reads from
+a user's image or writes under a user's name, so that each rule (ownership, umask, temp names, stale-temp removal,
+decoded-size bound) exists once. Its sections are independent and ordered as listed.
 
 Every output of the toolkit goes through here, so that an interrupted or failed write never leaves a
 half-written file under the user's name, and so that one rule decides what ``--force`` may replace:
