@@ -57,12 +57,21 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class ImageSpec:
+    """How a whole image becomes tiles, as the checkpoint's processor does it (read from it at export).
+
+    ``crop_to_patches``: whole images get InternVL's dynamic tiling (``min_tiles``..``max_tiles`` tiles + a thumbnail)
+    instead of one resized tile. transformers' ``InternVLProcessor`` passes ``crop_to_patches=True`` to its image
+    processor whatever the image processor's own config says, so this is True for InternVL3-hf checkpoints; bundles
+    written before the field existed default to it too.
+    """
+
     size: int = rule(min=1)  # tile side in pixels (448 for InternVL3)
     mean: tuple[float, float, float] = rule()
     std: tuple[float, float, float] = rule(min=1e-12)
     min_tiles: int = rule(default=1, min=1)
     max_tiles: int = rule(default=12, min=1)
     use_thumbnail: bool = True
+    crop_to_patches: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,21 @@
-"""InternVL image preprocessing in numpy/OpenCV (no torch), driven by the bundle's ``ImageSpec``.
+"""InternVL image preprocessing in numpy (no torch), driven by the bundle's ``ImageSpec``.
 
 * an aligned face crop of exactly the tile size is only normalised (BGR->RGB, /255, ImageNet mean/std);
-* any other image gets InternVL's dynamic tiling, as transformers' ``GotOcr2ImageProcessor`` does with
-  ``crop_to_patches``: the grid (columns x rows, min..max tiles) whose aspect ratio is closest to the image's,
-  the image resized to that grid and cut into tiles, plus a thumbnail of the whole image when there is more than
-  one tile. Resizing uses OpenCV's bicubic filter; transformers uses torchvision's (antialiased) bicubic, so
-  tiled pixels differ slightly (mean |diff| ~0.01 in normalised units, ~0.6 grey levels; measured in
-  tests/test_preprocess.py). Same grid, same tiles, same order.
+* a whole image follows the checkpoint's processor (``ImageSpec.crop_to_patches``): InternVL's dynamic tiling, as
+  transformers' ``GotOcr2ImageProcessor`` does it — the grid (columns x rows, min..max tiles) whose aspect ratio is
+  closest to the image's, the image resized to that grid and cut into tiles, plus a thumbnail of the whole image
+  when there is more than one tile — or, without it, the image resized to one tile.
+
+Resizing is torchvision's antialiased bicubic on uint8 images (what the processor runs on CPU), reimplemented:
+the same filter, support and int16 fixed-point weights, horizontal pass then vertical, each rounded to uint8. The
+pixels equal the processor's bit for bit (tests/test_preprocess.py); OpenCV's bicubic, used before, differed by
+~0.6 grey levels on average and much more on downscaled fine detail (it does not antialias).
 """
 
 from __future__ import annotations
 
 import functools
 
-import cv2
 import numpy as np
 
 from facellm_edge.bundle import ImageSpec
@@ -64,10 +66,62 @@ def normalise(tiles_bgr: np.ndarray, spec: ImageSpec) -> np.ndarray:
     return out
 
 
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5 (PIL's and torch's antialiased bicubic)."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Source indices [n_out, K], int16-range fixed-point weights [n_out, K] and their precision (bits) for one
+    axis, as torch's uint8 antialiased bicubic computes them (the filter widens by the scale when shrinking)."""
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    center = scale * (np.arange(n_out, dtype=np.float64) + 0.5)
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((center + support + 0.5).astype(np.int64), n_in)
+    k = np.arange(int((hi - lo).max()))
+    w = np.where(k[None] < (hi - lo)[:, None], _cubic((k[None] + lo[:, None] - center[:, None] + 0.5) * invscale), 0.0)
+    w /= w.sum(axis=1, keepdims=True)
+    precision = 0
+    while precision < 22 and int(0.5 + w.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    v = w * (1 << precision)
+    fixed = np.trunc(np.where(v < 0, v - 0.5, v + 0.5)).astype(np.int32)  # C's (int) cast after rounding
+    return np.minimum(lo[:, None] + k[None], n_in - 1), fixed, precision
+
+
+def _resample_axis(image: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    index, weights, precision = _resample_weights(image.shape[axis], n_out)
+    shape = [1] * image.ndim
+    shape[axis] = n_out
+    acc = np.full(image.shape[:axis] + (n_out,) + image.shape[axis + 1:], 1 << (precision - 1), dtype=np.int32)
+    for j in range(index.shape[1]):
+        acc += np.take(image, index[:, j], axis=axis) * weights[:, j].reshape(shape)
+    np.right_shift(acc, precision, out=acc)
+    return np.clip(acc, 0, 255).astype(np.uint8)
+
+
+def resize_bicubic(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 HxWxC -> height x width x C, antialiased bicubic exactly as transformers' processors resize on CPU
+    (torchvision ``resize(..., BICUBIC, antialias=True)`` of a uint8 tensor)."""
+    out = image
+    if image.shape[1] != width:
+        out = _resample_axis(out, width, 1)
+    if image.shape[0] != height:
+        out = _resample_axis(out, height, 0)
+    return out
+
+
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if image.shape[1] == width and image.shape[0] == height:
         return image
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
+    return resize_bicubic(image, width, height)
 
 
 def crop_to_pixels(crop_bgr: np.ndarray, spec: ImageSpec) -> np.ndarray:
@@ -81,7 +135,7 @@ def crops_to_pixels(crops_bgr: list[np.ndarray], spec: ImageSpec) -> np.ndarray:
 
 
 def tile_image(image_bgr: np.ndarray, spec: ImageSpec) -> tuple[np.ndarray, tuple[int, int]]:
-    """A whole frame -> (``pixel_values`` [tiles(+thumbnail), 3, S, S], (columns, rows))."""
+    """A whole frame -> (``pixel_values`` [tiles(+thumbnail), 3, S, S], (columns, rows)), dynamic tiling."""
     s = spec.size
     h, w = image_bgr.shape[:2]
     cols, rows = optimal_grid(h, w, s, spec.min_tiles, spec.max_tiles)
@@ -90,3 +144,11 @@ def tile_image(image_bgr: np.ndarray, spec: ImageSpec) -> tuple[np.ndarray, tupl
     if spec.use_thumbnail and len(tiles) != 1:
         tiles.append(_resize(image_bgr, s, s))
     return normalise(np.stack(tiles), spec), (cols, rows)
+
+
+def image_to_pixels(image_bgr: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """A whole image -> ``pixel_values`` [tiles, 3, S, S] exactly as the checkpoint's processor makes them: dynamic
+    tiling when ``spec.crop_to_patches``, else one resized tile."""
+    if spec.crop_to_patches:
+        return tile_image(image_bgr, spec)[0]
+    return crop_to_pixels(image_bgr, spec)

@@ -101,7 +101,7 @@ def test_cli_export_records_and_verifies_the_mmproj(mmproj_bundle, capsys):
     v = m.verification["mmproj"]
     assert v["n_tokens"] == m.tokens.num_image_tokens and v["token_cosine_min"] > 0.999, v
 
-    # The GGUF carries the checkpoint's own preprocessing (mean/std, one 448 px tile) for llama.cpp.
+    # The GGUF carries the checkpoint's own preprocessing (mean/std, tile size; tiling: see the next test).
     r = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     assert fields["clip.projector_type"] == "internvl"
@@ -117,6 +117,32 @@ def test_cli_export_records_and_verifies_the_mmproj(mmproj_bundle, capsys):
     assert rc == 0 and "mmproj" in out and "all file hashes match" in out and "libmtmd" in out
     rc = main(["inspect", str(mmproj_bundle), "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["mmproj"]["sha256"] == m.mmproj.sha256
+
+
+def test_mmproj_tiles_as_the_processor_does(mmproj_bundle, tiny_checkpoint):
+    """The GGUF asks libmtmd for the tiling the checkpoint's processor really applies: 1..12 tiles, because
+    transformers' InternVLProcessor passes crop_to_patches=True although the image processor config (like
+    InternVL3-hf's) says false. A 1024x1024 image: 3x3 tiles + thumbnail on both sides (was 1..1, which libmtmd
+    turns into 2 tiles while transformers makes 10)."""
+    import gguf
+
+    from facellm_edge.export.checkpoint import load_processor
+    from facellm_edge.export.mmproj import _preproc_tiles
+    from facellm_edge.llm.mtmd_peer import MtmdConfig, MtmdVision
+
+    b = load_bundle(mmproj_bundle)
+    m = b.manifest
+    processor = load_processor(tiny_checkpoint)
+    assert processor.image_processor.crop_to_patches is False and _preproc_tiles(processor) == (1, 12)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(b.path(m.mmproj))).fields.items()}
+    assert (fields["clip.vision.preproc_min_tiles"], fields["clip.vision.preproc_max_tiles"]) == (1, 12)
+    assert m.mmproj.extra["preproc_tiles"] == [1, 12]
+    rgb = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    ref = processor(text=[processor.image_token], images=[rgb], return_tensors="np")
+    assert ref["pixel_values"].shape[0] == 10
+    with MtmdVision(b.path(m.mmproj), mmproj_bundle / m.llm["f32"].path, MtmdConfig(n_threads=2)) as vision:
+        got = vision.encode(rgb)
+    assert got.shape[0] == list(ref["input_ids"][0]).count(processor.image_token_id) == 10 * m.tokens.num_image_tokens
 
 
 def test_mmproj_alone_without_verification_writes_no_onnx(tiny_checkpoint, tmp_path, capsys):

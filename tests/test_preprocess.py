@@ -1,18 +1,23 @@
-"""numpy/OpenCV preprocessing vs transformers' own InternVL image processor (GotOcr2ImageProcessor)."""
+"""numpy preprocessing vs transformers' own InternVL processor (InternVLProcessor + GotOcr2ImageProcessor).
+
+The runtime resizes with a reimplementation of torchvision's antialiased uint8 bicubic, so its pixel values are the
+processor's exactly (float32 normalisation rounding aside: <= 1e-5), tiled or not.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from facellm_edge.align import CropConfig, align_face
 from facellm_edge.bundle import ImageSpec
-from facellm_edge.preprocess import crop_to_pixels, crops_to_pixels, optimal_grid, tile_image
+from facellm_edge.preprocess import (
+    crop_to_pixels, crops_to_pixels, image_to_pixels, optimal_grid, resize_bicubic, tile_image,
+)
 
-# cv2 INTER_CUBIC vs torchvision's antialiased bicubic, in normalised units (1 unit = std * 255 ~ 57-58 grey
-# levels). Measured: astronaut (1 tile) mean |diff| 0.012 (p99 0.11); t1 (3x2 + thumbnail) 0.0096 (p99 0.12);
-# t1 twice side by side (6x2 + thumbnail) 0.010 (p99 0.14, max 1.6 on aliased edges of the 5.7x thumbnail).
-TILED_MEAN_ABS_TOL = 0.03
+EXACT = 1e-5  # float32 normalisation of identical uint8 pixels
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +68,62 @@ def test_grid_matches_transformers(processor, spec, hw):
 
 
 @pytest.mark.parametrize("which", ["astronaut", "t1", "wide"])
-def test_tiled_frame_close_to_transformers(processor, spec, astronaut_bgr, t1_bgr, which):
+def test_tiled_frame_equals_transformers(processor, spec, astronaut_bgr, t1_bgr, which):
     image = {"astronaut": astronaut_bgr, "t1": t1_bgr, "wide": np.concatenate([t1_bgr, t1_bgr], axis=1)}[which]
     ours, (cols, rows) = tile_image(image, spec)
     ref = _hf(processor, image, crop_to_patches=True)
     assert ours.shape == ref.shape  # same tile count (+ thumbnail), same order
     n = cols * rows
     assert ours.shape[0] == (n + 1 if n > 1 else 1)
-    diff = np.abs(ours - ref)
-    assert diff.mean() < TILED_MEAN_ABS_TOL, f"mean |diff| {diff.mean():.4f}"
-    # per tile, the content matches (not a shifted/misordered tile)
-    for i in range(ours.shape[0]):
-        c = np.corrcoef(ours[i].ravel(), ref[i].ravel())[0, 1]
-        assert c > 0.99, f"tile {i}: correlation {c:.4f}"
+    assert np.abs(ours - ref).max() <= EXACT
+
+
+def _photos(astronaut_bgr, t1_bgr) -> dict[str, np.ndarray]:
+    import cv2
+
+    return {"1024x1024": cv2.resize(astronaut_bgr, (1024, 1024), interpolation=cv2.INTER_LINEAR),
+            "1280x886": t1_bgr, "420x886": np.ascontiguousarray(t1_bgr[:, 300:720]), "37x53": t1_bgr[:53, :37]}
+
+
+@pytest.mark.parametrize("crop_to_patches", [True, False])
+@pytest.mark.parametrize("which", ["1024x1024", "1280x886", "420x886", "37x53"])
+def test_whole_image_equals_the_processor(full_processor, spec, astronaut_bgr, t1_bgr, which, crop_to_patches):
+    """What the checkpoint's processor feeds the model for a whole image (the InternVLProcessor, as eval and
+    generation call it), pixel for pixel, with its tiling on (its default) and off."""
+    image = _photos(astronaut_bgr, t1_bgr)[which]
+    kwargs = {} if crop_to_patches else {"crop_to_patches": False}
+    ref = np.asarray(full_processor(text=[full_processor.image_token], images=[np.ascontiguousarray(image[..., ::-1])],
+                                    return_tensors="np", **kwargs)["pixel_values"], dtype=np.float32)
+    ours = image_to_pixels(image, replace(spec, crop_to_patches=crop_to_patches))
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= EXACT
+    if which == "1024x1024":
+        assert ours.shape[0] == (10 if crop_to_patches else 1)  # 3x3 tiles + thumbnail, or one tile
+
+
+def test_bundle_spec_follows_the_processor_not_its_image_processor_config(full_processor, spec):
+    """The tiny checkpoint's image processor config says crop_to_patches false, like InternVL3-hf's; the
+    InternVLProcessor tiles anyway, and the exported spec says what the processor does."""
+    from facellm_edge.export.prompt import processor_tiling, tiles_for
+
+    assert full_processor.image_processor.crop_to_patches is False
+    assert spec.crop_to_patches is True and (spec.min_tiles, spec.max_tiles) == (1, 12)
+    assert tiles_for(1024, 1024, spec) == 10 and tiles_for(600, 1300, spec) == 3
+    assert tiles_for(1024, 1024, replace(spec, crop_to_patches=False)) == 1
+    import copy
+
+    not_tiling = copy.copy(full_processor)
+    not_tiling.images_kwargs = {"crop_to_patches": False}  # a processor configured not to tile
+    assert processor_tiling(not_tiling)[0] is False
+
+
+@pytest.mark.parametrize("src, dst", [((512, 512), (448, 448)), ((886, 1280), (896, 1344)), ((37, 53), (448, 448)),
+                                      ((1000, 420), (2240, 896)), ((300, 1400), (448, 2240))])
+def test_resize_is_torchvisions_antialiased_bicubic(src, dst):
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    image = np.random.default_rng(sum(src)).integers(0, 256, src + (3,), dtype=np.uint8)
+    ref = F.resize(torch.from_numpy(image).permute(2, 0, 1), list(dst), interpolation=F.InterpolationMode.BICUBIC,
+                   antialias=True).permute(1, 2, 0).numpy()
+    assert np.array_equal(resize_bicubic(image, dst[1], dst[0]), ref)

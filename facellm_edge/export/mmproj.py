@@ -191,11 +191,17 @@ def _cls_last(pos: Any) -> Any:
 
 
 def _preproc_tiles(processor: Any) -> tuple[int, int]:
-    """Tile range for clip.cpp's InternVL preprocessing, from the checkpoint's own image processor."""
-    ip = processor.image_processor
-    if getattr(ip, "crop_to_patches", False):
-        return int(getattr(ip, "min_patches", 1)), int(getattr(ip, "max_patches", 12))
-    return 1, 1  # transformers resizes every image to one tile: so does llama.cpp with max_tiles 1
+    """Tile range for clip.cpp's InternVL preprocessing: the one the checkpoint's processor really applies.
+
+    That is the processor's, not its image processor's config: transformers' ``InternVLProcessor`` passes
+    ``crop_to_patches=True`` itself, so an InternVL3-hf checkpoint whose image processor config says
+    ``crop_to_patches: false`` still tiles a 1024x1024 image into 3x3 tiles + a thumbnail (10) with 1..12 patches.
+    Only a processor that really does not tile gets (1, 1); libmtmd then still adds its overview image to a larger
+    picture (2 tiles for 1024x1024, measured with llama-cpp-python 0.3.36), so feed it tile-sized images."""
+    from facellm_edge.export.prompt import processor_tiling
+
+    crop, min_tiles, max_tiles = processor_tiling(processor)
+    return (min_tiles, max_tiles) if crop else (1, 1)
 
 
 def write_mmproj_gguf(model: Any, processor: Any, out: Path, *, ftype: str = "f16",

@@ -7,15 +7,21 @@ pieces the runtime needs, and every token string and id is read from the process
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from facellm_edge.bundle import ArchSpec, ImageSpec, PromptSpec, TokenSpec
 from facellm_edge.errors import CheckpointError, ExportError
 
+log = logging.getLogger(__name__)
+
 _Q1 = "\u2063FACELLM_EDGE_Q1\u2063"
 _A1 = "\u2063FACELLM_EDGE_A1\u2063"
 _Q2 = "\u2063FACELLM_EDGE_Q2\u2063"
+# Probe sizes for the processor's tiling at export: a square photo (9 tiles + thumbnail with InternVL3's 1..12) and a
+# wide one (2 tiles + thumbnail): what the processor returns for them must be what the runtime computes.
+_TILING_PROBES = ((1024, 1024), (600, 1300))
 
 
 def _render(processor: Any, messages: list[dict[str, Any]]) -> str:
@@ -101,6 +107,37 @@ def token_spec(processor: Any, config: Any, checkpoint_dir: Path) -> TokenSpec:
     )
 
 
+def processor_tiling(processor: Any) -> tuple[bool, int, int]:
+    """``(crop_to_patches, min_patches, max_patches)`` as the processor applies them to the images it is given.
+
+    transformers' ``InternVLProcessor`` passes its own ``images_kwargs`` (``crop_to_patches=True``) to the image
+    processor, and they override the image processor's config: InternVL3-hf checkpoints say ``crop_to_patches:
+    false`` in their image processor config, yet every image that goes through the processor (``apply_chat_template``,
+    generation, FaceLLM's evaluation) is tiled. Read the merged kwargs the processor itself uses; fall back to its
+    class defaults and then the image processor's attributes."""
+    ip = processor.image_processor
+    try:
+        merged = dict(processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"])
+    except Exception:  # a private transformers API: its class defaults say the same for InternVLProcessor
+        merged = dict(getattr(processor, "images_kwargs", None) or {})
+
+    def get(name: str, default: Any) -> Any:
+        value = merged.get(name)
+        return getattr(ip, name, default) if value is None else value
+
+    return bool(get("crop_to_patches", False)), int(get("min_patches", 1)), int(get("max_patches", 12))
+
+
+def tiles_for(height: int, width: int, spec: ImageSpec) -> int:
+    """How many tiles (thumbnail included) an image of this size becomes under ``spec``."""
+    from facellm_edge.preprocess import optimal_grid
+
+    if not spec.crop_to_patches:
+        return 1
+    cols, rows = optimal_grid(height, width, spec.size, spec.min_tiles, spec.max_tiles)
+    return cols * rows + (1 if spec.use_thumbnail and cols * rows > 1 else 0)
+
+
 def image_spec(processor: Any) -> ImageSpec:
     ip = processor.image_processor
     size = ip.size
@@ -108,14 +145,38 @@ def image_spec(processor: Any) -> ImageSpec:
     width = size["width"] if isinstance(size, dict) else size.width
     if height != width:
         raise CheckpointError(f"non-square tiles ({width}x{height}) are not supported")
-    return ImageSpec(
+    resample = getattr(ip, "resample", 3)
+    if getattr(resample, "value", resample) != 3:  # PIL's BICUBIC
+        log.warning("the image processor resamples with %s; the runtime resizes with bicubic (InternVL's)", resample)
+    crop, min_tiles, max_tiles = processor_tiling(processor)
+    spec = ImageSpec(
         size=int(height),
         mean=tuple(float(x) for x in ip.image_mean),
         std=tuple(float(x) for x in ip.image_std),
-        min_tiles=int(getattr(ip, "min_patches", 1)),
-        max_tiles=int(getattr(ip, "max_patches", 12)),
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
         use_thumbnail=True,  # GotOcr2ImageProcessor appends a thumbnail whenever it makes more than one tile
+        crop_to_patches=crop,
     )
+    _check_tiling(processor, spec)
+    return spec
+
+
+def _check_tiling(processor: Any, spec: ImageSpec) -> None:
+    """The processor itself, on probe images, must make as many tiles as the runtime will (else: a processor this
+    exporter does not understand; refusing is better than a bundle that sees images differently)."""
+    import numpy as np
+
+    for h, w in _TILING_PROBES:
+        try:
+            out = processor(text=[processor.image_token], images=[np.zeros((h, w, 3), np.uint8)], return_tensors="np")
+        except Exception as exc:  # the processor's own failure, named
+            raise CheckpointError(f"the checkpoint's processor cannot preprocess a {w}x{h} image: {exc}") from exc
+        got, want = int(np.asarray(out["pixel_values"]).shape[0]), tiles_for(h, w, spec)
+        if got != want:
+            raise ExportError(f"the checkpoint's processor makes {got} tiles of a {w}x{h} image, facellm-edge "
+                              f"computed {want} (crop_to_patches {spec.crop_to_patches}, tiles {spec.min_tiles}.."
+                              f"{spec.max_tiles}); this processor is not supported yet")
 
 
 def arch_spec(config: Any) -> ArchSpec:
