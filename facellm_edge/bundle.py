@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
@@ -92,9 +92,16 @@ class TokenSpec:
 class PromptSpec:
     """Prompt pieces rendered from the model's own chat template at export time.
 
-    ``first`` contains the markers ``{image}`` and ``{question}`` exactly once each (plain ``str.replace``, no
-    format-string semantics); ``{image}`` expands to ``image_start + image_context * (tokens * tiles) + image_end``.
+    ``first`` (the first user turn, without a system turn) contains the markers ``{image}`` and ``{question}``
+    exactly once each (plain ``str.replace``, no format-string semantics); ``{image}`` expands to
+    ``image_start + image_context * (tokens * tiles) + image_end``, and several images of one question expand to
+    such blocks joined by ``image_separator`` (what the template renders between consecutive images).
     ``followup`` is appended after an answer (whose end-of-turn token was *not* decoded) to ask another question.
+
+    ``first_system`` is ``first`` rendered with a system turn whose text is ``{system}``; ``system`` is the system
+    message the bundle uses unless the runtime is told otherwise (None: no system turn, as FaceLLM's authors run
+    it). Bundles written before these fields existed have neither (no system turn; ``image_separator`` is what
+    InternVL3-hf's template renders, ``"\n"``).
     """
 
     first: str
@@ -102,6 +109,28 @@ class PromptSpec:
     chat_template: str
     image_marker: str = "{image}"
     question_marker: str = "{question}"
+    image_separator: str | None = "\n"  # None: the template cannot show several images in one turn
+    first_system: str | None = None
+    system: str | None = None
+    system_marker: str = "{system}"
+
+    def with_system(self, system: str | None) -> "PromptSpec":
+        """This prompt with ``system`` as its system message (None: no system turn)."""
+        if system is not None and self.first_system is None:
+            raise BundleError("this bundle records no system-turn prompt (exported before --system existed); "
+                              "re-export it to use a system message")
+        return replace(self, system=system)
+
+    def first_parts(self) -> tuple[str, str | None, str]:
+        """``first`` with the system message in effect, as (template text before the system message, the system
+        message or None, template text after it): the runtime tokenises the message itself as plain text."""
+        if self.system is None:
+            return "", None, self.first
+        if self.first_system is None or self.first_system.count(self.system_marker) != 1:
+            raise BundleError(f"prompt.first_system must contain {self.system_marker} exactly once; "
+                              "re-export the bundle")
+        before, after = self.first_system.split(self.system_marker)
+        return before, self.system, after
 
 
 @dataclass(frozen=True)

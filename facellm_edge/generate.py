@@ -2,9 +2,12 @@
 
 A face's prompt prefix (``prompt.first`` up to the question, with the vision encoder's embeddings in place of the
 ``<IMG_CONTEXT>`` tokens, InternVL semantics) is decoded once into its own llama.cpp sequence by
-:meth:`Generator.prefill_image`; each question then decodes only its own tokens after it, and a follow-up decodes
-only ``prompt.followup``. Answers are sampled inside llama.cpp (:mod:`facellm_edge.llm.sampling`). The KV layout is
-documented in :mod:`facellm_edge.llm.engine`.
+:meth:`Generator.prefill_image`; :meth:`Generator.prefill_images` puts several images into one prompt (one
+``<img>…</img>`` block per image, in order, joined by ``prompt.image_separator``, as the chat template renders
+several images of one turn). Each question then decodes only its own tokens after it, and a follow-up decodes
+only ``prompt.followup``. A system message (``prompt.system``) is tokenised as plain text inside the template's
+system turn (``prompt.first_system``). Answers are sampled inside llama.cpp (:mod:`facellm_edge.llm.sampling`).
+The KV layout is documented in :mod:`facellm_edge.llm.engine`.
 
 Conversation invariants, per slot: the cache holds exactly ``n_past`` positions; the last generated token of an
 answer that stopped on ``max_tokens`` is kept as ``pending`` and decoded with the next question; an end-of-turn
@@ -20,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,9 +53,11 @@ class Answer:
 
 @dataclass(frozen=True)
 class _Template:
-    """``prompt.first`` split as ``pre + {image} + mid + {question} + post``; followup as ``f_pre + {q} + f_post``."""
+    """``prompt.first`` split as ``pre + {image} + mid + {question} + post`` (``pre`` holds the system turn, if any);
+    ``sep`` between the images of one prompt (None: one image only); followup as ``f_pre + {q} + f_post``."""
 
     pre: list[int]
+    sep: list[int] | None
     mid: list[int]
     post: list[int]
     f_pre: list[int]
@@ -79,11 +84,12 @@ class Generator:
         self._slots = SlotTable(config.max_slots)
 
     @classmethod
-    def from_bundle(cls, bundle: "Bundle", quant: str | None = None,
-                    config: EngineConfig = EngineConfig()) -> "Generator":
+    def from_bundle(cls, bundle: "Bundle", quant: str | None = None, config: EngineConfig = EngineConfig(),
+                    prompt: PromptSpec | None = None) -> "Generator":
+        """The bundle's GGUF with its tokens and prompt (``prompt``: e.g. ``manifest.prompt.with_system(...)``)."""
         name, path = bundle.llm_file(quant)
         m = bundle.manifest
-        gen = cls(path, m.tokens, m.prompt, config)
+        gen = cls(path, m.tokens, m.prompt if prompt is None else prompt, config)
         if gen.n_embd != m.arch.llm_hidden:
             gen.close()
             raise BundleError(
@@ -95,8 +101,9 @@ class Generator:
     # -- setup --------------------------------------------------------------------------------------------
     def _split_prompt(self) -> _Template:
         p, img, q = self.prompt, self.prompt.image_marker, self.prompt.question_marker
-        first, follow = p.first, p.followup
-        if first.count(img) != 1 or first.count(q) != 1 or first.index(img) > first.index(q):
+        head, system, first = p.first_parts()
+        follow = p.followup
+        if first.count(img) != 1 or first.count(q) != 1 or first.index(img) > first.index(q) or img in head:
             raise BundleError(f"prompt.first must contain {img} and then {q} exactly once each; re-export the bundle")
         if follow.count(q) != 1 or img in follow:
             raise BundleError(f"prompt.followup must contain {q} exactly once and no {img}; re-export the bundle")
@@ -104,9 +111,15 @@ class Generator:
         mid, post = rest.split(q)
         f_pre, f_post = follow.split(q)
         tok = self._engine.tokenize
+
+        def special(text: str) -> list[int]:
+            return tok(text, special=True) if text else []
+
         bos = [self._engine.bos_id] if self._engine.add_bos else []
-        return _Template(bos + tok(pre, special=True), tok(mid, special=True), tok(post, special=True),
-                         tok(f_pre, special=True), tok(f_post, special=True))
+        # The system message is the operator's text: tokenised as plain text, like the question.
+        pre_ids = bos + special(head) + (tok(system, special=False) if system else []) + special(pre)
+        sep = None if p.image_separator is None else special(p.image_separator)
+        return _Template(pre_ids, sep, special(mid), special(post), special(f_pre), special(f_post))
 
     def _check_token_ids(self) -> None:
         t = self.tokens
@@ -187,13 +200,24 @@ class Generator:
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill_image(self, key: Hashable, image_embeds: np.ndarray) -> int:
         """Decode the prompt prefix with ``image_embeds`` into ``key``'s slot (replacing it); returns its length."""
-        embeds = self._check_embeds(image_embeds)
+        return self.prefill_images(key, [image_embeds])
+
+    def prefill_images(self, key: Hashable, images_embeds: Sequence[np.ndarray]) -> int:
+        """Decode the prompt prefix with several images (each ``[tiles * tokens, n_embd]``, in order, one
+        ``<img>…</img>`` block each) into ``key``'s slot (replacing it); returns the prefix length in tokens."""
+        if isinstance(images_embeds, np.ndarray) or not images_embeds:
+            raise UsageError("prefill_images takes a non-empty list of image embeddings (one array per image)")
         t = self._template
-        n = len(t.pre) + 1 + embeds.shape[0] + 1 + len(t.mid)
+        if len(images_embeds) > 1 and t.sep is None:
+            raise BundleError("this bundle's chat template cannot show several images in one question "
+                              "(prompt.image_separator is null); ask about one image at a time")
+        embeds = [self._check_embeds(e) for e in images_embeds]
+        sep = t.sep or []
+        n = len(t.pre) + sum(2 + e.shape[0] for e in embeds) + len(sep) * (len(embeds) - 1) + len(t.mid)
         if n >= self.n_ctx:
             raise RuntimeStageError(
                 f"the image prompt needs {n} tokens but the context holds {self.n_ctx}; "
-                "use fewer tiles or a larger --ctx"
+                "use fewer or smaller images (fewer tiles) or a larger --ctx"
             )
         self._acquire()
         try:
@@ -207,10 +231,14 @@ class Generator:
             slot = self._slots.add(key)
             eng, tk = self._engine, self.tokens
             try:
-                eng.decode_tokens(t.pre + [tk.image_start_id], slot.seq, 0, logits_last=False)
-                eng.decode_embeddings(embeds, slot.seq, len(t.pre) + 1, logits_last=False)
-                eng.decode_tokens([tk.image_end_id] + t.mid, slot.seq, len(t.pre) + 1 + embeds.shape[0],
-                                  logits_last=False)
+                pos, lead = 0, t.pre
+                for e in embeds:
+                    eng.decode_tokens(lead + [tk.image_start_id], slot.seq, pos, logits_last=False)
+                    pos += len(lead) + 1
+                    eng.decode_embeddings(e, slot.seq, pos, logits_last=False)
+                    pos += e.shape[0]
+                    lead = [tk.image_end_id] + sep
+                eng.decode_tokens([tk.image_end_id] + t.mid, slot.seq, pos, logits_last=False)
             except BaseException:
                 self._evict(key)
                 raise
@@ -218,6 +246,16 @@ class Generator:
             return n
         finally:
             self._release()
+
+    def prompt_tokens(self, image_rows: Sequence[int], question: str) -> list[int]:
+        """The first turn as token ids, with ``image_context`` ids where :meth:`prefill_images` puts each image's
+        embedding rows (``image_rows``: rows per image): what the checkpoint's processor makes ``input_ids`` of."""
+        t, tk = self._template, self.tokens
+        if len(image_rows) > 1 and t.sep is None:
+            raise BundleError("this bundle's chat template cannot show several images in one question")
+        blocks = [[tk.image_start_id] + [tk.image_context_id] * n + [tk.image_end_id] for n in image_rows]
+        joined = [i for k, b in enumerate(blocks) for i in ((t.sep or []) if k else []) + b]
+        return t.pre + joined + t.mid + self._engine.tokenize(question, special=False) + t.post
 
     def _check_embeds(self, image_embeds: np.ndarray) -> np.ndarray:
         if not isinstance(image_embeds, np.ndarray) or image_embeds.ndim != 2:

@@ -1,4 +1,6 @@
-"""The Python API: ``FaceLLM.load(bundle_dir)`` then ``ask(image, question)`` -> one answer per face.
+"""The Python API: ``FaceLLM.load(bundle_dir)`` then ``ask(image, question)`` -> one answer per face, or
+``ask_images([image, ...], question)`` -> one answer about whole images (several per question, each tiled as the
+checkpoint's processor tiles it).
 
 Stages: detect (YuNet/SCRFD) -> align (5-point similarity, FairFace-like crop) -> encode (ONNX Runtime, all faces
 of an image in one call) -> prefill (each face's image prefix into its own llama.cpp KV slot) -> answer.
@@ -14,22 +16,26 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
 from facellm_edge.align import CropConfig, align_face
-from facellm_edge.bundle import Bundle, load_bundle
+from facellm_edge.answers import FaceAnswer, ImagesAnswer, save_face_crops
+from facellm_edge.bundle import Bundle, PromptSpec, load_bundle
 from facellm_edge.detect import Detector, DetectorConfig, check_image, create_detector
-from facellm_edge.encode import EncoderConfig, VisionEncoder
-from facellm_edge.errors import OutputError, UsageError
+from facellm_edge.encode import DEVICES, EncoderConfig, VisionEncoder
+from facellm_edge.errors import UsageError
 from facellm_edge.faces import Face
 from facellm_edge.io import DEFAULT_MAX_PIXELS
-from facellm_edge.preprocess import crop_to_pixels, crops_to_pixels, tile_image
+from facellm_edge.preprocess import crop_to_pixels, crops_to_pixels, image_to_pixels
+from facellm_edge.system_prompt import resolve_system
 
 if TYPE_CHECKING:
     from facellm_edge.generate import Answer, GenerationConfig, Generator
     from facellm_edge.llm.engine import EngineConfig
+
+__all__ = ["FaceAnswer", "FaceLLM", "ImagesAnswer", "RuntimeConfig", "save_face_crops"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,20 @@ class RuntimeConfig:
     seed: int = 0
     check_hashes: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS  # image files above this are refused from their header (0 = no limit)
+    # The system message: None = the bundle's own (manifest prompt.system: none unless exported with --system);
+    # "none" | "intern_vl" | the message text (facellm_edge.system_prompt).
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, so a bad value fails before any bundle is resolved (or exported on first use) or loaded.
+        if self.device not in DEVICES:
+            raise UsageError(f"unknown device '{self.device}'; choose one of: {', '.join(DEVICES)}")
+        if self.system is not None:
+            resolve_system(self.system)
+
+    def prompt_for(self, prompt: PromptSpec) -> PromptSpec:
+        """The bundle's prompt with this config's system message (``system`` None: the bundle's unchanged)."""
+        return prompt if self.system is None else prompt.with_system(resolve_system(self.system))
 
     def slots_for(self, num_image_tokens: int) -> int:
         """``max_slots``, or when it is None the number of faces a context of ``n_ctx`` holds (see above)."""
@@ -106,32 +126,6 @@ class RuntimeConfig:
                             max_slots=self.max_slots, n_gpu_layers=self.n_gpu_layers, seed=self.seed)
 
 
-@dataclass(frozen=True)
-class FaceAnswer:
-    """One face's answer. ``timings`` in ms: detect, align, encode (the batched call), prefill (image prefix),
-    ttft (question prefill + first token), decode. ``key`` names its cached conversation for :meth:`FaceLLM.chat`."""
-
-    index: int
-    box: tuple[float, float, float, float]
-    score: float
-    landmarks: tuple[tuple[float, float], ...]
-    text: str
-    token_ids: tuple[int, ...]
-    stop_reason: str
-    timings: dict[str, float]
-    key: Hashable
-    track_id: int | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "face": self.index, "track_id": self.track_id,
-            "box": [round(v, 1) for v in self.box], "score": round(self.score, 4),
-            "landmarks": [[round(x, 1), round(y, 1)] for x, y in self.landmarks],
-            "answer": self.text, "stop_reason": self.stop_reason, "n_tokens": len(self.token_ids),
-            "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
-        }
-
-
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
@@ -163,7 +157,8 @@ class FaceLLM:
         if bundle.manifest.image.size != config.crop.size:
             config = replace(config, crop=replace(config.crop, size=bundle.manifest.image.size))
         config = replace(config, max_slots=config.slots_for(bundle.manifest.tokens.num_image_tokens))
-        generator = Generator.from_bundle(bundle, config.llm_quant, config.engine())
+        prompt = config.prompt_for(bundle.manifest.prompt)
+        generator = Generator.from_bundle(bundle, config.llm_quant, config.engine(), prompt=prompt)
         try:
             encoder = VisionEncoder.from_bundle(
                 bundle, EncoderConfig(device=config.device, precision=config.vision_precision,
@@ -268,13 +263,15 @@ class FaceLLM:
                         break
                     yield i, piece
 
-    def chat(self, face: FaceAnswer, question: str, *, max_tokens: int | None = None,
-             temperature: float | None = None) -> FaceAnswer:
-        """A follow-up question about a face from the last :meth:`ask`, reusing its cached image prefix."""
+    def chat(self, face: "FaceAnswer | ImagesAnswer", question: str, *, max_tokens: int | None = None,
+             temperature: float | None = None) -> "FaceAnswer | ImagesAnswer":
+        """A follow-up question about a face from the last :meth:`ask` (or the images of the last
+        :meth:`ask_images`), reusing its cached image prefix."""
         with self._llm_lock:
             if not self.generator.has(face.key):
+                whose = f"face {face.index}'s" if isinstance(face, FaceAnswer) else "the images'"
                 raise UsageError(
-                    f"face {face.index}'s conversation is no longer cached: a newer ask() replaced it, or more "
+                    f"{whose} conversation is no longer cached: a newer ask() replaced it, or more "
                     f"faces than the KV cache keeps (max_slots={self.config.max_slots}, n_ctx={self.config.n_ctx}); "
                     "ask about the image again, or raise RuntimeConfig.n_ctx (--ctx) and max_slots"
                 )
@@ -295,14 +292,47 @@ class FaceLLM:
 
     def ask_image(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
                   temperature: float | None = None) -> FaceAnswer:
-        """No detection: the whole frame with InternVL's dynamic tiling (up to ``max_tiles`` + thumbnail)."""
+        """No detection: the whole frame, tiled as the checkpoint's processor tiles it (InternVL's dynamic tiling,
+        up to ``max_tiles`` + thumbnail, when the bundle's ``image.crop_to_patches``)."""
         image = check_image(image_bgr)
         face = _whole_image_face(image)
         t0 = time.perf_counter()
-        pixels, _ = tile_image(image, self.bundle.manifest.image)
-        face.embeds = self.encoder.encode(pixels).reshape(-1, self.encoder.width)
+        face.embeds = self.encoder.encode(image_to_pixels(image, self.bundle.manifest.image)).reshape(
+            -1, self.encoder.width)
         face.timings["encode"] = _ms(t0)
         return self._answer_face(0, face, None, question, max_tokens, temperature)
+
+    def ask_images(self, images_bgr: Sequence[np.ndarray], question: str, *, max_tokens: int | None = None,
+                   temperature: float | None = None) -> ImagesAnswer:
+        """One question about one or more whole images (no detection), as InternVL is asked with several images:
+        one ``<img>…</img>`` block per image, in order, then the question. Each image is tiled as the checkpoint's
+        processor tiles it; all tiles are encoded in one call."""
+        if isinstance(images_bgr, np.ndarray) or not images_bgr:
+            raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
+        if not isinstance(question, str) or not question.strip():
+            raise UsageError("the question is empty; ask something")
+        spec, timings = self.bundle.manifest.image, {}
+        t0 = time.perf_counter()
+        pixels = [image_to_pixels(check_image(im), spec) for im in images_bgr]
+        timings["preprocess"] = _ms(t0)
+        t0 = time.perf_counter()
+        embeds = self.encoder.encode(np.concatenate(pixels))
+        timings["encode"] = _ms(t0)
+        bounds = np.cumsum([0] + [len(p) for p in pixels])
+        per_image = [embeds[a:b].reshape(-1, self.encoder.width) for a, b in zip(bounds[:-1], bounds[1:])]
+        with self._llm_lock:
+            key = self.new_key("images")
+            t0 = time.perf_counter()
+            n_prefix = self.generator.prefill_images(key, per_image)
+            timings["prefill"] = _ms(t0)
+            for old in self._asked:
+                self.generator.drop(old)
+            self._asked = [key]
+            ans = self.answer(key, question, max_tokens=max_tokens, temperature=temperature)
+        timings.update(ttft=ans.timings["ttft_ms"], decode=ans.timings["decode_ms"])
+        return ImagesAnswer(text=ans.text, token_ids=ans.token_ids, stop_reason=ans.stop_reason,
+                            tiles=tuple(len(p) for p in pixels), n_prompt=n_prefix + ans.n_prefilled,
+                            timings=timings, key=key)
 
     # -- internals ------------------------------------------------------------------------------------------
     def _prefilled_faces(self, image_bgr, question, save_crops) -> Iterator[tuple[int, Face, Hashable]]:
@@ -345,39 +375,3 @@ class FaceLLM:
             token_ids=ans.token_ids, stop_reason=ans.stop_reason, timings=dict(face.timings), key=key,
             track_id=face.track_id,
         )
-
-
-def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> list[Path]:
-    """Write the aligned crops the model saw as PNGs (only when the user asked: faces are biometric data)."""
-    import os
-
-    import cv2
-
-    from facellm_edge.io import commit_temp_file, temp_file_beside
-
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create --save-crops folder {out_dir}: {exc.strerror or exc}") from exc
-    named = [(i, f, out_dir / (f"{prefix}{i}.png" if f.track_id is None else f"{prefix}_track{f.track_id}.png"))
-             for i, f in enumerate(faces) if f.crop is not None]
-    taken = [dest for _, _, dest in named if os.path.lexists(dest)]
-    if taken:  # never replace a file we cannot prove is ours: the user's picture may carry that name
-        raise OutputError(f"--save-crops: {taken[0]} already exists; choose an empty folder")
-    paths = []
-    for i, f, dest in named:
-        ok, data = cv2.imencode(".png", f.crop)
-        if not ok:
-            raise OutputError(f"cannot encode crop {i} as PNG")
-        tmp = temp_file_beside(dest)
-        try:
-            tmp.write_bytes(data.tobytes())
-            commit_temp_file(tmp, dest, replace=False)
-        except FileExistsError as exc:  # created by someone else since the check above
-            raise OutputError(f"--save-crops: {dest} already exists; choose an empty folder") from exc
-        except OSError as exc:
-            raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-        finally:  # an error or Ctrl-C: no hidden copy of a face is left behind
-            tmp.unlink(missing_ok=True)
-        paths.append(dest)
-    return paths

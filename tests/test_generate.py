@@ -114,14 +114,18 @@ class Replay:
     batches (logits move by ~0.2 between n_batch 64 and 512), so the replay feeds the same groups the conversation
     protocol defines: prefix tokens, image embeddings, question segments, then one token per step."""
 
-    def __init__(self, ref: LlamaEngine, tokens: TokenSpec, embeds: np.ndarray, first: str = FIRST) -> None:
+    def __init__(self, ref: LlamaEngine, tokens: TokenSpec, embeds: np.ndarray, first: str = FIRST,
+                 more: tuple[np.ndarray, ...] = (), sep: str = "\n") -> None:
         self.ref, self.eos, self.pos, self.pending = ref, set(tokens.eos_ids), 0, None
         pre, rest = first.split("{image}")
         mid = rest.split("{question}")[0]
         ref.clear()
         self._feed(ref.tokenize(pre, special=True) + [tokens.image_start_id])
-        ref.decode_embeddings(embeds, 0, self.pos, logits_last=False)
-        self.pos += embeds.shape[0]
+        for k, e in enumerate((embeds, *more)):  # several images: <img>E</img> blocks joined by `sep`
+            if k:
+                self._feed([tokens.image_end_id] + ref.tokenize(sep, special=True) + [tokens.image_start_id])
+            ref.decode_embeddings(e, 0, self.pos, logits_last=False)
+            self.pos += e.shape[0]
         self._feed([tokens.image_end_id] + ref.tokenize(mid, special=True))
 
     def _feed(self, toks: list[int], logits: bool = False) -> None:
@@ -175,6 +179,65 @@ def test_first_question_equals_from_scratch_token_decode(gen, ref, specs, image)
     assert set(ans.timings) == {"prefill_ms", "ttft_ms", "decode_ms", "tokens_per_s"}
     assert 0 < ans.timings["prefill_ms"] <= ans.timings["ttft_ms"]
     gen.drop("exact")
+
+
+def test_several_images_equal_from_scratch_decode(gen, ref, specs, image, smollm2_gguf):
+    """Three images in one prompt: pre <img>E1</img> sep <img>E2</img> sep <img>E3</img> mid question, in order.
+    The prefix length, the token layout and the greedy answer equal a from-scratch decode of that sequence."""
+    ids, embeds = image
+    tokens = specs[0]
+    images = [embeds, embeds[::-1].copy(), embeds[: N_IMG]]
+    q = "Are these the same person?"
+    pre, mid, seg = prompt_parts(ref, q)
+    sep = ref.tokenize("\n", special=True)
+    n = gen.prefill_images("three", images)
+    assert n == len(pre) + sum(2 + len(e) for e in images) + 2 * len(sep) + len(mid)
+    blocks = [[tokens.image_start_id] + [tokens.image_context_id] * len(e) + [tokens.image_end_id] for e in images]
+    assert gen.prompt_tokens([len(e) for e in images], q) == \
+        pre + blocks[0] + sep + blocks[1] + sep + blocks[2] + mid + seg
+    ans = gen.ask("three", q, GenerationConfig(max_tokens=12))
+    assert ans.n_prefilled == len(seg)
+    assert list(ans.token_ids) == Replay(ref, tokens, images[0], more=tuple(images[1:])).turn(seg, 12)
+    one = gen.ask("three", "And the first one?", GenerationConfig(max_tokens=4))  # follow-ups work as for one image
+    assert one.n_generated > 0
+    gen.drop("three")
+    # the order of the images is the order of the blocks: swapping them changes the conversation
+    gen.prefill_images("swapped", images[::-1])
+    assert gen.ask("swapped", q, GenerationConfig(max_tokens=12)).token_ids == tuple(
+        Replay(ref, tokens, images[2], more=(images[1], images[0])).turn(seg, 12))
+    gen.drop("swapped")
+    with pytest.raises(UsageError, match="non-empty list"):
+        gen.prefill_images("k", [])
+    with pytest.raises(UsageError, match="non-empty list"):
+        gen.prefill_images("k", embeds)  # one array is not a list of images
+    one_image_only = PromptSpec(first=FIRST, followup=FOLLOWUP, chat_template="", image_separator=None)
+    with Generator(smollm2_gguf, tokens, one_image_only, CFG) as g:
+        with pytest.raises(BundleError, match="several images"):
+            g.prefill_images("k", images[:2])
+        assert g.prefill_image("k", embeds) == len(pre) + 2 + len(ids) + len(mid)
+
+
+def test_system_message_is_plain_text_in_the_templates_system_turn(smollm2_gguf, specs, ref, image):
+    """prompt.system goes where prompt.first_system's {system} marker is, tokenised as text (a control token in it
+    stays text); None uses `first` as it is; an older prompt without first_system refuses a system message."""
+    tokens, _ = specs
+    user = "<|im_start|>user\n{image}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    spec = PromptSpec(first=user, followup=FOLLOWUP, chat_template="",
+                      first_system="<|im_start|>system\n{system}<|im_end|>\n" + user)
+    q, message = "Who is this?", "You look at faces. <|im_end|> stays text."
+    with Generator(smollm2_gguf, tokens, spec.with_system(message), CFG) as g:
+        got = g.prompt_tokens([N_IMG], q)
+    head, tail = user.split("{image}")
+    mid, post = tail.split("{question}")
+    expected = (ref.tokenize("<|im_start|>system\n", special=True) + ref.tokenize(message, special=False)
+                + ref.tokenize("<|im_end|>\n" + head, special=True) + [tokens.image_start_id]
+                + [tokens.image_context_id] * N_IMG + [tokens.image_end_id] + ref.tokenize(mid, special=True)
+                + ref.tokenize(q, special=False) + ref.tokenize(post, special=True))
+    assert got == expected and got.count(_single(ref, "<|im_end|>")) == 2  # the message's one is not a control token
+    with Generator(smollm2_gguf, tokens, spec, CFG) as g:  # system None: no system turn at all
+        assert g.prompt_tokens([N_IMG], q)[: len(ref.tokenize(head, special=True))] == ref.tokenize(head, special=True)
+    with pytest.raises(BundleError, match="re-export"):
+        PromptSpec(first=user, followup=FOLLOWUP, chat_template="").with_system(message)
 
 
 def test_multiturn_equals_from_scratch_conversation(gen, ref, specs, image):

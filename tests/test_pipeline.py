@@ -287,3 +287,44 @@ def test_tensorrt_options_cache_engines_and_profile_the_batch(tmp_path, monkeypa
     assert Path(trt["trt_engine_cache_path"]).is_dir() and str(tmp_path) in trt["trt_engine_cache_path"]
     assert trt["trt_profile_max_shapes"] == f"pixel_values:{TRT_MAX_BATCH}x3x448x448"
     assert provider_options(["CPUExecutionProvider"], onnx, 448) == ["CPUExecutionProvider"]
+
+
+# -- configuration checked before anything loads ----------------------------------------------------------------
+
+
+def test_bad_device_or_system_fails_before_any_bundle_is_resolved(tmp_path, astronaut_bgr, yunet_model):
+    """RuntimeConfig checks its device (and system message) when it is made: `ask` without --bundle would export
+    the default checkpoint on first use, `--bundle DIR` would be resolved and loaded, `run` would open its source;
+    a bad value stops all of that in one line (exit 2), nothing written to the cache."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    from facellm_edge.encode import DEVICES
+
+    with pytest.raises(UsageError, match="unknown device 'npu'; choose one of: auto, cpu, cuda, tensorrt"):
+        RuntimeConfig(device="npu")
+    with pytest.raises(UsageError, match="--system needs none, intern_vl or the text"):
+        RuntimeConfig(system=" ")
+    for device in DEVICES:
+        assert RuntimeConfig(device=device).device == device
+    photo = tmp_path / "a.png"
+    cv2.imwrite(str(photo), astronaut_bgr)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    det = ["--detector-model", str(yunet_model)]
+    cases = [
+        (["ask", str(photo), "Age?", "--device", "npu", *det], "unknown device 'npu'"),  # no --bundle: no export
+        (["ask", str(photo), "Age?", "--device", "npu", "--bundle", str(tmp_path / "missing"), *det],
+         "unknown device 'npu'"),
+        (["run", "--camera", "9", "-q", "Age?", "--no-display", "--device", "gpu", *det], "unknown device 'gpu'"),
+        (["ask", str(photo), "Age?", "--system", "", *det], "--system needs none, intern_vl or the text"),
+    ]
+    for argv, message in cases:
+        code = f"import sys\nfrom facellm_edge.cli import main\nsys.exit(main({argv!r}))\n"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                           cwd=tmp_path)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+    assert not (tmp_path / "cache" / "facellm-edge" / "bundles").exists() and not (tmp_path / "hf").exists()

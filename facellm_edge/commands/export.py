@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from facellm_edge.errors import UsageError
+from facellm_edge.system_prompt import DEFAULT as DEFAULT_SYSTEM, HELP as SYSTEM_HELP
 
 
 def _fmt_bytes(n: int) -> str:
@@ -32,6 +33,8 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only a bundle "
                                "facellm-edge wrote, holding nothing else)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for quantisation (default: all cores)."),
+    system: str = typer.Option(DEFAULT_SYSTEM, "--system", help=SYSTEM_HELP + " Stored in the bundle as its "
+                               "default; ask/run --system overrides it."),
 ) -> None:
     """Export a FaceLLM/InternVL checkpoint to a verified edge bundle (ONNX vision + GGUF LLM)."""
     from rich.console import Console
@@ -40,7 +43,7 @@ def export_cmd(
 
     console = Console(stderr=True)
     cfg = ExportConfig(model=model, out=out, quants=parse_list(quant, "quant"), vision=parse_list(vision, "vision"),
-                       adapter=adapter, revision=revision, verify=verify, force=force, threads=threads)
+                       adapter=adapter, revision=revision, verify=verify, force=force, threads=threads, system=system)
 
     def on_step(ev: StepEvent) -> None:
         size = f"  {_fmt_bytes(ev.bytes)}" if ev.bytes else ""

@@ -71,15 +71,19 @@ def _grammar(schema: Optional[Path]) -> Optional[str]:
     return schema_to_grammar(text)
 
 
+_SYSTEM_HELP = "System message for this run (default: the bundle's own, none unless exported with --system). " \
+    "none | intern_vl (the InternVL identity text FaceLLM was trained with) | the message text."
+
+
 def _config(live: bool, *, detector: str, detector_model: Optional[Path], device: str, quant: Optional[str],
             precision: Optional[str], threads: Optional[int], max_tokens: int, temperature: float, max_faces: int,
-            ctx: int, max_pixels: int, schema: Optional[Path] = None) -> "RuntimeConfig":
+            ctx: int, max_pixels: int, schema: Optional[Path] = None, system: Optional[str] = None) -> "RuntimeConfig":
     from facellm_edge.pipeline import RuntimeConfig
 
     cfg = RuntimeConfig(detector=detector, detector_model=detector_model, device=device, llm_quant=quant,
                         vision_precision=precision, max_tokens=max_tokens, temperature=temperature,
                         max_faces=max_faces, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
-                        max_pixels=max_pixels, grammar=_grammar(schema))
+                        max_pixels=max_pixels, grammar=_grammar(schema), system=system)
     return cfg.for_live() if live else cfg
 
 
@@ -106,6 +110,7 @@ def register(app: typer.Typer) -> None:
         schema: Optional[Path] = typer.Option(None, "--schema",
                                               help="JSON schema file: answers are constrained to match it."),
         max_pixels: int = typer.Option(_MAX_PIXELS, "--max-pixels", min=0, help=_MAX_PIXELS_HELP),
+        system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM_HELP),
     ) -> None:
         """Answer a question about every face in a photo."""
         from facellm_edge.detect import check_name
@@ -115,7 +120,7 @@ def register(app: typer.Typer) -> None:
         check_name(detector)
         cfg = _config(False, detector=detector, detector_model=detector_model, device=device, quant=quant,
                       precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
-                      max_faces=max_faces, ctx=ctx, max_pixels=max_pixels, schema=schema)
+                      max_faces=max_faces, ctx=ctx, max_pixels=max_pixels, schema=schema, system=system)
         img = read_image(image, cfg.max_pixels)  # before the bundle loads: a bad photo fails at once
         with FaceLLM.load(resolve_bundle(bundle), cfg) as model:
             if whole_image:
@@ -167,6 +172,7 @@ def register(app: typer.Typer) -> None:
         schema: Optional[Path] = typer.Option(None, "--schema",
                                               help="JSON schema file: answers are constrained to match it."),
         max_pixels: int = typer.Option(_MAX_PIXELS, "--max-pixels", min=0, help=_MAX_PIXELS_HELP),
+        system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM_HELP),
     ) -> None:
         """Live loop: detect and track faces every frame, answer about each new face, stream the answers."""
         from facellm_edge.detect import check_name
@@ -184,7 +190,7 @@ def register(app: typer.Typer) -> None:
         check_name(detector)
         cfg = _config(True, detector=detector, detector_model=detector_model, device=device, quant=quant,
                       precision=precision, threads=threads, max_tokens=max_tokens, temperature=temperature,
-                      max_faces=max_faces, ctx=ctx, max_pixels=max_pixels, schema=schema)
+                      max_faces=max_faces, ctx=ctx, max_pixels=max_pixels, schema=schema, system=system)
         live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output, append=append,
                           overwrite=force, max_tokens=max_tokens, temperature=temperature, max_frames=max_frames)
         check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads

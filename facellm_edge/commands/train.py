@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from facellm_edge.system_prompt import HELP as SYSTEM_HELP
 from facellm_edge.train.config import default as d
 
 
@@ -46,6 +47,8 @@ def train_command(
                                    help="Stop (with a checkpoint) after N steps in this call (0: no)."),
     num_workers: int = typer.Option(d("num_workers"), "--num-workers", help="DataLoader worker processes."),
     merge: bool = typer.Option(d("merge"), "--merge", help="Also write out/merged (full merged checkpoint)."),
+    system: str = typer.Option(d("system"), "--system", help=SYSTEM_HELP + " Opens every record that has no "
+                               "system message of its own."),
 ) -> None:
     """LoRA fine-tune FaceLLM / InternVL3 on ShareGPT face data (FaceLLM's recipe by default)."""
     _check_inputs(data, images)
@@ -60,7 +63,7 @@ def train_command(
         max_grad_norm=max_grad_norm, max_length=max_length, precision=precision,
         gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
         fsdp=fsdp, seed=seed, eval_fraction=eval_fraction, eval_every=eval_every, save_every=save_every,
-        stop_after=stop_after, num_workers=num_workers, merge=merge,
+        stop_after=stop_after, num_workers=num_workers, merge=merge, system=system,
     )
     result = train(cfg)
     if not result.finished:

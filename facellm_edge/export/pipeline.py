@@ -22,6 +22,7 @@ from facellm_edge import __version__
 from facellm_edge.bundle import BUNDLE, MANIFEST, SCHEMA_VERSION, Manifest, file_entry
 from facellm_edge.io import atomic_directory, atomic_write_text, check_replaceable, clean_stale_temps
 from facellm_edge.errors import ExportError, FaceLLMEdgeError, OutputError, UsageError, require
+from facellm_edge.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ExportConfig:
     verify: bool = True
     force: bool = False
     threads: int | None = None
+    system: str = DEFAULT_SYSTEM  # the bundle's default system message: none | intern_vl | the text (prompt.system)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ def validate(cfg: ExportConfig) -> ExportConfig:
     unknown = [v for v in vision if v not in VISION_TARGETS]
     if unknown:
         raise UsageError(f"unknown vision precision '{unknown[0]}'; choose from {', '.join(VISION_TARGETS)}")
+    resolve_system(cfg.system)
     out = Path(cfg.out)
     check_replaceable(out, force=cfg.force, kind=BUNDLE)  # --force replaces only a bundle whose manifest parses
     if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
@@ -171,7 +174,7 @@ def _export_into(tmp: Path, cfg: ExportConfig, loaded: Any, source: dict[str, An
     image = prompt.image_spec(loaded.processor)
     tokens = prompt.token_spec(loaded.processor, loaded.config, ckpt_dir)
     arch = prompt.arch_spec(loaded.config)
-    prompt_spec = prompt.prompt_spec(loaded.processor)
+    prompt_spec = prompt.prompt_spec(loaded.processor, system=resolve_system(cfg.system))
 
     # -- vision ---------------------------------------------------------------------------------------------
     (tmp / "vision").mkdir()

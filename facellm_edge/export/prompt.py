@@ -13,12 +13,14 @@ from typing import Any
 
 from facellm_edge.bundle import ArchSpec, ImageSpec, PromptSpec, TokenSpec
 from facellm_edge.errors import CheckpointError, ExportError
+from facellm_edge.system_prompt import system_messages
 
 log = logging.getLogger(__name__)
 
 _Q1 = "\u2063FACELLM_EDGE_Q1\u2063"
 _A1 = "\u2063FACELLM_EDGE_A1\u2063"
 _Q2 = "\u2063FACELLM_EDGE_Q2\u2063"
+_SYS = "\u2063FACELLM_EDGE_SYSTEM\u2063"
 # Probe sizes for the processor's tiling at export: a square photo (9 tiles + thumbnail with InternVL3's 1..12) and a
 # wide one (2 tiles + thumbnail): what the processor returns for them must be what the runtime computes.
 _TILING_PROBES = ((1024, 1024), (600, 1300))
@@ -31,10 +33,50 @@ def _render(processor: Any, messages: list[dict[str, Any]]) -> str:
         raise CheckpointError(f"cannot render the checkpoint's chat template: {exc}") from exc
 
 
-def prompt_spec(processor: Any) -> PromptSpec:
-    """Render the chat template for one and for two turns and cut out ``first`` and ``followup``."""
+def _user(n_images: int, text: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def _image_separator(processor: Any, first: str) -> str | None:
+    """What the template renders between consecutive images of one user turn (None: not a plain separator, so the
+    runtime cannot build several-image prompts for this template)."""
+    tok = processor.image_token
+    pre, rest = first.split(tok)
+    try:
+        two, three = _render(processor, [_user(2, _Q1)]), _render(processor, [_user(3, _Q1)])
+    except CheckpointError as exc:
+        log.warning("several images per question disabled: %s", exc)
+        return None
+    start = len(pre) + len(tok)
+    end = two.find(tok, start)
+    sep = two[start:end] if two.startswith(pre + tok) and end >= 0 else None
+    if sep is None or two != pre + tok + sep + tok + rest or three != pre + (tok + sep) * 2 + tok + rest:
+        log.warning("several images per question disabled: the chat template does not render N images as N "
+                    "placeholders joined by one separator")
+        return None
+    return sep
+
+
+def _first_system(processor: Any) -> str | None:
+    """``first`` rendered after a system turn whose text is the system marker (None: the template cannot)."""
+    try:
+        text = _render(processor, [*system_messages(_SYS), _user(1, _Q1)])
+    except CheckpointError as exc:
+        log.warning("no system-turn prompt: %s", exc)
+        return None
+    if any(text.count(m) != 1 for m in (_SYS, processor.image_token, _Q1)):
+        log.warning("no system-turn prompt: the chat template does not render a system message once")
+        return None
+    return (text.replace(processor.image_token, PromptSpec.image_marker)
+            .replace(_Q1, PromptSpec.question_marker).replace(_SYS, PromptSpec.system_marker))
+
+
+def prompt_spec(processor: Any, system: str | None = None) -> PromptSpec:
+    """Render the chat template for one and for two turns and cut out ``first`` and ``followup``; for 2 and 3 images
+    (``image_separator``) and after a system turn (``first_system``). ``system``: the bundle's default system
+    message (None: none)."""
     image_token = processor.image_token
-    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _Q1}]}]
+    one = [_user(1, _Q1)]
     two = one + [
         {"role": "assistant", "content": [{"type": "text", "text": _A1}]},
         {"role": "user", "content": [{"type": "text", "text": _Q2}]},
@@ -54,11 +96,19 @@ def prompt_spec(processor: Any) -> PromptSpec:
     turn_one = both.split(_A1, 1)[0]
     if turn_one != first:
         raise ExportError("the chat template renders the first turn differently once an answer follows")
+    first_system = _first_system(processor)
+    if system is not None and first_system is None:
+        raise ExportError("--system: the checkpoint's chat template cannot render a system message (see the "
+                          "warning above); export with --system none")
     template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    separator = _image_separator(processor, first)
     return PromptSpec(
         first=first.replace(image_token, PromptSpec.image_marker).replace(_Q1, PromptSpec.question_marker),
         followup=followup,
         chat_template=template if isinstance(template, str) else json.dumps(template),
+        image_separator=separator,
+        first_system=first_system,
+        system=system,
     )
 
 

@@ -5,6 +5,9 @@ training and edge inference see the same text), the processor expands the image 
 ``<img><IMG_CONTEXT>*N</img>`` and preprocesses the face crop as one 448 px tile (``crop_to_patches`` off). Labels
 are -100 everywhere except the assistant answers and their end-of-turn token: their character spans are taken from
 the rendered template (prefix renders) and mapped to tokens through the tokenizer's offset mapping.
+
+``system`` (``train --system``) opens every record that has no system message of its own with that system turn,
+as LLaMA-Factory's template ``default_system`` does (FaceLLM was trained with ``intern_vl``'s).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from facellm_edge.errors import CheckpointError, InputError, UsageError
+from facellm_edge.system_prompt import system_messages
 from facellm_edge.train.data import Sample
 
 IGNORE_INDEX = -100
@@ -28,8 +32,9 @@ class Encoded:
 class Encoder:
     """Callable used by the Dataset: ``Sample`` -> :class:`Encoded`."""
 
-    def __init__(self, processor: Any, max_length: int) -> None:
+    def __init__(self, processor: Any, max_length: int, system: str | None = None) -> None:
         self.processor = processor
+        self.system = system
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.end_of_turn = self.tokenizer.eos_token
@@ -37,10 +42,20 @@ class Encoder:
             raise CheckpointError("the tokenizer has no eos (end-of-turn) token: cannot find where answers end")
         self.image_token = processor.image_token
         self.reserved = (self.end_of_turn, self.image_token, getattr(processor, "video_token", None) or "")
+        if system is not None and any(r and r in system for r in self.reserved):
+            raise UsageError("--system must not contain the model's control tokens "
+                             f"({', '.join(r for r in self.reserved if r)})")
         self.image_end_id = processor.end_image_token_id
         if self.tokenizer.pad_token_id is None:
             raise CheckpointError("the tokenizer has no pad token: set pad_token in tokenizer_config.json")
         self.pad_id = self.tokenizer.pad_token_id
+
+    def messages(self, sample: Sample) -> list[dict[str, Any]]:
+        """The record's messages, opened by ``system`` when the record brings no system message of its own."""
+        messages = sample.messages()
+        if self.system is not None and not (messages and messages[0]["role"] == "system"):
+            messages = system_messages(self.system) + messages
+        return messages
 
     def render(self, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -71,7 +86,7 @@ class Encoder:
                 image = im.convert("RGB")
         except OSError as exc:
             raise InputError(f"cannot decode image {sample.image} ({sample.where}): {exc}") from exc
-        text, spans = self.answer_spans(sample.messages())
+        text, spans = self.answer_spans(self.messages(sample))
         enc = self.processor(text=[text], images=[image], crop_to_patches=False, return_offsets_mapping=True,
                              return_tensors="pt")
         ids = enc["input_ids"][0].tolist()

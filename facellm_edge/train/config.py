@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.errors import UsageError
+from facellm_edge.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -59,6 +60,8 @@ class TrainConfig:
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0: run to the end
     num_workers: int = 0
     merge: bool = False
+    # the system message of records without their own: none | intern_vl | the text (facellm_edge.system_prompt)
+    system: str = DEFAULT_SYSTEM
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -84,6 +87,7 @@ class TrainConfig:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.lr_scheduler not in SCHEDULERS:
             raise UsageError(f"--lr-scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r})")
+        resolve_system(self.system)
         if self.load_in_4bit and self.load_in_8bit:
             raise UsageError("choose one of --load-in-4bit and --load-in-8bit")
         if (self.load_in_4bit or self.load_in_8bit) and self.merge:
