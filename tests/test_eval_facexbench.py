@@ -286,3 +286,49 @@ def test_run_bench_reads_letters_by_the_chosen_rules_and_keeps_the_cap_report(fa
     assert {r.id: (r.raw, r.truncated, r.predicted) for r in results} == {
         q: (row[0], row[1], row[column]) for q, row in SAVED.items()}
     assert {r.id: r.num_images for r in results}["agedb30_multiple_mcq/1"] == "multiple"
+
+
+def test_facexbench_folder_through_both_backends(facexbench_dir, tiny_bundle, tiny_checkpoint_varied, tmp_path,
+                                                 capsys):
+    """FaceXBench's layout (single, multi-image, tools with context, "Cannot determine") end to end through the
+    transformers reference and the edge bundle made from it, then the drift report between them."""
+    from facellm_edge.cli import main
+
+    runs = {"hf": ["--model", str(tiny_checkpoint_varied)], "edge": ["--bundle", str(tiny_bundle)]}
+    for name, backend in runs.items():
+        rc = main(["eval", "run", "--bench", str(facexbench_dir), *backend, "--out", str(tmp_path / name),
+                   "--max-new-tokens", "3", "--bootstrap", "50"])
+        assert rc == 0, capsys.readouterr().err
+    docs = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in runs}
+    preds = {name: _lines(tmp_path / name / "predictions.jsonl") for name in runs}
+    items = {it.id: it for it in load_bench(facexbench_dir)}
+    for name in runs:
+        assert [p["id"] for p in preds[name]] == sorted(items)
+        assert [p["prompt"] for p in preds[name]] == [items[q].prompt() for q in sorted(items)]  # the same questions
+        assert preds[name][0]["images"] == [str(p) for p in items["agedb30_multiple_mcq/1"].images]  # all 3 images
+        s = docs[name]["summary"]
+        assert {k: v["n"] for k, v in s["by_num_images"].items()} == {"multiple": 1, "single": 2, "zero": 1}
+        assert s["hit_max_new_tokens"]["unknown"] == 0  # both backends say why each answer stopped
+        assert docs[name]["meta"]["system"] == "none"  # FaceLLM's authors' setting by default
+    assert main(["eval", "compare", str(tmp_path / "hf" / "results.json"), str(tmp_path / "edge" / "results.json"),
+                 "--out", str(tmp_path / "drift")]) == 0
+    cmp = json.loads((tmp_path / "drift" / "compare.json").read_text())
+    assert cmp["overall"]["n"] == 4 and cmp["only_in_a"] == cmp["only_in_b"] == []
+    assert cmp["overall"]["agree"] == sum(a["predicted"] == b["predicted"]
+                                          for a, b in zip(docs["hf"]["items"], docs["edge"]["items"]))
+
+
+def test_eval_system_option(facexbench_dir, tiny_checkpoint, tmp_path, capsys):
+    from facellm_edge.cli import main
+
+    rc = main(["eval", "run", "--bench", str(facexbench_dir), "--model", str(tiny_checkpoint), "--out",
+               str(tmp_path / "s"), "--system", "intern_vl", "--limit", "1", "--max-new-tokens", "2", "--bootstrap",
+               "20"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["meta"]["system"] == "intern_vl"
+    assert "system message intern_vl" in (tmp_path / "s" / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", "run", "--bench", str(facexbench_dir), "--model", str(tiny_checkpoint), "--out",
+                 str(tmp_path / "e"), "--system", " "]) == 2
+    assert "--system needs none, intern_vl or the text" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

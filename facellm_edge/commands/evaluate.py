@@ -10,6 +10,7 @@ import typer
 
 from facellm_edge.errors import UsageError
 from facellm_edge.evaluate.settings import EvalSettings
+from facellm_edge.system_prompt import DEFAULT as SYSTEM_DEFAULT, HELP as SYSTEM_HELP
 
 eval_app = typer.Typer(help="Evaluate on FaceXBench (or a bench in its style), re-score saved answers, compare runs.")
 
@@ -36,6 +37,9 @@ def run(
                                       "task description) into the prompt, like FaceXBench's --prepend_text. Off by "
                                       "default, as there and for FaceLLM's published numbers."),
     letter_rules: str = typer.Option(_D.letter_rules, "--letter-rules", help=_RULES_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP + " Default: none, as FaceLLM's "
+                                         "authors evaluate (--bundle: the bundle's own, none unless exported with "
+                                         "--system)."),
     max_new_tokens: int = typer.Option(_D.max_new_tokens, "--max-new-tokens", min=1, help="Answer length cap in "
                                        "tokens (FaceLLM's evaluation used 2048); answers that hit it are counted in "
                                        "the results."),
@@ -75,9 +79,12 @@ def run(
     from facellm_edge.evaluate.report import check_out, write_results
     from facellm_edge.evaluate.runner import results_document, run_bench
     from facellm_edge.evaluate.scoring import ScoreConfig
+    from facellm_edge.system_prompt import resolve_system
 
     settings = EvalSettings(prepend_text=prepend_text, letter_rules=letter_rules, max_new_tokens=max_new_tokens)
     get_rules(settings.letter_rules)  # an unknown name fails before any work
+    if system is not None:
+        resolve_system(system)
     check_out(out, force)
     items = load_bench(bench, images, prepend_text=settings.prepend_text)
     if limit:
@@ -85,10 +92,11 @@ def run(
     if bundle is not None:
         check_supported(items, "bundle", BundleBackend.max_images)
         backend = BundleBackend(BundleConfig(bundle=bundle, max_new_tokens=settings.max_new_tokens,
-                                             llm_quant=llm_quant, vision_precision=vision_precision))
+                                             llm_quant=llm_quant, vision_precision=vision_precision, system=system))
     else:
         backend = TransformersBackend(TransformersConfig(model=model, max_new_tokens=settings.max_new_tokens,
-                                                         dtype=dtype, revision=revision, device=device))
+                                                         dtype=dtype, revision=revision, device=device,
+                                                         system=system if system is not None else SYSTEM_DEFAULT))
     console = Console(stderr=True)
     t0 = time.perf_counter()
     try:
@@ -106,7 +114,7 @@ def run(
     finally:
         backend.close()
     meta = {"bench": str(bench), "backend": backend.name, "model": backend.model, "wall_s": time.perf_counter() - t0,
-            **settings.to_json()}
+            **settings.to_json(), "system": backend.system}
     doc = results_document(results, meta, ScoreConfig(n_bootstrap=n_bootstrap, seed=seed))
     write_results(out, doc, force=force, predictions=predictions_jsonl(items, results))
     _summary(console, out, doc)

@@ -45,6 +45,8 @@ def _settings_lines(m: dict, s: dict) -> list[str]:
     parts = []
     if "prepend_text" in m:
         parts.append(f"FaceXBench's prompt, prepend_text {'on' if m['prepend_text'] else 'off'}")
+    if "system" in m:
+        parts.append(f"system message {m['system']}")
     if "letter_rules" in m:
         parts.append(f"letters read by the `{m['letter_rules']}` rules")
     if "max_new_tokens" in m:
