@@ -104,3 +104,27 @@ def _rgb(path: Path):
     from facellm_edge.io import read_image
 
     return Image.fromarray(read_image(path)[:, :, ::-1].copy())
+
+
+def test_a_bundle_whose_template_shows_one_image_says_so(tiny_bundle, items, tmp_path):
+    """prompt.image_separator null (a template that cannot render several images in one turn): the backend's
+    max_images is 1, so check_supported refuses such questions up front, naming one."""
+    import json
+    import shutil
+
+    from facellm_edge.errors import UsageError
+    from facellm_edge.evaluate.backends import check_supported
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b, copy_function=shutil.copy)
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["prompt"]["image_separator"] = None
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    backend = BundleBackend(BundleConfig(bundle=b, llm_quant="f32"))
+    try:
+        assert backend.max_images == 1 and BundleBackend.max_images is None
+        with pytest.raises(UsageError, match=r"1 of 2 questions have more than 1 image\(s\) \(e\.g\. pair, 2 images\)"):
+            check_supported(items, backend.name, backend.max_images)
+        check_supported(items[1:], backend.name, backend.max_images)
+    finally:
+        backend.close()

@@ -139,6 +139,8 @@ class BundleBackend:
             temperature=0.0, n_ctx=config.n_ctx or manifest.arch.context_length, max_slots=1,
             max_pixels=config.max_pixels, system=config.system)
         self.system = describe(runtime.prompt_for(manifest.prompt).system)
+        if manifest.prompt.image_separator is None:  # a chat template that cannot show several images in one turn
+            self.max_images = 1
         self._stack = contextlib.ExitStack()  # the API's promised interface is the context manager
         self._llm = self._stack.enter_context(FaceLLM.load(config.bundle, runtime))
 
