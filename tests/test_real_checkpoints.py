@@ -214,4 +214,4 @@ def test_eval_transformers_backend(request, layout, tmp_path, astronaut_bgr):
     inputs = backend.encode(item)
     assert int((inputs["input_ids"] == backend._processor.image_token_id).sum()) == \
         inputs["pixel_values"].shape[0] * backend._processor.image_seq_length
-    assert isinstance(backend.answer(item), str)
+    assert isinstance(backend.answer(item).text, str)

@@ -90,13 +90,17 @@ def run(
     if limit:
         items = items[:limit]
     if bundle is not None:
-        check_supported(items, "bundle", BundleBackend.max_images)
         backend = BundleBackend(BundleConfig(bundle=bundle, max_new_tokens=settings.max_new_tokens,
                                              llm_quant=llm_quant, vision_precision=vision_precision, system=system))
     else:
         backend = TransformersBackend(TransformersConfig(model=model, max_new_tokens=settings.max_new_tokens,
                                                          dtype=dtype, revision=revision, device=device,
                                                          system=system if system is not None else SYSTEM_DEFAULT))
+    try:  # a bundle whose template shows one image refuses multi-image questions before the first answer
+        check_supported(items, backend.name, backend.max_images)
+    except BaseException:
+        backend.close()
+        raise
     console = Console(stderr=True)
     t0 = time.perf_counter()
     try:

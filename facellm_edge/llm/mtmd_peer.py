@@ -9,9 +9,9 @@ repack, whose copies it would never use (FaceLLM-1B q4_0: +377 instead of +567 M
 the mapped file at load). ``vocab_only`` would be cheaper still, but then llama.cpp reports an embedding width of 0
 and the width check against the mmproj is lost.
 
-libmtmd preprocesses images itself (InternVL dynamic tiling; the mmproj written by this project asks for one tile
-when the checkpoint's processor does): feed a tile-sized image (448x448) to compare it with the ONNX path pixel for
-pixel. No torch here.
+libmtmd preprocesses images itself (InternVL dynamic tiling; the mmproj written by this project records the tile range
+the checkpoint's processor really uses, 1..12 for InternVL3): feed a tile-sized image (448x448), which is one tile
+either way, to compare it with the ONNX path pixel for pixel. No torch here.
 """
 
 from __future__ import annotations

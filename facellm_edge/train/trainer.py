@@ -23,6 +23,7 @@ from facellm_edge.train.collate import EncodedDataset, Encoder, PadCollator
 from facellm_edge.train.config import TrainConfig
 from facellm_edge.train.data import load_samples, split_eval
 from facellm_edge.export.checkpoint import load_processor
+from facellm_edge.system_prompt import resolve_system
 from facellm_edge.train.model import check_base, load_model, merge_adapter, save_adapter, wrap_lora
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def _run(cfg: TrainConfig, accelerator: Any, precision: str, cuda: bool, resume_
     require("accelerate", "train").utils.set_seed(cfg.seed)
 
     processor = load_processor(cfg.base)  # also checkpoints without a video token (older InternVL3-hf)
-    encoder = Encoder(processor, cfg.max_length)
+    encoder = Encoder(processor, cfg.max_length, system=resolve_system(cfg.system))  # records without their own
     samples = load_samples(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reserved=encoder.reserved)
     train_samples, eval_samples = split_eval(samples, cfg.eval_fraction, cfg.seed)
     log.info("%d training / %d held-out records, %d process(es), %s", len(train_samples), len(eval_samples),
