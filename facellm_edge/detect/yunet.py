@@ -7,7 +7,6 @@ sha256 before first use: the default detector works offline, with no download an
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -19,6 +18,7 @@ import numpy as np
 from facellm_edge.detect import DetectorConfig, check_image, top_faces
 from facellm_edge.errors import InputError, RuntimeStageError
 from facellm_edge.faces import Face
+from facellm_edge.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,13 @@ def user_cache_dir() -> Path:
     return Path(base) / "facellm-edge"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_model_path(path: Path = PACKAGED_MODEL) -> Path:
     """The YuNet model shipped in the package, once its sha256 matches the pinned one (checked once per process)."""
     with _check_lock:
         if path in _checked:
             return path
         try:
-            got = _sha256(path)
+            got = sha256_file(path)
         except OSError as exc:
             raise InputError(f"the packaged YuNet model {path} cannot be read ({exc.strerror or exc}); reinstall "
                              "facellm-edge or pass --detector-model PATH") from exc
