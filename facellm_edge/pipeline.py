@@ -130,6 +130,11 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _check_question(question: object) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError("the question is empty; ask something")
+
+
 def _whole_image_face(image: np.ndarray) -> Face:
     h, w = image.shape[:2]
     return Face(box=np.array([0, 0, w, h]), score=1.0, landmarks=np.zeros((5, 2)))
@@ -309,8 +314,7 @@ class FaceLLM:
         processor tiles it; all tiles are encoded in one call."""
         if isinstance(images_bgr, np.ndarray) or not images_bgr:
             raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
-        if not isinstance(question, str) or not question.strip():
-            raise UsageError("the question is empty; ask something")
+        _check_question(question)
         spec, timings = self.bundle.manifest.image, {}
         t0 = time.perf_counter()
         pixels = [image_to_pixels(check_image(im), spec) for im in images_bgr]
@@ -325,9 +329,7 @@ class FaceLLM:
             t0 = time.perf_counter()
             n_prefix = self.generator.prefill_images(key, per_image)
             timings["prefill"] = _ms(t0)
-            for old in self._asked:
-                self.generator.drop(old)
-            self._asked = [key]
+            self._new_ask([key])
             ans = self.answer(key, question, max_tokens=max_tokens, temperature=temperature)
         timings.update(ttft=ans.timings["ttft_ms"], decode=ans.timings["decode_ms"])
         return ImagesAnswer(text=ans.text, token_ids=ans.token_ids, stop_reason=ans.stop_reason,
@@ -335,10 +337,16 @@ class FaceLLM:
                             timings=timings, key=key)
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _new_ask(self, keys: list[Hashable]) -> None:
+        """A new ask replaces the last one: its conversations leave the KV cache; ``keys`` (new) are kept for
+        chat(). Callers hold the LLM lock."""
+        for old in self._asked:
+            self.generator.drop(old)
+        self._asked = list(keys)
+
     def _prefilled_faces(self, image_bgr, question, save_crops) -> Iterator[tuple[int, Face, Hashable]]:
         """detect -> align -> encode (one batch) -> per face: prefill its image prefix; yields (index, face, key)."""
-        if not isinstance(question, str) or not question.strip():
-            raise UsageError("the question is empty; ask something")
+        _check_question(question)
         image = check_image(image_bgr)
         faces = self.detect(image)
         if len(faces) > self.config.max_slots:
@@ -347,9 +355,7 @@ class FaceLLM:
         self.encode_faces(image, faces)
         if save_crops is not None:
             save_face_crops(faces, Path(save_crops))
-        for old in self._asked:
-            self.generator.drop(old)
-        self._asked = []
+        self._new_ask([])
         for i, face in enumerate(faces):
             key = self.new_key()
             self.prefill(key, face)
@@ -362,9 +368,7 @@ class FaceLLM:
             if key is None:
                 key = self.new_key()
                 self.prefill(key, face)
-                for old in self._asked:
-                    self.generator.drop(old)
-                self._asked = [key]
+                self._new_ask([key])
             ans = self.answer(key, question, max_tokens=max_tokens, temperature=temperature)
         face.answer = ans.text
         face.timings["ttft"] = ans.timings["ttft_ms"]
