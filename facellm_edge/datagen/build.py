@@ -198,19 +198,20 @@ def task_id(lab: FaceLabels, family: Family) -> str:
 
 def _load_image(path: Path) -> ImagePayload:
     import cv2
-    import numpy as np
 
-    data = path.read_bytes()
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"image {path} cannot be decoded")
+    from facellm_edge.io import read_image
+
+    img = read_image(path)  # decodable, and within the decoded-size bound, before anything is sent
     mime = _MIME.get(path.suffix.lower())
-    if mime is None:  # send formats the API may not take as JPEG
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise InputError(f"image {path} cannot be re-encoded as JPEG")
-        data, mime = buf.tobytes(), "image/jpeg"
-    return ImagePayload(data=data, mime=mime)
+    if mime is not None:
+        try:
+            return ImagePayload(data=path.read_bytes(), mime=mime)
+        except OSError as exc:
+            raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])  # formats the API may not take -> JPEG
+    if not ok:
+        raise InputError(f"image {path} cannot be re-encoded as JPEG")
+    return ImagePayload(data=buf.tobytes(), mime="image/jpeg")
 
 
 class _Builder:

@@ -18,7 +18,7 @@ import numpy as np
 from facellm_edge.errors import InputError
 from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image
 
-__all__ = ["FrameSource", "ImageFiles", "VideoFile", "LiveCapture", "open_source", "read_image", "Frame"]
+__all__ = ["FrameSource", "ImageFiles", "VideoFile", "LiveCapture", "open_source", "Frame"]
 
 log = logging.getLogger(__name__)
 
