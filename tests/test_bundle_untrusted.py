@@ -93,6 +93,17 @@ class _Touches:
         return any(p.startswith(outside) for p in self.paths)
 
 
+def _damaged_untouched(monkeypatch, root: Path, **load) -> tuple[str, "_Touches"]:
+    """load_bundle(root) must raise BundleError; its message and what the load opened or stat-ed."""
+    touches = _Touches(monkeypatch)
+    try:
+        with pytest.raises(BundleError) as exc:
+            load_bundle(root, **load)
+    finally:
+        touches.stop(monkeypatch)
+    return str(exc.value), touches
+
+
 @pytest.mark.parametrize("where", ["llm", "vision", "external_data", "mmproj"])
 @pytest.mark.parametrize("bad", ["../outside/passwd", "{abs}", "llm/../../outside/passwd", "./llm/q8_0.gguf",
                                  "llm//q8_0.gguf", "llm\\q8_0.gguf"])
@@ -109,13 +120,7 @@ def test_manifest_paths_must_stay_inside(tmp_path, secret, monkeypatch, where, b
     else:
         d["mmproj"] = entry
     _write(root, d)
-    touches = _Touches(monkeypatch)
-    try:
-        with pytest.raises(BundleError) as exc:
-            load_bundle(root, check_hashes=True)
-    finally:
-        touches.stop(monkeypatch)
-    msg = str(exc.value)
+    msg, touches = _damaged_untouched(monkeypatch, root, check_hashes=True)
     assert msg.startswith(f"bundle {root} is damaged: manifest.json is malformed: '") and "\n" not in msg
     assert "must be a" in msg and "path inside the bundle" in msg and "re-export the bundle" in msg
     assert str(secret.stat().st_size) not in msg  # the outside file's size never leaks
@@ -142,13 +147,8 @@ def test_symlinks_pointing_out_are_damage_and_never_followed(tmp_path, secret, m
     # size and hash of the outside file: before the fix such a bundle loaded and passed `inspect`
     d["llm"]["q8_0"].update(bytes=secret.stat().st_size, sha256=hashlib.sha256(secret.read_bytes()).hexdigest())
     _write(root, d)
-    touches = _Touches(monkeypatch)
-    try:
-        with pytest.raises(BundleError) as exc:
-            load_bundle(root, check_hashes=True)
-    finally:
-        touches.stop(monkeypatch)
-    assert str(exc.value) == (f"bundle {root} is damaged: {d['llm']['q8_0']['path']} leads outside the bundle; "
+    msg, touches = _damaged_untouched(monkeypatch, root, check_hashes=True)
+    assert msg == (f"bundle {root} is damaged: {d['llm']['q8_0']['path']} leads outside the bundle; "
                               "re-export it")
     assert not touches.touched(secret)
 
@@ -185,12 +185,8 @@ def test_hub_cache_snapshot_links_into_its_own_blobs(tmp_path, secret, monkeypat
     gguf = snap / "llm" / "q8_0.gguf"
     gguf.unlink()
     gguf.symlink_to(Path("..", "..", "..", "..", "models--evil--x", "blobs", "w"))
-    touches = _Touches(monkeypatch)
-    try:
-        with pytest.raises(BundleError, match="is damaged: llm/q8_0.gguf leads outside the bundle"):
-            load_bundle(snap)
-    finally:
-        touches.stop(monkeypatch)
+    msg, touches = _damaged_untouched(monkeypatch, snap)
+    assert "is damaged: llm/q8_0.gguf leads outside the bundle" in msg
     assert not touches.touched(other / "w")
 
 
