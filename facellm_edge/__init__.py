@@ -18,7 +18,7 @@ __all__ = ["__version__", "FaceLLM"]
 
 def __getattr__(name: str):
     if name == "FaceLLM":
-        from facellm_edge.pipeline import FaceLLM
+        from facellm_edge.runtime.pipeline import FaceLLM
 
         return FaceLLM
     raise AttributeError(name)

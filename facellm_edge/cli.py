@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_AREAS = ("export", "runtime", "bench", "train", "data", "evaluate")
+_AREAS = ("export", "runtime", "bench", "train", "data", "eval")
 
 
 def _register_commands() -> None:

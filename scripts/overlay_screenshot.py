@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 from skimage import data
 
-from facellm_edge.detect import DetectorConfig, create_detector
-from facellm_edge.live.overlay import draw
+from facellm_edge.runtime.detect import DetectorConfig, create_detector
+from facellm_edge.runtime.live.overlay import draw
 
 SAMPLE = ("The person appears to be a woman in her early forties, smiling, with short brown hair, "
           "wearing an orange spacesuit in front of an American flag.")

@@ -40,13 +40,13 @@ def qwen_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def yunet_model() -> Path:
     """The YuNet model shipped inside the package (its pinned sha256 checked)."""
-    from facellm_edge.detect.yunet import default_model_path
+    from facellm_edge.runtime.detect.yunet import default_model_path
 
     return default_model_path()
 
 
 def _build(tmp_path_factory, qwen_tokenizer_dir: Path, name: str, **spec) -> Path:
-    from facellm_edge.synthetic import SyntheticSpec, build_checkpoint
+    from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
 
     out = tmp_path_factory.mktemp(name)
     return build_checkpoint(out, qwen_tokenizer_dir, SyntheticSpec(**spec))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from facellm_edge.benchmark import report, roofline
+from facellm_edge.bench import report, roofline
 from facellm_edge.io import MARKER
 
 STAGES_EDGE = {"detect_ms", "align_ms", "preprocess_ms", "vision_ms", "image_prefill_ms", "prefill_ms",
@@ -176,7 +176,7 @@ def test_roofline_work_counts_the_tiny_model_by_hand(tiny_bundle):
     """Vision MACs and decode bytes from the files equal a count from the tiny model's dimensions."""
     from facellm_edge.bundle import load_bundle
     from facellm_edge.export.quantize import read_tensor_infos
-    from facellm_edge.synthetic import SyntheticSpec
+    from facellm_edge.export.synthetic import SyntheticSpec
 
     b = load_bundle(tiny_bundle)
     s, a = SyntheticSpec(), b.manifest.arch

@@ -7,9 +7,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from facellm_edge.benchmark.config import BenchConfig, LiveConfig, parse_csv, resolve_naive
-from facellm_edge.benchmark.stages import RssSampler, StageTimer, percentile, repeat, run_isolated, summarize
-from facellm_edge.benchmark.system import machine_info, machine_slug, versions
+from facellm_edge.bench.config import BenchConfig, LiveConfig, parse_csv, resolve_naive
+from facellm_edge.bench.stages import RssSampler, StageTimer, percentile, repeat, run_isolated, summarize
+from facellm_edge.bench.system import machine_info, machine_slug, versions
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 
 
@@ -160,8 +160,8 @@ def test_live_frame_loop_on_a_real_video(tmp_path, t1_bgr, yunet_model):
     """--video path: a real mp4 written with OpenCV, read back through the runtime's VideoFile source."""
     import cv2
 
-    from facellm_edge.benchmark.edge import make_detector
-    from facellm_edge.benchmark.live import frame_loop, synthetic_clip, video_frames
+    from facellm_edge.bench.edge import make_detector
+    from facellm_edge.bench.live import frame_loop, synthetic_clip, video_frames
 
     clip = synthetic_clip(t1_bgr, 12, 640, 480)
     assert all(f.shape == (480, 640, 3) for f in clip)

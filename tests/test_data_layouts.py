@@ -12,7 +12,7 @@ import cv2
 import pytest
 
 from facellm_edge.cli import main
-from facellm_edge.datagen.fairfacegpt import import_fairfacegpt
+from facellm_edge.data.fairfacegpt import import_fairfacegpt
 from facellm_edge.errors import InputError
 from facellm_edge.train.data import load_samples
 

@@ -19,7 +19,7 @@ import cv2
 import pytest
 
 from facellm_edge.cli import main
-from facellm_edge.datagen.labels import read_labels
+from facellm_edge.data.labels import read_labels
 from facellm_edge.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,8 +29,8 @@ def smollm_gguf() -> Path:
 
 
 def _prompt() -> tuple[str, str]:
-    from facellm_edge.datagen.labels import FaceLabels
-    from facellm_edge.datagen.prompts import SYSTEM_PROMPT, build_prompt, get_family
+    from facellm_edge.data.labels import FaceLabels
+    from facellm_edge.data.prompts import SYSTEM_PROMPT, build_prompt, get_family
 
     lab = FaceLabels(file="a.jpg", attributes=(("age", "30-39"), ("gender", "Female"), ("race", "White")))
     return SYSTEM_PROMPT, build_prompt(lab, get_family("lighting_quality"))
@@ -57,7 +57,7 @@ class _NeverCloseAString:
 
 @pytest.mark.parametrize("budget", [38, 64])
 def test_reply_closes_within_the_token_budget_even_when_the_model_never_wants_to(smollm_gguf, budget):
-    from facellm_edge.datagen.backends import LlamaBackend, LlamaConfig
+    from facellm_edge.data.backends import LlamaBackend, LlamaConfig
 
     backend = LlamaBackend(LlamaConfig(gguf=smollm_gguf, max_tokens=budget, temperature=0.0, n_threads=1))
     system, user = _prompt()
@@ -101,7 +101,7 @@ def test_data_build_with_local_gguf(smollm_gguf, tmp_path, astronaut_bgr, caplog
     csv = tmp_path / "labels.csv"
     csv.write_text("file,age,gender,race\na.jpg,30-39,Female,White\n")
     out = tmp_path / "qa.jsonl"
-    with caplog.at_level(logging.INFO, logger="facellm_edge.datagen"):
+    with caplog.at_level(logging.INFO, logger="facellm_edge.data"):
         rc = main(["data", "build", "--labels", str(csv), "--images", str(images), "--out", str(out),
                    "--backend", "llama", "--gguf", str(smollm_gguf), "--threads", "1", "--families",
                    "lighting_quality", "--max-tokens", "64", "--temperature", "0", "--workers", "1", "--rpm", "0",
@@ -131,7 +131,7 @@ class _Deterministic:
         self.calls = 0
 
     def complete(self, system, user, image):
-        from facellm_edge.datagen.backends import Completion
+        from facellm_edge.data.backends import Completion
 
         self.calls += 1
         return Completion(text=self.replies.pop(0) if self.replies else json.dumps(
@@ -140,9 +140,9 @@ class _Deterministic:
 
 
 def test_build_logic_with_a_deterministic_backend(tmp_path, astronaut_bgr):
-    from facellm_edge.datagen.build import BuildConfig, build_dataset
-    from facellm_edge.datagen.labels import read_labels
-    from facellm_edge.datagen.prompts import get_family
+    from facellm_edge.data.build import BuildConfig, build_dataset
+    from facellm_edge.data.labels import read_labels
+    from facellm_edge.data.prompts import get_family
 
     images = tmp_path / "img"
     images.mkdir()

@@ -10,11 +10,11 @@ import cv2
 import pytest
 
 from facellm_edge.cli import main
-from facellm_edge.datagen.backends import _retry_after
-from facellm_edge.datagen.build import RateLimiter
-from facellm_edge.datagen.fairfacegpt import import_fairfacegpt
-from facellm_edge.datagen.labels import FaceLabels
-from facellm_edge.datagen.prompts import FAMILIES, InvalidResponse, build_prompt, get_family, parse_response
+from facellm_edge.data.backends import _retry_after
+from facellm_edge.data.build import RateLimiter
+from facellm_edge.data.fairfacegpt import import_fairfacegpt
+from facellm_edge.data.labels import FaceLabels
+from facellm_edge.data.prompts import FAMILIES, InvalidResponse, build_prompt, get_family, parse_response
 from facellm_edge.errors import InputError
 
 LAB = FaceLabels("val/1.jpg", (("age", "20-29"), ("gender", "Male"), ("race", "East Asian"), ("eyewear", "glasses"),

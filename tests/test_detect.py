@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facellm_edge.align import CropConfig, align_face, estimate_transform, template, transform_points
-from facellm_edge.detect import DetectorConfig, create_detector
+from facellm_edge.runtime.align import CropConfig, align_face, estimate_transform, template, transform_points
+from facellm_edge.runtime.detect import DetectorConfig, create_detector
 from facellm_edge.errors import InputError, UsageError
 
 
@@ -119,7 +119,7 @@ def test_default_yunet_is_the_packaged_model_and_needs_no_network(monkeypatch, t
     import hashlib
     import socket
 
-    from facellm_edge.detect import yunet as y
+    from facellm_edge.runtime.detect import yunet as y
 
     def offline(*args, **kwargs):
         raise OSError("network access in a test")
@@ -137,7 +137,7 @@ def test_default_yunet_is_the_packaged_model_and_needs_no_network(monkeypatch, t
 
 
 def test_damaged_or_missing_packaged_model_names_the_fix(tmp_path):
-    from facellm_edge.detect import yunet as y
+    from facellm_edge.runtime.detect import yunet as y
 
     bad = tmp_path / y.YUNET_FILE
     bad.write_bytes(y.PACKAGED_MODEL.read_bytes()[:-1])
@@ -150,7 +150,7 @@ def test_damaged_or_missing_packaged_model_names_the_fix(tmp_path):
 def test_explicit_detector_model_is_used(tmp_path, astronaut_bgr):
     import shutil
 
-    from facellm_edge.detect import yunet as y
+    from facellm_edge.runtime.detect import yunet as y
 
     mine = tmp_path / "my-yunet.onnx"
     shutil.copy(y.PACKAGED_MODEL, mine)

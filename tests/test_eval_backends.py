@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from facellm_edge.errors import InputError
-from facellm_edge.evaluate.backends import BundleBackend, BundleConfig, TransformersBackend, TransformersConfig
-from facellm_edge.evaluate.mcq import MCQAnswer, MCQItem
+from facellm_edge.eval.backends import BundleBackend, BundleConfig, TransformersBackend, TransformersConfig
+from facellm_edge.eval.mcq import MCQAnswer, MCQItem
 from facellm_edge.system_prompt import INTERN_VL, system_messages
 
 N_NEW = 6
@@ -113,7 +113,7 @@ def test_a_bundle_whose_template_shows_one_image_says_so(tiny_bundle, items, tmp
     import shutil
 
     from facellm_edge.errors import UsageError
-    from facellm_edge.evaluate.backends import check_supported
+    from facellm_edge.eval.backends import check_supported
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b, copy_function=shutil.copy)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from facellm_edge.cli import main
-from facellm_edge.evaluate.report import RESULTS_SCHEMA
-from facellm_edge.evaluate.runner import results_document
-from facellm_edge.evaluate.scoring import ItemResult, ScoreConfig, accuracy, score
+from facellm_edge.eval.report import RESULTS_SCHEMA
+from facellm_edge.eval.runner import results_document
+from facellm_edge.eval.scoring import ItemResult, ScoreConfig, accuracy, score
 from facellm_edge.io import MARKER
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facellm_edge.evaluate.mcq import load_bench
+from facellm_edge.eval.mcq import load_bench
 
 POSTPEND = "Please answer the question and provide only the correct option letter, e.g., A, B, C, D."
 
@@ -101,7 +101,7 @@ def _lines(path: Path) -> list[dict]:
 
 def test_eval_run_on_facexbench_folder_writes_predictions(facexbench_dir, tiny_checkpoint, tmp_path, capsys):
     from facellm_edge.cli import main
-    from facellm_edge.evaluate.letters import extract_letter_facexbench
+    from facellm_edge.eval.letters import extract_letter_facexbench
     from facellm_edge.io import MARKER
 
     out = tmp_path / "res"
@@ -144,7 +144,7 @@ def test_eval_run_on_facexbench_folder_writes_predictions(facexbench_dir, tiny_c
 
 
 def test_transformers_backend_asks_the_prepend_text_only_when_loaded_with_it(facexbench_dir, tiny_checkpoint):
-    from facellm_edge.evaluate.backends import TransformersBackend, TransformersConfig
+    from facellm_edge.eval.backends import TransformersBackend, TransformersConfig
 
     backend = TransformersBackend(TransformersConfig(model=str(tiny_checkpoint)))
     tok = backend._processor.tokenizer
@@ -204,8 +204,8 @@ def test_eval_score_rescores_saved_answers_without_a_model(facexbench_dir, tmp_p
 
 def test_eval_score_takes_the_run_settings_from_the_results_beside(facexbench_dir, tmp_path, capsys):
     from facellm_edge.cli import main
-    from facellm_edge.evaluate.report import write_results
-    from facellm_edge.evaluate.runner import results_document
+    from facellm_edge.eval.report import write_results
+    from facellm_edge.eval.runner import results_document
 
     run = tmp_path / "run"
     write_results(run, results_document([], {"bench": "b", "model": "Idiap/FaceLLM-1B", "backend": "transformers",
@@ -269,8 +269,8 @@ def test_eval_score_file_errors_and_usage(facexbench_dir, tmp_path, capsys):
 def test_run_bench_reads_letters_by_the_chosen_rules_and_keeps_the_cap_report(facexbench_dir, rules, column):
     """run_bench with a backend that replays saved answers (the MCQBackend protocol), as plain strings (no stop
     reason) or as MCQAnswer (stop reason known)."""
-    from facellm_edge.evaluate.mcq import MCQAnswer
-    from facellm_edge.evaluate.runner import run_bench
+    from facellm_edge.eval.mcq import MCQAnswer
+    from facellm_edge.eval.runner import run_bench
 
     class Replay:
         name, model, max_images = "replay", "saved answers", None

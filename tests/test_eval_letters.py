@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from facellm_edge.errors import UsageError
-from facellm_edge.evaluate.letters import DEFAULT_RULES, extract_letter, extract_letter_facexbench, get_rules
+from facellm_edge.eval.letters import DEFAULT_RULES, extract_letter, extract_letter_facexbench, get_rules
 
 OPTS = {"A": "Happy", "B": "Sad", "C": "Angry", "D": "Surprised"}
 AGE = {"A": "0-2", "B": "20-29", "C": "30-39", "D": "more than 70"}

@@ -10,7 +10,7 @@ import pytest
 
 from facellm_edge.cli import main
 from facellm_edge.errors import InputError
-from facellm_edge.evaluate.mcq import load_bench
+from facellm_edge.eval.mcq import load_bench
 from facellm_edge.io import MARKER
 
 
@@ -75,7 +75,7 @@ def test_eval_transformers_path(tiny_checkpoint, bench, tmp_path, capsys):
 def test_transformers_backend_gives_each_image_its_own_block(tiny_checkpoint, bench):
     from transformers import AutoTokenizer
 
-    from facellm_edge.evaluate.backends import TransformersBackend, TransformersConfig
+    from facellm_edge.eval.backends import TransformersBackend, TransformersConfig
 
     path, images = bench
     items = {it.id: it for it in load_bench(path, images)}

@@ -19,7 +19,7 @@ import pytest
 
 from facellm_edge.bundle import PromptSpec, TokenSpec
 from facellm_edge.errors import BundleError, InputError, RuntimeStageError, UsageError
-from facellm_edge.generate import Answer, EngineConfig, GenerationConfig, Generator, schema_to_grammar
+from facellm_edge.llm.generator import Answer, EngineConfig, GenerationConfig, Generator, schema_to_grammar
 from facellm_edge.llm.engine import LlamaEngine
 
 N_IMG = 4  # image tokens per "tile"

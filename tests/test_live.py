@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from facellm_edge.errors import InputError
-from facellm_edge.faces import Face
-from facellm_edge.live.loop import DropOldestSlot, LiveConfig, run_live
-from facellm_edge.live.sources import LiveCapture, ReconnectPolicy, open_source
-from facellm_edge.live.tracker import IouTracker, TrackerConfig
+from facellm_edge.runtime.faces import Face
+from facellm_edge.runtime.live.loop import DropOldestSlot, LiveConfig, run_live
+from facellm_edge.runtime.live.sources import LiveCapture, ReconnectPolicy, open_source
+from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
 
 SIZE = (640, 480)  # video frame size (w, h)
 
@@ -46,7 +46,7 @@ def photo_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_bundle, yunet_model):
-    from facellm_edge.pipeline import FaceLLM, RuntimeConfig
+    from facellm_edge.runtime.pipeline import FaceLLM, RuntimeConfig
 
     cfg = RuntimeConfig(detector_model=yunet_model, max_tokens=3, llm_quant="f32").for_live()
     assert (cfg.n_threads, cfg.detector_threads) == (1, 1)
@@ -159,8 +159,8 @@ def test_drop_oldest_slot():
 
 
 def test_overlay_screenshot(astronaut_bgr, yunet_model, tmp_path):
-    from facellm_edge.detect import DetectorConfig, create_detector
-    from facellm_edge.live.overlay import draw, wrap_text
+    from facellm_edge.runtime.detect import DetectorConfig, create_detector
+    from facellm_edge.runtime.live.overlay import draw, wrap_text
 
     faces = create_detector(DetectorConfig(model_path=yunet_model)).detect(astronaut_bgr)
     faces[0].track_id = 1

@@ -54,7 +54,7 @@ def face_tile(astronaut_bgr) -> np.ndarray:
 
 def _mtmd_vs_torch(loaded, tmp_path: Path, text_gguf: Path, rgb: np.ndarray, ftype: str) -> dict:
     from facellm_edge.export import mmproj
-    from facellm_edge.llm.mtmd_peer import MtmdConfig, MtmdVision
+    from facellm_edge.export.mtmd_peer import MtmdConfig, MtmdVision
 
     path = tmp_path / f"mmproj-{ftype}.gguf"
     mmproj.write_mmproj_gguf(loaded.model, loaded.processor, path, ftype=ftype)
@@ -128,7 +128,7 @@ def test_mmproj_tiles_as_the_processor_does(mmproj_bundle, tiny_checkpoint):
 
     from facellm_edge.export.checkpoint import load_processor
     from facellm_edge.export.mmproj import _preproc_tiles
-    from facellm_edge.llm.mtmd_peer import MtmdConfig, MtmdVision
+    from facellm_edge.export.mtmd_peer import MtmdConfig, MtmdVision
 
     b = load_bundle(mmproj_bundle)
     m = b.manifest
@@ -176,7 +176,7 @@ def test_unmapped_tensor_raises_and_writes_nothing(loaded, tmp_path):
 
 
 def test_libmtmd_refusal_is_a_runtime_stage_error(mmproj_bundle):
-    from facellm_edge.llm.mtmd_peer import MtmdVision
+    from facellm_edge.export.mtmd_peer import MtmdVision
 
     llm = mmproj_bundle / "llm" / "f32.gguf"
     with pytest.raises(RuntimeStageError, match="libmtmd refused f32.gguf"):

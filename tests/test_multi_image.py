@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from facellm_edge.errors import BundleError, UsageError
-from facellm_edge.pipeline import FaceLLM, ImagesAnswer, RuntimeConfig
+from facellm_edge.runtime.pipeline import FaceLLM, ImagesAnswer, RuntimeConfig
 
 # A FaceXBench-style question (the eval builds these): images first, then question, instruction and options.
 QUESTION = ("Are the people in these images the same person?\nAnswer with the option's letter from the given choices "

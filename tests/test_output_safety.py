@@ -117,8 +117,8 @@ def test_eval_compare_force_refuses_a_user_folder(tmp_path, capsys):
 
 
 def _results_doc() -> dict:
-    from facellm_edge.evaluate.runner import results_document
-    from facellm_edge.evaluate.scoring import ItemResult, ScoreConfig
+    from facellm_edge.eval.runner import results_document
+    from facellm_edge.eval.scoring import ItemResult, ScoreConfig
 
     items = [ItemResult(id=f"q{i}", category="c", task="t", groups={}, answer="A", predicted="A" if i else "B",
                         raw="A", seconds=0.1) for i in range(4)]
@@ -127,7 +127,7 @@ def _results_doc() -> dict:
 
 
 def test_eval_results_of_ours_and_of_older_versions_are_replaced(tmp_path):
-    from facellm_edge.evaluate.report import RESULTS, check_out, write_results
+    from facellm_edge.eval.report import RESULTS, check_out, write_results
 
     out = tmp_path / "res"
     write_results(out, _results_doc())
@@ -184,7 +184,7 @@ def _record(rid: str = "a.jpg#pose") -> dict:
 
 
 def test_data_build_repairs_its_own_torn_line(tmp_path):
-    from facellm_edge.datagen.build import JsonlStore
+    from facellm_edge.data.build import JsonlStore
 
     out = tmp_path / "qa.jsonl"
     whole = json.dumps(_record(), ensure_ascii=False) + "\n"
@@ -227,7 +227,7 @@ def test_outputs_respect_the_umask(tmp_path, umask, mask, dmode, fmode):
 
 
 def test_data_jsonl_respects_the_umask(tmp_path, umask):
-    from facellm_edge.datagen.build import JsonlStore
+    from facellm_edge.data.build import JsonlStore
 
     umask(0o002)
     store = JsonlStore(tmp_path / "qa.jsonl")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from facellm_edge.errors import BundleError, UsageError
-from facellm_edge.pipeline import FaceAnswer, FaceLLM, RuntimeConfig
+from facellm_edge.runtime.pipeline import FaceAnswer, FaceLLM, RuntimeConfig
 
 QUESTION = "How old is this person?"
 STAGES = {"detect", "align", "encode", "prefill", "ttft", "decode"}
@@ -227,7 +227,7 @@ def test_onnx_width_must_match_gguf(tiny_bundle, tmp_path):
 def test_encoder_batches_and_providers(tmp_path):
     import onnxruntime as ort
 
-    from facellm_edge.encode import EncoderConfig, VisionEncoder, select_providers
+    from facellm_edge.runtime.encode import EncoderConfig, VisionEncoder, select_providers
     from facellm_edge.errors import RuntimeStageError
 
     path = tmp_path / "enc.onnx"
@@ -262,7 +262,7 @@ def test_runtime_never_imports_torch(tiny_bundle, yunet_model, tmp_path):
     cv2.imwrite(str(photo), data.astronaut()[:, :, ::-1])
     code = (
         "import sys\n"
-        "import facellm_edge.pipeline\n"
+        "import facellm_edge.runtime.pipeline\n"
         "from facellm_edge.cli import main\n"
         f"rc = main(['ask', {str(photo)!r}, 'Age?', '--bundle', {str(tiny_bundle)!r}, '--json', '--max-tokens', '2',"
         f" '--detector-model', {str(yunet_model)!r}])\n"
@@ -277,7 +277,7 @@ def test_runtime_never_imports_torch(tiny_bundle, yunet_model, tmp_path):
 
 def test_tensorrt_options_cache_engines_and_profile_the_batch(tmp_path, monkeypatch):
     """TensorRT gets an engine cache in the user cache and a 1..8-face profile at the bundle's tile size."""
-    from facellm_edge.encode import TRT_MAX_BATCH, provider_options
+    from facellm_edge.runtime.encode import TRT_MAX_BATCH, provider_options
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     onnx = tmp_path / "bundle" / "vision" / "int8.onnx"
@@ -301,7 +301,7 @@ def test_bad_device_or_system_fails_before_any_bundle_is_resolved(tmp_path, astr
 
     import cv2
 
-    from facellm_edge.encode import DEVICES
+    from facellm_edge.runtime.encode import DEVICES
 
     with pytest.raises(UsageError, match="unknown device 'npu'; choose one of: auto, cpu, cuda, tensorrt"):
         RuntimeConfig(device="npu")

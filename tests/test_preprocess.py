@@ -11,9 +11,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from facellm_edge.align import CropConfig, align_face
+from facellm_edge.runtime.align import CropConfig, align_face
 from facellm_edge.bundle import ImageSpec
-from facellm_edge.preprocess import (
+from facellm_edge.runtime.preprocess import (
     crop_to_pixels, crops_to_pixels, image_to_pixels, optimal_grid, resize_bicubic, tile_image,
 )
 
@@ -46,7 +46,7 @@ def _hf(processor, image_bgr, crop_to_patches):
 
 
 def test_face_crop_is_exact(processor, spec, astronaut_bgr, yunet_model):
-    from facellm_edge.detect import DetectorConfig, create_detector
+    from facellm_edge.runtime.detect import DetectorConfig, create_detector
 
     face = create_detector(DetectorConfig(model_path=yunet_model)).detect(astronaut_bgr)[0]
     crop = align_face(astronaut_bgr, face.landmarks, CropConfig(size=spec.size))

@@ -35,7 +35,7 @@ def _video_token(tokenizer):
 def test_fixtures_have_the_hub_layouts(tiny_checkpoint, tiny_checkpoint_old_hf, qwen_tokenizer_dir):
     import transformers
 
-    from facellm_edge.synthetic import INTERNVL3_ADDED_TOKENS, QWEN_SPECIALS_LAST, text_vocab_size
+    from facellm_edge.export.synthetic import INTERNVL3_ADDED_TOKENS, QWEN_SPECIALS_LAST, text_vocab_size
 
     qwen = json.loads((qwen_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     # Qwen2's regular tokens and specials, then InternVL3's added tokens: 151,674 rows, as InternVL3-1B-hf has
@@ -203,8 +203,8 @@ def test_train_collation(request, layout, tmp_path, astronaut_bgr):
 def test_eval_transformers_backend(request, layout, tmp_path, astronaut_bgr):
     import cv2
 
-    from facellm_edge.evaluate.backends import TransformersBackend, TransformersConfig
-    from facellm_edge.evaluate.mcq import MCQItem
+    from facellm_edge.eval.backends import TransformersBackend, TransformersConfig
+    from facellm_edge.eval.mcq import MCQItem
 
     ckpt = request.getfixturevalue(layout)
     cv2.imwrite(str(tmp_path / "a.png"), astronaut_bgr)

@@ -177,7 +177,7 @@ def _damaged_avi(path: Path, image: np.ndarray, n: int = 60, bad: range = range(
 
 
 def test_video_with_a_damaged_middle_is_read_to_the_end(astronaut_bgr, tmp_path):
-    from facellm_edge.live.sources import open_source
+    from facellm_edge.runtime.live.sources import open_source
 
     video = _damaged_avi(tmp_path / "damaged.avi", astronaut_bgr)
     with open_source(str(video)) as src:
@@ -240,7 +240,7 @@ def test_huge_png_is_refused_before_decoding(yunet_model, tmp_path):
 def test_max_pixels_is_configurable(photos, common, tmp_path, capsys):
     from facellm_edge.errors import InputError
     from facellm_edge.io import read_image
-    from facellm_edge.live.sources import open_source
+    from facellm_edge.runtime.live.sources import open_source
 
     rc = main(["ask", str(photos["astronaut"]), "Age?", "--max-pixels", "100000", *common])
     _one_error_line(capsys.readouterr().err, "is 512x512 (0.3 MP), above the 0.1 MP limit", "--max-pixels")
@@ -371,7 +371,7 @@ _ENCODE = """
 import sys
 import numpy as np
 from facellm_edge.bundle import load_bundle
-from facellm_edge.encode import EncoderConfig, VisionEncoder
+from facellm_edge.runtime.encode import EncoderConfig, VisionEncoder
 bundle = load_bundle(sys.argv[1])
 for precision in ("fp32", "int8"):
     enc = VisionEncoder.from_bundle(bundle, EncoderConfig(device="cpu", precision=precision))

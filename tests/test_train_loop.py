@@ -34,7 +34,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def learnable_checkpoint(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    from facellm_edge.synthetic import SyntheticSpec, build_checkpoint
+    from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
 
     out = tmp_path_factory.mktemp("train_ckpt")
     return build_checkpoint(out, qwen_tokenizer_dir, SyntheticSpec(image_size=224, initializer_range=0.2, seed=3))

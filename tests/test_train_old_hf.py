@@ -23,7 +23,7 @@ def one_torch_thread():
 def test_train_and_merge_a_checkpoint_without_video_token(tmp_path, qwen_tokenizer_dir, astronaut_bgr, t1_bgr,
                                                           yunet_model):
     from facellm_edge.export.checkpoint import load_processor
-    from facellm_edge.synthetic import SyntheticSpec, build_checkpoint
+    from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
     from facellm_edge.train import TrainConfig, train
 
     ckpt = build_checkpoint(tmp_path / "ckpt", qwen_tokenizer_dir,

@@ -30,7 +30,7 @@ def bench_cmd(
     video: Optional[Path] = typer.Option(None, "--video", help="Video for the live loop (default: a clip made "
                                          "from --image)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: "
-                                       "bench/results/<timestamp>-<machine>)."),
+                                       "benchmarks/results/<timestamp>-<machine>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     runs: int = typer.Option(3, "--runs", help="Measured runs per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Warm-up runs per configuration (not measured)."),
@@ -58,8 +58,8 @@ def bench_cmd(
         from facellm_edge.bundle import load_bundle
 
         load_bundle(bundle, check_hashes=False)  # the run re-checks every hash
-    from facellm_edge.benchmark.config import BenchConfig, LiveConfig, parse_csv
-    from facellm_edge.benchmark.runner import run_bench
+    from facellm_edge.bench.config import BenchConfig, LiveConfig, parse_csv
+    from facellm_edge.bench.runner import run_bench
 
     console = Console(stderr=True)
     cfg = BenchConfig(
@@ -78,7 +78,7 @@ def bench_cmd(
 
 
 def _thread_list(value: str) -> tuple[int, ...]:
-    from facellm_edge.benchmark.config import parse_csv
+    from facellm_edge.bench.config import parse_csv
     from facellm_edge.errors import UsageError
 
     try:

@@ -43,9 +43,9 @@ def build(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from facellm_edge.datagen.build import BuildConfig, BuildStats, JsonlStore, build_dataset
-    from facellm_edge.datagen.labels import check_images, read_labels
-    from facellm_edge.datagen.prompts import FAMILIES, FAMILY_NAMES, get_family
+    from facellm_edge.data.build import BuildConfig, BuildStats, JsonlStore, build_dataset
+    from facellm_edge.data.labels import check_images, read_labels
+    from facellm_edge.data.prompts import FAMILIES, FAMILY_NAMES, get_family
     from facellm_edge.errors import RuntimeStageError
 
     config = BuildConfig(workers=workers, rpm=rpm, max_attempts=max_attempts, backoff_base_s=backoff,
@@ -65,14 +65,14 @@ def build(
     JsonlStore(out).recover()  # refuse a file it did not write (or repair its own torn line) before any model loads
 
     if backend == "openai":
-        from facellm_edge.datagen.backends import OpenAIBackend, OpenAIConfig, api_key_from_env
+        from facellm_edge.data.backends import OpenAIBackend, OpenAIConfig, api_key_from_env
 
         if gguf is not None:
             raise UsageError("--gguf is for --backend llama")
         llm = OpenAIBackend(OpenAIConfig(base_url=base_url, model=model, timeout_s=timeout, max_tokens=max_tokens,
                                          temperature=temperature, json_mode=json_mode), api_key_from_env(api_key_env))
     elif backend == "llama":
-        from facellm_edge.datagen.backends import LlamaBackend, LlamaConfig
+        from facellm_edge.data.backends import LlamaBackend, LlamaConfig
 
         if gguf is None:
             raise UsageError("--backend llama needs --gguf MODEL.gguf")
@@ -119,7 +119,7 @@ def import_fairfacegpt_cmd(
     JSONL; a record's system prompt is kept as its 'system'."""
     from rich.console import Console
 
-    from facellm_edge.datagen.fairfacegpt import import_fairfacegpt
+    from facellm_edge.data.fairfacegpt import import_fairfacegpt
 
     n = import_fairfacegpt(dataset_json, images, out, force=force)
     Console(stderr=True).print(f"{out}: {n} records", soft_wrap=True)

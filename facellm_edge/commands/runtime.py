@@ -16,7 +16,7 @@ from facellm_edge.errors import BundleError
 from facellm_edge.io import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
-    from facellm_edge.pipeline import RuntimeConfig
+    from facellm_edge.runtime.pipeline import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _MAX_PIXELS_HELP = ("Refuse image files larger than this many pixels, read from 
 
 
 def default_bundle_dir() -> Path:
-    from facellm_edge.detect.yunet import user_cache_dir
+    from facellm_edge.runtime.detect.yunet import user_cache_dir
 
     return user_cache_dir() / "bundles" / f"{DEFAULT_MODEL.split('/')[-1]}-{DEFAULT_QUANT}"
 
@@ -62,7 +62,7 @@ def _grammar(schema: Optional[Path]) -> Optional[str]:
     if schema is None:
         return None
     from facellm_edge.errors import InputError
-    from facellm_edge.generate import schema_to_grammar
+    from facellm_edge.llm.generator import schema_to_grammar
 
     try:
         text = schema.read_text(encoding="utf-8")
@@ -78,7 +78,7 @@ _SYSTEM_HELP = "System message for this run (default: the bundle's own, none unl
 def _config(live: bool, *, detector: str, detector_model: Optional[Path], device: str, quant: Optional[str],
             precision: Optional[str], threads: Optional[int], max_tokens: int, temperature: float, max_faces: int,
             ctx: int, max_pixels: int, schema: Optional[Path] = None, system: Optional[str] = None) -> "RuntimeConfig":
-    from facellm_edge.pipeline import RuntimeConfig
+    from facellm_edge.runtime.pipeline import RuntimeConfig
 
     cfg = RuntimeConfig(detector=detector, detector_model=detector_model, device=device, llm_quant=quant,
                         vision_precision=precision, max_tokens=max_tokens, temperature=temperature,
@@ -113,9 +113,9 @@ def register(app: typer.Typer) -> None:
         system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM_HELP),
     ) -> None:
         """Answer a question about every face in a photo."""
-        from facellm_edge.detect import check_name
+        from facellm_edge.runtime.detect import check_name
         from facellm_edge.io import read_image
-        from facellm_edge.pipeline import FaceLLM
+        from facellm_edge.runtime.pipeline import FaceLLM
 
         check_name(detector)
         cfg = _config(False, detector=detector, detector_model=detector_model, device=device, quant=quant,
@@ -175,11 +175,11 @@ def register(app: typer.Typer) -> None:
         system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM_HELP),
     ) -> None:
         """Live loop: detect and track faces every frame, answer about each new face, stream the answers."""
-        from facellm_edge.detect import check_name
+        from facellm_edge.runtime.detect import check_name
         from facellm_edge.errors import UsageError
-        from facellm_edge.live.loop import LiveConfig, check_outputs, run_live
-        from facellm_edge.live.sources import open_source
-        from facellm_edge.pipeline import FaceLLM
+        from facellm_edge.runtime.live.loop import LiveConfig, check_outputs, run_live
+        from facellm_edge.runtime.live.sources import open_source
+        from facellm_edge.runtime.pipeline import FaceLLM
 
         if (source is None) == (camera is None):
             raise UsageError("give exactly one of --source (file, folder, URL, camera index) or --camera N")

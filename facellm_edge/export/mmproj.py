@@ -1,7 +1,7 @@
 """Vision tower + pixel shuffle + projector -> llama.cpp ``mmproj`` GGUF (clip.cpp projector type ``internvl``).
 
 The file is what llama.cpp's ``llama-mtmd-cli`` / ``llama-server --mmproj`` / ollama load beside the LLM GGUF, and
-what :class:`facellm_edge.llm.mtmd_peer.MtmdVision` runs through libmtmd. It is written with gguf-py from the
+what :class:`facellm_edge.export.mtmd_peer.MtmdVision` runs through libmtmd. It is written with gguf-py from the
 loaded transformers-native ``InternVLForConditionalGeneration``; the layout follows llama.cpp's own converter for
 InternVL (``convert_hf_to_gguf.py``, ``InternVisionModel``) and what ``tools/mtmd/clip.cpp`` reads:
 
@@ -304,7 +304,7 @@ def verify_mmproj(model: Any, processor: Any, mmproj_path: Path, text_gguf: Path
     """Encode one seeded random tile-sized RGB image with libmtmd and with torch; compare token by token."""
     import numpy as np
 
-    from facellm_edge.llm.mtmd_peer import MtmdConfig, MtmdVision
+    from facellm_edge.export.mtmd_peer import MtmdConfig, MtmdVision
 
     side = int(model.config.vision_config.image_size[0])
     rgb = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)

@@ -3,7 +3,7 @@
 ``torch.onnx`` (dynamo) writes InternViT's ``scaled_dot_product_attention`` as plain ops. Per layer and head it
 materialises the full score matrix and its softmax (FaceLLM-1B: 16 heads x 1025 x 1025 fp32 = 67 MB each), which was
 the largest transient of the runtime (+147 MB per encode). ONNX Runtime's CPU MultiHeadAttention kernel computes the
-same attention in blocks. Measured on FaceLLM-1B int8 (bench/README "memory"): transient 147 -> 88 MB, same speed,
+same attention in blocks. Measured on FaceLLM-1B int8 (benchmarks/README "memory"): transient 147 -> 88 MB, same speed,
 cosine 0.9998 against the unfused int8 graph (the int8 activation quantisation amplifies fp32 rounding).
 
 Only the int8 graph is fused: it runs on CPUs only, while the fp32 graph stays plain ONNX for TensorRT (which has no

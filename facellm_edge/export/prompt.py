@@ -180,7 +180,7 @@ def processor_tiling(processor: Any) -> tuple[bool, int, int]:
 
 def tiles_for(height: int, width: int, spec: ImageSpec) -> int:
     """How many tiles (thumbnail included) an image of this size becomes under ``spec``."""
-    from facellm_edge.preprocess import optimal_grid
+    from facellm_edge.runtime.preprocess import optimal_grid
 
     if not spec.crop_to_patches:
         return 1

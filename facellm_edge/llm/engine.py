@@ -2,7 +2,7 @@
 
 Everything that touches raw llama.cpp pointers lives here: loading, tokenising, decoding token and embedding batches
 into a sequence of the KV cache, sampling with an in-llama.cpp sampler chain, and freeing it all. No conversation
-logic (that is :mod:`facellm_edge.generate`).
+logic (that is :mod:`facellm_edge.llm.generator`).
 
 KV layout: one context with ``n_seq_max = max_slots`` and ``kv_unified = True``, one sequence per face. With a
 unified cache every sequence may use the whole ``n_ctx`` (``llama_n_ctx_seq == n_ctx``) and the cells are shared, so

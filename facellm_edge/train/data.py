@@ -2,7 +2,7 @@
 convert to chat-template messages.
 
 A record is ``{"image": "rel/path.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", "value": "..."}, ...]}``, or any layout of :mod:`facellm_edge.datagen.sharegpt` (``messages`` with
+{"from": "gpt", "value": "..."}, ...]}``, or any layout of :mod:`facellm_edge.data.sharegpt` (``messages`` with
 ``role``/``content``, ``images`` as a list of one, a system turn or ``system`` column: the system prompt goes into
 the sample's messages). The file is a JSON list or JSONL (one record per line). Every problem is collected first
 and reported in one error (count + the first few records with their line/index and reason); ``skip_bad`` drops the
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.datagen.sharegpt import IMAGE_TAG, USER, LayoutError, read_conversation
+from facellm_edge.data.sharegpt import IMAGE_TAG, USER, LayoutError, read_conversation
 from facellm_edge.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,128 @@
+"""Benchmark configuration: one frozen dataclass, one source of defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from facellm_edge.errors import UsageError
+
+# Naive (transformers) baselines: name -> (device, torch dtype name).
+NAIVE_TARGETS: dict[str, tuple[str, str]] = {
+    "cpu-fp32": ("cpu", "float32"),
+    "cpu-bf16": ("cpu", "bfloat16"),
+    "cuda-bf16": ("cuda", "bfloat16"),
+}
+AUTO = "auto"  # cpu-fp32, cpu-bf16, and cuda-bf16 when a CUDA device is visible
+
+SYNTHETIC_QUANTS = ("f16", "q8_0", "q4_0", "q4_0_pure", "q4_k_m")
+SYNTHETIC_VISION = ("fp32", "int8", "mmproj")  # mmproj: the llama.cpp peer's vision encoder
+TINY = "tiny"  # --synthetic tiny: facellm_edge.export.synthetic.SyntheticSpec() defaults (test size, not in the registry)
+
+DEFAULT_QUESTION = "Describe this person's face: apparent age, expression and accessories."
+DEFAULT_FOLLOWUP = "Is the person smiling?"
+
+# Targets from issue 4 (shown as met / missed in the Markdown report).
+TARGETS = {
+    "cold_ttft_ms": ("<=", 1000.0, "cold TTFT (new face)"),
+    "warm_ttft_ms": ("<=", 150.0, "warm TTFT (image prefix cached)"),
+    "decode_tok_s": (">=", 80.0, "decode rate"),
+    "peak_rss_mb": ("<=", 1024.0, "runtime peak RSS"),
+    "live_fps_busy": (">=", 25.0, "frame loop FPS at 640x480 while the VLM is busy"),
+    "live_p99_busy_ms": ("<", 80.0, "frame loop p99 latency while the VLM is busy"),
+}
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Frame-loop benchmark: a video file, or a synthetic clip made from the benchmark photo."""
+
+    enabled: bool = True
+    video: Path | None = None
+    frames: int = 120  # frames per measured loop
+    width: int = 640
+    height: int = 480
+    llama_threads: tuple[int, ...] = (1, 2)  # thread policies compared while the VLM worker is busy
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    out: Path | None = None  # None: benchmarks/results/<timestamp>-<machine>
+    bundle: Path | None = None  # benchmark an existing bundle ...
+    synthetic: str | None = None  # ... or build + export a random-weight model with a registry name's dims
+    tokenizer: Path | None = None  # Qwen2 tokenizer dir for --synthetic (None: the hub's Qwen/Qwen2.5-0.5B)
+    checkpoint: Path | None = None  # transformers checkpoint for the naive baselines (--bundle mode)
+    quants: tuple[str, ...] | None = None  # GGUF quants; None: the bundle's all / SYNTHETIC_QUANTS
+    vision: tuple[str, ...] | None = None  # ONNX vision precisions; None: the bundle's all / ("fp32", "int8")
+    naive: tuple[str, ...] = (AUTO,)
+    image: Path | None = None  # photo; None: insightface's t1.jpg (6 faces)
+    question: str = DEFAULT_QUESTION
+    followup: str = DEFAULT_FOLLOWUP
+    runs: int = 3
+    warmup: int = 1
+    decode_tokens: int = 32
+    threads: int | None = None  # llama.cpp / ORT / torch threads; None: physical cores
+    detector_model: Path | None = None  # YuNet .onnx; None: the detector's cached default
+    profiles: bool = True
+    roofline: bool = True  # measure this machine's ceilings and bound every edge configuration by them
+    verify: bool = True  # --synthetic: verify the export, so every quant's logit agreement is reported as quality
+    live: LiveConfig = field(default_factory=LiveConfig)
+    config_timeout_s: float = 1800.0  # one isolated configuration
+    force: bool = False  # replace an existing --out
+
+    def __post_init__(self) -> None:
+        if (self.bundle is None) == (self.synthetic is None):
+            raise UsageError("pass exactly one of --bundle DIR or --synthetic NAME")
+        if self.runs < 1:
+            raise UsageError(f"--runs must be >= 1, got {self.runs}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.decode_tokens < 2:
+            raise UsageError(f"--decode-tokens must be >= 2 (the decode rate needs tokens after the first), "
+                             f"got {self.decode_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        for n in self.naive:
+            if n not in NAIVE_TARGETS and n not in (AUTO, "none"):
+                raise UsageError(f"unknown naive baseline '{n}'; choose from {AUTO}, none, {', '.join(NAIVE_TARGETS)}")
+        if self.live.frames < 10:
+            raise UsageError(f"--live-frames must be >= 10, got {self.live.frames}")
+
+
+def parse_csv(value: str, what: str) -> tuple[str, ...]:
+    items = [v.strip().lower() for v in value.split(",") if v.strip()]
+    if not items:
+        raise UsageError(f"no {what} given")
+    return tuple(dict.fromkeys(items))
+
+
+def resolve_naive(requested: tuple[str, ...], *, cuda: bool, native_bf16: bool
+                  ) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+    """Expand ``auto`` into (targets, skipped-with-reason).
+
+    ``auto`` = cpu-fp32, cpu-bf16 when the CPU has native bf16 matmuls (AVX512-BF16 / AMX; without them torch
+    emulates bf16 and it is several times slower than fp32), cuda-bf16 when torch sees a CUDA device. What ``auto``
+    leaves out is recorded in the results. An explicit ``cuda-*`` without a CUDA device is a usage error.
+    """
+    out: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for name in requested:
+        if name == "none":
+            continue
+        if name == AUTO:
+            out.append("cpu-fp32")
+            if native_bf16:
+                out.append("cpu-bf16")
+            else:
+                skipped.append({"name": "cpu-bf16", "reason": "no native bf16 on this CPU (no avx512_bf16/amx_bf16); "
+                                "pass --naive cpu-fp32,cpu-bf16 to measure it anyway"})
+            if cuda:
+                out.append("cuda-bf16")
+            else:
+                skipped.append({"name": "cuda-bf16", "reason": "torch sees no CUDA device"})
+            continue
+        if NAIVE_TARGETS[name][0] == "cuda" and not cuda:
+            raise UsageError(f"naive baseline '{name}' needs a CUDA device and torch sees none; drop it from --naive")
+        out.append(name)
+    targets = tuple(dict.fromkeys(out))
+    return targets, [s for s in skipped if s["name"] not in targets]

@@ -1,0 +1,265 @@
+"""Orchestration of ``facellm-edge bench``: prepare the model, run every configuration isolated, write results.
+
+Order: machine info -> (``--synthetic``: build a random-weight checkpoint + export a bundle into a temporary
+directory) -> naive baselines -> edge configurations (vision precision x GGUF quant) -> profiles and the live loop
+on the fastest edge configuration -> ratios and targets -> results.json / results.md / stages.png (atomically).
+Each configuration runs in its own fresh subprocess (``stages.run_isolated``). Temporary files (checkpoint,
+bundle, the aligned face crop given to the naive path) live in a temporary directory removed at the end: nothing
+but the results is written, and the results hold no pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from facellm_edge.bench import report, roofline
+from facellm_edge.bench.config import SYNTHETIC_QUANTS, SYNTHETIC_VISION, TINY, BenchConfig, resolve_naive
+from facellm_edge.bench.edge import PEER, aligned_face_crop, edge_payload
+from facellm_edge.bench.live import live_payload
+from facellm_edge.bench.naive import naive_payload
+from facellm_edge.bench.stages import run_isolated
+from facellm_edge.bench.system import machine_info, machine_slug, physical_cores, versions
+from facellm_edge.errors import BundleError, InputError, UsageError
+from facellm_edge.io import check_replaceable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER_REPO = "Qwen/Qwen2.5-0.5B"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def default_out(root: Path, info: dict[str, Any]) -> Path:
+    return root / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{machine_slug(info)}"
+
+
+def default_image() -> Path:
+    """insightface's t1.jpg (6 faces; ships with insightface, a runtime dependency)."""
+    import insightface
+
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    if not path.is_file():
+        raise InputError(f"insightface's sample photo {path} is missing; pass --image PHOTO")
+    return path
+
+
+def tokenizer_dir(given: Path | None) -> Path:
+    if given is not None:
+        missing = [f for f in TOKENIZER_FILES if not (Path(given) / f).is_file()]
+        if missing:
+            raise InputError(f"--tokenizer {given} is not a Qwen2 tokenizer directory (missing {', '.join(missing)})")
+        return Path(given)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(DEFAULT_TOKENIZER_REPO, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as exc:  # huggingface_hub raises many types (offline, HTTP, cache permissions)
+        raise InputError(f"cannot fetch the {DEFAULT_TOKENIZER_REPO} tokenizer ({type(exc).__name__}); pass "
+                         "--tokenizer DIR (a Qwen2 tokenizer folder)") from exc
+
+
+def build_and_export(p: dict[str, Any]) -> dict[str, Any]:
+    """Subprocess entry: build a random-weight checkpoint with ``p["name"]``'s dimensions and export it.
+
+    Runs isolated so that the benchmark's parent process never holds torch or the model's weights.
+    """
+    from facellm_edge.export.pipeline import ExportConfig, export_bundle
+    from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
+
+    work = Path(p["work"])
+    spec = SyntheticSpec() if p["name"] == TINY else SyntheticSpec.from_registry(p["name"])
+    t0 = time.perf_counter()
+    ckpt = build_checkpoint(work / "checkpoint", Path(p["tokenizer"]), spec)
+    build_s = time.perf_counter() - t0
+    res = export_bundle(ExportConfig(model=str(ckpt), out=work / "bundle", quants=tuple(p["quants"]),
+                                     vision=tuple(p["vision"]), verify=bool(p["verify"]), force=True,
+                                     threads=int(p["threads"])))
+    steps = {"build checkpoint": round(build_s, 1), **{s.name: round(s.seconds, 1) for s in res.steps}}
+    return {"checkpoint": str(ckpt), "bundle": str(res.out), "seconds": round(sum(steps.values()), 1),
+            "steps": steps}
+
+
+def synthetic_bundle(name: str, tok_dir: Path, work: Path, quants: tuple[str, ...], vision: tuple[str, ...],
+                     threads: int, timeout_s: float, verify: bool) -> tuple[Path, Path, dict[str, Any]]:
+    """(checkpoint, bundle, export timings) of a synthetic model, built and exported in a fresh process."""
+    r = run_isolated("facellm_edge.bench.runner:build_and_export",
+                     {"name": name, "tokenizer": str(tok_dir), "work": str(work), "quants": list(quants),
+                      "vision": list(vision), "threads": threads, "verify": verify}, timeout_s=timeout_s, label=f"export {name}")
+    info = {"seconds": r["seconds"], "steps": r["steps"], "peak_rss_mb": r["memory"]["peak_rss_mb"]}
+    return Path(r["checkpoint"]), Path(r["bundle"]), info
+
+
+def naive_checkpoint(cfg: BenchConfig, source: dict[str, Any]) -> str:
+    if cfg.checkpoint is not None:
+        return str(cfg.checkpoint)
+    path = source.get("path")
+    if path and Path(path).is_dir():
+        return str(path)
+    if source.get("model"):
+        return str(source["model"])
+    raise UsageError("the bundle does not record its checkpoint; pass --checkpoint DIR|HUB_ID or --naive none")
+
+
+def _summary(c: dict[str, Any]) -> str:
+    m = report.median
+    return (f"  {c['name']}: TTFT cold {m(c, 'ttft_cold_ms'):.0f} ms, warm {m(c, 'ttft_warm_ms'):.0f} ms, decode "
+            f"{m(c, 'decode_tok_s'):.1f} tok/s, peak RSS {c['memory']['peak_rss_mb']:.0f} MB ({c['wall_s']:.0f} s)")
+
+
+def _pick(requested: tuple[str, ...] | None, available: dict[str, Any], what: str) -> tuple[str, ...]:
+    if requested is None:
+        return tuple(available)
+    missing = [q for q in requested if q not in available]
+    if missing:
+        raise BundleError(f"the bundle has no {what} '{missing[0]}'; it has: {', '.join(available)}")
+    return requested
+
+
+def _cuda_available(requested: tuple[str, ...]) -> bool:
+    """Whether torch sees a CUDA device; torch is imported only when a naive baseline is requested."""
+    if all(n == "none" for n in requested):
+        return False
+    from facellm_edge.errors import require
+
+    return bool(require("torch", "bench").cuda.is_available())
+
+
+def _validate_early(cfg: BenchConfig) -> None:
+    """Catch bad names before minutes of checkpoint building and export."""
+    if cfg.synthetic is not None:
+        from facellm_edge.export.pipeline import VISION_TARGETS
+        from facellm_edge.export.quantize import validate_quants
+        from facellm_edge.export.synthetic import SyntheticSpec
+
+        if cfg.synthetic != TINY:
+            SyntheticSpec.from_registry(cfg.synthetic)  # UsageError naming the known models
+        validate_quants(list(cfg.quants or SYNTHETIC_QUANTS))
+        bad = [v for v in (cfg.vision or ()) if v not in VISION_TARGETS]
+        if bad:
+            raise UsageError(f"unknown vision precision '{bad[0]}'; choose from {', '.join(VISION_TARGETS)}")
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: None) -> Path:
+    """Run the whole benchmark; returns the output directory."""
+    from facellm_edge.bundle import load_bundle
+
+    _validate_early(cfg)
+    info, vers = machine_info(), versions()
+    threads = cfg.threads or physical_cores()
+    out = cfg.out if cfg.out is not None else default_out(Path("benchmarks/results"), info)
+    check_replaceable(out, force=cfg.force, kind=report.BENCH)  # before any work, not after the whole run
+    image = Path(cfg.image) if cfg.image is not None else default_image()
+    if not image.is_file():
+        raise InputError(f"image not found: {image}")
+    if cfg.live.video is not None and not Path(cfg.live.video).is_file():
+        raise InputError(f"video not found: {cfg.live.video}")
+    flags = info["cpu_flags"]
+    naive, skipped = resolve_naive(cfg.naive, cuda=_cuda_available(cfg.naive),
+                                   native_bf16=bool(flags.get("avx512_bf16") or flags.get("amx_bf16")))
+    for s in skipped:
+        log.warning("naive %s skipped: %s", s["name"], s["reason"])
+
+    with tempfile.TemporaryDirectory(prefix="facellm-bench-") as tmp:
+        work = Path(tmp)
+        export_info = None
+        if cfg.synthetic is not None:
+            progress(f"building a random-weight '{cfg.synthetic}' checkpoint and exporting it")
+            ckpt, bundle_dir, export_info = synthetic_bundle(
+                cfg.synthetic, tokenizer_dir(cfg.tokenizer), work, cfg.quants or SYNTHETIC_QUANTS,
+                cfg.vision or SYNTHETIC_VISION, threads, cfg.config_timeout_s, cfg.verify)
+            bundle = load_bundle(bundle_dir)
+            dims = "test-size dimensions" if cfg.synthetic == TINY else "the real model's dimensions"
+            model = f"synthetic {cfg.synthetic} (random weights, {dims})"
+            ckpt_ref = str(ckpt)
+        else:
+            bundle = load_bundle(cfg.bundle)
+            bundle_dir = bundle.root
+            model = f"bundle {bundle.root.name} ({bundle.manifest.source.get('model')})"
+            ckpt_ref = naive_checkpoint(cfg, bundle.manifest.source) if naive else ""
+        quants = _pick(cfg.quants, bundle.manifest.llm, "GGUF quant")
+        onnx_wanted = None if cfg.vision is None else tuple(v for v in cfg.vision if v != PEER) or None
+        visions = _pick(onnx_wanted, bundle.manifest.vision, "vision precision")
+        # The llama.cpp peer (libmtmd + the bundle's mmproj) runs when the bundle has one, unless --vision excludes it.
+        peer = bundle.manifest.mmproj is not None and (cfg.vision is None or PEER in cfg.vision)
+        if cfg.vision is not None and PEER in cfg.vision and bundle.manifest.mmproj is None:
+            raise BundleError("the bundle has no mmproj; export it with --vision ...,mmproj or drop mmproj")
+        common = dict(question=cfg.question, followup=cfg.followup, runs=cfg.runs, warmup=cfg.warmup,
+                      decode_tokens=cfg.decode_tokens, threads=threads)
+
+        configs: list[dict[str, Any]] = []
+        if naive:
+            crop_path = work / "face.png"  # the aligned face both paths see; deleted with the temporary dir
+            import cv2
+
+            cv2.imwrite(str(crop_path), aligned_face_crop(image, cfg.detector_model, bundle.manifest.image.size))
+            for target in naive:
+                progress(f"naive {target}")
+                configs.append(run_isolated("facellm_edge.bench.naive:run_naive",
+                                            naive_payload(ckpt_ref, target, crop_path, **common),
+                                            timeout_s=cfg.config_timeout_s, label=f"naive {target}"))
+                progress(_summary(configs[-1]))
+
+        def edge_config(vision: str, quant: str, label: str) -> dict[str, Any]:
+            progress(label)
+            c = run_isolated("facellm_edge.bench.edge:run_edge",
+                             edge_payload(bundle_dir, vision, quant, image, **common, detector_model=cfg.detector_model),
+                             timeout_s=cfg.config_timeout_s, label=label)
+            progress(_summary(c))
+            return c
+
+        configs += [edge_config(v, q, f"edge {v}+{q}") for v in visions for q in quants]
+        edge = [c for c in configs if c["kind"] == "edge"]
+        if peer:  # same LLM quant as the fastest edge configuration: only the vision encoder differs
+            q = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))["quant"]
+            configs.append(edge_config(PEER, q, f"peer: llama.cpp libmtmd vision + {q}"))
+        roof = None
+        if cfg.roofline:
+            progress("roofline: this machine's ceilings and the model's work")
+            roof = run_isolated("facellm_edge.bench.roofline:run_roofline",
+                                {"bundle": str(bundle_dir), "threads": threads, "vision": list(visions),
+                                 "quants": list(quants),
+                                 "prompt_tokens": edge[0]["image_prefix_tokens"] + edge[0]["question_tokens"]},
+                                timeout_s=cfg.config_timeout_s, label="roofline")
+            roofline.attach_bounds(roof, configs)
+        best = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))
+        profiles: list[dict[str, Any]] = []
+        if cfg.profiles:
+            progress(f"profiles on {best['name']}")
+            payload = {**edge_payload(bundle_dir, best["vision"], best["quant"], image, **common,
+                                      detector_model=cfg.detector_model), "max_threads": max(threads, physical_cores())}
+            profiles = run_isolated("facellm_edge.bench.profiles:run_profiles", payload,
+                                    timeout_s=cfg.config_timeout_s, label="profiles")["profiles"]
+        live = None
+        if cfg.live.enabled:
+            progress(f"live loop with {best['name']}")
+            live = run_isolated("facellm_edge.bench.live:run_live",
+                                live_payload(bundle_dir, best["vision"], best["quant"], image, cfg.live.video,
+                                             cfg.live.frames, cfg.live.width, cfg.live.height,
+                                             cfg.live.llama_threads, cfg.decode_tokens, cfg.question,
+                                             cfg.detector_model),
+                                timeout_s=cfg.config_timeout_s, label="live")
+
+    results = {
+        "schema": report.SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"model": model, "runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
+                     "threads": threads, "question": cfg.question, "followup": cfg.followup,
+                     "image": image.name, "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
+                     "naive": list(naive),
+                     "naive_skipped": skipped, "best_edge": best["name"]},
+        "machine": info,
+        "versions": vers,
+        "export": export_info,
+        "configs": configs,
+        "ratios": report.compute_ratios(configs),
+        "profiles": profiles,
+        "live": live,
+        "roofline": roof,
+        "targets": report.evaluate_targets(configs, live),
+    }
+    progress(f"writing {out}")
+    return report.write_results(results, out, force=cfg.force)

@@ -1,0 +1,221 @@
+"""Stage timers, memory measurement and isolated runs.
+
+* :class:`StageTimer` collects wall-clock samples per stage (``time.perf_counter``) and summarises them as median,
+  p90, min and max over the measured runs (warm-up runs are timed into a separate timer and discarded).
+* :class:`RssSampler` samples the process RSS on a background thread (stopped by an event) so the report can show
+  the resident memory after loading and while running.
+* :func:`run_isolated` runs one benchmark configuration in a fresh Python subprocess, so its peak RSS
+  (``VmHWM``) belongs to that configuration alone and no library state leaks between configurations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import statistics
+import threading
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from facellm_edge.errors import FaceLLMEdgeError, RuntimeStageError
+
+log = logging.getLogger(__name__)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in 0..100) of a non-empty list."""
+    xs = sorted(samples)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """``{"median", "p90", "p99", "min", "max", "n", "samples"}`` of a list of numbers (ms, tok/s, ...)."""
+    if not samples:
+        raise ValueError("no samples to summarise")
+    return {
+        "median": round(statistics.median(samples), 3),
+        "p90": round(percentile(samples, 90), 3),
+        "p99": round(percentile(samples, 99), 3),
+        "min": round(min(samples), 3),
+        "max": round(max(samples), 3),
+        "n": len(samples),
+        "samples": [round(s, 3) for s in samples],
+    }
+
+
+class StageTimer:
+    """Per-stage samples. ``with timer.time("vision"): ...`` or ``timer.add("decode_tok_s", rate)``."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.samples[stage].append((time.perf_counter() - t0) * 1000.0)
+
+    def add(self, stage: str, value: float) -> None:
+        self.samples[stage].append(float(value))
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {k: summarize(v) for k, v in self.samples.items() if v}
+
+
+def repeat(fn: Callable[[StageTimer], None], runs: int, warmup: int) -> StageTimer:
+    """Call ``fn(timer)`` ``warmup`` times into a throw-away timer, then ``runs`` times into the returned one."""
+    scratch = StageTimer()
+    for _ in range(warmup):
+        fn(scratch)
+    timer = StageTimer()
+    for _ in range(runs):
+        fn(timer)
+    return timer
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process so far.
+
+    Linux: ``VmHWM`` from ``/proc/self/status`` (the high-water mark of this process's own address space).
+    ``ru_maxrss`` is not used there: the kernel carries it over ``fork`` + ``exec``, so a child started by a big
+    parent would report the parent's peak. Elsewhere ``ru_maxrss`` (macOS: bytes).
+    """
+    import resource
+    import sys
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class RssSampler:
+    """Samples this process's RSS every ``interval_s`` on a daemon thread until :meth:`stop`."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            self.peak_mb = max(self.peak_mb, proc.memory_info().rss / 2**20)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> float:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.peak_mb
+
+
+# -- isolated runs -------------------------------------------------------------------------------------------
+# The child is ``python -m facellm_edge.bench.stages TARGET IN.json OUT.json``: a fresh interpreter (not a
+# multiprocessing ``spawn``, which would re-import the caller's ``__main__``), so nothing the parent imported or
+# allocated counts towards the configuration's peak RSS.
+
+
+def _child_main(target: str, in_path: str, out_path: str) -> int:
+    import json
+
+    payload = json.loads(Path(in_path).read_text(encoding="utf-8"))
+    logging.basicConfig(level=int(payload.pop("_log_level", logging.WARNING)),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        module_name, fn_name = target.split(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        result = fn(payload)
+        result["memory"] = {**result.get("memory", {}), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        msg: dict[str, Any] = {"status": "ok", "result": result}
+    except FaceLLMEdgeError as exc:
+        msg = {"status": "error", "type": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:  # report anything else with its traceback
+        msg = {"status": "crash", "type": type(exc).__name__, "message": str(exc),
+               "traceback": traceback.format_exc()}
+    Path(out_path).write_text(json.dumps(msg), encoding="utf-8")
+    return 0
+
+
+def run_isolated(target: str, payload: dict[str, Any], *, timeout_s: float, label: str) -> dict[str, Any]:
+    """Run ``module:function(payload) -> dict`` in a fresh interpreter; add its peak RSS to the result.
+
+    A typed error raised in the child is re-raised here with the same type and message; a crash or a timeout
+    becomes a :class:`RuntimeStageError` naming the configuration.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import facellm_edge.errors as errors
+
+    with tempfile.TemporaryDirectory(prefix="facellm-bench-") as tmp:
+        in_path, out_path = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        in_path.write_text(json.dumps({**payload, "_log_level": logging.getLogger().getEffectiveLevel()}),
+                           encoding="utf-8")
+        cmd = [sys.executable, "-m", "facellm_edge.bench.stages", target, str(in_path), str(out_path)]
+        t0 = time.perf_counter()
+        log.info("running %s in a fresh process", label)
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeStageError(f"benchmark configuration '{label}' did not finish within {timeout_s:.0f} s; "
+                                    "lower --runs/--decode-tokens or drop configurations") from exc
+        wall_s = time.perf_counter() - t0
+        if not out_path.is_file():
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeStageError(f"benchmark configuration '{label}' crashed (exit code {proc.returncode}): "
+                                    f"{tail[0]}")
+        msg = json.loads(out_path.read_text(encoding="utf-8"))
+    if msg["status"] == "ok":
+        result = msg["result"]
+        result["wall_s"] = round(wall_s, 2)
+        return result
+    if msg["status"] == "error":
+        cls = getattr(errors, msg["type"], None)
+        if isinstance(cls, type) and issubclass(cls, FaceLLMEdgeError) and cls is not errors.MissingExtraError:
+            raise cls(f"{label}: {msg['message']}")
+        raise RuntimeStageError(f"{label}: {msg['message']}")
+    log.debug("traceback of %s:\n%s", label, msg.get("traceback", ""))
+    first = (msg["message"].splitlines() or [""])[0]
+    raise RuntimeStageError(f"benchmark configuration '{label}' failed: {msg['type']}: {first} "
+                            "(run with --debug for the traceback)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_child_main(*sys.argv[1:4]))

@@ -1,0 +1,198 @@
+"""``facellm-edge eval``: FaceXBench multiple-choice evaluation (``eval [run] --bench ...``), ``eval score`` (re-score
+saved answers without a model) and ``eval compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from facellm_edge.errors import UsageError
+from facellm_edge.eval.settings import EvalSettings
+from facellm_edge.system_prompt import DEFAULT as SYSTEM_DEFAULT, HELP as SYSTEM_HELP
+
+eval_app = typer.Typer(help="Evaluate on FaceXBench (or a bench in its style), re-score saved answers, compare runs.")
+
+_D = EvalSettings()  # the one source of the defaults below
+_RULES_HELP = "How the answer letter is read: facexbench (FaceXBench's aggregate_results.py, comparable with " \
+    "published tables) or robust (explicit statements first; refusals and ambiguity count as unanswered)."
+
+
+@eval_app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    bench: Optional[Path] = typer.Option(None, "--bench", help="MCQ bench JSON, a FaceXBench task file, or a folder "
+                                         "of FaceXBench task files (facexbench/benchmark)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the bench's image paths are relative to "
+                                          "(default: the bench file's folder)."),
+    model: Optional[str] = typer.Option(None, "--model", help="InternVL/FaceLLM checkpoint folder or hub id."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Edge bundle folder (runtime backend)."),
+    out: Path = typer.Option(Path("eval_results"), "--out", help="Output folder (results.json/.md/.png, "
+                             "predictions.jsonl)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one this command wrote, "
+                               "holding nothing else)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
+    prepend_text: bool = typer.Option(_D.prepend_text, "--prepend-text", help="Put each task's prepend_text (its "
+                                      "task description) into the prompt, like FaceXBench's --prepend_text. Off by "
+                                      "default, as there and for FaceLLM's published numbers."),
+    letter_rules: str = typer.Option(_D.letter_rules, "--letter-rules", help=_RULES_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP + " Default: none, as FaceLLM's "
+                                         "authors evaluate (--bundle: the bundle's own, none unless exported with "
+                                         "--system)."),
+    max_new_tokens: int = typer.Option(_D.max_new_tokens, "--max-new-tokens", min=1, help="Answer length cap in "
+                                       "tokens (FaceLLM's evaluation used 2048); answers that hit it are counted in "
+                                       "the results."),
+    llm_quant: Optional[str] = typer.Option(None, "--llm-quant", help="--bundle: which GGUF (default: preferred)."),
+    vision_precision: Optional[str] = typer.Option(None, "--vision-precision",
+                                                   help="--bundle: which ONNX encoder, fp32|int8 (default: preferred)."),
+    dtype: str = typer.Option("float32", "--dtype", help="transformers weights dtype: float32|bfloat16|float16."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision for --model."),
+    device: str = typer.Option("cpu", "--device", help="torch device for --model (cpu, cuda, cuda:1, ...)."),
+    n_bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Answer every question with --model (transformers) or --bundle (edge runtime) and score it (`eval --bench`
+    and `eval run --bench` are one command)."""
+    if ctx.invoked_subcommand is not None:
+        if bench is not None or model is not None or bundle is not None:
+            raise UsageError(f"options of `eval` go after its subcommand: `eval {ctx.invoked_subcommand} ...`")
+        return
+    if bench is None:
+        raise UsageError("eval needs --bench FILE (with --model or --bundle), or a subcommand: run, score, compare")
+    if (model is None) == (bundle is None):
+        raise UsageError("eval needs exactly one of --model PATH_OR_ID (transformers) or --bundle DIR (edge runtime)")
+    if bundle is None and (llm_quant or vision_precision):
+        raise UsageError("--llm-quant and --vision-precision choose files of a --bundle; they do not apply to --model")
+
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from facellm_edge.eval.backends import (
+        BundleBackend, BundleConfig, TransformersBackend, TransformersConfig, check_supported,
+    )
+    from facellm_edge.eval.letters import get_rules
+    from facellm_edge.eval.mcq import load_bench
+    from facellm_edge.eval.predictions import predictions_jsonl
+    from facellm_edge.eval.report import check_out, write_results
+    from facellm_edge.eval.runner import results_document, run_bench
+    from facellm_edge.eval.scoring import ScoreConfig
+    from facellm_edge.system_prompt import resolve_system
+
+    settings = EvalSettings(prepend_text=prepend_text, letter_rules=letter_rules, max_new_tokens=max_new_tokens)
+    get_rules(settings.letter_rules)  # an unknown name fails before any work
+    if system is not None:
+        resolve_system(system)
+    check_out(out, force)
+    items = load_bench(bench, images, prepend_text=settings.prepend_text)
+    if limit:
+        items = items[:limit]
+    if bundle is not None:
+        backend = BundleBackend(BundleConfig(bundle=bundle, max_new_tokens=settings.max_new_tokens,
+                                             llm_quant=llm_quant, vision_precision=vision_precision, system=system))
+    else:
+        backend = TransformersBackend(TransformersConfig(model=model, max_new_tokens=settings.max_new_tokens,
+                                                         dtype=dtype, revision=revision, device=device,
+                                                         system=system if system is not None else SYSTEM_DEFAULT))
+    try:  # a bundle whose template shows one image refuses multi-image questions before the first answer
+        check_supported(items, backend.name, backend.max_images)
+    except BaseException:
+        backend.close()
+        raise
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[acc]}"), console=console) as progress:
+            task = progress.add_task("eval", total=len(items), acc="")
+            state = {"n": 0, "ok": 0}
+
+            def on_item(r) -> None:
+                state["n"] += 1
+                state["ok"] += r.correct
+                progress.update(task, advance=1, acc=f"acc {state['ok'] / state['n']:.3f}")
+
+            results = run_bench(items, backend, on_item, letter_rules=settings.letter_rules)
+    finally:
+        backend.close()
+    meta = {"bench": str(bench), "backend": backend.name, "model": backend.model, "wall_s": time.perf_counter() - t0,
+            **settings.to_json(), "system": backend.system}
+    doc = results_document(results, meta, ScoreConfig(n_bootstrap=n_bootstrap, seed=seed))
+    write_results(out, doc, force=force, predictions=predictions_jsonl(items, results))
+    _summary(console, out, doc)
+
+
+eval_app.command("run")(run)
+
+
+def _summary(console, out: Path, doc: dict) -> None:
+    o, cap = doc["summary"]["overall"], doc["summary"]["hit_max_new_tokens"]
+    console.print(f"{out}: accuracy {o['accuracy']:.3f} (95% CI {o['ci_low']:.3f}-{o['ci_high']:.3f}) on {o['n']} "
+                  f"questions, {o['unanswered']} unanswered", soft_wrap=True)
+    if cap["count"]:
+        console.print(f"{cap['count']} answer(s) hit the {doc['meta'].get('max_new_tokens', '')} token cap "
+                      "(--max-new-tokens): their letter may be missing", soft_wrap=True)
+
+
+@eval_app.command("score")
+def score(
+    bench: Path = typer.Option(..., "--bench", help="The bench the predictions were made on (file or folder)."),
+    predictions: Path = typer.Option(..., "--predictions", help="predictions.jsonl of an earlier `eval` run."),
+    letter_rules: str = typer.Option(_D.letter_rules, "--letter-rules", help=_RULES_HELP),
+    out: Path = typer.Option(Path("eval_scored"), "--out", help="Output folder (results.json/.md/.png, "
+                             "predictions.jsonl with the letters read again)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one `eval` wrote, holding "
+                               "nothing else)."),
+    n_bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Score saved answers again, without a model (e.g. with other --letter-rules); images are not needed."""
+    from rich.console import Console
+
+    from facellm_edge.eval.letters import get_rules
+    from facellm_edge.eval.mcq import load_bench
+    from facellm_edge.eval.predictions import read_predictions, rescore, rescored_jsonl
+    from facellm_edge.eval.report import check_out, run_meta, write_results
+    from facellm_edge.eval.runner import results_document
+    from facellm_edge.eval.scoring import ScoreConfig
+
+    get_rules(letter_rules)
+    check_out(out, force)
+    saved = read_predictions(predictions)
+    items = load_bench(bench, check_images=False)
+    results = rescore(items, saved, source=predictions, letter_rules=letter_rules)
+    meta = {**run_meta(Path(predictions).parent), "bench": str(bench), "letter_rules": letter_rules,
+            "rescored_from": str(predictions), "bench_questions": len(items)}
+    doc = results_document(results, meta, ScoreConfig(n_bootstrap=n_bootstrap, seed=seed))
+    write_results(out, doc, force=force, predictions=rescored_jsonl(saved, results))
+    _summary(Console(stderr=True), out, doc)
+
+
+@eval_app.command("compare")
+def compare(
+    a: Path = typer.Argument(..., help="results.json of run A (e.g. the transformers reference)."),
+    b: Path = typer.Argument(..., help="results.json of run B (e.g. a quantised bundle)."),
+    out: Path = typer.Option(Path("eval_compare"), "--out", help="Output folder (compare.json/.md/.png)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one this command wrote, "
+                               "holding nothing else)."),
+) -> None:
+    """Answer agreement between two runs and accuracy delta per category (quantisation drift)."""
+    from rich.console import Console
+
+    from facellm_edge.eval.compare import compare_results
+    from facellm_edge.eval.report import COMPARE, check_out, load_results, write_compare
+
+    check_out(out, force, COMPARE)
+    _, ra = load_results(a)
+    _, rb = load_results(b)
+    cmp = compare_results(ra, rb, name_a=str(a), name_b=str(b))
+    write_compare(out, cmp, force=force)
+    o = cmp["overall"]
+    Console(stderr=True).print(f"{out}: agreement {o['agreement']:.3f} on {o['n']} questions, accuracy delta "
+                               f"{100 * o['delta']:+.1f} pp (B - A)", soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,76 @@
+"""SCRFD (InsightFace) through ``insightface.model_zoo``: a stronger detector for hard poses and small faces.
+
+The model comes from a local ``.onnx`` (``--detector-model``) or from an InsightFace model pack directory such as
+``~/.insightface/models/buffalo_l`` (its ``det_*.onnx``). InsightFace's pretrained models are licensed for
+non-commercial research only: a warning says so when this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from facellm_edge.runtime.detect import DetectorConfig, check_image, top_faces
+from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.runtime.faces import Face
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACK = Path("~/.insightface/models/buffalo_l")
+LICENCE_NOTE = (
+    "SCRFD detector chosen: InsightFace's pretrained models are for non-commercial research use only "
+    "(see https://github.com/deepinsight/insightface#license); use --detector yunet (MIT) otherwise"
+)
+
+
+def resolve_model(path: Path | None) -> Path:
+    """A ``.onnx`` file, or the ``det_*.onnx`` inside a model pack directory (default: buffalo_l)."""
+    p = Path(path if path is not None else DEFAULT_PACK).expanduser()
+    if p.is_dir():
+        found = sorted(p.glob("det_*.onnx"))
+        if not found:
+            raise InputError(f"no SCRFD model (det_*.onnx) in {p}; pass --detector-model PATH to an SCRFD .onnx")
+        return found[0]
+    if not p.is_file():
+        raise InputError(
+            f"SCRFD model not found: {p}; download an InsightFace pack (e.g. buffalo_l) into ~/.insightface/models "
+            "or pass --detector-model PATH to an SCRFD .onnx"
+        )
+    return p
+
+
+class ScrfdDetector:
+    name = "scrfd"
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model(config.model_path)
+        log.warning(LICENCE_NOTE)
+        from facellm_edge.onnxrt import disable_telemetry
+
+        disable_telemetry()  # before insightface imports onnxruntime
+        from insightface.model_zoo import get_model
+
+        try:
+            model = get_model(str(self.model_path))
+        except Exception as exc:  # insightface raises assorted errors for unusable files
+            raise InputError(f"cannot load SCRFD model {self.model_path}: {exc}") from exc
+        if model is None or getattr(model, "taskname", None) != "detection":
+            raise InputError(f"{self.model_path} is not an InsightFace detection model; pass an SCRFD .onnx")
+        size = (config.input_size, config.input_size)
+        model.prepare(ctx_id=-1, input_size=size, det_thresh=config.score_threshold)
+        self._model = model
+        self._size = size
+
+    def detect(self, image_bgr: np.ndarray) -> list[Face]:
+        image = check_image(image_bgr)
+        try:
+            det, kps = self._model.detect(image, input_size=self._size)
+        except Exception as exc:
+            raise RuntimeStageError(f"SCRFD failed on a {image.shape[1]}x{image.shape[0]} image: {exc}") from exc
+        if kps is None:
+            raise RuntimeStageError(f"{self.model_path} gives no landmarks; use an SCRFD model with keypoints (_kps)")
+        faces = [Face(box=d[:4], score=float(d[4]), landmarks=k) for d, k in zip(det, kps)]
+        return top_faces(faces, self.config.max_faces)

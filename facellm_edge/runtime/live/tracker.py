@@ -1,0 +1,82 @@
+"""A simple IoU tracker: stable ids for faces across frames (greedy matching, highest IoU first)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from facellm_edge.runtime.faces import Face
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    iou_threshold: float = 0.3  # a detection continues a track when IoU >= this
+    max_missed: int = 15  # frames a track survives without a detection
+
+
+@dataclass
+class Track:
+    track_id: int
+    box: np.ndarray
+    first_frame: int
+    last_frame: int
+    missed: int = 0
+    hits: int = 1
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU between every box in ``a`` [N, 4] and ``b`` [M, 4] (x1, y1, x2, y2)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), dtype=np.float32)
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-6)
+
+
+@dataclass
+class IouTracker:
+    config: TrackerConfig = field(default_factory=TrackerConfig)
+    tracks: dict[int, Track] = field(default_factory=dict)
+    _next_id: int = 1
+
+    def update(self, faces: list[Face], frame_index: int) -> tuple[list[Face], list[int]]:
+        """Assign ``track_id`` to each face (in place). Returns (faces, ids of tracks that ended this frame)."""
+        ids = list(self.tracks)
+        boxes = np.array([self.tracks[i].box for i in ids], dtype=np.float32).reshape(-1, 4)
+        dets = np.array([f.box for f in faces], dtype=np.float32).reshape(-1, 4)
+        iou = iou_matrix(boxes, dets)
+        matched_tracks: set[int] = set()
+        matched_faces: set[int] = set()
+        for flat in np.argsort(-iou, axis=None):
+            t, d = np.unravel_index(flat, iou.shape)
+            if iou[t, d] < self.config.iou_threshold:
+                break
+            if t in matched_tracks or d in matched_faces:
+                continue
+            matched_tracks.add(int(t))
+            matched_faces.add(int(d))
+            track = self.tracks[ids[t]]
+            track.box, track.last_frame, track.missed = dets[d].copy(), frame_index, 0
+            track.hits += 1
+            faces[d].track_id = track.track_id
+        for d, face in enumerate(faces):
+            if d not in matched_faces:
+                track = Track(self._next_id, dets[d].copy(), frame_index, frame_index)
+                self.tracks[track.track_id] = track
+                face.track_id = track.track_id
+                self._next_id += 1
+        ended = []
+        for t, tid in enumerate(ids):
+            if t not in matched_tracks:
+                track = self.tracks[tid]
+                track.missed += 1
+                if track.missed > self.config.max_missed:
+                    ended.append(tid)
+                    del self.tracks[tid]
+        return faces, ended
