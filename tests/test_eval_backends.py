@@ -11,7 +11,7 @@ import pytest
 from facellm_edge.errors import InputError
 from facellm_edge.eval.backends import BundleBackend, BundleConfig, TransformersBackend, TransformersConfig
 from facellm_edge.eval.mcq import MCQAnswer, MCQItem
-from facellm_edge.system_prompt import INTERN_VL, system_messages
+from facellm_edge.llm.system_prompt import INTERN_VL, system_messages
 
 N_NEW = 6
 

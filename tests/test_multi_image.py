@@ -52,7 +52,7 @@ def photos(astronaut_bgr, t1_bgr) -> list[np.ndarray]:
 def _transformers(hf, images_bgr, question, eos, system=None):
     import torch
 
-    from facellm_edge.system_prompt import system_messages
+    from facellm_edge.llm.system_prompt import system_messages
 
     processor, net = hf
     content = [{"type": "image"}] * len(images_bgr) + [{"type": "text", "text": question}]

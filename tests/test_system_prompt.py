@@ -15,7 +15,7 @@ from facellm_edge.bundle import load_bundle
 from facellm_edge.cli import main
 from facellm_edge.errors import BundleError, UsageError
 from facellm_edge.runtime.pipeline import FaceLLM, RuntimeConfig
-from facellm_edge.system_prompt import INTERN_VL, describe, resolve_system, system_messages
+from facellm_edge.llm.system_prompt import INTERN_VL, describe, resolve_system, system_messages
 
 QUESTION = "How old is this person?"
 N_NEW = 6

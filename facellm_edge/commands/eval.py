@@ -10,7 +10,7 @@ import typer
 
 from facellm_edge.errors import UsageError
 from facellm_edge.eval.settings import EvalSettings
-from facellm_edge.system_prompt import DEFAULT as SYSTEM_DEFAULT, HELP as SYSTEM_HELP
+from facellm_edge.llm.system_prompt import DEFAULT as SYSTEM_DEFAULT, HELP as SYSTEM_HELP
 
 eval_app = typer.Typer(help="Evaluate on FaceXBench (or a bench in its style), re-score saved answers, compare runs.")
 
@@ -79,7 +79,7 @@ def run(
     from facellm_edge.eval.report import check_out, write_results
     from facellm_edge.eval.runner import results_document, run_bench
     from facellm_edge.eval.scoring import ScoreConfig
-    from facellm_edge.system_prompt import resolve_system
+    from facellm_edge.llm.system_prompt import resolve_system
 
     settings = EvalSettings(prepend_text=prepend_text, letter_rules=letter_rules, max_new_tokens=max_new_tokens)
     get_rules(settings.letter_rules)  # an unknown name fails before any work

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from facellm_edge.errors import UsageError
-from facellm_edge.system_prompt import DEFAULT as DEFAULT_SYSTEM, HELP as SYSTEM_HELP
+from facellm_edge.llm.system_prompt import DEFAULT as DEFAULT_SYSTEM, HELP as SYSTEM_HELP
 
 
 def _fmt_bytes(n: int) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from facellm_edge.system_prompt import HELP as SYSTEM_HELP
+from facellm_edge.llm.system_prompt import HELP as SYSTEM_HELP
 from facellm_edge.train.config import default as d
 
 

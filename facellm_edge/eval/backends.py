@@ -14,7 +14,7 @@ from facellm_edge.errors import CheckpointError, UsageError, require
 from facellm_edge.eval.mcq import MCQAnswer, MCQItem
 from facellm_edge.eval.settings import DEFAULT_MAX_NEW_TOKENS
 from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image
-from facellm_edge.system_prompt import describe, resolve_system, system_messages
+from facellm_edge.llm.system_prompt import describe, resolve_system, system_messages
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class TransformersConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"
     revision: str | None = None
-    system: str = "none"  # none | intern_vl | the text (facellm_edge.system_prompt)
+    system: str = "none"  # none | intern_vl | the text (facellm_edge.llm.system_prompt)
     max_pixels: int = DEFAULT_MAX_PIXELS  # image files above this are refused from their header (0 = no limit)
 
 

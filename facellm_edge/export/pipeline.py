@@ -22,7 +22,7 @@ from facellm_edge import __version__
 from facellm_edge.bundle import BUNDLE, MANIFEST, SCHEMA_VERSION, Manifest, file_entry
 from facellm_edge.io import atomic_directory, atomic_write_text, check_replaceable, clean_stale_temps
 from facellm_edge.errors import ExportError, FaceLLMEdgeError, OutputError, UsageError, require
-from facellm_edge.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
+from facellm_edge.llm.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
 
 log = logging.getLogger(__name__)
 

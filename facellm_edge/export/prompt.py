@@ -13,7 +13,7 @@ from typing import Any
 
 from facellm_edge.bundle import ArchSpec, ImageSpec, PromptSpec, TokenSpec
 from facellm_edge.errors import CheckpointError, ExportError
-from facellm_edge.system_prompt import system_messages
+from facellm_edge.llm.system_prompt import system_messages
 
 log = logging.getLogger(__name__)
 

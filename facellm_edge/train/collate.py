@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from facellm_edge.errors import CheckpointError, InputError, UsageError
-from facellm_edge.system_prompt import system_messages
+from facellm_edge.llm.system_prompt import system_messages
 from facellm_edge.train.data import Sample
 
 IGNORE_INDEX = -100

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.errors import UsageError
-from facellm_edge.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
+from facellm_edge.llm.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -60,7 +60,7 @@ class TrainConfig:
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0: run to the end
     num_workers: int = 0
     merge: bool = False
-    # the system message of records without their own: none | intern_vl | the text (facellm_edge.system_prompt)
+    # the system message of records without their own: none | intern_vl | the text (facellm_edge.llm.system_prompt)
     system: str = DEFAULT_SYSTEM
 
     def __post_init__(self) -> None:

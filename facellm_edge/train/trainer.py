@@ -23,7 +23,7 @@ from facellm_edge.train.collate import EncodedDataset, Encoder, PadCollator
 from facellm_edge.train.config import TrainConfig
 from facellm_edge.train.data import load_samples, split_eval
 from facellm_edge.export.checkpoint import load_processor
-from facellm_edge.system_prompt import resolve_system
+from facellm_edge.llm.system_prompt import resolve_system
 from facellm_edge.train.model import check_base, load_model, merge_adapter, save_adapter, wrap_lora
 
 log = logging.getLogger(__name__)
