@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from facellm_edge.errors import BundleError, read_json_object
-from facellm_edge.io import OutputKind, atomic_directory, atomic_write_text, sha256_file  # noqa: F401  (re-exported)
+from facellm_edge.errors import BundleError
+from facellm_edge.io import OutputKind, read_json_object, sha256_file
 from facellm_edge.typed import SchemaError, check_value, load_typed, rule
 
 log = logging.getLogger(__name__)

@@ -71,23 +71,3 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingExtraError(extra, module) from exc
-
-
-def read_json_object(path, error: type[FaceLLMEdgeError], fix: str = "") -> dict:
-    """Read a JSON object from ``path``; anything else (unreadable, not JSON, not an object) raises ``error``
-    with a one-line message ending in ``fix``."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    suffix = f"; {fix}" if fix else ""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except PermissionError as exc:  # the file is fine: re-exporting or re-downloading would not help
-        raise error(f"cannot read {path}: permission denied; run as a user who may read it, or change its "
-                    "permissions") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"cannot read {path}: {exc}{suffix}") from exc
-    if not isinstance(data, dict):
-        raise error(f"{path} is not a JSON object{suffix}")
-    return data

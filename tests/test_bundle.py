@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from facellm_edge.bundle import (
-    SCHEMA_VERSION, ArchSpec, ImageSpec, Manifest, PromptSpec, TokenSpec, atomic_directory, atomic_write_text,
-    file_entry, load_bundle,
+    SCHEMA_VERSION, ArchSpec, ImageSpec, Manifest, PromptSpec, TokenSpec, file_entry, load_bundle,
 )
 from facellm_edge.errors import BundleError, OutputError
-from facellm_edge.io import MARKER
+from facellm_edge.io import MARKER, atomic_directory, atomic_write_text
 
 
 def _manifest(root: Path) -> Manifest:

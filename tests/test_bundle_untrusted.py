@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from facellm_edge.bundle import (
-    SCHEMA_VERSION, ArchSpec, ImageSpec, Manifest, PromptSpec, TokenSpec, atomic_write_text, file_entry, load_bundle,
+    SCHEMA_VERSION, ArchSpec, ImageSpec, Manifest, PromptSpec, TokenSpec, file_entry, load_bundle,
 )
 from facellm_edge.cli import main
 from facellm_edge.errors import BundleError
+from facellm_edge.io import atomic_write_text
 
 
 def _bundle(root: Path) -> dict:

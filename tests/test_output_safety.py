@@ -15,7 +15,7 @@ import pytest
 from facellm_edge.cli import main
 from facellm_edge.errors import OutputError
 from facellm_edge.io import (
-    MARKER, OutputKind, atomic_directory, atomic_write_text, check_replaceable, clean_stale_temps,
+    MARKER, OutputKind, atomic_directory, atomic_file, atomic_write_text, check_replaceable, clean_stale_temps,
 )
 
 EVAL = OutputKind("eval results")
@@ -296,6 +296,49 @@ def test_ctrl_c_inside_the_block_leaves_nothing(tmp_path):
             (tmp / "x").write_text("1")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+# -- one file filled by an external tool (llama.cpp's quantiser, gguf-py's writer) -------------------------------
+
+def _external_tool(path: Path, data: bytes, rc: int = 0) -> int:
+    """Another process writes ``path`` by name, as llama.cpp does: truncate and write."""
+    code = f"open({str(path)!r}, 'wb').write({data!r}); raise SystemExit({rc})"
+    return subprocess.run([sys.executable, "-c", code]).returncode
+
+
+def test_atomic_file_commits_what_the_tool_wrote_and_leaves_nothing_on_failure(tmp_path, umask):
+    umask(0o002)
+    dest = tmp_path / "llm.gguf"
+    with atomic_file(dest) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".llm.tmp-") and tmp.suffix == ".gguf"
+        assert tmp.stat().st_size == 0 and tmp.stat().st_mode & 0o777 == 0o600  # created by us, exclusively
+        assert _external_tool(tmp, b"v1") == 0
+    assert dest.read_bytes() == b"v1" and dest.stat().st_mode & 0o777 == 0o664 and _hidden(tmp_path) == []
+
+    for stop in (RuntimeError("the tool failed"), KeyboardInterrupt()):  # its error, or Ctrl-C while it runs
+        with pytest.raises(type(stop)):
+            with atomic_file(dest) as tmp:
+                _external_tool(tmp, b"half", rc=1)
+                raise stop
+        assert dest.read_bytes() == b"v1" and _hidden(tmp_path) == []  # untouched, no temporary left
+
+    with pytest.raises(FileExistsError):  # replace=False never touches an existing file
+        with atomic_file(dest, replace=False) as tmp:
+            tmp.write_bytes(b"v2")
+    assert dest.read_bytes() == b"v1" and _hidden(tmp_path) == []
+
+
+def test_atomic_file_removes_the_temporaries_of_dead_runs_only(tmp_path):
+    dest = tmp_path / "llm.gguf"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".llm.tmp-{int(dead.stdout)}-abcd_123.gguf"  # killed mid-write: may hold a model or faces
+    live = tmp_path / f".llm.tmp-{os.getpid()}-abcd_123.gguf"
+    foreign = tmp_path / ".llm.tmp-notapid.gguf"
+    for f in (stale, live, foreign):
+        f.write_bytes(b"x")
+    with atomic_file(dest) as tmp:
+        tmp.write_bytes(b"new")
+    assert dest.read_bytes() == b"new" and not stale.exists() and live.is_file() and foreign.is_file()
 
 
 def test_import_fairfacegpt_force_replaces_only_its_own_jsonl(tmp_path, capsys):

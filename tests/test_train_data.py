@@ -192,6 +192,40 @@ def test_truncation_keeps_the_image_and_refuses_to_cut_it(face_data, tiny_checkp
         Encoder(processor, 100)(sample)
 
 
+def test_encoder_sees_a_sideways_stored_photo_upright_as_the_runtime_does(face_data, tiny_checkpoint, tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag is trained on upright, as the edge runtime reads
+    it (Pillow's Image.open alone ignores the tag); unreadable images name the record."""
+    import dataclasses
+    import re
+
+    from PIL import Image, ImageOps
+    from transformers import AutoProcessor
+
+    from facellm_edge.train.collate import Encoder
+    from facellm_edge.train.data import load_samples
+
+    _, data, images, _ = face_data
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    sample = load_samples(data, images, skip_bad=False)[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    sideways = tmp_path / "sideways.jpg"
+    _rgb(sample.image).transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif.tobytes(), quality=95)
+    got = Encoder(processor, 2048)(dataclasses.replace(sample, image=sideways)).pixel_values
+
+    def pixels(image):
+        return processor.image_processor(images=[image], crop_to_patches=False, return_tensors="pt")["pixel_values"]
+
+    with Image.open(sideways) as im:
+        shown, stored = pixels(ImageOps.exif_transpose(im).convert("RGB")), pixels(im.convert("RGB"))
+    assert (got - shown).abs().mean() < 0.02 < 0.2 < (got - stored).abs().mean()
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match=rf"^cannot decode image {re.escape(str(broken))} .*\({sample.where}\)$"):
+        Encoder(processor, 2048)(dataclasses.replace(sample, image=broken))
+
+
 def _rgb(path: Path):
     from PIL import Image
 

@@ -7,14 +7,14 @@ transformers get a chance to raise a traceback (config shape, safetensors header
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.errors import CheckpointError, UsageError, read_json_object, require
+from facellm_edge.errors import CheckpointError, UsageError, require
+from facellm_edge.io import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,9 @@ def safetensors_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot read {index}: {exc}") from exc
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to files: the checkpoint is damaged")
         files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
         files = sorted(directory.glob("*.safetensors"))

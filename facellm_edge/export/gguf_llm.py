@@ -9,8 +9,8 @@ tokenizer is written as a byte-level BPE (``gpt2``) vocabulary with the ``qwen2`
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from facellm_edge.errors import ExportError, OutputError, UsageError, require
+from facellm_edge.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -225,49 +226,45 @@ def write_llm_gguf(model: Any, tokenizer: Any, out_path: Path | str, *, ftype: s
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
     try:
-        # Only the checkpoint's folder/repo name: a local path would leak into every copy of the bundle.
-        source = str(getattr(model.config, "_name_or_path", "") or "")
-        writer.add_name(name or Path(source).name or "facellm")
-        writer.add_context_length(int(text.max_position_embeddings))
-        writer.add_embedding_length(int(text.hidden_size))
-        writer.add_block_count(n_blocks)
-        writer.add_feed_forward_length(int(text.intermediate_size))
-        writer.add_head_count(int(text.num_attention_heads))
-        writer.add_head_count_kv(int(text.num_key_value_heads))
-        head_dim = getattr(text, "head_dim", None)
-        if head_dim and int(head_dim) != text.hidden_size // text.num_attention_heads:
-            writer.add_key_length(int(head_dim))
-            writer.add_value_length(int(head_dim))
-        writer.add_rope_freq_base(_rope_theta(text))
-        writer.add_layer_norm_rms_eps(float(text.rms_norm_eps))
-        writer.add_file_type(int(file_type))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("qwen2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        special.add_to_gguf(writer, quiet=True)
+        # closing(): the writer is flushed and closed before atomic_file commits the file
+        with atomic_file(out_path) as tmp, \
+                contextlib.closing(gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])) as writer:
+            # Only the checkpoint's folder/repo name: a local path would leak into every copy of the bundle.
+            source = str(getattr(model.config, "_name_or_path", "") or "")
+            writer.add_name(name or Path(source).name or "facellm")
+            writer.add_context_length(int(text.max_position_embeddings))
+            writer.add_embedding_length(int(text.hidden_size))
+            writer.add_block_count(n_blocks)
+            writer.add_feed_forward_length(int(text.intermediate_size))
+            writer.add_head_count(int(text.num_attention_heads))
+            writer.add_head_count_kv(int(text.num_key_value_heads))
+            head_dim = getattr(text, "head_dim", None)
+            if head_dim and int(head_dim) != text.hidden_size // text.num_attention_heads:
+                writer.add_key_length(int(head_dim))
+                writer.add_value_length(int(head_dim))
+            writer.add_rope_freq_base(_rope_theta(text))
+            writer.add_layer_norm_rms_eps(float(text.rms_norm_eps))
+            writer.add_file_type(int(file_type))
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre("qwen2")
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            special.add_to_gguf(writer, quiet=True)
 
-        # Stream: tensor infos first, then one tensor's data at a time (peak memory = one converted tensor).
-        n_params = 0
-        for gname, tensor in tensors:
-            dtype, raw_dtype, nbytes = _gguf_dtype(tensor, ftype)
-            writer.add_tensor_info(gname, tuple(tensor.shape), dtype, nbytes, raw_dtype=raw_dtype)
-            n_params += tensor.numel()
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, tensor in tensors:
-            writer.write_tensor_data(_to_numpy(tensor, ftype))
-        writer.close()
-        os.replace(tmp, out_path)
+            # Stream: tensor infos first, then one tensor's data at a time (peak memory = one converted tensor).
+            n_params = 0
+            for gname, tensor in tensors:
+                dtype, raw_dtype, nbytes = _gguf_dtype(tensor, ftype)
+                writer.add_tensor_info(gname, tuple(tensor.shape), dtype, nbytes, raw_dtype=raw_dtype)
+                n_params += tensor.numel()
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _, tensor in tensors:
+                writer.write_tensor_data(_to_numpy(tensor, ftype))
     except OSError as exc:
         raise OutputError(f"cannot write {out_path}: {exc}") from exc
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
     report = GGUFReport(path=str(out_path), ftype=ftype, n_tensors=len(tensors), n_params=n_params,
                         n_vocab=n_vocab, n_tokenizer_tokens=len(tokenizer), tied_embeddings=tied,
                         file_bytes=out_path.stat().st_size)

@@ -26,14 +26,15 @@ raises (a new checkpoint layout must be added here on purpose, never dropped sil
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from facellm_edge.errors import ExportError, require
+from facellm_edge.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +226,8 @@ def write_mmproj_gguf(model: Any, processor: Any, out: Path, *, ftype: str = "f1
     min_tiles, max_tiles = _preproc_tiles(processor)
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        w = gguf.GGUFWriter(str(tmp), arch="clip")
+    # closing(): the writer is flushed and closed before atomic_file commits the file
+    with atomic_file(out) as tmp, contextlib.closing(gguf.GGUFWriter(str(tmp), arch="clip")) as w:
         w.add_type(gguf.GGUFType.MMPROJ)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "f16" else gguf.LlamaFileType.ALL_F32)
         w.add_name("InternVL vision tower + projector (facellm-edge)")
@@ -260,10 +260,6 @@ def write_mmproj_gguf(model: Any, processor: Any, out: Path, *, ftype: str = "f1
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("mmproj %s: %d tensors (%d f16, %d f32)", out.name, len(mapping), counts["f16"], counts["f32"])
     return {"tensors": len(mapping), "ftype": ftype, "n_f16": counts["f16"], "n_f32": counts["f32"],
             "preproc_tiles": [min_tiles, max_tiles]}

@@ -13,6 +13,7 @@ from typing import Any
 
 from facellm_edge.bundle import ArchSpec, ImageSpec, PromptSpec, TokenSpec
 from facellm_edge.errors import CheckpointError, ExportError
+from facellm_edge.io import read_json_object
 from facellm_edge.llm.system_prompt import system_messages
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _eos_ids(checkpoint_dir: Path, tokenizer: Any, config: Any) -> tuple[int, ..
     gen = checkpoint_dir / "generation_config.json"
     sources: list[Any] = []
     if gen.is_file():
-        sources.append(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+        sources.append(read_json_object(gen, CheckpointError).get("eos_token_id"))
     sources.append(getattr(config.get_text_config(), "eos_token_id", None))
     sources.append(tokenizer.eos_token_id)
     for src in sources:

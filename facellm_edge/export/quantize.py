@@ -7,7 +7,6 @@ k-quants need rows divisible by 256; llama.cpp silently falls back to another ty
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from facellm_edge.errors import ExportError, InputError, OutputError, UsageError, require
+from facellm_edge.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -189,23 +189,21 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
     params.nthread = int(n_threads)
     params.ftype = int(getattr(llama_cpp, QUANTS[quant].ftype_attr))
     params.pure = QUANTS[quant].pure
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
     # llama.cpp warns once per fallback tensor; the report below summarises them (errors still get through).
     llama_log = logging.getLogger("facellm_edge.llama_cpp")
     level = llama_log.level
     llama_log.setLevel(logging.ERROR)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise ExportError(f"llama.cpp failed to quantise {src} to {quant} (code {rc}; see the "
-                              "facellm_edge.llama_cpp log); the source must be an f32/f16/bf16 GGUF")
-        os.replace(tmp, dst)
+        with atomic_file(dst) as tmp:  # llama.cpp fills the temporary file; committed only when it succeeded
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+            if rc != 0:
+                raise ExportError(f"llama.cpp failed to quantise {src} to {quant} (code {rc}; see the "
+                                  "facellm_edge.llama_cpp log); the source must be an f32/f16/bf16 GGUF")
     except OSError as exc:
         raise OutputError(f"cannot write {dst}: {exc}") from exc
     finally:
         llama_log.setLevel(level)
-        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     info = inspect_gguf(dst, quant)
     size = dst.stat().st_size

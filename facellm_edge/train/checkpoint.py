@@ -2,21 +2,20 @@
 
 Checkpoints are ``accelerator.save_state`` folders holding only the trainable (LoRA / projector) weights plus the
 optimizer, scheduler, RNG and loop state. Each is written to ``checkpoints/.step-K.tmp`` by all processes and
-renamed to ``checkpoints/step-K`` by the main process once every process has finished writing.
+moved to ``checkpoints/step-K`` by the main process once every process has finished writing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.io import OutputKind, atomic_write_text, files_under
+from facellm_edge.io import OutputKind, atomic_write_text, clean_stale_temps, files_under, replace_directory
 from facellm_edge.errors import CheckpointError, OutputError, UsageError
 from facellm_edge.train.config import TrainConfig
 
@@ -136,19 +135,28 @@ def install_trainable_only_hooks(accelerator: Any) -> None:
 
 
 def save_checkpoint(accelerator: Any, out: Path, step: int) -> Path:
-    """``accelerator.save_state`` into a temporary folder, renamed into ``checkpoints/step-K`` when complete."""
+    """``accelerator.save_state`` into a temporary folder, moved to ``checkpoints/step-K`` when complete.
+
+    The temporary folder has one name every process knows (they all write into it), unlike
+    :func:`~facellm_edge.io.atomic_directory`'s per-process one; the swap into place is io's
+    :func:`~facellm_edge.io.replace_directory`. The main process removes it if its own write fails; one left by a
+    killed run is removed when that step is saved again (a resumed run saves the same steps)."""
     root = Path(out) / CHECKPOINTS
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(final)  # a swap cut short by a killed run: its set-aside step-K is put back or removed
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
         log.info("checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from facellm_edge.errors import CheckpointError, InputError, UsageError
+from facellm_edge.io import read_image_rgb
 from facellm_edge.llm.system_prompt import system_messages
 from facellm_edge.train.data import Sample
 
@@ -79,13 +80,10 @@ class Encoder:
         return full, spans
 
     def __call__(self, sample: Sample) -> Encoded:
-        from PIL import Image
-
-        try:
-            with Image.open(sample.image) as im:
-                image = im.convert("RGB")
-        except OSError as exc:
-            raise InputError(f"cannot decode image {sample.image} ({sample.where}): {exc}") from exc
+        try:  # the runtime's reader: training sees the pixels the edge runtime will see
+            image = read_image_rgb(sample.image)
+        except InputError as exc:
+            raise InputError(f"{exc} ({sample.where})") from exc
         text, spans = self.answer_spans(self.messages(sample))
         enc = self.processor(text=[text], images=[image], crop_to_patches=False, return_offsets_mapping=True,
                              return_tensors="pt")

@@ -8,7 +8,6 @@ sha256 before first use: the default detector works offline, with no download an
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 from facellm_edge.runtime.detect import DetectorConfig, check_image, top_faces
 from facellm_edge.errors import InputError, RuntimeStageError
 from facellm_edge.runtime.faces import Face
-from facellm_edge.io import sha256_file
+from facellm_edge.io import sha256_file, user_cache_dir  # noqa: F401  (user_cache_dir: old import path)
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +26,6 @@ YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4
 PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / YUNET_FILE
 _checked: set[Path] = set()
 _check_lock = threading.Lock()
-
-
-def user_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/facellm-edge`` (default ``~/.cache/facellm-edge``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "facellm-edge"
 
 
 def default_model_path(path: Path = PACKAGED_MODEL) -> Path:
