@@ -13,12 +13,26 @@ _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "FaceLLM"]
+# The Python API, imported on first use (``from facellm_edge import FaceLLM, RuntimeConfig``).
+_API = {
+    "FaceLLM": "facellm_edge.runtime.pipeline",
+    "FaceSession": "facellm_edge.runtime.session",
+    "SessionError": "facellm_edge.runtime.session",
+    "FaceAnswer": "facellm_edge.runtime.answers",
+    "ImagesAnswer": "facellm_edge.runtime.answers",
+    "RuntimeConfig": "facellm_edge.runtime.config",
+    "DetectorConfig": "facellm_edge.runtime.config",
+    "CropConfig": "facellm_edge.runtime.config",
+    "EncoderConfig": "facellm_edge.runtime.config",
+    "EngineConfig": "facellm_edge.runtime.config",
+    "GenerationConfig": "facellm_edge.runtime.config",
+}
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
-    if name == "FaceLLM":
-        from facellm_edge.runtime.pipeline import FaceLLM
+    if name in _API:
+        import importlib
 
-        return FaceLLM
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'facellm_edge' has no attribute {name!r}")

@@ -176,8 +176,8 @@ def test_first_question_equals_from_scratch_token_decode(gen, ref, specs, image)
     assert list(ans.token_ids) == expected
     assert ans.n_generated == len(ans.token_ids) > 0
     assert ans.text == b"".join(ref.piece(t) for t in ans.token_ids).decode("utf-8", errors="replace")
-    assert set(ans.timings) == {"prefill_ms", "ttft_ms", "decode_ms", "tokens_per_s"}
-    assert 0 < ans.timings["prefill_ms"] <= ans.timings["ttft_ms"]
+    assert set(ans.timings) == {"question_prefill", "ttft", "decode"} and ans.tokens_per_s >= 0
+    assert all(v >= 0 for v in ans.timings.values()) and ans.n_prefilled > 0
     gen.drop("exact")
 
 
@@ -551,8 +551,8 @@ def test_exported_bundle_runs_multiturn(tiny_bundle, astronaut_bgr):
     embeds = session.run(None, {session.get_inputs()[0].name: pixels})[0][0]
 
     quant, gguf_path = bundle.llm_file("f32")
-    cfg = EngineConfig(n_ctx=1024, n_threads=1, n_threads_batch=1, n_batch=128)
-    with Generator.from_bundle(bundle, quant, cfg) as g:
+    cfg = EngineConfig(quant=quant, n_ctx=1024, n_threads=1, n_threads_batch=1, n_batch=128)
+    with Generator.from_bundle(bundle, cfg) as g:
         assert g.n_embd == m.arch.llm_hidden == embeds.shape[1]
         n = g.prefill_image("face", embeds)
         # the prefix is `first` up to the question with {image} expanded the InternVL way, token for token

@@ -15,6 +15,7 @@ from facellm_edge.runtime.faces import Face
 from facellm_edge.runtime.live.loop import DropOldestSlot, LiveConfig, run_live
 from facellm_edge.runtime.live.sources import LiveCapture, ReconnectPolicy, open_source
 from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
+from facellm_edge.timings import STAGES
 
 SIZE = (640, 480)  # video frame size (w, h)
 
@@ -46,26 +47,31 @@ def photo_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_bundle, yunet_model):
-    from facellm_edge.runtime.pipeline import FaceLLM, RuntimeConfig
+    from facellm_edge.runtime.config import DetectorConfig, EngineConfig, GenerationConfig, RuntimeConfig
+    from facellm_edge.runtime.pipeline import FaceLLM
 
-    cfg = RuntimeConfig(detector_model=yunet_model, max_tokens=3, llm_quant="f32").for_live()
-    assert (cfg.n_threads, cfg.detector_threads) == (1, 1)
+    cfg = RuntimeConfig(detector=DetectorConfig(model_path=yunet_model), engine=EngineConfig(quant="f32"),
+                        generation=GenerationConfig(max_tokens=3)).for_live()
+    assert (cfg.engine.n_threads, cfg.engine.n_threads_batch, cfg.detector.n_threads) == (1, 1, 1)
     with FaceLLM.load(tiny_bundle, cfg) as m:
         yield m
 
 
 def test_video_runs_headless_with_stable_tracks(model, photo_video, tmp_path):
     jsonl, out = tmp_path / "answers.jsonl", tmp_path / "annotated.mp4"
-    cfg = LiveConfig(question="How old is this person?", display=False, jsonl=jsonl, output=out, max_tokens=3)
+    cfg = LiveConfig(question="How old is this person?", display=False, jsonl=jsonl, output=out)
     stats = run_live(model, open_source(str(photo_video)), cfg)
-    assert stats.frames == 12
-    # 1 astronaut track + 6 t1 tracks, each seen in all 6 of its frames: ids are stable
-    assert sorted(stats.track_frames.values()) == [6] * 7
+    assert stats.frames == 12 and len(stats.frame_ms) == 12
+    # 1 astronaut track + 6 t1 tracks over 12 frames: ids are stable (a lost id would start an eighth track)
+    assert stats.tracks == 7 and stats.faces == 6 * 1 + 6 * 6
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert sorted(r["track_id"] for r in lines) == sorted(stats.track_frames)
+    assert sorted(r["track_id"] for r in lines) == list(range(1, 8)) and stats.answers == 7
     for r in lines:
         assert r["question"] == cfg.question and isinstance(r["answer"], str) and len(r["box"]) == 4
-        assert {"detect", "align", "encode", "prefill", "ttft", "decode"} <= set(r["timings_ms"])
+        assert list(r["timings_ms"]) == list(STAGES)  # the runtime's stage names, in order
+        since = r["since_seen_ms"]
+        assert 0 <= since["first_token"] <= since["answer"]
+    assert model.generator.n_cached == 0  # every track's session was closed at the end
     cap = cv2.VideoCapture(str(out))
     assert cap.isOpened()
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
@@ -97,9 +103,27 @@ def test_folder_and_image_sources(tmp_path, astronaut_bgr, t1_bgr):
         open_source(str(tmp_path / "none"))
 
 
+class _ClosedCapture:
+    """What cv2.VideoCapture is for a camera index with no device behind it."""
+
+    def isOpened(self) -> bool:
+        return False
+
+    def read(self):
+        return False, None
+
+    def release(self) -> None:
+        pass
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+
 def test_camera_that_does_not_open():
+    opened = []
     with pytest.raises(InputError, match="cannot open camera 9"):
-        open_source(9)
+        open_source(9, opener=lambda target: opened.append(target) or _ClosedCapture())
+    assert opened == [9]
 
 
 def test_lost_stream_reconnects(photo_video):
@@ -201,7 +225,7 @@ class _InterruptedFrames:
 
 def test_ctrl_c_finalises_outputs(model, photo_video, tmp_path):
     jsonl, out = tmp_path / "a.jsonl", tmp_path / "a.mp4"
-    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, max_tokens=2, join_timeout_s=10)
+    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, join_timeout_s=10)
     before = {t.name for t in threading.enumerate()}
     stats = run_live(model, _InterruptedFrames(open_source(str(photo_video)), 4), cfg)
     assert stats.frames == 4
@@ -223,7 +247,7 @@ def test_each_answer_is_on_disk_when_it_is_reported(model, photo_video, tmp_path
         lines = jsonl.read_text().splitlines() if jsonl.exists() else []
         seen.append(bool(lines) and json.loads(lines[-1]) == rec)
 
-    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, max_tokens=2)
+    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl)
     stats = run_live(model, open_source(str(photo_video)), cfg, on_record=on_record)
     assert stats.answers == 7 and seen == [True] * 7
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
@@ -242,7 +266,7 @@ def test_interrupt_at_any_point_finalises(model, photo_video, tmp_path):
             fired.append(rec["track_id"])
             _thread.interrupt_main()
 
-    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, max_tokens=2, join_timeout_s=30)
+    cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, join_timeout_s=30)
     before = {t.name for t in threading.enumerate()}
     stats = run_live(model, open_source(str(photo_video)), cfg, on_record=on_record)
     assert fired and stats.interrupted

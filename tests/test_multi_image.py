@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from facellm_edge.errors import BundleError, UsageError
-from facellm_edge.runtime.pipeline import FaceLLM, ImagesAnswer, RuntimeConfig
+from facellm_edge.runtime.config import EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
+from facellm_edge.runtime.pipeline import FaceLLM, ImagesAnswer
+from facellm_edge.runtime.session import SessionError
 
 # A FaceXBench-style question (the eval builds these): images first, then question, instruction and options.
 QUESTION = ("Are the people in these images the same person?\nAnswer with the option's letter from the given choices "
@@ -21,8 +23,9 @@ N_NEW = 8
 
 @pytest.fixture(scope="module")
 def model(tiny_bundle):
-    cfg = RuntimeConfig(llm_quant="f32", vision_precision="fp32", max_tokens=N_NEW, n_ctx=4096, n_threads=1,
-                        n_threads_batch=2, vision_threads=2)
+    cfg = RuntimeConfig(encoder=EncoderConfig(precision="fp32", n_threads=2),
+                        engine=EngineConfig(quant="f32", n_ctx=4096, n_threads=1, n_threads_batch=2),
+                        generation=GenerationConfig(max_tokens=N_NEW))
     with FaceLLM.load(tiny_bundle, cfg) as m:
         yield m
 
@@ -84,19 +87,23 @@ def test_greedy_tokens_and_prompt_equal_transformers(model, hf, photos, n_images
     assert model.generator.prompt_tokens([t * per_tile for t in ours.tiles], QUESTION) == ids
     assert ours.n_prompt == len(ids)
     assert list(ours.token_ids) == hf_tokens and len(hf_tokens) > 0
-    assert {"preprocess", "encode", "prefill", "ttft", "decode"} <= set(ours.timings)
+    assert set(ours.timings) == {"preprocess", "encode", "image_prefill", "question_prefill", "ttft", "decode"}
 
 
-def test_image_order_matters_and_follow_up_reuses_the_prefix(model, photos):
+def test_image_order_matters_and_follow_up_reuses_the_prefix(model, photos, monkeypatch):
     a = model.ask_images(photos[:2], QUESTION)
     b = model.ask_images(photos[:2][::-1], QUESTION)
     assert (a.tiles, b.tiles) == ((1, 3), (3, 1)) and a.n_prompt == b.n_prompt
+    prefills = []
+    real = model.generator.prefill_images
+    monkeypatch.setattr(model.generator, "prefill_images", lambda *args: prefills.append(args) or real(*args))
     follow = model.chat(b, "Why?", max_tokens=3)
-    assert follow.key == b.key and len(follow.token_ids) >= 1 and follow.tiles == b.tiles
-    assert follow.timings["ttft"] < b.timings["prefill"] + b.timings["ttft"]  # the images were not prefilled again
-    model.ask_images(photos[:1], QUESTION)  # a new question forgets the previous images
-    with pytest.raises(UsageError, match="the images' conversation is no longer cached"):
+    assert follow.session is b.session and len(follow.token_ids) >= 1 and follow.tiles == b.tiles
+    assert prefills == [] and b.session.turns == 2  # the images were not prefilled again
+    b.session.close()
+    with pytest.raises(SessionError, match="is closed"):
         model.chat(b, "And?")
+    a.session.close()
 
 
 def test_one_image_equals_ask_image(model, photos):
@@ -113,8 +120,8 @@ def test_bad_calls(model, photos, tiny_bundle):
         model.ask_images(photos[0], QUESTION)  # one array is not a list
     with pytest.raises(UsageError, match="empty"):
         model.ask_images(photos[:1], "  ")
-    with FaceLLM.load(tiny_bundle, RuntimeConfig(llm_quant="f32", vision_precision="fp32", n_ctx=1024,
-                                                 n_threads=1)) as small:
+    with FaceLLM.load(tiny_bundle, RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
+                                                 engine=EngineConfig(quant="f32", n_ctx=1024, n_threads=1))) as small:
         with pytest.raises(Exception, match=r"needs \d+ tokens but the context holds 1024; .*--ctx"):
             small.ask_images(photos, QUESTION)
 
@@ -130,7 +137,9 @@ def test_template_without_a_separator_answers_one_image(tiny_bundle, photos, tmp
     manifest = json.loads((b / "manifest.json").read_text())
     manifest["prompt"]["image_separator"] = None
     (b / "manifest.json").write_text(json.dumps(manifest))
-    with FaceLLM.load(b, RuntimeConfig(llm_quant="f32", vision_precision="fp32", max_tokens=2, n_threads=1)) as m:
+    with FaceLLM.load(b, RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
+                                       engine=EngineConfig(quant="f32", n_threads=1),
+                                       generation=GenerationConfig(max_tokens=2))) as m:
         assert len(m.ask_images(photos[:1], QUESTION).token_ids) >= 1
         with pytest.raises(BundleError, match="several images"):
             m.ask_images(photos[:2], QUESTION)

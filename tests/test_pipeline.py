@@ -12,17 +12,44 @@ import numpy as np
 import pytest
 
 from facellm_edge.errors import BundleError, UsageError
-from facellm_edge.runtime.pipeline import FaceAnswer, FaceLLM, RuntimeConfig
+from facellm_edge.runtime.config import (DetectorConfig, EncoderConfig, EngineConfig, GenerationConfig,
+                                         RuntimeConfig)
+from facellm_edge.runtime.pipeline import FaceAnswer, FaceLLM
+from facellm_edge.runtime.session import FaceSession, SessionError
+from facellm_edge.timings import STAGES
 
 QUESTION = "How old is this person?"
-STAGES = {"detect", "align", "encode", "prefill", "ttft", "decode"}
+
+
+def _config(max_tokens: int = 3, **engine) -> RuntimeConfig:
+    return RuntimeConfig(encoder=EncoderConfig(precision="fp32"), engine=EngineConfig(quant="f32", **engine),
+                         generation=GenerationConfig(max_tokens=max_tokens))
 
 
 @pytest.fixture(scope="module")
 def model(tiny_bundle, yunet_model):
-    cfg = RuntimeConfig(detector_model=yunet_model, max_tokens=3, llm_quant="f32", vision_precision="fp32")
+    cfg = RuntimeConfig(detector=DetectorConfig(model_path=yunet_model), encoder=EncoderConfig(precision="fp32"),
+                        engine=EngineConfig(quant="f32"), generation=GenerationConfig(max_tokens=3))
     with FaceLLM.load(tiny_bundle, cfg) as m:
         yield m
+
+
+@pytest.fixture
+def count_image_prefills(monkeypatch):
+    """Counts image prefills (calls that decode image embeddings into the KV cache) of a model's generator."""
+    calls: list[int] = []
+
+    def install(model: FaceLLM) -> list[int]:
+        real = model.generator.prefill_images
+
+        def counted(key, embeds):
+            calls.append(len(embeds))
+            return real(key, embeds)
+
+        monkeypatch.setattr(model.generator, "prefill_images", counted)
+        return calls
+
+    return install
 
 
 def test_ask_answers_every_face(model, t1_bgr, tmp_path):
@@ -33,8 +60,10 @@ def test_ask_answers_every_face(model, t1_bgr, tmp_path):
     assert np.allclose(boxes, detected, atol=1e-3)
     for a in answers:
         assert isinstance(a, FaceAnswer) and len(a.token_ids) >= 1 and a.stop_reason in ("eos", "length")
-        assert STAGES <= set(a.timings) and all(v >= 0 for v in a.timings.values())
-        json.dumps(a.to_dict())
+        assert set(a.timings) == set(STAGES) and all(v >= 0 for v in a.timings.values())
+        assert isinstance(a.session, FaceSession) and a.session.index == a.index and a.session.turns == 1
+        record = json.loads(json.dumps(a.to_dict()))
+        assert record["session"] == a.session.id and list(record["timings_ms"]) == list(STAGES)
     assert list(tmp_path.iterdir()) == []  # nothing written unless asked
 
 
@@ -46,35 +75,89 @@ def test_stream_matches_ask(model, astronaut_bgr):
     assert [streamed.get(i, "") for i in range(len(answers))] == [a.text for a in answers]
 
 
-def test_chat_reuses_the_cached_face(model, astronaut_bgr):
+def test_chat_reuses_the_cached_face(model, astronaut_bgr, count_image_prefills):
+    prefills = count_image_prefills(model)
     (face,) = model.ask(astronaut_bgr, QUESTION)
     follow = model.chat(face, "And the gender?")
-    assert follow.key == face.key and len(follow.token_ids) >= 1
-    assert follow.timings["ttft"] < face.timings["prefill"] + face.timings["ttft"]  # no image prefill again
-    model.ask(astronaut_bgr, QUESTION)  # a new ask forgets the old faces
-    with pytest.raises(UsageError, match="no longer cached"):
+    assert follow.session is face.session and len(follow.token_ids) >= 1 and face.session.turns == 2
+    assert len(prefills) == 1 and "image_prefill" not in follow.timings  # the image was not prefilled again
+    face.session.close()
+    with pytest.raises(SessionError, match=f"session {face.session.id} is closed"):
         model.chat(face, "Anything else?")
+    face.session.close()  # idempotent
 
 
-def test_readme_example_chats_with_every_face_of_a_group_photo(tiny_bundle, t1_bgr):
-    """The README's loop (ask, then chat() about each answer) on a 6-face photo with the default config: every
-    face's conversation is still cached (the slots follow the context, not a fixed 4)."""
-    with FaceLLM.load(tiny_bundle, RuntimeConfig(max_tokens=3)) as m:
+def test_readme_example_chats_with_every_face_of_a_group_photo(tiny_bundle, t1_bgr, count_image_prefills):
+    """The README's loop (ask, then a follow-up in each answer's session) on a 6-face photo with the default
+    config: every face's conversation is still cached (the slots follow the context, not a fixed 4)."""
+    with FaceLLM.load(tiny_bundle, RuntimeConfig(generation=GenerationConfig(max_tokens=3))) as m:
+        prefills = count_image_prefills(m)
         answers = m.ask(t1_bgr, QUESTION)
-        assert len(answers) == 6
+        assert len(answers) == 6 and len(prefills) == 6
         for answer in answers:
-            follow = m.chat(answer, "And what is their expression?")
-            assert follow.key == answer.key and len(follow.token_ids) >= 1
-            assert follow.timings["ttft"] < answer.timings["prefill"] + answer.timings["ttft"]  # no image prefill
+            follow = answer.session.ask("And what is their expression?")
+            assert len(follow.token_ids) >= 1 and answer.session.cached
+        assert len(prefills) == 6  # no image prefilled twice
 
 
-def test_chat_past_the_slots_says_how_to_raise_them(tiny_bundle, t1_bgr):
-    with FaceLLM.load(tiny_bundle, RuntimeConfig(max_tokens=2, max_slots=4)) as m:
+def test_session_past_the_slots_says_it_was_evicted_and_how_to_keep_more(tiny_bundle, t1_bgr):
+    with FaceLLM.load(tiny_bundle, _config(max_tokens=2, max_slots=4)) as m:
         answers = m.ask(t1_bgr, QUESTION)
-        assert m.chat(answers[5], "And?").key == answers[5].key  # the last 4 are kept
-        with pytest.raises(UsageError, match=r"max_slots=4, n_ctx=4096\); .*raise RuntimeConfig.n_ctx \(--ctx\) "
-                                             r"and max_slots"):
+        assert m.chat(answers[5], "And?").session is answers[5].session  # the last 4 are kept
+        assert [a.session.cached for a in answers] == [False, False, True, True, True, True]
+        with pytest.raises(SessionError, match=r"evicted from the KV cache: .*\(max_slots=4, n_ctx=4096\); ask "
+                                               r"about the image again, or raise the context"):
             m.chat(answers[0], "And?")
+        assert answers[0].session.closed
+
+
+def test_sessions_open_ask_stream_and_close(model, t1_bgr, count_image_prefills):
+    """The session API the server hands out: open every face once, ask and stream in any order, close."""
+    prefills = count_image_prefills(model)
+    sessions = model.open_faces(t1_bgr)
+    assert len(sessions) == 6 and len(prefills) == 6 and len({s.id for s in sessions}) == 6
+    assert [s.index for s in sessions] == list(range(6)) and all(s.n_prefix > 256 for s in sessions)
+    first = sessions[3].ask(QUESTION)
+    again = sessions[3].ask(QUESTION)  # a follow-up in the same conversation continues it
+    pieces = sessions[0].stream(QUESTION)
+    text = "".join(pieces)
+    assert len(first.token_ids) >= 1 and len(again.token_ids) >= 1 and len(prefills) == 6
+    face = model.encode_faces(t1_bgr, model.detect(t1_bgr)[:1])[0]
+    with model.open_face(face) as fresh:
+        assert text == fresh.ask(QUESTION).text  # stream == ask, for the same face
+    with sessions[1] as s:
+        assert s.ask(QUESTION, max_tokens=1).n_generated <= 1
+    assert sessions[1].closed and not sessions[1].cached
+    with pytest.raises(SessionError, match="is closed"):
+        sessions[1].ask(QUESTION)
+    with pytest.raises(UsageError, match="the question is empty"):
+        sessions[2].ask("  ")
+    for s in sessions:
+        s.close()
+
+
+def test_sessions_from_two_threads(model, t1_bgr):
+    """Sessions are handles: two threads asking in two sessions get the answers they get alone."""
+    a, b = model.open_faces(t1_bgr)[:2]
+    alone = {"a": a.ask(QUESTION).token_ids, "b": b.ask(QUESTION).token_ids}
+    a2, b2 = model.open_faces(t1_bgr)[:2]
+    got: dict[str, tuple] = {}
+    errors: list[BaseException] = []
+
+    def call(name, session):
+        try:
+            got[name] = session.ask(QUESTION).token_ids
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=("a", a2)), threading.Thread(target=call, args=("b", b2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == alone
+    for s in (a, b, a2, b2):
+        s.close()
 
 
 def test_no_face_gives_empty_list(model):
@@ -116,7 +199,8 @@ def test_concurrent_callers_are_serialised(model, astronaut_bgr):
 
 def test_ask_image_tiles_the_whole_frame(model, t1_bgr):
     a = model.ask_image(t1_bgr, QUESTION, max_tokens=2)
-    assert len(a.token_ids) >= 1 and a.timings["prefill"] > 0
+    assert len(a.token_ids) >= 1 and {"preprocess", "encode", "image_prefill", "ttft"} <= set(a.timings)
+    assert a.session.face is not None and a.session.n_prefix > 2 * 256  # several tiles: more than one image block
 
 
 def test_greedy_tokens_match_transformers(model, tiny_bundle, astronaut_bgr):
@@ -221,7 +305,7 @@ def test_onnx_width_must_match_gguf(tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(manifest))
     load_bundle(b)  # the hashes are right: only the widths disagree
     with pytest.raises(BundleError, match=f"width {width // 2}.*n_embd is {width}"):
-        FaceLLM.load(b, RuntimeConfig(llm_quant="f32"))
+        FaceLLM.load(b, RuntimeConfig(engine=EngineConfig(quant="f32")))
 
 
 def test_encoder_batches_and_providers(tmp_path):
@@ -304,11 +388,13 @@ def test_bad_device_or_system_fails_before_any_bundle_is_resolved(tmp_path, astr
     from facellm_edge.runtime.encode import DEVICES
 
     with pytest.raises(UsageError, match="unknown device 'npu'; choose one of: auto, cpu, cuda, tensorrt"):
-        RuntimeConfig(device="npu")
+        RuntimeConfig(encoder=EncoderConfig(device="npu"))
     with pytest.raises(UsageError, match="--system needs none, intern_vl or the text"):
         RuntimeConfig(system=" ")
+    with pytest.raises(UsageError, match="unknown detector 'retina'"):
+        DetectorConfig(name="retina")
     for device in DEVICES:
-        assert RuntimeConfig(device=device).device == device
+        assert RuntimeConfig(encoder=EncoderConfig(device=device)).encoder.device == device
     photo = tmp_path / "a.png"
     cv2.imwrite(str(photo), astronaut_bgr)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",

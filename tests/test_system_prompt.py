@@ -14,7 +14,8 @@ import pytest
 from facellm_edge.bundle import load_bundle
 from facellm_edge.cli import main
 from facellm_edge.errors import BundleError, UsageError
-from facellm_edge.runtime.pipeline import FaceLLM, RuntimeConfig
+from facellm_edge.runtime.config import EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
+from facellm_edge.runtime.pipeline import FaceLLM
 from facellm_edge.llm.system_prompt import INTERN_VL, describe, resolve_system, system_messages
 
 QUESTION = "How old is this person?"
@@ -71,7 +72,9 @@ def _reference(hf, image_bgr, system: str | None, eos: set[int]):
 
 
 def _ours(bundle: Path, image_bgr, system: str | None):
-    cfg = RuntimeConfig(llm_quant="f32", vision_precision="fp32", max_tokens=N_NEW, n_threads=1, system=system)
+    cfg = RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
+                                       engine=EngineConfig(quant="f32", n_threads=1),
+                        generation=GenerationConfig(max_tokens=N_NEW), system=system)
     with FaceLLM.load(bundle, cfg) as m:
         ans = m.ask_images([image_bgr], QUESTION)
         rows = [t * m.bundle.manifest.tokens.num_image_tokens for t in ans.tiles]
@@ -119,11 +122,15 @@ def test_older_bundles_load_with_backward_compatible_defaults(tiny_bundle, astro
     (b / "manifest.json").write_text(json.dumps(manifest))
     m = load_bundle(b).manifest
     assert m.prompt.image_separator == "\n" and m.prompt.first_system is None and m.image.crop_to_patches is True
-    with FaceLLM.load(b, RuntimeConfig(llm_quant="f32", vision_precision="fp32", max_tokens=2, n_threads=1)) as old:
+    with FaceLLM.load(b, RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
+                                       engine=EngineConfig(quant="f32", n_threads=1),
+                                       generation=GenerationConfig(max_tokens=2))) as old:
         assert len(old.ask_images([astronaut_bgr, astronaut_bgr], QUESTION).token_ids) >= 1
     with pytest.raises(BundleError, match="exported before --system existed.*re-export"):
-        FaceLLM.load(b, RuntimeConfig(llm_quant="f32", system="intern_vl"))
-    with FaceLLM.load(b, RuntimeConfig(llm_quant="f32", vision_precision="fp32", n_threads=1, system="none")):
+        FaceLLM.load(b, RuntimeConfig(engine=EngineConfig(quant="f32"), system="intern_vl"))
+    with FaceLLM.load(b, RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
+                                       engine=EngineConfig(quant="f32", n_threads=1),
+                                       system="none")):
         pass  # asking for no system message is what an old bundle does anyway
 
 

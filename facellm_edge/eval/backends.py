@@ -124,7 +124,8 @@ class BundleBackend:
 
     def __init__(self, config: BundleConfig) -> None:
         try:
-            from facellm_edge.runtime.pipeline import FaceLLM, RuntimeConfig
+            from facellm_edge.runtime.config import EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
+            from facellm_edge.runtime.pipeline import FaceLLM
         except ImportError as exc:
             raise UsageError("--bundle needs the edge runtime (facellm_edge.runtime.pipeline), which this install lacks; "
                              "use --model PATH_OR_ID (transformers) instead") from exc
@@ -135,8 +136,10 @@ class BundleBackend:
                      f"{config.vision_precision or 'preferred'})"
         manifest = load_bundle(config.bundle, check_hashes=False).manifest  # FaceLLM.load checks the hashes
         runtime = RuntimeConfig(
-            llm_quant=config.llm_quant, vision_precision=config.vision_precision, max_tokens=config.max_new_tokens,
-            temperature=0.0, n_ctx=config.n_ctx or manifest.arch.context_length, max_slots=1,
+            encoder=EncoderConfig(precision=config.vision_precision),
+            engine=EngineConfig(quant=config.llm_quant, n_ctx=config.n_ctx or manifest.arch.context_length,
+                                max_slots=1),
+            generation=GenerationConfig(max_tokens=config.max_new_tokens, temperature=0.0),
             max_pixels=config.max_pixels, system=config.system)
         self.system = describe(runtime.prompt_for(manifest.prompt).system)
         if manifest.prompt.image_separator is None:  # a chat template that cannot show several images in one turn

@@ -34,17 +34,23 @@ from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 log = logging.getLogger(__name__)
 
 
+DEFAULT_SLOTS = 4
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How llama.cpp runs the language model. One source of defaults for the runtime and the CLI."""
 
+    quant: str | None = None  # which GGUF of a bundle (q4_k_m, q4_0, ...); None = the bundle's preferred
     n_ctx: int = 4096  # positions per conversation (and KV cells shared by all kept faces)
     n_threads: int | None = None  # None -> os.cpu_count()
     n_threads_batch: int | None = None  # None -> os.cpu_count()
     n_batch: int = 512  # tokens / embeddings per llama_decode call
     flash_attn: bool = True
     n_gpu_layers: int = 0
-    max_slots: int = 4  # faces whose prefix stays in the KV cache; the least recently used is evicted
+    # Conversations (faces) whose prefix stays in the KV cache; the least recently used is evicted. None: the
+    # runtime sizes it from the context (facellm_edge.runtime.config.RuntimeConfig.resolve); DEFAULT_SLOTS alone.
+    max_slots: int | None = None
     seed: int = 0  # seed of every answer's sampling distribution (temperature > 0): same input, same answer
     # Read the GGUF into memory instead of mmap-ing it. On CPUs llama.cpp repacks quantised weights into its own
     # buffers anyway; with mmap the file's pages stay resident too (FaceLLM-1B q4_0: 777 -> 587 MB peak RSS).
@@ -55,7 +61,7 @@ class EngineConfig:
             raise UsageError(f"context size {self.n_ctx} is too small; use --ctx 512 or more")
         if self.n_batch < 1:
             raise UsageError(f"batch size {self.n_batch} must be >= 1")
-        if self.max_slots < 1:
+        if self.max_slots is not None and self.max_slots < 1:
             raise UsageError(f"max_slots {self.max_slots} must be >= 1")
         for name in ("n_threads", "n_threads_batch"):
             value = getattr(self, name)
@@ -63,6 +69,10 @@ class EngineConfig:
                 raise UsageError(f"{name} {value} must be >= 1 (or unset for all CPU cores)")
         if self.n_gpu_layers < 0:
             raise UsageError(f"n_gpu_layers {self.n_gpu_layers} must be >= 0")
+
+    @property
+    def slots(self) -> int:
+        return DEFAULT_SLOTS if self.max_slots is None else self.max_slots
 
     @property
     def threads(self) -> int:
@@ -199,9 +209,9 @@ class LlamaEngine:
         gguf_path = Path(gguf_path)
         if not gguf_path.is_file():
             raise InputError(f"GGUF not found: {gguf_path} (export a bundle with `facellm-edge export`)")
-        if config.max_slots > L.llama_max_parallel_sequences():
+        if config.slots > L.llama_max_parallel_sequences():
             raise UsageError(
-                f"max_slots {config.max_slots} exceeds llama.cpp's limit of {L.llama_max_parallel_sequences()}"
+                f"max_slots {config.slots} exceeds llama.cpp's limit of {L.llama_max_parallel_sequences()}"
             )
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
@@ -220,7 +230,7 @@ class LlamaEngine:
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = config.n_batch
-        cparams.n_seq_max = config.max_slots
+        cparams.n_seq_max = config.slots
         cparams.kv_unified = True
         cparams.n_threads = config.threads
         cparams.n_threads_batch = config.threads_batch
@@ -248,7 +258,7 @@ class LlamaEngine:
         self._emb_batch = L.llama_batch_init(config.n_batch, self.n_embd, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
         log.debug("llama.cpp context: n_ctx=%d cells=%d seqs=%d threads=%d/%d flash_attn=%s", self.n_ctx,
-                  self.n_cells, config.max_slots, config.threads, config.threads_batch, config.flash_attn)
+                  self.n_cells, config.slots, config.threads, config.threads_batch, config.flash_attn)
 
     # -- vocabulary -----------------------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool) -> list[int]:

@@ -31,24 +31,35 @@ from facellm_edge.bundle import PromptSpec, TokenSpec
 from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
 from facellm_edge.llm.engine import EngineConfig, LlamaEngine
 from facellm_edge.llm.sampling import GenerationConfig, SamplerChain, schema_to_grammar
-from facellm_edge.llm.slots import Slot, SlotTable
+from facellm_edge.llm.slots import MissingSlot, Slot, SlotTable
 
 if TYPE_CHECKING:
     from facellm_edge.bundle import Bundle
 
-__all__ = ["Answer", "EngineConfig", "GenerationConfig", "Generator", "schema_to_grammar"]
+__all__ = ["Answer", "EngineConfig", "GenerationConfig", "Generator", "MissingSlot", "check_question",
+           "schema_to_grammar"]
 
 log = logging.getLogger(__name__)
 
 
+def check_question(question: object) -> str:
+    """The question, or :class:`UsageError` when it is not a non-blank string (checked once, at the entry point)."""
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError("the question is empty; ask something")
+    return question
+
+
 @dataclass(frozen=True)
 class Answer:
+    """One answer. ``timings`` (ms, :mod:`facellm_edge.timings` names): question_prefill, ttft, decode."""
+
     text: str
     token_ids: tuple[int, ...]  # generated tokens (an end-of-generation token that stopped it is not included)
-    n_prefilled: int  # tokens + embeddings decoded for this call (what the question cost)
+    n_prefilled: int  # tokens decoded for this question (what it cost on top of the cached prefix)
     n_generated: int
     stop_reason: str  # "eos" | "length" | "grammar"
-    timings: dict[str, float] = field(default_factory=dict)  # prefill_ms, ttft_ms, decode_ms, tokens_per_s
+    timings: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0  # decode rate: tokens decoded after the first / decode time
 
 
 @dataclass(frozen=True)
@@ -81,13 +92,14 @@ class Generator:
             self._engine.close()
             raise
         self._eos = frozenset(tokens.eos_ids)
-        self._slots = SlotTable(config.max_slots)
+        self._slots = SlotTable(config.slots)
 
     @classmethod
-    def from_bundle(cls, bundle: "Bundle", quant: str | None = None, config: EngineConfig = EngineConfig(),
+    def from_bundle(cls, bundle: "Bundle", config: EngineConfig = EngineConfig(),
                     prompt: PromptSpec | None = None) -> "Generator":
-        """The bundle's GGUF with its tokens and prompt (``prompt``: e.g. ``manifest.prompt.with_system(...)``)."""
-        name, path = bundle.llm_file(quant)
+        """The bundle's GGUF (``config.quant``) with its tokens and prompt (``prompt``: e.g.
+        ``manifest.prompt.with_system(...)``)."""
+        name, path = bundle.llm_file(config.quant)
         m = bundle.manifest
         gen = cls(path, m.tokens, m.prompt if prompt is None else prompt, config)
         if gen.n_embd != m.arch.llm_hidden:
@@ -142,6 +154,24 @@ class Generator:
     @property
     def n_ctx(self) -> int:
         return self._engine.n_ctx
+
+    @property
+    def closed(self) -> bool:
+        return self._engine.closed
+
+    @property
+    def n_cached(self) -> int:
+        """Conversations in the KV cache now."""
+        self._acquire()
+        try:
+            return len(self._slots)
+        finally:
+            self._release()
+
+    @property
+    def max_slots(self) -> int:
+        """Conversations the KV cache keeps at once (the least recently used is evicted beyond that)."""
+        return self._slots.capacity
 
     # -- locking ------------------------------------------------------------------------------------------
     def _acquire(self) -> None:
@@ -277,6 +307,11 @@ class Generator:
     def ask(self, key: Hashable, question: str, gen: GenerationConfig = GenerationConfig(),
             on_token: Callable[[str], None] | None = None) -> Answer:
         """Answer ``question`` about the face ``key`` (continuing its conversation); ``on_token`` gets text pieces."""
+        return self.answer_checked(key, check_question(question), gen, on_token)
+
+    def answer_checked(self, key: Hashable, question: str, gen: GenerationConfig,
+                       on_token: Callable[[str], None] | None = None) -> Answer:
+        """:meth:`ask` for a question its caller has already checked (:func:`check_question`)."""
         run = self._run(key, question, gen)
         try:
             while True:
@@ -292,11 +327,13 @@ class Generator:
         """Yield the answer's text pieces as they are decoded (UTF-8 safe); the final ``StopIteration.value`` is the
         :class:`Answer`. The Generator is busy (other callers wait) until the iterator is exhausted or closed; a
         closed-early answer stays in the conversation as far as it was generated."""
+        return (yield from self._run(key, check_question(question), gen))
+
+    def stream_checked(self, key: Hashable, question: str, gen: GenerationConfig) -> Iterator[str]:
+        """:meth:`stream` for a question its caller has already checked (:func:`check_question`)."""
         return (yield from self._run(key, question, gen))
 
     def _question_tokens(self, slot: Slot, question: str) -> list[int]:
-        if not isinstance(question, str) or not question.strip():
-            raise UsageError("the question is empty; ask something")
         t = self._template
         q = self._engine.tokenize(question, special=False)
         seg = (t.f_pre + q + t.f_post) if slot.asked else (q + t.post)
@@ -307,7 +344,7 @@ class Generator:
         t0 = time.perf_counter()  # after the lock: timings measure this answer, not the wait for another one
         try:
             if key not in self._slots:
-                raise UsageError(
+                raise MissingSlot(
                     f"no image prefilled for face {key!r} (never prefilled, dropped, or evicted: max_slots="
                     f"{self._slots.capacity}); call prefill_image first"
                 )
@@ -376,12 +413,9 @@ class Generator:
                 n_prefilled=len(seg),
                 n_generated=len(out),
                 stop_reason=stop,
-                timings={
-                    "prefill_ms": (t_prefill - t0) * 1e3,
-                    "ttft_ms": ((t_first or t_end) - t0) * 1e3,
-                    "decode_ms": decode_s * 1e3,
-                    "tokens_per_s": steps / decode_s if steps and decode_s > 0 else 0.0,
-                },
+                timings={"question_prefill": (t_prefill - t0) * 1e3, "ttft": ((t_first or t_end) - t0) * 1e3,
+                         "decode": decode_s * 1e3},
+                tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
             )
         finally:
             self._release()

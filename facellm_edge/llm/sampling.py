@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from facellm_edge.errors import UsageError
@@ -21,6 +21,11 @@ class GenerationConfig:
     repeat_penalty: float = 1.0  # 1.0 disables the penalty
     grammar: str | None = None
     stop_at_eos: bool = True
+
+    def with_overrides(self, max_tokens: int | None = None, temperature: float | None = None) -> "GenerationConfig":
+        """This config with a call's overrides (None keeps the configured value)."""
+        changes = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
+        return replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

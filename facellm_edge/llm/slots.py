@@ -6,6 +6,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Iterator
 
+from facellm_edge.errors import UsageError
+
+
+class MissingSlot(UsageError):
+    """A conversation that is not (or no longer) in the KV cache: never prefilled, dropped, or evicted by LRU."""
+
 
 @dataclass
 class Slot:

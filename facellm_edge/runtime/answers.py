@@ -1,20 +1,26 @@
-"""What the Python API answers (:class:`FaceAnswer` per face, :class:`ImagesAnswer` per question about whole
-images) and :func:`save_face_crops`. Re-exported by :mod:`facellm_edge.runtime.pipeline`."""
+"""What the Python API answers: :class:`FaceAnswer` per face, :class:`ImagesAnswer` per question about whole
+images (each carrying the :class:`~facellm_edge.runtime.session.FaceSession` to follow up in), and
+:func:`save_face_crops`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable
+from typing import TYPE_CHECKING
 
 from facellm_edge.errors import OutputError
 from facellm_edge.runtime.faces import Face
+from facellm_edge.timings import rounded
+
+if TYPE_CHECKING:
+    from facellm_edge.runtime.session import FaceSession
 
 
 @dataclass(frozen=True)
 class FaceAnswer:
-    """One face's answer. ``timings`` in ms: detect, align, encode (the batched call), prefill (image prefix),
-    ttft (question prefill + first token), decode. ``key`` names its cached conversation for :meth:`FaceLLM.chat`."""
+    """One face's answer. ``timings`` in ms (:mod:`facellm_edge.timings`): detect, align, preprocess, encode,
+    image_prefill (the face's first question), question_prefill, ttft, decode. ``session`` continues the conversation:
+    ``answer.session.ask("and ...?")`` (or :meth:`FaceLLM.chat <facellm_edge.runtime.pipeline.FaceLLM.chat>`)."""
 
     index: int
     box: tuple[float, float, float, float]
@@ -24,17 +30,19 @@ class FaceAnswer:
     token_ids: tuple[int, ...]
     stop_reason: str
     timings: dict[str, float]
-    key: Hashable
+    session: "FaceSession"
     track_id: int | None = None
 
+    @property
+    def key(self) -> str:
+        """The session id (the conversation's key in the KV cache)."""
+        return self.session.id
+
     def to_dict(self) -> dict:
-        return {
-            "face": self.index, "track_id": self.track_id,
-            "box": [round(v, 1) for v in self.box], "score": round(self.score, 4),
-            "landmarks": [[round(x, 1), round(y, 1)] for x, y in self.landmarks],
-            "answer": self.text, "stop_reason": self.stop_reason, "n_tokens": len(self.token_ids),
-            "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
-        }
+        face = Face(box=self.box, score=self.score, landmarks=self.landmarks, track_id=self.track_id,
+                    timings=self.timings)
+        return {"face": self.index, **face.to_dict(), "answer": self.text, "stop_reason": self.stop_reason,
+                "n_tokens": len(self.token_ids), "session": self.session.id}
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class ImagesAnswer:
     """The answer to one question about whole images (:meth:`FaceLLM.ask_images`). ``tiles``: tiles per image, in
     order (thumbnail included); ``n_prompt``: tokens of the whole prompt (image blocks + question), what the
     checkpoint's processor makes ``input_ids`` of for the same images and question; ``timings`` in ms: preprocess,
-    encode, prefill, ttft, decode; ``key`` names the cached conversation for :meth:`FaceLLM.chat`."""
+    encode, image_prefill, question_prefill, ttft, decode; ``session`` continues the conversation."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -50,13 +58,16 @@ class ImagesAnswer:
     tiles: tuple[int, ...]
     n_prompt: int
     timings: dict[str, float]
-    key: Hashable
+    session: "FaceSession"
+
+    @property
+    def key(self) -> str:
+        return self.session.id
 
     def to_dict(self) -> dict:
         return {"answer": self.text, "stop_reason": self.stop_reason, "n_tokens": len(self.token_ids),
-                "tiles": list(self.tiles), "n_prompt": self.n_prompt,
-                "timings_ms": {k: round(v, 2) for k, v in self.timings.items()}}
-
+                "tiles": list(self.tiles), "n_prompt": self.n_prompt, "timings_ms": rounded(self.timings),
+                "session": self.session.id}
 
 
 def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> list[Path]:

@@ -30,9 +30,18 @@ GPU_FIX = "pip uninstall -y onnxruntime && pip install 'facellm-edge[gpu]'"
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    device: str = "auto"
+    """How ONNX Runtime runs the vision encoder."""
+
+    device: str = "auto"  # auto | cpu | cuda | tensorrt (see DEVICES)
     precision: str | None = None  # "int8" / "fp32"; None = the bundle's preferred
     n_threads: int | None = None  # ORT intra-op threads; None = ORT default
+
+    def __post_init__(self) -> None:  # a bad value fails before any bundle is resolved or loaded
+        if self.device not in DEVICES:
+            raise UsageError(f"unknown device '{self.device}'; choose one of: {', '.join(DEVICES)}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise UsageError(f"vision threads {self.n_threads} must be >= 1 (or unset)")
+
 
 def select_providers(device: str, available: list[str]) -> list[str]:
     """The provider list for ``device`` given what this onnxruntime build offers."""
@@ -59,7 +68,7 @@ def provider_options(providers: list[str], onnx_path: Path,
     out: list[str | tuple[str, dict[str, str]]] = []
     for name in providers:
         if name == "TensorrtExecutionProvider":
-            from facellm_edge.runtime.detect.yunet import user_cache_dir
+            from facellm_edge.io import user_cache_dir
 
             cache = user_cache_dir() / "tensorrt" / f"{onnx_path.parent.parent.name}-{onnx_path.stem}"
             cache.mkdir(parents=True, exist_ok=True)

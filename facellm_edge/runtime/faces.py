@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facellm_edge.timings import rounded
+
 # The order of the five landmarks everywhere in facellm-edge (InsightFace's ``norm_crop`` order).
 LANDMARK_NAMES = ("right_eye", "left_eye", "nose", "right_mouth", "left_mouth")
 
@@ -40,16 +42,12 @@ class Face:
     def height(self) -> float:
         return float(self.box[3] - self.box[1])
 
-    def box_list(self) -> list[float]:
-        return [round(float(v), 1) for v in self.box]
-
     def to_dict(self) -> dict:
-        """JSON-safe description (no pixels, no embeddings)."""
+        """The one JSON form of a face (``ask --json``, ``run --jsonl``, the server): no pixels, no embeddings."""
         return {
             "track_id": self.track_id,
-            "box": self.box_list(),
+            "box": [round(float(v), 1) for v in self.box],
             "score": round(self.score, 4),
             "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
-            "answer": self.answer,
-            "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
+            "timings_ms": rounded(self.timings),
         }

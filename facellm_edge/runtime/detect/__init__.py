@@ -34,6 +34,13 @@ class DetectorConfig:
     max_faces: int = 0  # 0 = all
     n_threads: int | None = None  # OpenCV / ORT threads for the detector; None = library default
 
+    def __post_init__(self) -> None:  # checked when the configuration is made, before any model loads
+        check_name(self.name)
+        if not 0.0 < self.score_threshold < 1.0:
+            raise UsageError(f"detector score threshold {self.score_threshold} must be in (0, 1)")
+        if self.max_faces < 0:
+            raise UsageError(f"max_faces {self.max_faces} must be >= 0 (0 = every face)")
+
 
 class Detector(Protocol):
     name: str

@@ -1,10 +1,14 @@
 """The live loop: detect + track + draw every frame; a VLM worker thread answers about each new face.
 
 The frame loop never waits for the language model. It hands the worker the newest frame's faces that have no
-answer yet through a drop-oldest queue of size 1; the worker encodes new faces' crops in one batch and prefills
-their image prefix as soon as they appear (new tracks before pending answers), then streams each answer token by
-token into a per-track cache that the overlay draws. Answers are cached per track; a track that ends frees its KV
-slot. Shutdown (q/Esc, Ctrl-C or SIGTERM — the CLI turns both into KeyboardInterrupt —, end of a file source) stops
+answer yet through a drop-oldest queue of size 1; the worker encodes new faces' crops together as soon as they
+appear (new tracks before pending answers), then answers them one by one, each in its track's own
+:class:`~facellm_edge.runtime.session.FaceSession` (image prefill, then the question), streaming the answer token by
+token into a per-track cache that the overlay draws. A track that ends closes its session (the KV slot is freed) and
+leaves the cache. Each answer's record says how long after the face's first frame its first token and its full
+answer came (``since_seen_ms``): what a person in front of the camera waits.
+
+Shutdown (q/Esc, Ctrl-C or SIGTERM — the CLI turns both into KeyboardInterrupt —, end of a file source) stops
 the worker, joins threads with a timeout, releases the source and finalises the outputs: the annotated video is
 written to a temporary file that becomes ``--output`` (a playable file of the frames so far) or is removed; JSON lines
 are appended and flushed to the disk one by one, so an interrupted run or a power cut keeps every complete line.
@@ -17,9 +21,10 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -31,24 +36,34 @@ from facellm_edge.runtime.live.overlay import draw
 from facellm_edge.runtime.live.sources import FrameSource
 from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
 
+if TYPE_CHECKING:
+    from facellm_edge.runtime.pipeline import FaceLLM
+    from facellm_edge.runtime.session import FaceSession
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LiveConfig:
-    question: str
+    """The live loop's own settings (how answers are generated is the model's ``RuntimeConfig.generation``)."""
+
+    question: str  # the standing question, asked once about every new face
     display: bool = True
     jsonl: Path | None = None  # one JSON line per answer; an existing file is refused unless ``append``
     output: Path | None = None  # annotated video (mp4v); an existing file is refused unless ``overwrite``
     append: bool = False  # add to an existing ``jsonl`` file instead of refusing it
     overwrite: bool = False  # replace an existing ``output`` video (atomically, once the new one is complete)
-    max_tokens: int | None = None
-    temperature: float | None = None
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     drain_timeout_s: float = 300.0  # file sources: wait this long at the end for answers still being made
     join_timeout_s: float = 5.0
     max_frames: int = 0  # 0 = until the source ends or the user quits
     window: str = "facellm-edge"
+    frame_latencies: int = 4096  # per-frame loop latencies kept for LiveStats (the most recent ones)
+
+    def __post_init__(self) -> None:
+        from facellm_edge.llm.generator import check_question
+
+        check_question(self.question)
 
 
 class DropOldestSlot:
@@ -91,9 +106,12 @@ class TrackAnswer:
     track_id: int
     frame: int
     face: Face
+    seen: float  # perf_counter of the frame loop's first sight of the track
     text: str = ""
     done: bool = False
     stop_reason: str = ""
+    first_token: float | None = None  # perf_counter of the first answer piece
+    session: "FaceSession | None" = None
 
 
 class _Stopped(Exception):
@@ -101,17 +119,19 @@ class _Stopped(Exception):
 
 
 class VlmWorker(threading.Thread):
-    """Answers ``question`` once per track with a :class:`~facellm_edge.runtime.pipeline.FaceLLM`."""
+    """Answers ``config.question`` once per track with a :class:`~facellm_edge.runtime.pipeline.FaceLLM`, in one
+    :class:`~facellm_edge.runtime.session.FaceSession` per track (closed when the track ends)."""
 
-    def __init__(self, model: Any, config: LiveConfig, on_answer: Callable[[TrackAnswer], None]) -> None:
+    def __init__(self, model: "FaceLLM", config: LiveConfig, on_answer: Callable[[TrackAnswer], None]) -> None:
         super().__init__(name="vlm-worker", daemon=True)
         self.model = model
         self.config = config
         self.on_answer = on_answer
         self._stop_event = threading.Event()
-        self._cond = threading.Condition()  # guards answers, ended, busy and the job slot
+        self._cond = threading.Condition()  # guards answers, seen, ended, busy and the job slot
         self.jobs = DropOldestSlot(self._cond)
-        self._answers: dict[int, TrackAnswer] = {}
+        self._answers: dict[int, TrackAnswer] = {}  # live tracks taken by the worker
+        self._seen: dict[int, float] = {}  # live tracks offered but not taken yet -> first sight
         self._ended: set[int] = set()
         self._busy = False
         self.error: BaseException | None = None
@@ -119,14 +139,19 @@ class VlmWorker(threading.Thread):
     # -- frame-loop side ------------------------------------------------------------------------------------
     def offer(self, frame_index: int, image: np.ndarray, faces: list[Face]) -> None:
         """Hand over the faces of this frame whose track has no answer (started) yet."""
+        now = time.perf_counter()
         with self._cond:
             new = [f for f in faces if f.track_id not in self._answers]
+            for f in new:
+                self._seen.setdefault(f.track_id, now)
         if new:
             self.jobs.put((frame_index, image, new))
 
     def end_tracks(self, track_ids: list[int]) -> None:
         with self._cond:
             self._ended.update(track_ids)
+            for tid in track_ids:
+                self._seen.pop(tid, None)
             self._cond.notify_all()
 
     def texts(self) -> dict[int, str]:
@@ -152,8 +177,8 @@ class VlmWorker(threading.Thread):
                     job = self.jobs.get(timeout=None if not pending else 0)
                     self._busy = job is not None or bool(pending)
                 if job is not None:
-                    pending.extend(self._prefill_new(*job, pending))  # new tracks first
-                self._forget_ended(pending)
+                    pending.extend(self._take_new(*job))  # new tracks first
+                self._close_ended(pending)
                 if pending and not self._stop_event.is_set():
                     self._answer(pending.pop(0))
                 with self._cond:
@@ -168,28 +193,38 @@ class VlmWorker(threading.Thread):
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+            self._close_all()
 
-    def _prefill_new(self, frame_index: int, image: np.ndarray, faces: list[Face],
-                     pending: list[TrackAnswer]) -> list[TrackAnswer]:
-        """Encode all new faces in one batch; prefill as many as the KV slots hold (the rest when answered)."""
+    def _take_new(self, frame_index: int, image: np.ndarray, faces: list[Face]) -> list[TrackAnswer]:
+        """Register the job's new tracks and encode their crops together (answered one by one afterwards)."""
         with self._cond:
             faces = [f for f in faces if f.track_id not in self._answers and f.track_id not in self._ended]
             for f in faces:
-                self._answers[f.track_id] = TrackAnswer(f.track_id, frame_index, f)
+                seen = self._seen.pop(f.track_id, time.perf_counter())
+                self._answers[f.track_id] = TrackAnswer(f.track_id, frame_index, f, seen)
         if not faces:
             return []
         self.model.encode_faces(image, faces)
-        free = max(0, self.model.config.max_slots - len(pending))
-        for f in faces[:free]:
-            self.model.prefill(("track", f.track_id), f)
+        for f in faces:
+            f.crop = None  # the embeddings are what the answer needs: no face pixels kept while it waits
         return [self._answers[f.track_id] for f in faces]
 
-    def _forget_ended(self, pending: list[TrackAnswer]) -> None:
+    def _close_ended(self, pending: list[TrackAnswer]) -> None:
+        """Ended tracks: close their sessions (frees the KV cells) and forget them."""
         with self._cond:
             ended, self._ended = self._ended, set()
-        for tid in ended:
-            self.model.forget(("track", tid))
+            gone = [self._answers.pop(tid) for tid in ended if tid in self._answers]
+        for item in gone:
+            if item.session is not None:
+                item.session.close()
         pending[:] = [p for p in pending if p.track_id not in ended]
+
+    def _close_all(self) -> None:
+        with self._cond:
+            items = list(self._answers.values())
+        for item in items:
+            if item.session is not None and not self.model.generator.closed:
+                item.session.close()
 
     def _answer(self, item: TrackAnswer) -> None:
         def on_token(piece: str) -> None:
@@ -197,15 +232,13 @@ class VlmWorker(threading.Thread):
                 raise _Stopped
             with self._cond:
                 item.text += piece
+                if item.first_token is None:
+                    item.first_token = time.perf_counter()
 
-        key = ("track", item.track_id)
-        if not self.model.has(key):  # not prefilled yet (more new faces than KV slots) or evicted since
-            self.model.prefill(key, item.face)
+        item.session = self.model.open_face(item.face)
         item.face.embeds = None
-        ans = self.model.answer(key, self.config.question, max_tokens=self.config.max_tokens,
-                                temperature=self.config.temperature, on_token=on_token)
-        item.face.timings["ttft"] = ans.timings["ttft_ms"]
-        item.face.timings["decode"] = ans.timings["decode_ms"]
+        ans = item.session.answer_checked(self.config.question, self.model.config.generation, on_token)
+        item.face.timings.update(ans.timings)
         with self._cond:
             item.text, item.done, item.stop_reason = ans.text, True, ans.stop_reason
         self.on_answer(item)
@@ -227,13 +260,15 @@ def check_outputs(config: LiveConfig) -> None:
 @dataclass
 class LiveStats:
     frames: int = 0
-    faces: int = 0
+    faces: int = 0  # face detections summed over frames
+    tracks: int = 0  # distinct tracks (people) seen
     answers: int = 0
     seconds: float = 0.0
     dropped_jobs: int = 0
     skipped: int = 0  # images / frames of the source that could not be read (see FrameSource.skipped)
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM (KeyboardInterrupt)
-    track_frames: dict[int, int] = field(default_factory=dict)  # track id -> frames it was seen in
+    # ms per frame of the loop itself (detect + track + hand-over + draw/write/show), the most recent ones
+    frame_ms: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     @property
     def fps(self) -> float:
@@ -254,10 +289,12 @@ def run_live(model: Any, source: FrameSource, config: LiveConfig,
         outputs = _Outputs(config, source)
 
         def on_answer(item: TrackAnswer) -> None:
-            rec = {"frame": item.frame, "track_id": item.track_id, "box": item.face.box_list(),
-                   "score": round(item.face.score, 4), "question": config.question, "answer": item.text,
+            done = time.perf_counter()
+            first = item.first_token if item.first_token is not None else done
+            rec = {"frame": item.frame, **item.face.to_dict(), "question": config.question, "answer": item.text,
                    "stop_reason": item.stop_reason,
-                   "timings_ms": {k: round(v, 2) for k, v in item.face.timings.items()}}
+                   "since_seen_ms": {"first_token": round((first - item.seen) * 1e3, 1),
+                                     "answer": round((done - item.seen) * 1e3, 1)}}
             with lock:
                 if outputs.closed:  # a late answer from a worker that outlived the join timeout
                     return
@@ -283,12 +320,14 @@ def _loop(model: Any, source: FrameSource, config: LiveConfig, stats: LiveStats,
     import cv2
 
     tracker = IouTracker(config.tracker)
+    stats.frame_ms = deque(maxlen=config.frame_latencies)
     t_start = time.perf_counter()
     try:
         worker.start()
         for frame in source:
             if worker.error is not None:
                 raise worker.error
+            t_frame = time.perf_counter()
             faces = model.detect(frame.image)
             faces, ended = tracker.update(faces, frame.index)
             if ended:
@@ -296,8 +335,7 @@ def _loop(model: Any, source: FrameSource, config: LiveConfig, stats: LiveStats,
             worker.offer(frame.index, frame.image, faces)
             stats.frames += 1
             stats.faces += len(faces)
-            for f in faces:
-                stats.track_frames[f.track_id] = stats.track_frames.get(f.track_id, 0) + 1
+            stats.tracks = tracker.started
             if outputs.video is not None or config.display:
                 shown = draw(frame.image, faces, worker.texts(),
                              status=f"{stats.frames / max(time.perf_counter() - t_start, 1e-6):.1f} FPS")
@@ -307,6 +345,7 @@ def _loop(model: Any, source: FrameSource, config: LiveConfig, stats: LiveStats,
                     cv2.imshow(config.window, shown)
                     if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                         break
+            stats.frame_ms.append((time.perf_counter() - t_frame) * 1e3)
             if config.max_frames and stats.frames >= config.max_frames:
                 break
         else:

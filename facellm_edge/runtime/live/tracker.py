@@ -45,6 +45,11 @@ class IouTracker:
     tracks: dict[int, Track] = field(default_factory=dict)
     _next_id: int = 1
 
+    @property
+    def started(self) -> int:
+        """Tracks started so far (people seen; ids start at 1)."""
+        return self._next_id - 1
+
     def update(self, faces: list[Face], frame_index: int) -> tuple[list[Face], list[int]]:
         """Assign ``track_id`` to each face (in place). Returns (faces, ids of tracks that ended this frame)."""
         ids = list(self.tracks)
