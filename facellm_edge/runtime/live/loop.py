@@ -110,6 +110,7 @@ class TrackAnswer:
     text: str = ""
     done: bool = False
     stop_reason: str = ""
+    n_tokens: int = 0
     first_token: float | None = None  # perf_counter of the first answer piece
     session: "FaceSession | None" = None
 
@@ -240,7 +241,7 @@ class VlmWorker(threading.Thread):
         ans = item.session.answer_checked(self.config.question, self.model.config.generation, on_token)
         item.face.timings.update(ans.timings)
         with self._cond:
-            item.text, item.done, item.stop_reason = ans.text, True, ans.stop_reason
+            item.text, item.done, item.stop_reason, item.n_tokens = ans.text, True, ans.stop_reason, ans.n_generated
         self.on_answer(item)
 
 
@@ -292,7 +293,7 @@ def run_live(model: Any, source: FrameSource, config: LiveConfig,
             done = time.perf_counter()
             first = item.first_token if item.first_token is not None else done
             rec = {"frame": item.frame, **item.face.to_dict(), "question": config.question, "answer": item.text,
-                   "stop_reason": item.stop_reason,
+                   "stop_reason": item.stop_reason, "n_tokens": item.n_tokens,
                    "since_seen_ms": {"first_token": round((first - item.seen) * 1e3, 1),
                                      "answer": round((done - item.seen) * 1e3, 1)}}
             with lock:
