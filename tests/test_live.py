@@ -12,7 +12,8 @@ import pytest
 
 from facellm_edge.errors import InputError
 from facellm_edge.runtime.faces import Face
-from facellm_edge.runtime.live.loop import DropOldestSlot, LiveConfig, run_live
+from facellm_edge.runtime.live.loop import LiveConfig, run_live
+from facellm_edge.runtime.live.worker import DropOldestSlot
 from facellm_edge.runtime.live.sources import LiveCapture, ReconnectPolicy, open_source
 from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
 from facellm_edge.timings import STAGES

@@ -1,0 +1,203 @@
+"""The live loop's VLM worker: answers the standing question about each new track, off the frame loop's thread.
+
+The frame loop hands it the newest frame's unanswered faces through a :class:`DropOldestSlot` (a queue of size one
+that keeps only the newest job); it encodes them together, then answers them one by one, each in its track's own
+:class:`~facellm_edge.runtime.session.FaceSession`, and closes a track's session when the track ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from facellm_edge.runtime.faces import Face
+
+if TYPE_CHECKING:
+    from facellm_edge.runtime.pipeline import FaceLLM
+    from facellm_edge.runtime.session import FaceSession
+
+log = logging.getLogger(__name__)
+
+
+class DropOldestSlot:
+    """A queue of size 1: ``put`` replaces what is waiting; ``get`` waits on a condition (no polling).
+
+    ``cond`` lets an owner share its condition (re-entrant lock) so that taking a job and marking itself busy
+    happen atomically."""
+
+    def __init__(self, cond: threading.Condition | None = None) -> None:
+        self._cond = cond if cond is not None else threading.Condition()
+        self._item: Any = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Any) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout=timeout)
+            item, self._item = self._item, None
+            return item
+
+    def pending(self) -> bool:
+        with self._cond:
+            return self._item is not None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass
+class TrackAnswer:
+    track_id: int
+    frame: int
+    face: Face
+    seen: float  # perf_counter of the frame loop's first sight of the track
+    text: str = ""
+    done: bool = False
+    stop_reason: str = ""
+    n_tokens: int = 0
+    first_token: float | None = None  # perf_counter of the first answer piece
+    session: "FaceSession | None" = None
+
+
+class _Stopped(Exception):
+    """Raised from the token callback to abandon an answer at shutdown."""
+
+
+class VlmWorker(threading.Thread):
+    """Answers ``question`` once per track with a :class:`~facellm_edge.runtime.pipeline.FaceLLM`, in one
+    :class:`~facellm_edge.runtime.session.FaceSession` per track (closed when the track ends)."""
+
+    def __init__(self, model: "FaceLLM", question: str, on_answer: Callable[[TrackAnswer], None]) -> None:
+        super().__init__(name="vlm-worker", daemon=True)
+        self.model = model
+        self.question = question
+        self.on_answer = on_answer
+        self._stop_event = threading.Event()
+        self._cond = threading.Condition()  # guards answers, seen, ended, busy and the job slot
+        self.jobs = DropOldestSlot(self._cond)
+        self._answers: dict[int, TrackAnswer] = {}  # live tracks taken by the worker
+        self._seen: dict[int, float] = {}  # live tracks offered but not taken yet -> first sight
+        self._ended: set[int] = set()
+        self._busy = False
+        self.error: BaseException | None = None
+
+    # -- frame-loop side ------------------------------------------------------------------------------------
+    def offer(self, frame_index: int, image: np.ndarray, faces: list[Face]) -> None:
+        """Hand over the faces of this frame whose track has no answer (started) yet."""
+        now = time.perf_counter()
+        with self._cond:
+            new = [f for f in faces if f.track_id not in self._answers]
+            for f in new:
+                self._seen.setdefault(f.track_id, now)
+        if new:
+            self.jobs.put((frame_index, image, new))
+
+    def end_tracks(self, track_ids: list[int]) -> None:
+        with self._cond:
+            self._ended.update(track_ids)
+            for tid in track_ids:
+                self._seen.pop(tid, None)
+            self._cond.notify_all()
+
+    def texts(self) -> dict[int, str]:
+        with self._cond:
+            return {tid: a.text for tid, a in self._answers.items()}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is waiting and nothing is being answered."""
+        with self._cond:
+            return self._cond.wait_for(lambda: (not self._busy and not self.jobs.pending()) or not self.is_alive(),
+                                       timeout=timeout)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.jobs.close()
+
+    # -- worker side ---------------------------------------------------------------------------------------
+    def run(self) -> None:
+        pending: list[TrackAnswer] = []
+        try:
+            while not self._stop_event.is_set():
+                with self._cond:  # take the job and mark busy atomically (wait_idle sees no gap)
+                    job = self.jobs.get(timeout=None if not pending else 0)
+                    self._busy = job is not None or bool(pending)
+                if job is not None:
+                    pending.extend(self._take_new(*job))  # new tracks first
+                self._close_ended(pending)
+                if pending and not self._stop_event.is_set():
+                    self._answer(pending.pop(0))
+                with self._cond:
+                    self._busy = bool(pending)
+                    self._cond.notify_all()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # surfaced by the frame loop
+            self.error = exc
+            log.error("VLM worker stopped: %s", exc)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+            self._close_all()
+
+    def _take_new(self, frame_index: int, image: np.ndarray, faces: list[Face]) -> list[TrackAnswer]:
+        """Register the job's new tracks and encode their crops together (answered one by one afterwards)."""
+        with self._cond:
+            faces = [f for f in faces if f.track_id not in self._answers and f.track_id not in self._ended]
+            for f in faces:
+                seen = self._seen.pop(f.track_id, time.perf_counter())
+                self._answers[f.track_id] = TrackAnswer(f.track_id, frame_index, f, seen)
+        if not faces:
+            return []
+        self.model.encode_faces(image, faces)
+        for f in faces:
+            f.crop = None  # the embeddings are what the answer needs: no face pixels kept while it waits
+        return [self._answers[f.track_id] for f in faces]
+
+    def _close_ended(self, pending: list[TrackAnswer]) -> None:
+        """Ended tracks: close their sessions (frees the KV cells) and forget them."""
+        with self._cond:
+            ended, self._ended = self._ended, set()
+            gone = [self._answers.pop(tid) for tid in ended if tid in self._answers]
+        for item in gone:
+            if item.session is not None:
+                item.session.close()
+        pending[:] = [p for p in pending if p.track_id not in ended]
+
+    def _close_all(self) -> None:
+        with self._cond:
+            items = list(self._answers.values())
+        for item in items:
+            if item.session is not None and not self.model.generator.closed:
+                item.session.close()
+
+    def _answer(self, item: TrackAnswer) -> None:
+        def on_token(piece: str) -> None:
+            if self._stop_event.is_set():
+                raise _Stopped
+            with self._cond:
+                item.text += piece
+                if item.first_token is None:
+                    item.first_token = time.perf_counter()
+
+        item.session = self.model.open_face(item.face)
+        item.face.embeds = None
+        ans = item.session.answer_checked(self.question, self.model.config.generation, on_token)
+        item.face.timings.update(ans.timings)
+        with self._cond:
+            item.text, item.done, item.stop_reason, item.n_tokens = ans.text, True, ans.stop_reason, ans.n_generated
+        self.on_answer(item)
