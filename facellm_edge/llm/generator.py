@@ -32,6 +32,7 @@ from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
 from facellm_edge.llm.engine import EngineConfig, LlamaEngine
 from facellm_edge.llm.sampling import GenerationConfig, SamplerChain, schema_to_grammar
 from facellm_edge.llm.slots import MissingSlot, Slot, SlotTable
+from facellm_edge.llm.template import PromptTemplate
 
 if TYPE_CHECKING:
     from facellm_edge.bundle import Bundle
@@ -62,19 +63,6 @@ class Answer:
     tokens_per_s: float = 0.0  # decode rate: tokens decoded after the first / decode time
 
 
-@dataclass(frozen=True)
-class _Template:
-    """``prompt.first`` split as ``pre + {image} + mid + {question} + post`` (``pre`` holds the system turn, if any);
-    ``sep`` between the images of one prompt (None: one image only); followup as ``f_pre + {q} + f_post``."""
-
-    pre: list[int]
-    sep: list[int] | None
-    mid: list[int]
-    post: list[int]
-    f_pre: list[int]
-    f_post: list[int]
-
-
 class Generator:
     """Answer questions about faces with a GGUF language model; one conversation (KV slot) per face key."""
 
@@ -86,8 +74,7 @@ class Generator:
         self._owner: int | None = None
         self._engine = LlamaEngine(Path(gguf_path), config)
         try:
-            self._template = self._split_prompt()
-            self._check_token_ids()
+            self._template = PromptTemplate.build(prompt, tokens, self._engine)
         except BaseException:
             self._engine.close()
             raise
@@ -109,43 +96,6 @@ class Generator:
                 f"{m.arch.llm_hidden}; re-export the bundle"
             )
         return gen
-
-    # -- setup --------------------------------------------------------------------------------------------
-    def _split_prompt(self) -> _Template:
-        p, img, q = self.prompt, self.prompt.image_marker, self.prompt.question_marker
-        head, system, first = p.first_parts()
-        follow = p.followup
-        if first.count(img) != 1 or first.count(q) != 1 or first.index(img) > first.index(q) or img in head:
-            raise BundleError(f"prompt.first must contain {img} and then {q} exactly once each; re-export the bundle")
-        if follow.count(q) != 1 or img in follow:
-            raise BundleError(f"prompt.followup must contain {q} exactly once and no {img}; re-export the bundle")
-        pre, rest = first.split(img)
-        mid, post = rest.split(q)
-        f_pre, f_post = follow.split(q)
-        tok = self._engine.tokenize
-
-        def special(text: str) -> list[int]:
-            return tok(text, special=True) if text else []
-
-        bos = [self._engine.bos_id] if self._engine.add_bos else []
-        # The system message is the operator's text: tokenised as plain text, like the question.
-        pre_ids = bos + special(head) + (tok(system, special=False) if system else []) + special(pre)
-        sep = None if p.image_separator is None else special(p.image_separator)
-        return _Template(pre_ids, sep, special(mid), special(post), special(f_pre), special(f_post))
-
-    def _check_token_ids(self) -> None:
-        t = self.tokens
-        for text, tid in ((t.image_start, t.image_start_id), (t.image_end, t.image_end_id),
-                          (t.image_context, t.image_context_id)):
-            got = self._engine.tokenize(text, special=True)
-            if got != [tid]:
-                raise BundleError(
-                    f"the GGUF tokenises {text!r} as {got}, the manifest says [{tid}]; re-export the bundle"
-                )
-        if t.num_image_tokens < 1 or not t.eos_ids:
-            raise BundleError(
-                "manifest tokens need num_image_tokens >= 1 and at least one eos id; re-export the bundle"
-            )
 
     @property
     def n_embd(self) -> int:
@@ -280,12 +230,7 @@ class Generator:
     def prompt_tokens(self, image_rows: Sequence[int], question: str) -> list[int]:
         """The first turn as token ids, with ``image_context`` ids where :meth:`prefill_images` puts each image's
         embedding rows (``image_rows``: rows per image): what the checkpoint's processor makes ``input_ids`` of."""
-        t, tk = self._template, self.tokens
-        if len(image_rows) > 1 and t.sep is None:
-            raise BundleError("this bundle's chat template cannot show several images in one question")
-        blocks = [[tk.image_start_id] + [tk.image_context_id] * n + [tk.image_end_id] for n in image_rows]
-        joined = [i for k, b in enumerate(blocks) for i in ((t.sep or []) if k else []) + b]
-        return t.pre + joined + t.mid + self._engine.tokenize(question, special=False) + t.post
+        return self._template.first_turn(image_rows, self._engine.tokenize(question, special=False))
 
     def _check_embeds(self, image_embeds: np.ndarray) -> np.ndarray:
         if not isinstance(image_embeds, np.ndarray) or image_embeds.ndim != 2:
