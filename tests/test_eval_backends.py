@@ -56,8 +56,8 @@ def test_the_edge_context_fits_the_models_own(backends, tiny_bundle):
     from facellm_edge.bundle import load_bundle
 
     _, edge = backends
-    assert edge._llm.config.n_ctx == load_bundle(tiny_bundle).manifest.arch.context_length
-    assert edge._llm.config.max_slots == 1
+    assert edge._llm.config.engine.n_ctx == load_bundle(tiny_bundle).manifest.arch.context_length
+    assert edge._llm.config.engine.max_slots == edge._llm.generator.max_slots == 1
 
 
 def test_cap_is_reported(backends, items, tiny_bundle, tiny_checkpoint_varied):

@@ -13,7 +13,7 @@ from typing import Protocol
 from facellm_edge.errors import CheckpointError, UsageError, require
 from facellm_edge.eval.mcq import MCQAnswer, MCQItem
 from facellm_edge.eval.settings import DEFAULT_MAX_NEW_TOKENS
-from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image
+from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image, read_image_rgb
 from facellm_edge.llm.system_prompt import describe, resolve_system, system_messages
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ class TransformersBackend:
 
     def encode(self, item: MCQItem):
         """The processor's model inputs for one question (chat template, one image block per image)."""
-        from PIL import Image
-
-        images = [Image.fromarray(read_image(p, self.config.max_pixels)[:, :, ::-1].copy()) for p in item.images]
+        images = [read_image_rgb(p, self.config.max_pixels) for p in item.images]
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": item.prompt()}]
         messages = system_messages(self._system) + [{"role": "user", "content": content}]
         inputs = self._processor.apply_chat_template(

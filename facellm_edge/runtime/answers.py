@@ -76,7 +76,7 @@ def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> l
 
     import cv2
 
-    from facellm_edge.io import commit_temp_file, temp_file_beside
+    from facellm_edge.io import atomic_file
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,15 +92,12 @@ def save_face_crops(faces: list[Face], out_dir: Path, prefix: str = "face") -> l
         ok, data = cv2.imencode(".png", f.crop)
         if not ok:
             raise OutputError(f"cannot encode crop {i} as PNG")
-        tmp = temp_file_beside(dest)
-        try:
-            tmp.write_bytes(data.tobytes())
-            commit_temp_file(tmp, dest, replace=False)
+        try:  # an error or Ctrl-C: the temporary file goes, no hidden copy of a face is left behind
+            with atomic_file(dest, replace=False) as tmp:
+                tmp.write_bytes(data.tobytes())
         except FileExistsError as exc:  # created by someone else since the check above
             raise OutputError(f"--save-crops: {dest} already exists; choose an empty folder") from exc
         except OSError as exc:
             raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-        finally:  # an error or Ctrl-C: no hidden copy of a face is left behind
-            tmp.unlink(missing_ok=True)
         paths.append(dest)
     return paths
