@@ -16,7 +16,7 @@ from facellm_edge.io.files import (
     commit_temp_file, current_umask, dir_mode, file_mode, read_json_object, replace_directory, sha256_file,
     temp_file_beside, user_cache_dir,
 )
-from facellm_edge.io.images import DEFAULT_MAX_PIXELS, image_size, read_image, read_image_rgb
+from facellm_edge.io.images import DEFAULT_MAX_PIXELS, decode_image, image_size, read_image, read_image_rgb
 from facellm_edge.io.outputs import check_output_file, open_line_log, write_line
 from facellm_edge.io.ownership import (
     MARKER, OUTPUT, TOOL, OutputKind, Recogniser, check_replaceable, check_replaceable_file, files_under,
@@ -25,7 +25,7 @@ from facellm_edge.io.ownership import (
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "MARKER", "OUTPUT", "TOOL", "OutputKind", "Recogniser", "apply_default_modes",
-    "atomic_directory", "atomic_file", "atomic_write_text", "check_output_file", "check_replaceable",
+    "atomic_directory", "atomic_file", "atomic_write_text", "check_output_file", "check_replaceable", "decode_image",
     "check_replaceable_file", "clean_stale_temp_files", "clean_stale_temps", "commit_temp_file", "current_umask",
     "dir_mode", "file_mode", "files_under", "image_size", "known_file_set", "marker_files", "open_line_log",
     "read_image", "read_image_rgb", "read_json_object", "replace_directory", "sha256_file", "temp_file_beside",

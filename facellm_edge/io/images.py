@@ -5,18 +5,25 @@ decoded-size bound, refused from the header before any pixel is decoded."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from facellm_edge.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import PIL.Image
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: 120 MB as BGR; bigger photos are refused before they are decoded
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels (Pillow reads the first few KB)."""
+def image_size(path: "Path | BinaryIO", what: str | None = None) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels (Pillow reads the first few KB).
+    ``path``: a file, or an open binary stream (``what`` names it in errors)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
+    what = what or f"image {path}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -26,8 +33,8 @@ def image_size(path: Path) -> tuple[int, int]:
             raise _TooLarge(2 * (Image.MAX_IMAGE_PIXELS or 0)) from exc
         except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:  # the file system's error, not the decoder's
-                raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
-            raise InputError(f"cannot decode image {path} (empty, damaged or not an image file)") from exc
+                raise InputError(f"cannot read {what}: {exc.strerror or exc}") from exc
+            raise InputError(f"cannot decode {what} (empty, damaged or not an image file)") from exc
 
 
 def _mp(pixels: int) -> str:
@@ -40,33 +47,54 @@ class _TooLarge(Exception):
         self.at_least = at_least
 
 
+def _check_size(source: "Path | BinaryIO", what: str, max_pixels: int) -> None:
+    """Refuse an image above ``max_pixels`` from its header (0 = no limit)."""
+    try:
+        w, h = image_size(source, what)
+    except _TooLarge as big:
+        if max_pixels and max_pixels <= big.at_least:
+            raise InputError(f"{what} has more than {_mp(big.at_least)}, above the {_mp(max_pixels)} limit; "
+                             "downscale it or raise --max-pixels") from None
+        return  # the caller allowed more than Pillow's cap: OpenCV decodes it
+    if max_pixels and w * h > max_pixels:
+        raise InputError(f"{what} is {w}x{h} ({_mp(w * h)}), above the {_mp(max_pixels)} limit; "
+                         "downscale it or raise --max-pixels")
+
+
+def _decode(data: "np.ndarray", what: str) -> "np.ndarray":
+    import cv2
+
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None or image.size == 0:
+        raise InputError(f"cannot decode {what} (empty, damaged or not an image file)")
+    return image
+
+
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray":
     """Read an image file as BGR uint8. Missing, unreadable, undecodable, or above ``max_pixels`` (checked on the
     header, before any pixel is decoded; 0 = no limit) -> :class:`~facellm_edge.errors.InputError`."""
-    import cv2
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
-    try:
-        w, h = image_size(path)
-    except _TooLarge as big:
-        if max_pixels and max_pixels <= big.at_least:
-            raise InputError(f"image {path} has more than {_mp(big.at_least)}, above the {_mp(max_pixels)} limit; "
-                             "downscale it or raise --max-pixels") from None
-        w = h = 0  # the caller allowed more than Pillow's cap: OpenCV decodes it
-    if max_pixels and w * h > max_pixels:
-        raise InputError(f"image {path} is {w}x{h} ({_mp(w * h)}), above the {_mp(max_pixels)} limit; "
-                         "downscale it or raise --max-pixels")
+    what = f"image {path}"
+    _check_size(path, what, max_pixels)
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
-        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None or image.size == 0:
-        raise InputError(f"cannot decode image {path} (empty, damaged or not an image file)")
-    return image
+        raise InputError(f"cannot read {what}: {exc.strerror or exc}") from exc
+    return _decode(data, what)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "the image") -> "np.ndarray":
+    """:func:`read_image` for bytes already in memory (an upload, a ``data:`` URL): same decoder, same bound."""
+    import io
+
+    import numpy as np
+
+    _check_size(io.BytesIO(data), what, max_pixels)
+    return _decode(np.frombuffer(data, dtype=np.uint8), what)
 
 
 def read_image_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PIL.Image.Image":
