@@ -300,3 +300,52 @@ def test_outputs_are_checked_before_the_first_frame(model, photo_video, tmp_path
             run_live(model, NoFrames(), cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "old.mp4"]
     assert (tmp_path / "old.mp4").read_bytes() == b"mine" and list((tmp_path / "dir.jsonl").iterdir()) == []
+
+
+class _Frames:
+    """An in-memory file-like source (not live: the loop drains the worker at its end)."""
+
+    live, fps, skipped, unit, description = False, 10.0, 0, "frames", "memory"
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        self.images = images
+
+    def __iter__(self):
+        from facellm_edge.runtime.live.sources import Frame
+
+        for i, image in enumerate(self.images):
+            yield Frame(i, image)
+
+    def close(self) -> None:
+        pass
+
+
+def test_control_streams_events_and_takes_questions(model, astronaut_bgr, tmp_path):
+    """What the server builds on: events and annotated frames out; the standing question and a follow-up about a
+    live track in (answered in the track's session, no second image prefill)."""
+    from facellm_edge.runtime.live.control import LiveControl
+
+    events: list[tuple[str, dict]] = []
+    frames: list[np.ndarray] = []
+    control: LiveControl
+
+    def on_event(kind: str, payload: dict) -> None:
+        events.append((kind, payload))
+        if kind == "answer" and not payload["follow_up"]:
+            assert control.ask_track(payload["track_id"], "And the gender?")
+
+    control = LiveControl(on_event=on_event, on_frame=frames.append)
+    control.set_question("What is the expression?")
+    jsonl = tmp_path / "a.jsonl"
+    clip = [np.roll(_fit(astronaut_bgr), i, axis=1) for i in range(8)]
+    stats = run_live(model, _Frames(clip), LiveConfig(question="Age?", display=False, jsonl=jsonl), control=control)
+    kinds = [k for k, _ in events]
+    assert stats.frames == 8 and len(frames) == 8 and frames[0].shape == clip[0].shape
+    assert kinds.count("tracks") == 8 and kinds.count("track_appeared") == 1 and kinds.count("answer") == 2
+    answers = [p for k, p in events if k == "answer"]
+    assert [a["question"] for a in answers] == ["What is the expression?", "And the gender?"]
+    assert [a["follow_up"] for a in answers] == [False, True] and "image_prefill" not in answers[1]["timings_ms"]
+    tokens = "".join(p["text"] for k, p in events if k == "token" and p["question"] == "And the gender?")
+    assert tokens == answers[1]["answer"]
+    assert [json.loads(x)["question"] for x in jsonl.read_text().splitlines()] == [a["question"] for a in answers]
+    assert control.ask_track(1, "Still there?") is False  # the loop has ended

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 
+from facellm_edge.runtime.live.control import LiveControl
 from facellm_edge.runtime.live.outputs import LiveOutputs, check_outputs
 from facellm_edge.runtime.live.overlay import draw
 from facellm_edge.runtime.live.sources import FrameSource
@@ -79,11 +80,15 @@ class LiveStats:
 
 
 def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
-             on_record: Callable[[dict], None] | None = None) -> LiveStats:
-    """Run the loop until the source ends, the user quits (q/Esc) or Ctrl-C / SIGTERM. Returns what happened.
+             on_record: Callable[[dict], None] | None = None, control: LiveControl | None = None) -> LiveStats:
+    """Run the loop until the source ends, the user quits (q/Esc), Ctrl-C / SIGTERM or ``control.stop()``. Returns
+    what happened.
 
-    ``on_record`` gets each answered face's record (the JSON line) as soon as it is complete (worker thread)."""
+    ``on_record`` gets each answered face's record (the JSON line) as soon as it is complete (worker thread).
+    ``control`` (:class:`~facellm_edge.runtime.live.control.LiveControl`) streams events and frames out and takes
+    the standing question and follow-up questions in, from other threads."""
     check_outputs(config)
+    control = control if control is not None else LiveControl()
     stats = LiveStats()
     lock = threading.Lock()
     outputs: LiveOutputs | None = None
@@ -94,10 +99,11 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
         def on_answer(item: TrackAnswer) -> None:
             done = time.perf_counter()
             first = item.first_token if item.first_token is not None else done
-            rec = {"frame": item.frame, **item.face.to_dict(), "question": config.question, "answer": item.text,
-                   "stop_reason": item.stop_reason, "n_tokens": item.n_tokens,
-                   "since_seen_ms": {"first_token": round((first - item.seen) * 1e3, 1),
-                                     "answer": round((done - item.seen) * 1e3, 1)}}
+            since = "since_asked_ms" if item.follow_up else "since_seen_ms"  # a follow-up: from its question
+            rec = {"frame": item.frame, **item.face.to_dict(), "question": item.question, "answer": item.text,
+                   "stop_reason": item.stop_reason, "n_tokens": item.n_tokens, "follow_up": item.follow_up,
+                   since: {"first_token": round((first - item.seen) * 1e3, 1),
+                           "answer": round((done - item.seen) * 1e3, 1)}}
             with lock:
                 if outputs.closed:  # a late answer from a worker that outlived the join timeout
                     return
@@ -105,9 +111,17 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
                 outputs.record(rec)
             if on_record is not None:
                 on_record(rec)
+            control.emit("answer", rec)
 
-        worker = VlmWorker(model, config.question, on_answer)
-        _loop(model, source, config, stats, worker, outputs)
+        def on_piece(item: TrackAnswer, piece: str) -> None:
+            control.emit("token", {"track_id": item.track_id, "question": item.question, "text": piece})
+
+        worker = VlmWorker(model, config.question, on_answer, on_piece if control.on_event is not None else None)
+        control.attach(worker)
+        try:
+            _loop(model, source, config, stats, worker, outputs, control)
+        finally:
+            control.attach(None)
         finished = True  # the source ended, the user quit, or Ctrl-C / SIGTERM: keep what was made
     finally:
         if outputs is not None:
@@ -119,7 +133,7 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
 
 
 def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: LiveStats, worker: VlmWorker,
-          outputs: "LiveOutputs") -> None:
+          outputs: "LiveOutputs", control: LiveControl) -> None:
     import cv2
 
     tracker = IouTracker(config.tracker)
@@ -138,18 +152,22 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             worker.offer(frame.index, frame.image, faces)
             stats.frames += 1
             stats.faces += len(faces)
+            if control.on_event is not None:
+                _emit_tracks(control, frame.index, faces, ended, stats.tracks)
             stats.tracks = tracker.started
-            if outputs.video is not None or config.display:
+            if outputs.video is not None or config.display or control.on_frame is not None:
                 shown = draw(frame.image, faces, worker.texts(),
                              status=f"{stats.frames / max(time.perf_counter() - t_start, 1e-6):.1f} FPS")
                 if outputs.video is not None:
                     outputs.write_frame(shown)
+                if control.on_frame is not None:
+                    control.on_frame(shown)
                 if config.display:
                     cv2.imshow(config.window, shown)
                     if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                         break
             stats.frame_ms.append((time.perf_counter() - t_frame) * 1e3)
-            if config.max_frames and stats.frames >= config.max_frames:
+            if (config.max_frames and stats.frames >= config.max_frames) or control.stopped:
                 break
         else:
             if not source.live:  # a file ended: let the worker finish what it has
@@ -172,3 +190,15 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             cv2.destroyAllWindows()
     if worker.error is not None:
         raise worker.error
+
+
+def _emit_tracks(control: LiveControl, frame: int, faces: list, ended: list[int], started_before: int) -> None:
+    """This frame's track events: lost tracks, new tracks (ids above the ones started before), every box."""
+    for tid in ended:
+        control.emit("track_lost", {"frame": frame, "track_id": tid})
+    boxes = [{"track_id": f.track_id, "box": [round(float(v), 1) for v in f.box], "score": round(f.score, 4)}
+             for f in faces]
+    for b in boxes:
+        if b["track_id"] > started_before:
+            control.emit("track_appeared", {"frame": frame, "track_id": b["track_id"], "box": b["box"]})
+    control.emit("tracks", {"frame": frame, "tracks": boxes})

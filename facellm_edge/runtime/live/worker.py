@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from facellm_edge.runtime.faces import Face
+from facellm_edge.runtime.session import SessionError
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.pipeline import FaceLLM
@@ -65,6 +67,8 @@ class TrackAnswer:
     frame: int
     face: Face
     seen: float  # perf_counter of the frame loop's first sight of the track
+    question: str = ""  # what this answer answers (the standing question, or a follow-up's)
+    follow_up: bool = False  # a later question in the track's session (LiveControl.ask_track)
     text: str = ""
     done: bool = False
     stop_reason: str = ""
@@ -81,11 +85,14 @@ class VlmWorker(threading.Thread):
     """Answers ``question`` once per track with a :class:`~facellm_edge.runtime.pipeline.FaceLLM`, in one
     :class:`~facellm_edge.runtime.session.FaceSession` per track (closed when the track ends)."""
 
-    def __init__(self, model: "FaceLLM", question: str, on_answer: Callable[[TrackAnswer], None]) -> None:
+    def __init__(self, model: "FaceLLM", question: str, on_answer: Callable[[TrackAnswer], None],
+                 on_piece: Callable[[TrackAnswer, str], None] | None = None) -> None:
         super().__init__(name="vlm-worker", daemon=True)
         self.model = model
-        self.question = question
+        self.question = question  # the standing question (set_question changes it for tracks not answered yet)
         self.on_answer = on_answer
+        self.on_piece = on_piece  # each streamed text piece (worker thread; keep it cheap)
+        self._followups: deque[tuple[int, str]] = deque()
         self._stop_event = threading.Event()
         self._cond = threading.Condition()  # guards answers, seen, ended, busy and the job slot
         self.jobs = DropOldestSlot(self._cond)
@@ -120,28 +127,51 @@ class VlmWorker(threading.Thread):
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no job is waiting and nothing is being answered."""
         with self._cond:
-            return self._cond.wait_for(lambda: (not self._busy and not self.jobs.pending()) or not self.is_alive(),
-                                       timeout=timeout)
+            return self._cond.wait_for(lambda: (not self._busy and not self.jobs.pending() and not self._followups)
+                                       or not self.is_alive(), timeout=timeout)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.jobs.close()
+
+    def set_question(self, question: str) -> None:
+        with self._cond:
+            self.question = question
+
+    def ask_track(self, track_id: int, question: str) -> bool:
+        """Queue a follow-up question about a live track (answered in its session after new faces); False when the
+        track is not live (never seen, or ended)."""
+        with self._cond:
+            if track_id not in self._answers or track_id in self._ended:
+                return False
+            self._followups.append((track_id, question))
+            self._cond.notify_all()
+            return True
+
+    def tracks(self) -> dict[int, TrackAnswer]:
+        with self._cond:
+            return dict(self._answers)
 
     # -- worker side ---------------------------------------------------------------------------------------
     def run(self) -> None:
         pending: list[TrackAnswer] = []
         try:
             while not self._stop_event.is_set():
-                with self._cond:  # take the job and mark busy atomically (wait_idle sees no gap)
-                    job = self.jobs.get(timeout=None if not pending else 0)
-                    self._busy = job is not None or bool(pending)
+                with self._cond:  # take the work and mark busy atomically (wait_idle sees no gap)
+                    self._cond.wait_for(lambda: pending or self.jobs.pending() or self._followups
+                                        or self._stop_event.is_set())
+                    job = self.jobs.get(timeout=0)
+                    follow = self._followups.popleft() if job is None and not pending and self._followups else None
+                    self._busy = job is not None or follow is not None or bool(pending)
                 if job is not None:
                     pending.extend(self._take_new(*job))  # new tracks first
                 self._close_ended(pending)
                 if pending and not self._stop_event.is_set():
                     self._answer(pending.pop(0))
+                elif follow is not None and not self._stop_event.is_set():
+                    self._follow_up(*follow)
                 with self._cond:
-                    self._busy = bool(pending)
+                    self._busy = bool(pending) or bool(self._followups)
                     self._cond.notify_all()
         except _Stopped:
             pass
@@ -186,6 +216,29 @@ class VlmWorker(threading.Thread):
                 item.session.close()
 
     def _answer(self, item: TrackAnswer) -> None:
+        with self._cond:
+            item.question = self.question
+        item.session = self.model.open_face(item.face)
+        item.face.embeds = None
+        self._ask(item)
+
+    def _follow_up(self, track_id: int, question: str) -> None:
+        """A follow-up about a live track, in its session (re-encoded never: an evicted session says so)."""
+        from dataclasses import replace
+
+        with self._cond:
+            base = self._answers.get(track_id)
+        if base is None or base.session is None or not base.done:  # ended meanwhile
+            log.info("follow-up about track %d dropped: the track ended", track_id)
+            return
+        item = replace(base, question=question, follow_up=True, text="", done=False, stop_reason="",
+                       n_tokens=0, first_token=None, seen=time.perf_counter())
+        item.face.timings.pop("image_prefill", None)  # a follow-up pays no image prefill
+        with self._cond:
+            self._answers[track_id] = item
+        self._ask(item)
+
+    def _ask(self, item: TrackAnswer) -> None:
         def on_token(piece: str) -> None:
             if self._stop_event.is_set():
                 raise _Stopped
@@ -193,10 +246,17 @@ class VlmWorker(threading.Thread):
                 item.text += piece
                 if item.first_token is None:
                     item.first_token = time.perf_counter()
+            if self.on_piece is not None:
+                self.on_piece(item, piece)
 
-        item.session = self.model.open_face(item.face)
-        item.face.embeds = None
-        ans = item.session.answer_checked(self.question, self.model.config.generation, on_token)
+        try:
+            ans = item.session.answer_checked(item.question, self.model.config.generation, on_token)
+        except SessionError as exc:  # another user of the model (the server) evicted this track's conversation
+            log.warning("track %d: %s", item.track_id, exc)
+            with self._cond:
+                item.done, item.stop_reason = True, "evicted"
+            self.on_answer(item)
+            return
         item.face.timings.update(ans.timings)
         with self._cond:
             item.text, item.done, item.stop_reason, item.n_tokens = ans.text, True, ans.stop_reason, ans.n_generated
