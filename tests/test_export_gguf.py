@@ -60,7 +60,7 @@ def test_export_gate_passes_a_correct_gguf_and_stops_a_wrong_one(tied, tied_f32,
     import torch
 
     from facellm_edge.export.gguf_llm import write_llm_gguf
-    from facellm_edge.export.pipeline import check_f32_logits
+    from facellm_edge.export.exporter import check_f32_logits
     from facellm_edge.export.verify_llm import LogitProbe, compare_logits
 
     model, tokenizer = tied

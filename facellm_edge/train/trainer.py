@@ -18,7 +18,7 @@ from typing import Any
 
 from facellm_edge.io import atomic_directory
 from facellm_edge.errors import UsageError, require
-from facellm_edge.train import checkpoint as ckpt
+from facellm_edge.train import rundir as ckpt
 from facellm_edge.train.collate import EncodedDataset, Encoder, PadCollator
 from facellm_edge.train.config import TrainConfig
 from facellm_edge.train.data import load_samples, split_eval
