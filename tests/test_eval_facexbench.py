@@ -267,10 +267,10 @@ def test_eval_score_file_errors_and_usage(facexbench_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("rules, column", [("facexbench", 2), ("robust", 3)])
 def test_run_bench_reads_letters_by_the_chosen_rules_and_keeps_the_cap_report(facexbench_dir, rules, column):
-    """run_bench with a backend that replays saved answers (the MCQBackend protocol), as plain strings (no stop
+    """run_eval with a backend that replays saved answers (the MCQBackend protocol), as plain strings (no stop
     reason) or as MCQAnswer (stop reason known)."""
     from facellm_edge.eval.mcq import MCQAnswer
-    from facellm_edge.eval.runner import run_bench
+    from facellm_edge.eval.runner import run_eval
 
     class Replay:
         name, model, max_images = "replay", "saved answers", None
@@ -282,7 +282,7 @@ def test_run_bench_reads_letters_by_the_chosen_rules_and_keeps_the_cap_report(fa
         def close(self):
             pass
 
-    results = run_bench(load_bench(facexbench_dir), Replay(), letter_rules=rules)
+    results = run_eval(load_bench(facexbench_dir), Replay(), letter_rules=rules)
     assert {r.id: (r.raw, r.truncated, r.predicted) for r in results} == {
         q: (row[0], row[1], row[column]) for q, row in SAVED.items()}
     assert {r.id: r.num_images for r in results}["agedb30_multiple_mcq/1"] == "multiple"

@@ -22,7 +22,7 @@ def _unpack(answer: "str | MCQAnswer") -> tuple[str, bool | None]:
     return answer.text, answer.truncated
 
 
-def run_bench(items: list[MCQItem], backend: MCQBackend, on_item: Callable[[ItemResult], None] | None = None,
+def run_eval(items: list[MCQItem], backend: MCQBackend, on_item: Callable[[ItemResult], None] | None = None,
               *, letter_rules: str = DEFAULT_RULES) -> list[ItemResult]:
     extract = get_rules(letter_rules)
     results = []
