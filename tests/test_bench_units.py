@@ -1,13 +1,15 @@
-"""Unit tests of the benchmark's building blocks: statistics, isolated runs and their memory, config, machine info."""
+"""Unit tests of the benchmark's building blocks: statistics, isolated runs and their memory, config, machine info,
+the metrics derived from the runtime's stage timings, the live-loop clips and their source, the roofline bounds."""
 
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from facellm_edge.bench.config import BenchConfig, LiveConfig, parse_csv, resolve_naive
+from facellm_edge.bench.config import BenchConfig, LiveBenchConfig, parse_csv, resolve_naive
 from facellm_edge.bench.stages import RssSampler, StageTimer, percentile, repeat, run_isolated, summarize
 from facellm_edge.bench.system import machine_info, machine_slug, versions
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
@@ -96,10 +98,12 @@ def test_config_rejects_bad_values(tmp_path):
     with pytest.raises(UsageError, match="exactly one"):
         BenchConfig(out=tmp_path, bundle=tmp_path, synthetic="tiny")
     for kw, msg in (({"runs": 0}, "--runs"), ({"warmup": -1}, "--warmup"), ({"decode_tokens": 1}, "decode-tokens"),
-                    ({"threads": 0}, "--threads"), ({"naive": ("gpu-fp8",)}, "unknown naive"),
-                    ({"live": LiveConfig(frames=3)}, "live-frames")):
+                    ({"threads": 0}, "--threads"), ({"naive": ("gpu-fp8",)}, "unknown naive")):
         with pytest.raises(UsageError, match=msg):
             BenchConfig(out=tmp_path, synthetic="tiny", **kw)
+    for kw, msg in (({"frames": 3}, "live-frames"), ({"width": 100}, "too small"), ({"llama_threads": (0,)}, ">= 1")):
+        with pytest.raises(UsageError, match=msg):
+            LiveBenchConfig(**kw)
     with pytest.raises(UsageError):
         parse_csv(" , ", "quant")
 
@@ -156,25 +160,159 @@ def test_missing_inputs_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_live_frame_loop_on_a_real_video(tmp_path, t1_bgr, yunet_model):
-    """--video path: a real mp4 written with OpenCV, read back through the runtime's VideoFile source."""
+def _answer(ttft: float, decode: float, n: int, question_prefill: float = 1.0):
+    from facellm_edge.llm.generator import Answer
+
+    return Answer(text="x" * n, token_ids=tuple(range(n)), n_prefilled=5, n_generated=n, stop_reason="length",
+                  timings={"question_prefill": question_prefill, "ttft": ttft, "decode": decode},
+                  tokens_per_s=(n - 1) / decode * 1000.0)
+
+
+def test_edge_metrics_are_the_runtime_stages_and_sums_of_them():
+    from facellm_edge.bench.edge import add_answer
+    from facellm_edge.timings import cold_ttft
+
+    face = {"detect": 10.0, "align": 2.0, "preprocess": 3.0, "encode": 40.0, "image_prefill": 25.0}
+    ans, warm = _answer(ttft=6.0, decode=30.0, n=4, question_prefill=5.0), _answer(ttft=7.5, decode=1.0, n=2)
+    timer = StageTimer()
+    add_answer(timer, {**face, **ans.timings}, ans, warm)
+    got = {k: v[0] for k, v in timer.samples.items()}
+    assert got == {"detect_ms": 10.0, "align_ms": 2.0, "preprocess_ms": 3.0, "encode_ms": 40.0,
+                   "image_prefill_ms": 25.0, "question_prefill_ms": 5.0, "ttft_ms": 6.0, "decode_ms": 30.0,
+                   "ttft_cold_ms": 74.0, "ttft_warm_ms": 7.5, "decode_tok_s": 100.0, "end_to_end_ms": 116.0}
+    assert got["ttft_cold_ms"] == cold_ttft({**face, **ans.timings})
+    peer = StageTimer()  # libmtmd: no preprocess stage, its time is inside encode
+    add_answer(peer, {k: v for k, v in {**face, **ans.timings}.items() if k != "preprocess"}, ans, warm)
+    assert "preprocess_ms" not in peer.samples and peer.samples["ttft_cold_ms"] == [71.0]
+
+
+def test_live_metrics_from_the_loops_records():
+    from facellm_edge.bench.live import decode_rate, pick_winner, since_seen
+
+    recs = [{"n_tokens": 5, "timings_ms": {"decode": 40.0}, "since_seen_ms": {"first_token": 100.0, "answer": 150.0}},
+            {"n_tokens": 3, "timings_ms": {"decode": 10.0}, "since_seen_ms": {"first_token": 300.0, "answer": 320.0}},
+            {"n_tokens": 2, "timings_ms": {"decode": 5.0}, "since_asked_ms": {"first_token": 1.0, "answer": 2.0}}]
+    assert decode_rate(recs) == pytest.approx((4 + 2 + 1) / 55.0 * 1000.0, abs=0.01)  # tokens after the first
+    assert decode_rate([{"n_tokens": 1, "timings_ms": {"decode": 0.0}}]) is None
+    seen = since_seen(recs)  # first answers only: a follow-up's wait counts from its question, not the person
+    assert seen["first_token"]["samples"] == [100.0, 300.0] and seen["answer"]["median"] == 235.0
+    assert since_seen([]) is None
+
+    def run(name: str, busy: bool, fps: float, p99: float, tok_s: float | None) -> dict:
+        return {"name": name, "vlm_busy": busy, "fps": fps, "frame_ms": {"p99": p99}, "decode_tok_s": tok_s}
+
+    idle = run("idle", False, 90.0, 10.0, None)
+    assert pick_winner([idle, run("1", True, 30.0, 50.0, 20.0), run("2", True, 40.0, 60.0, 10.0)]) == "1"
+    assert pick_winner([idle, run("1", True, 30.0, 90.0, 20.0), run("2", True, 26.0, 70.0, 10.0)]) == "2"
+    assert pick_winner([idle, run("1", True, 12.0, 90.0, 20.0), run("2", True, 20.0, 95.0, 10.0)]) == "2"
+
+
+def test_clip_source_holds_before_the_measured_frames_and_times_them():
+    import threading
+
+    from facellm_edge.bench.live import ClipSource, Records
+
+    frames = [np.full((4, 4, 3), i, np.uint8) for i in range(5)]
+    records = Records()
+    seen: list[int] = []
+    src = ClipSource(frames, "five", measure_from=2, hold=lambda: seen.append(len(records.items)))
+    assert not src.live and src.measured == 3
+    for frame in src:
+        if frame.index == 1:
+            threading.Timer(0.01, records, args=({"answer": "a"},)).start()
+            assert records.wait_for(1, timeout_s=10.0)
+    assert [f.index for f in src] == [0, 1, 2, 3, 4] and seen == [1, 1]  # hold ran once per pass, before frame 2
+    assert 0 <= src.seconds and src.t_start <= src.t_end
+    assert records.wait_for(2, timeout_s=0.01) is False
+    with pytest.raises(ValueError):
+        ClipSource(frames, "five", measure_from=5)
+
+
+def test_busy_clip_brings_new_people_for_the_runtimes_tracker(tmp_path, t1_bgr, yunet_model):
+    """Each segment of the busy clip is a new track for the live loop's IouTracker (the previous one ends); the
+    idle clip keeps one track. The --video path reads the clip back through the runtime's VideoFile."""
     import cv2
 
-    from facellm_edge.bench.edge import make_detector
-    from facellm_edge.bench.live import frame_loop, synthetic_clip, video_frames
+    from facellm_edge.bench.live import arrivals_clip, idle_clip, person_crops, person_side, video_frames
+    from facellm_edge.runtime.detect import DetectorConfig, create_detector
+    from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
 
-    clip = synthetic_clip(t1_bgr, 12, 640, 480)
-    assert all(f.shape == (480, 640, 3) for f in clip)
-    assert not np.array_equal(clip[0], clip[6])  # the clip pans
+    detector = create_detector(DetectorConfig(model_path=yunet_model, n_threads=1))
+    faces = sorted(detector.detect(t1_bgr), key=lambda f: -f.width * f.height)
+    people = person_crops(t1_bgr, [f.box for f in faces], person_side(640, 480))
+    assert len(people) == len(faces) >= 4 and all(p.shape == (288, 288, 3) for p in people)
+    segment = TrackerConfig().max_missed + 5
+
+    def tracks(frames: list[np.ndarray]) -> tuple[int, int]:
+        tracker, ended = IouTracker(), 0
+        for i, f in enumerate(frames):
+            ended += len(tracker.update(detector.detect(f), i)[1])
+        return tracker.started, ended
+
+    busy = arrivals_clip(people, 2 * segment + 1, 640, 480, segment)  # the third person's first frame last
+    assert all(f.shape == (480, 640, 3) for f in busy) and not np.array_equal(busy[0], busy[1])  # panned
+    started, ended = tracks(busy)
+    assert started >= 3 and ended >= 1  # three people arrived; the first one's track ended during the second's
+    assert tracks(idle_clip(people[0], segment, 640, 480)) == (1, 0)
     path = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (640, 480))
+    for f in busy[:8]:
+        writer.write(f)
+    writer.release()
+    frames = video_frames(str(path), 12)  # 12 > 8 frames: repeated
+    assert len(frames) == 12 and frames[0].shape == (480, 640, 3) and frames[8] is frames[0]
+    with pytest.raises(InputError):
+        video_frames(str(tmp_path / "missing.mp4"), 5)
+
+
+@pytest.mark.slow
+def test_live_bench_on_a_video_runs_the_real_loop(tmp_path, tiny_bundle, t1_bgr, yunet_model):
+    """--video: the busy run is the video's frames, the idle run its first frame held; both through run_live."""
+    import cv2
+    import insightface
+
+    from facellm_edge.bench.live import arrivals_clip, bench_live, live_payload, person_crops
+    from facellm_edge.runtime.detect import DetectorConfig, create_detector
+
+    faces = sorted(create_detector(DetectorConfig(model_path=yunet_model)).detect(t1_bgr),
+                   key=lambda f: -f.width * f.height)
+    clip = arrivals_clip(person_crops(t1_bgr, [f.box for f in faces[:2]], 200), 30, 480, 360, 20)
+    path = tmp_path / "people.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (480, 360))
     for f in clip:
         writer.write(f)
     writer.release()
-    frames = video_frames(str(path), 8)
-    assert len(frames) == 8 and frames[0].shape == (480, 640, 3)
-    stats = frame_loop(frames, make_detector(yunet_model, 1), 10)  # 10 > 8 frames: the loop cycles
-    assert stats["frame_ms"]["n"] == 10 and stats["fps"] > 0
-    assert stats["faces_per_frame"] >= 4  # t1.jpg's 6 faces, small after letterboxing into 640x480
-    with pytest.raises(InputError):
-        video_frames(str(tmp_path / "missing.mp4"), 5)
+    photo = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    r = bench_live(live_payload(tiny_bundle, "fp32", "f32", photo, path, 30, 640, 480, (1,), 3, "Who is it?",
+                                yunet_model))
+    assert (r["width"], r["height"], r["source"]) == (480, 360, "video people.mp4")
+    idle, busy = r["runs"]
+    assert idle["clip"] == "the video's first frame, held" and idle["settled"] and idle["answers_in_loop"] == 0
+    assert busy["vlm_busy"] and busy["tracks"] >= 2 and busy["answers"] >= 1
+    assert busy["frame_ms"]["n"] == idle["frame_ms"]["n"] == 30 and r["winner"] == busy["name"]
+
+
+def test_roofline_bounds_arithmetic():
+    from facellm_edge.bench import roofline
+
+    ceilings = {"fp32_gflop_s": 100.0, "int8_gop_s": 200.0, "mem_read_gb_s": 10.0}
+    vision = {"weight_gmac": 300.0, "attention_gmac": 50.0}
+    llm = {"image_prefill_gflop": 160.0, "question_prefill_gflop": 40.0, "decode_mb_per_token": 10e9 / 40 / 2**20}
+    b = roofline.bounds(ceilings, vision, "int8", llm)
+    assert b == {"encode_ms": 4000.0, "image_prefill_ms": 800.0, "question_prefill_ms": 200.0,
+                 "ttft_cold_ms": 5000.0, "decode_tok_s": 40.0}
+    assert roofline.bounds(ceilings, vision, "fp32", llm)["encode_ms"] == 7000.0
+
+
+def test_bar_segments_split_each_path_by_its_own_stages():
+    from facellm_edge.bench.report import NAIVE_PREFILL, QUESTION_TTFT, bar_segments
+
+    def cfg(**medians: float) -> dict:
+        return {"stages": {k: {"median": v} for k, v in medians.items()}}
+
+    edge = bar_segments(cfg(detect_ms=1, align_ms=2, preprocess_ms=3, encode_ms=4, image_prefill_ms=5, ttft_ms=6,
+                            ttft_cold_ms=18, decode_ms=7))
+    assert edge == {"detect": 1, "align": 2, "preprocess": 3, "encode": 4, "image prefill": 5, QUESTION_TTFT: 6,
+                    "decode": 7}
+    naive = bar_segments(cfg(preprocess_ms=3, encode_ms=4, ttft_cold_ms=20, decode_ms=7))
+    assert naive == {"detect": 0, "align": 0, "preprocess": 3, "encode": 4, NAIVE_PREFILL: 13, "decode": 7}

@@ -1,29 +1,46 @@
 """The edge path, one configuration = one vision precision (ONNX Runtime) x one GGUF quant (llama.cpp).
 
-Per run, on the benchmark photo: detect (YuNet) -> align the largest face -> preprocess -> vision encode ->
-image prefill into a fresh KV slot -> question (prefill + first token) -> a fixed number of decoded tokens
-(``stop_at_eos=False``) -> a follow-up question on the cached image prefix (warm TTFT). All stages are the runtime's
-own components (``facellm_edge.runtime.detect``, ``align``, ``preprocess``, ``encode``, ``generate``). Runs in a fresh
+It runs the runtime itself: :meth:`FaceLLM.load <facellm_edge.runtime.pipeline.FaceLLM.load>` with a
+:class:`~facellm_edge.runtime.config.RuntimeConfig` built from the bench settings, then per run, on the benchmark
+photo, what ``ask`` and a follow-up do: ``FaceLLM.detect`` -> the largest face -> ``FaceLLM.encode_faces`` (align,
+preprocess, encode) -> ``FaceLLM.open_face`` (image prefill, one :class:`~facellm_edge.runtime.session.FaceSession`
+per run) -> ``FaceSession.ask`` (a fixed number of tokens, ``stop_at_eos=False``) -> a follow-up ``ask`` on the
+cached image prefix (warm TTFT) -> ``FaceSession.close``. Stages are reported under the runtime's own names
+(:mod:`facellm_edge.timings`, ``<stage>_ms``) plus what is derived from them (:func:`add_answer`). Runs in a fresh
 subprocess (``stages.run_isolated``), so the peak RSS is the runtime's alone: no torch, no transformers imported.
 
-Vision ``mmproj`` is the peer: llama.cpp's own InternVL encoder (libmtmd, the bundle's ``--vision mmproj`` GGUF) in
-place of ONNX Runtime; it preprocesses the aligned crop itself, so its preprocessing is inside ``vision_ms``.
+Vision ``mmproj`` is the peer, llama.cpp's own path: llama.cpp's InternVL encoder (libmtmd, the bundle's
+``--vision mmproj`` GGUF) in place of ONNX Runtime, composed here from the runtime's detector, aligner and
+generator. It preprocesses the aligned crop itself, so it has no ``preprocess`` stage: that time is in its
+``encode``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from facellm_edge.bench.stages import RssSampler, StageTimer, repeat, rss_mb
 from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.timings import STAGES, cold_ttft, timed
+
+if TYPE_CHECKING:
+    from facellm_edge.llm.generator import Answer
+    from facellm_edge.runtime.config import RuntimeConfig
+    from facellm_edge.runtime.faces import Face
 
 log = logging.getLogger(__name__)
+
+PEER = "mmproj"  # vision "precision" of the llama.cpp/libmtmd peer
+NOTES = ("stages are facellm_edge.timings' (ms); ttft_cold = preprocess + encode + image_prefill + ttft (a new "
+         "face after detection); ttft_warm = a follow-up question's ttft on the cached image prefix; end_to_end = "
+         "detect + align + ttft_cold + decode")
 
 
 def edge_payload(bundle: Path, vision: str, quant: str, image: Path, question: str, followup: str, runs: int,
@@ -39,14 +56,13 @@ def read_bgr(path: str | Path) -> np.ndarray:
     return read_image(Path(path))  # the runtime's own reader and decoded-size bound
 
 
-def make_detector(detector_model: str | Path | None, threads: int | None):
-    from facellm_edge.runtime.detect import DetectorConfig, create_detector
+def detector_config(detector_model: str | Path | None, threads: int | None):
+    from facellm_edge.runtime.detect import DetectorConfig
 
-    return create_detector(DetectorConfig(model_path=Path(detector_model) if detector_model else None,
-                                          n_threads=threads))
+    return DetectorConfig(model_path=Path(detector_model) if detector_model else None, n_threads=threads)
 
 
-def largest_face(faces: list, image_path: str | Path):
+def largest_face(faces: list["Face"], image_path: str | Path) -> "Face":
     if not faces:
         raise InputError(f"no face found in {image_path}; benchmark with a photo that shows a face (--image)")
     return max(faces, key=lambda f: f.width * f.height)
@@ -55,13 +71,28 @@ def largest_face(faces: list, image_path: str | Path):
 def aligned_face_crop(image_path: Path, detector_model: Path | None, size: int) -> np.ndarray:
     """The aligned crop of the photo's largest face: the one input both paths see (naive: via its processor)."""
     from facellm_edge.runtime.align import CropConfig, align_face
+    from facellm_edge.runtime.detect import create_detector
 
     image = read_bgr(image_path)
-    face = largest_face(make_detector(detector_model, None).detect(image), image_path)
+    face = largest_face(create_detector(detector_config(detector_model, None)).detect(image), image_path)
     return align_face(image, face.landmarks, CropConfig(size=size))
 
 
-PEER = "mmproj"  # vision "precision" of the llama.cpp/libmtmd peer
+def runtime_config(p: Mapping[str, Any], *, threads: int, llama_threads: int | None = None,
+                   max_tokens: int | None = None) -> "RuntimeConfig":
+    """The :class:`RuntimeConfig` of a benchmark payload: its vision precision (ONNX, on the CPU), quant, detector
+    model and threads; answers of ``max_tokens`` (default: the payload's ``decode_tokens``) whatever the model
+    samples (``stop_at_eos=False``, so every run decodes as many tokens). Hashes are not re-checked: the parent
+    checked them once."""
+    from facellm_edge.runtime.config import EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
+
+    k = llama_threads or threads
+    return RuntimeConfig(
+        detector=detector_config(p["detector_model"], threads),
+        encoder=EncoderConfig(device="cpu", precision=p["vision"], n_threads=threads),
+        engine=EngineConfig(quant=p["quant"], n_threads=k, n_threads_batch=k),
+        generation=GenerationConfig(max_tokens=max_tokens or int(p["decode_tokens"]), stop_at_eos=False),
+        check_hashes=False)
 
 
 def quality(verification: dict[str, Any], vision: str, quant: str) -> dict[str, float | None]:
@@ -73,123 +104,136 @@ def quality(verification: dict[str, Any], vision: str, quant: str) -> dict[str, 
             "vision_cosine": vis.get("token_cosine_min", vis.get("cosine_min"))}
 
 
-class _MtmdEncoder:
-    """libmtmd behind the ONNX encoder's interface, for the benchmark (takes the aligned BGR crop, not pixels)."""
-
-    providers = ["llama.cpp libmtmd (CPU)"]
-
-    def __init__(self, bundle: Any, quant: str, threads: int) -> None:
-        from facellm_edge.export.mtmd_peer import MtmdConfig, MtmdVision
-
-        if bundle.manifest.mmproj is None:
-            raise InputError(f"bundle {bundle.root} has no mmproj; export it with --vision ...,mmproj")
-        self._peer = MtmdVision(bundle.path(bundle.manifest.mmproj), bundle.llm_file(quant)[1],
-                                MtmdConfig(n_threads=threads))
-
-    def encode_crop(self, crop_bgr: np.ndarray) -> np.ndarray:
-        return self._peer.encode(np.ascontiguousarray(crop_bgr[..., ::-1]))[None]
-
-    def close(self) -> None:
-        self._peer.close()
+def check_length(ans: "Answer", n_new: int) -> None:
+    if ans.n_generated != n_new:
+        raise RuntimeStageError(f"generated {ans.n_generated} tokens instead of {n_new} ({ans.stop_reason}); "
+                                "lower --decode-tokens")
 
 
-def open_runtime(bundle_dir: str, vision: str, quant: str, threads: int, *, llama_threads: int | None = None):
-    """(bundle, encoder, generator) for one configuration."""
+def add_answer(timer: StageTimer, timings: Mapping[str, float], ans: "Answer", warm: "Answer") -> None:
+    """One run's samples: every stage of ``timings`` as ``<stage>_ms`` (``facellm_edge.timings`` names, the answer's
+    own ``ttft`` and ``decode`` included), then the derived ``ttft_cold_ms`` (:func:`~facellm_edge.timings.cold_ttft`),
+    ``ttft_warm_ms`` (the follow-up's ``ttft``), ``decode_tok_s`` (tokens after the first / decode time) and
+    ``end_to_end_ms`` (detect + align + cold TTFT + decode)."""
+    for stage in STAGES:
+        if stage in timings:
+            timer.add(f"{stage}_ms", timings[stage])
+    cold = cold_ttft(timings)
+    timer.add("ttft_cold_ms", cold)
+    timer.add("ttft_warm_ms", warm.timings["ttft"])
+    timer.add("decode_tok_s", ans.tokens_per_s)
+    timer.add("end_to_end_ms", timings["detect"] + timings["align"] + cold + timings["decode"])
+
+
+def _run_edge_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: int, info: dict[str, Any]):
+    """(load, one run, close, providers) of the runtime: ``FaceLLM`` and one ``FaceSession`` per run."""
+    from facellm_edge.runtime.config import GenerationConfig
+    from facellm_edge.runtime.pipeline import FaceLLM
+
+    model = FaceLLM.load(p["bundle"], runtime_config(p, threads=threads))
+    model.detector  # loaded before the first frame, as `run` does: not inside the first run's detect
+    answer_cfg = GenerationConfig(max_tokens=n_new, stop_at_eos=False)
+    warm_cfg = GenerationConfig(max_tokens=1, stop_at_eos=False)
+
+    def one(timer: StageTimer) -> None:
+        face = largest_face(model.detect(image), p["image"])
+        model.encode_faces(image, [face])
+        with model.open_face(face) as session:
+            ans = session.ask(p["question"], generation=answer_cfg)
+            check_length(ans, n_new)
+            warm = session.ask(p["followup"], generation=warm_cfg)
+            info.update(image_prefix_tokens=session.n_prefix, question_tokens=ans.n_prefilled,
+                        followup_tokens=warm.n_prefilled)
+        add_answer(timer, {**face.timings, **ans.timings}, ans, warm)
+
+    return one, model.close, model.encoder.providers
+
+
+def _run_peer_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: int, info: dict[str, Any]):
+    """The llama.cpp peer: the runtime's detector, aligner and generator around libmtmd's vision encoder."""
     from facellm_edge.bundle import load_bundle
-    from facellm_edge.runtime.encode import EncoderConfig, VisionEncoder
-    from facellm_edge.llm.generator import EngineConfig, Generator
+    from facellm_edge.export.mtmd_peer import MtmdConfig, MtmdVision
+    from facellm_edge.llm.generator import Generator
+    from facellm_edge.runtime.align import CropConfig, align_face
+    from facellm_edge.runtime.config import GenerationConfig
+    from facellm_edge.runtime.detect import create_detector
 
-    bundle = load_bundle(bundle_dir, check_hashes=False)  # the parent checked the hashes once
-    n_llama = llama_threads or threads
-    gen = Generator.from_bundle(bundle, quant, EngineConfig(n_threads=n_llama, n_threads_batch=n_llama))
+    cfg = runtime_config(p, threads=threads)
+    bundle = load_bundle(p["bundle"], check_hashes=False)  # the parent checked the hashes once
+    if bundle.manifest.mmproj is None:
+        raise InputError(f"bundle {bundle.root} has no mmproj; export it with --vision ...,mmproj")
+    detector = create_detector(cfg.detector)
+    crop_cfg = CropConfig(size=bundle.manifest.image.size)
+    gen = Generator.from_bundle(bundle, cfg.engine)
     try:
-        if vision == PEER:
-            return bundle, _MtmdEncoder(bundle, quant, threads), gen
-        enc = VisionEncoder.from_bundle(bundle, EncoderConfig(device="cpu", precision=vision, n_threads=threads),
-                                        llm_width=gen.n_embd)
+        peer = MtmdVision(bundle.path(bundle.manifest.mmproj), bundle.llm_file(p["quant"])[1],
+                          MtmdConfig(n_threads=threads))
     except BaseException:
         gen.close()
         raise
-    return bundle, enc, gen
+    answer_cfg = GenerationConfig(max_tokens=n_new, stop_at_eos=False)
+    warm_cfg = GenerationConfig(max_tokens=1, stop_at_eos=False)
+    keys = (f"bench-{i}" for i in itertools.count())
+
+    def one(timer: StageTimer) -> None:
+        t: dict[str, float] = {}
+        key = next(keys)
+        with timed(t, "detect"):
+            faces = detector.detect(image)
+        face = largest_face(faces, p["image"])
+        with timed(t, "align"):
+            crop = align_face(image, face.landmarks, crop_cfg)
+        with timed(t, "encode"):  # libmtmd preprocesses the crop itself: no separate preprocess stage
+            embeds = peer.encode(np.ascontiguousarray(crop[..., ::-1]))
+        with timed(t, "image_prefill"):
+            info["image_prefix_tokens"] = gen.prefill_image(key, embeds)
+        try:
+            ans = gen.ask(key, p["question"], answer_cfg)
+            check_length(ans, n_new)
+            warm = gen.ask(key, p["followup"], warm_cfg)
+        finally:
+            gen.drop(key)
+        info.update(question_tokens=ans.n_prefilled, followup_tokens=warm.n_prefilled)
+        add_answer(timer, {**t, **ans.timings}, ans, warm)
+
+    def close() -> None:
+        peer.close()
+        gen.close()
+
+    return one, close, ["llama.cpp libmtmd (CPU)"]
 
 
 def run_edge(p: dict[str, Any]) -> dict[str, Any]:
     """Benchmark one (vision precision, GGUF quant) pair. Entry point of the subprocess."""
-    from facellm_edge.runtime.align import CropConfig, align_face
-    from facellm_edge.llm.generator import GenerationConfig
-    from facellm_edge.runtime.preprocess import crop_to_pixels
+    from facellm_edge.bundle import load_bundle
 
     n_new, threads = int(p["decode_tokens"]), int(p["threads"])
+    peer = p["vision"] == PEER
     image = read_bgr(p["image"])
     rss_start = rss_mb()
+    info: dict[str, Any] = {}
     t0 = time.perf_counter()
-    detector = make_detector(p["detector_model"], threads)
-    bundle, enc, gen = open_runtime(p["bundle"], p["vision"], p["quant"], threads)
+    one, close, providers = (_run_peer_path if peer else _run_edge_path)(p, image, threads, n_new, info)
     load_ms = (time.perf_counter() - t0) * 1000.0
     rss_loaded = rss_mb()
-    spec = bundle.manifest.image
-    crop_cfg = CropConfig(size=spec.size)
-    answer_cfg = GenerationConfig(max_tokens=n_new, stop_at_eos=False)
-    warm_cfg = GenerationConfig(max_tokens=1, stop_at_eos=False)
-    counter = iter(range(1 << 30))
-    info: dict[str, Any] = {}
-    peer = p["vision"] == PEER
-
-    def one(timer: StageTimer) -> None:
-        key = f"bench-{next(counter)}"
-        with timer.time("detect_ms"):
-            faces = detector.detect(image)
-        face = largest_face(faces, p["image"])
-        with timer.time("align_ms"):
-            crop = align_face(image, face.landmarks, crop_cfg)
-        if peer:
-            timer.add("preprocess_ms", 0.0)
-            with timer.time("vision_ms"):
-                embeds = enc.encode_crop(crop)
-        else:
-            with timer.time("preprocess_ms"):
-                pixels = crop_to_pixels(crop, spec)
-            with timer.time("vision_ms"):
-                embeds = enc.encode(pixels)
-        t = time.perf_counter()
-        info["image_prefix_tokens"] = gen.prefill_image(key, embeds[0])
-        image_prefill_ms = (time.perf_counter() - t) * 1000.0
-        ans = gen.ask(key, p["question"], answer_cfg)
-        if ans.n_generated != n_new:
-            raise RuntimeStageError(f"generated {ans.n_generated} tokens instead of {n_new} ({ans.stop_reason}); "
-                                    "lower --decode-tokens")
-        info["question_tokens"] = ans.n_prefilled
-        tm = ans.timings
-        cold = timer.samples["preprocess_ms"][-1] + timer.samples["vision_ms"][-1] + image_prefill_ms + tm["ttft_ms"]
-        timer.add("image_prefill_ms", image_prefill_ms)
-        timer.add("prefill_ms", image_prefill_ms + tm["prefill_ms"])
-        timer.add("ttft_cold_ms", cold)
-        timer.add("decode_tok_s", tm["tokens_per_s"])
-        timer.add("decode_ms", tm["decode_ms"])
-        timer.add("end_to_end_ms", timer.samples["detect_ms"][-1] + timer.samples["align_ms"][-1] + cold
-                  + tm["decode_ms"])
-        warm = gen.ask(key, p["followup"], warm_cfg)
-        info["followup_tokens"] = warm.n_prefilled
-        timer.add("ttft_warm_ms", warm.timings["ttft_ms"])
-        gen.drop(key)
-
     try:
         with RssSampler() as sampler:
             timer = repeat(one, int(p["runs"]), int(p["warmup"]))
     finally:
-        gen.close()
-        if peer:
-            enc.close()
-    llm_entry = bundle.manifest.llm[p["quant"]]
-    vision_entry = bundle.manifest.mmproj if peer else bundle.manifest.vision[p["vision"]]
+        close()
+    manifest = load_bundle(p["bundle"], check_hashes=False).manifest
+    llm_entry = manifest.llm[p["quant"]]
+    vision_entry = manifest.mmproj if peer else manifest.vision[p["vision"]]
     return {
         "name": f"peer llama.cpp mtmd+{p['quant']}" if peer else f"edge {p['vision']}+{p['quant']}",
         "kind": "peer" if peer else "edge",
+        "code_path": ("runtime detector + aligner + Generator around llama.cpp's libmtmd vision (MtmdVision)" if peer
+                      else "FaceLLM.detect -> encode_faces -> open_face -> FaceSession.ask (+ follow-up ask)"),
         "vision": p["vision"],
         "quant": p["quant"],
         "device": "cpu",
         "threads": threads,
-        "providers": enc.providers,
+        "providers": providers,
         "imports_torch": "torch" in sys.modules,  # the runtime must not need it: peak RSS is the runtime's
         "load_ms": round(load_ms, 1),
         "decode_tokens": n_new,
@@ -197,10 +241,9 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
         "files_mb": {"vision": round(vision_entry.bytes / 2**20, 1),
                      "llm": round(llm_entry.bytes / 2**20, 1)},
         **info,
-        "quality": quality(bundle.manifest.verification, p["vision"], p["quant"]),
+        "quality": quality(manifest.verification, p["vision"], p["quant"]),
         "stages": timer.summary(),
         "memory": {"rss_start_mb": round(rss_start, 1), "rss_loaded_mb": round(rss_loaded, 1),
                    "rss_sampled_peak_mb": round(sampler.peak_mb, 1)},
-        "notes": "cold TTFT = preprocess + vision + image prefill + question prefill + first token; warm TTFT = a "
-                 "follow-up question on the cached image prefix; end-to-end adds detection, alignment and decode",
+        "notes": NOTES,
     }

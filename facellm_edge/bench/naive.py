@@ -3,11 +3,14 @@
 ``AutoProcessor`` (its own image processing) + ``InternVLForConditionalGeneration.generate`` (greedy, a fixed
 number of new tokens: ``min_new_tokens == max_new_tokens``), on CPU in fp32 or bf16, or on CUDA in bf16.
 
-Per run: preprocess (processor call), vision encode (``get_image_features``, measured on its own), TTFT
-(``generate(max_new_tokens=1)`` from the processor's output, plus preprocessing), the full answer
-(``generate(max_new_tokens=N)``), and a follow-up question about the same face (transformers keeps no prefix cache
-between ``generate`` calls, so the image is encoded and prefilled again). Decode rate = (N - 1) tokens over the time
-the full answer takes beyond the first token. Runs in a fresh subprocess (see ``stages.run_isolated``).
+Per run, under the edge path's names where the stage exists (:mod:`facellm_edge.timings`): ``preprocess_ms``
+(processor call), ``encode_ms`` (``get_image_features``, measured on its own), ``ttft_cold_ms``
+(``generate(max_new_tokens=1)`` from the processor's output, plus preprocessing: the image and the question are
+prefilled together inside it, so there is no separate image / question prefill or ``ttft``), the full answer
+(``generate(max_new_tokens=N)``: ``decode_ms`` from its first to its last token, ``decode_tok_s`` = (N - 1) tokens
+over that time, ``end_to_end_ms`` = preprocessing + the whole call), and ``ttft_warm_ms``, a follow-up question
+about the same face (transformers keeps no prefix cache between ``generate`` calls, so the image is encoded and
+prefilled again). Runs in a fresh subprocess (see ``stages.run_isolated``).
 """
 
 from __future__ import annotations
@@ -56,11 +59,12 @@ class _TokenClock:
     def end(self) -> None:
         pass
 
-    def decode_tok_s(self, generated: int) -> float:
+    def decode_s(self, generated: int) -> float:
+        """Seconds from the first to the last generated token."""
         tokens = self.times[1:]  # drop the prompt's put
         if generated < 2 or len(tokens) != generated:
             raise RuntimeStageError(f"the streamer saw {len(tokens)} tokens of {generated}: cannot time decode")
-        return (generated - 1) / (tokens[-1] - tokens[0])
+        return tokens[-1] - tokens[0]
 
 
 def run_naive(p: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +113,7 @@ def run_naive(p: dict[str, Any]) -> dict[str, Any]:
             pre_ms = (time.perf_counter() - t) * 1000.0
             timer.add("preprocess_ms", pre_ms)
             n_prompt["question"] = int(inputs["input_ids"].shape[1])
-            with timer.time("vision_ms"):
+            with timer.time("encode_ms"):
                 model.get_image_features(pixel_values=inputs["pixel_values"],
                                          vision_feature_layer=cfg.vision_feature_layer,
                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy)
@@ -119,14 +123,15 @@ def run_naive(p: dict[str, Any]) -> dict[str, Any]:
             sync()
             first_ms = (time.perf_counter() - t) * 1000.0
             timer.add("ttft_cold_ms", pre_ms + first_ms)
-            timer.add("prefill_ms", first_ms - timer.samples["vision_ms"][-1])
             clock = _TokenClock(sync)
             t = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, streamer=clock, **gen)
             sync()
             full_ms = (time.perf_counter() - t) * 1000.0
             got = int(out.shape[1] - inputs["input_ids"].shape[1])
-            timer.add("decode_tok_s", clock.decode_tok_s(got))
+            decode_s = clock.decode_s(got)
+            timer.add("decode_ms", decode_s * 1000.0)
+            timer.add("decode_tok_s", (got - 1) / decode_s)
             timer.add("end_to_end_ms", pre_ms + full_ms)
             # A second question about the same face: the naive path starts from the image again.
             t = time.perf_counter()
@@ -153,6 +158,8 @@ def run_naive(p: dict[str, Any]) -> dict[str, Any]:
         "decode_tokens": n_new,
         "stages": timer.summary(),
         "memory": memory,
-        "notes": "transformers generate, greedy, min_new_tokens=max_new_tokens; warm TTFT = a follow-up question "
-                 "(no prefix cache: the image is encoded and prefilled again)",
+        "code_path": "transformers AutoProcessor + InternVLForConditionalGeneration.generate",
+        "notes": "transformers generate, greedy, min_new_tokens=max_new_tokens; image and question are prefilled "
+                 "together inside generate; ttft_warm = a follow-up question (no prefix cache: the image is encoded "
+                 "and prefilled again)",
     }

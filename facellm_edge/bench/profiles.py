@@ -1,12 +1,13 @@
 """Profiles: which runtime setting wins on this machine (each option timed like a stage, medians over runs).
 
-* ``llama.cpp threads`` (1 .. cores): image prefill ms and decode tok/s of the Generator;
-* ``ORT threads`` (1 .. cores): vision encode ms of one face;
-* ``ORT graph optimisation`` (basic / extended / all): vision encode ms, an ONNX Runtime session on the bundle's
+* ``llama.cpp threads`` (1 .. cores): ``image_prefill`` ms and decode tok/s of the runtime (``FaceLLM.open_face``
+  and ``FaceSession.ask`` on the photo's largest face, the model loaded with that many llama.cpp threads);
+* ``ORT threads`` (1 .. cores): ``encode`` ms of one face (``VisionEncoder``);
+* ``ORT graph optimisation`` (basic / extended / all): ``encode`` ms, an ONNX Runtime session on the bundle's
   vision file (``VisionEncoder`` always uses ``all``);
 * ``GGUF KV-cache type`` (f16 / q8_0): prefill ms of a text prompt as long as the image prompt, then decode tok/s,
   through llama-cpp-python's ``Llama`` (flash attention on; the Generator's ``EngineConfig`` has no KV-type field);
-* ``faces per encoder call``: vision encode ms per face for all faces of the photo, one batched call vs one call per
+* ``faces per encoder call``: ``encode`` ms per face for all faces of the photo, one batched call vs one call per
   face.
 """
 
@@ -41,42 +42,38 @@ def run_profiles(p: dict[str, Any]) -> dict[str, Any]:
     from facellm_edge.onnxrt import onnxruntime_module  # telemetry off
     ort = onnxruntime_module()
 
+    from facellm_edge.bench.edge import largest_face, read_bgr, runtime_config
     from facellm_edge.runtime.align import CropConfig, align_face
-    from facellm_edge.bench.edge import make_detector, open_runtime, read_bgr
+    from facellm_edge.runtime.config import GenerationConfig
     from facellm_edge.runtime.encode import EncoderConfig, VisionEncoder
-    from facellm_edge.llm.generator import GenerationConfig
+    from facellm_edge.runtime.pipeline import FaceLLM
     from facellm_edge.runtime.preprocess import crop_to_pixels, crops_to_pixels
 
     runs, warmup, n_new = int(p["runs"]), int(p["warmup"]), int(p["decode_tokens"])
     thread_options = list(range(1, int(p["max_threads"]) + 1))
+    threads = int(p["threads"])
     image = read_bgr(p["image"])
-    faces = make_detector(p["detector_model"], None).detect(image)
-    if not faces:
-        from facellm_edge.errors import InputError
-
-        raise InputError(f"no face found in {p['image']}")
     out: list[dict[str, Any]] = []
 
-    # llama.cpp threads: decode rate after an image prefill.
+    # llama.cpp threads: image prefill and decode rate of the runtime, on the largest face (encoded once).
+    answer_cfg = GenerationConfig(max_tokens=n_new, stop_at_eos=False)
     decode: dict[str, list[float]] = {}
     prefill: dict[str, list[float]] = {}
-    embeds = None
+    faces = embeds = None
     for k in thread_options:
-        bundle, enc, gen = open_runtime(p["bundle"], p["vision"], p["quant"], k, llama_threads=k)
-        try:
-            spec = bundle.manifest.image
-            crops = [align_face(image, f.landmarks, CropConfig(size=spec.size)) for f in faces]
-            if embeds is None:
-                embeds = enc.encode(crop_to_pixels(crops[0], spec))[0]
+        with FaceLLM.load(p["bundle"], runtime_config(p, threads=threads, llama_threads=k)) as model:
+            if faces is None:
+                faces = model.detect(image)
+                face = largest_face(faces, p["image"])
+                model.encode_faces(image, [face])
+                embeds = face.embeds
             samples: list[float] = []
             pre: list[float] = []
 
             def answer() -> None:
-                t = time.perf_counter()
-                gen.prefill_image("p", embeds)
-                pre.append((time.perf_counter() - t) * 1000.0)
-                samples.append(gen.ask("p", p["question"], GenerationConfig(max_tokens=n_new,
-                                                                             stop_at_eos=False)).timings["tokens_per_s"])
+                with model.open_face(face) as session:  # a fresh image prefill each time
+                    pre.append(face.timings["image_prefill"])
+                    samples.append(session.ask(p["question"], generation=answer_cfg).tokens_per_s)
 
             for _ in range(warmup):
                 answer()
@@ -85,25 +82,25 @@ def run_profiles(p: dict[str, Any]) -> dict[str, Any]:
             for _ in range(runs):
                 answer()
             decode[str(k)], prefill[str(k)] = samples, pre
-        finally:
-            gen.close()
+            bundle = model.bundle
     out.append(_profile("llama.cpp threads", "decode tok/s", "higher", decode))
-    out.append(_profile("llama.cpp threads", "image prefill ms", "lower", prefill))
+    out.append(_profile("llama.cpp threads", "image_prefill ms", "lower", prefill))
 
+    spec = bundle.manifest.image
+    crops = [align_face(image, f.landmarks, CropConfig(size=spec.size)) for f in faces]
     # ORT threads and faces per encoder call (the configured vision precision).
     one_face = crop_to_pixels(crops[0], spec)
     all_faces = crops_to_pixels(crops, spec)
-    vision_ms: dict[str, list[float]] = {}
+    encode_ms: dict[str, list[float]] = {}
     for k in thread_options:
         enc = VisionEncoder.from_bundle(bundle, EncoderConfig(device="cpu", precision=p["vision"], n_threads=k))
-        vision_ms[str(k)] = _timed(lambda: enc.encode(one_face), runs, warmup)
-    out.append(_profile("ORT threads", "vision encode ms", "lower", vision_ms))
-    threads = int(p["threads"])
+        encode_ms[str(k)] = _timed(lambda: enc.encode(one_face), runs, warmup)
+    out.append(_profile("ORT threads", "encode ms", "lower", encode_ms))
     enc = VisionEncoder.from_bundle(bundle, EncoderConfig(device="cpu", precision=p["vision"], n_threads=threads))
     n = len(crops)
     batched = [t / n for t in _timed(lambda: enc.encode(all_faces, one_call=True), runs, warmup)]
     single = [t / n for t in _timed(lambda: [enc.encode(all_faces[i:i + 1]) for i in range(n)], runs, warmup)]
-    out.append(_profile(f"faces per encoder call ({n} faces)", "vision encode ms per face", "lower",
+    out.append(_profile(f"faces per encoder call ({n} faces)", "encode ms per face", "lower",
                         {f"batch of {n}": batched, "one by one": single}))
 
     # ORT graph optimisation level.
@@ -119,7 +116,7 @@ def run_profiles(p: dict[str, Any]) -> dict[str, Any]:
         sess = ort.InferenceSession(str(vision_path), sess_options=so, providers=["CPUExecutionProvider"])
         opt_ms[name] = _timed(lambda: sess.run(["image_embeds"], {"pixel_values": one_face}), runs, warmup)
         del sess
-    out.append(_profile("ORT graph optimisation", "vision encode ms", "lower", opt_ms))
+    out.append(_profile("ORT graph optimisation", "encode ms", "lower", opt_ms))
 
     out += _kv_profiles(p, bundle, threads, runs, warmup, n_new, prompt_len=int(embeds.shape[0]) + 20)
     return {"name": "profiles", "kind": "profiles", "vision": p["vision"], "quant": p["quant"], "profiles": out}

@@ -3,18 +3,24 @@
 ``results.json`` (``schema`` = :data:`SCHEMA`)::
 
     schema, created, settings{...}, machine{...}, versions{...}, export{...} | null,
-    configs: [ {name, kind: "naive" | "edge", stages: {STAGE: {median, p90, p99, min, max, n, samples}},
-                memory: {peak_rss_mb, rss_loaded_mb, ...}, load_ms, ...} ],
+    configs: [ {name, kind: "naive" | "edge" | "peer", code_path, stages: {KEY: {median, p90, p99, min, max, n,
+                samples}}, memory: {peak_rss_mb, rss_loaded_mb, ...}, load_ms, ...} ],
     ratios: [ {edge, baseline, ttft_cold, ttft_warm, decode, end_to_end, peak_rss} ]   (edge / naive, medians),
     profiles: [ {setting, metric, better: "lower" | "higher", options: {VALUE: {median, p90, ...}}, winner} ],
-    live: {source, width, height, frames, runs: [...], winner} | null,
+    live: {code_path, source, width, height, frames, decode_tokens, runs: [ {name, llama_threads, vlm_busy, clip,
+           fps, frames, frame_ms{median, p90, p99, ...}, faces_per_frame, tracks, answers, answers_in_loop,
+           dropped_jobs, decode_tok_s, since_seen_ms{first_token{...}, answer{...}} | null, ...} ],
+           winner, winner_rule} | null,
     roofline: {ceilings{mem_read_gb_s, fp32_gflop_s, int8_gop_s, ...}, vision{PREC: work}, llm{QUANT: work},
-               prompt_tokens} | null      (edge configs then carry bounds{vision_ms, prefill_ms, ttft_cold_ms,
-                                            decode_tok_s}: the best this machine allows; see bench/roofline.py)
+               image_tokens, question_tokens} | null   (edge configs then carry bounds{encode_ms, image_prefill_ms,
+               question_prefill_ms, ttft_cold_ms, decode_tok_s}: the best this machine allows; bench/roofline.py)
     targets: [ {key, label, op, threshold, value, config, met, bound, reachable} ]
 
-Stage keys (milliseconds unless the name ends in ``tok_s``): detect_ms, align_ms, preprocess_ms, vision_ms,
-image_prefill_ms, prefill_ms, ttft_cold_ms, ttft_warm_ms, decode_tok_s, decode_ms, end_to_end_ms.
+Stage keys (milliseconds unless the name ends in ``tok_s``): ``<stage>_ms`` for the stages of
+:data:`facellm_edge.timings.STAGES` a path has (detect, align, preprocess, encode, image_prefill, question_prefill,
+ttft, decode), then ttft_cold_ms (:func:`facellm_edge.timings.cold_ttft`), ttft_warm_ms (a follow-up question's
+ttft), decode_tok_s (tokens after the first / decode) and end_to_end_ms (detect + align + ttft_cold + decode).
+Schema 2 (these names) replaced schema 1 (vision_ms, prefill_ms: the names before ``facellm_edge.timings``).
 """
 
 from __future__ import annotations
@@ -29,20 +35,23 @@ from facellm_edge.io import OutputKind, atomic_directory, known_file_set
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "facellm-edge-bench/1"
-# --force replaces only bench results: ours carry the marker; older ones are recognised by their exact file set
-BENCH = OutputKind("bench results", known_file_set({"results.json", "results.md", "stages.png"}, "results.json", SCHEMA))
+SCHEMA = "facellm-edge-bench/2"
+# --force replaces only bench results: ours carry the marker; older ones (written before the marker, all of
+# schema 1) are recognised by their exact file set
+BENCH = OutputKind("bench results", known_file_set({"results.json", "results.md", "stages.png"}, "results.json",
+                                                   "facellm-edge-bench/1"))
 TOP_KEYS = ("schema", "created", "settings", "machine", "versions", "export", "configs", "ratios", "profiles",
             "live", "roofline", "targets")
 # Targets whose best possible value on this machine the roofline gives: target key -> (bound key, best is min?).
-TARGET_BOUNDS = {"cold_ttft_ms": ("ttft_cold_ms", True), "decode_tok_s": ("decode_tok_s", False)}
-# Stacked bar segments (per-answer wall time), in pipeline order.
-BAR_STAGES = (("detect_ms", "detect"), ("align_ms", "align"), ("preprocess_ms", "preprocess"),
-              ("vision_ms", "vision encode"), ("prefill_ms", "LLM prefill (image + question)"),
-              ("decode_ms", "decode"))
-TABLE_COLUMNS = (("detect_ms", "detect ms"), ("align_ms", "align ms"), ("vision_ms", "vision ms"),
-                 ("prefill_ms", "prefill ms"), ("ttft_cold_ms", "TTFT cold ms"), ("ttft_warm_ms", "TTFT warm ms"),
-                 ("decode_tok_s", "decode tok/s"), ("end_to_end_ms", "end-to-end ms"))
+TARGET_BOUNDS = {"ttft_cold_ms": ("ttft_cold_ms", True), "decode_tok_s": ("decode_tok_s", False)}
+NAIVE_PREFILL = "prefill + first token (transformers: inside generate)"
+QUESTION_TTFT = "ttft (question prefill + first token)"
+# Stacked bar segments (per-answer wall time), in pipeline order; see bar_segments.
+BAR_LABELS = ("detect", "align", "preprocess", "encode", "image prefill", QUESTION_TTFT, NAIVE_PREFILL, "decode")
+TABLE_COLUMNS = (("detect_ms", "detect"), ("align_ms", "align"), ("preprocess_ms", "preprocess"),
+                 ("encode_ms", "encode"), ("image_prefill_ms", "image prefill"),
+                 ("question_prefill_ms", "question prefill"), ("ttft_cold_ms", "TTFT cold"),
+                 ("ttft_warm_ms", "TTFT warm"), ("decode_tok_s", "decode tok/s"), ("end_to_end_ms", "end-to-end"))
 
 
 def median(cfg: dict[str, Any], stage: str) -> float | None:
@@ -50,13 +59,18 @@ def median(cfg: dict[str, Any], stage: str) -> float | None:
     return None if s is None else float(s["median"])
 
 
-def decode_ms(cfg: dict[str, Any]) -> float | None:
-    """Decode wall time per answer: measured (edge) or end-to-end minus TTFT (naive)."""
-    d = median(cfg, "decode_ms")
-    if d is not None:
-        return d
-    e2e, ttft = median(cfg, "end_to_end_ms"), median(cfg, "ttft_cold_ms")
-    return None if e2e is None or ttft is None else max(e2e - ttft, 0.0)
+def bar_segments(cfg: dict[str, Any]) -> dict[str, float]:
+    """Per-answer wall time split into stages (medians, pipeline order). A path without the runtime's image prefill
+    and ttft (transformers: one ``generate`` call) gets cold TTFT - preprocess - encode as one segment."""
+    out = {label: median(cfg, f"{stage}_ms") or 0.0 for stage, label in
+           (("detect", "detect"), ("align", "align"), ("preprocess", "preprocess"), ("encode", "encode"))}
+    if median(cfg, "image_prefill_ms") is not None:
+        out["image prefill"] = median(cfg, "image_prefill_ms")
+        out[QUESTION_TTFT] = median(cfg, "ttft_ms") or 0.0
+    else:
+        out[NAIVE_PREFILL] = max((median(cfg, "ttft_cold_ms") or 0.0) - out["preprocess"] - out["encode"], 0.0)
+    out["decode"] = median(cfg, "decode_ms") or 0.0
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -84,13 +98,12 @@ def _met(op: str, value: float, threshold: float) -> bool:
 
 
 def evaluate_targets(configs: list[dict[str, Any]], live: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Each issue target against the best edge configuration (or the best busy live policy)."""
+    """Each target against the best edge configuration (or the best busy live policy)."""
     edge = [c for c in configs if c["kind"] == "edge"]
     values: dict[str, list[tuple[float, str]]] = {k: [] for k in TARGETS}
     for c in edge:
-        for key, stage in (("cold_ttft_ms", "ttft_cold_ms"), ("warm_ttft_ms", "ttft_warm_ms"),
-                           ("decode_tok_s", "decode_tok_s")):
-            v = median(c, stage)
+        for key in ("ttft_cold_ms", "ttft_warm_ms", "decode_tok_s"):
+            v = median(c, key)
             if v is not None:
                 values[key].append((v, c["name"]))
         if c["memory"].get("peak_rss_mb") is not None:
@@ -162,6 +175,10 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"Medians (p90) over {s['runs']} runs after {s['warmup']} warm-up; {s['decode_tokens']} decoded tokens per "
         f"answer (end-of-sequence ignored); threads: {s['threads']}; question: \"{s['question']}\".",
         "",
+        "Milliseconds unless tok/s. Stage names are the runtime's (`facellm_edge.timings`): TTFT cold = preprocess "
+        "+ encode + image prefill + ttft (a new face), TTFT warm = a follow-up's ttft; end-to-end = detect + align + "
+        "TTFT cold + decode.",
+        "",
         "| config | " + " | ".join(h for _, h in TABLE_COLUMNS) + " | peak RSS MB | LLM bits/w | quality |",
         "|---|" + "---|" * (len(TABLE_COLUMNS) + 3),
     ]
@@ -179,7 +196,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         for q in r["ratios"]:
             lines.append(f"| {q['edge']} | {q['baseline']} | {_fmt(q['ttft_cold'], 2)}× | {_fmt(q['ttft_warm'], 2)}× "
                          f"| {_fmt(q['decode'], 2)}× | {_fmt(q['end_to_end'], 2)}× | {_fmt(q['peak_rss'], 2)}× |")
-    lines += ["", "## Targets (issue 4)", "",
+    lines += ["", "## Targets", "",
               "| target | threshold | best | config | status | best possible here (roofline) |", "|---|---|---|---|---|---|"]
     for t in r["targets"]:
         status = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
@@ -195,15 +212,7 @@ def to_markdown(r: dict[str, Any]) -> str:
             opts = "; ".join([f"{k}: {_fmt(v['median'])} ({_fmt(v['p90'])})" for k, v in p["options"].items()]
                              + [f"{k}: unsupported ({why})" for k, why in p.get("unsupported", {}).items()])
             lines.append(f"| {p['setting']} | {p['metric']} ({p['better']} is better) | {opts} | **{p['winner']}** |")
-    live = r.get("live")
-    if live:
-        lines += ["", f"## Live loop ({live['source']}, {live['width']}x{live['height']}, {live['frames']} frames; "
-                  "detect + track + overlay)", "",
-                  "| run | FPS | frame p50 ms | frame p99 ms | VLM decode tok/s |", "|---|---|---|---|---|"]
-        for run in live["runs"]:
-            lines.append(f"| {run['name']} | {_fmt(run['fps'])} | {_fmt(run['frame_ms']['median'])} | "
-                         f"{_fmt(run['frame_ms']['p99'])} | {_fmt(run.get('vlm_tok_s'))} |")
-        lines.append(f"\nThread policy that won while the VLM is busy: **{live['winner']}**")
+    lines += _live_lines(r.get("live"))
     if r.get("export"):
         e = r["export"]
         lines += ["", f"Export of the synthetic model: {_fmt(e['seconds'])} s "
@@ -222,23 +231,54 @@ def _roofline_lines(r: dict[str, Any]) -> list[str]:
              f"Ceilings measured here with {c['threads']} threads: memory read {_fmt(c['mem_read_gb_s'])} GB/s, "
              f"ONNX Runtime fp32 MatMul {_fmt(c['fp32_gflop_s'])} GFLOP/s, int8 DynamicQuantizeMatMul "
              f"{_fmt(c['int8_gop_s'])} GOP/s ({' x '.join(map(str, c['gemm_shape']))}). "
-             f"Prompt: {roof['prompt_tokens']} tokens.", ""]
+             f"Prompt: {roof['image_tokens']} image-prefix + {roof['question_tokens']} question tokens.", ""]
     for prec, v in roof["vision"].items():
-        lines.append(f"- vision {prec}: {_fmt(2 * v['weight_gmac'])} GOP in weight products + "
+        lines.append(f"- encode {prec}: {_fmt(2 * v['weight_gmac'])} GOP in weight products + "
                      f"{_fmt(2 * v['attention_gmac'])} GFLOP attention ({v['tokens']} tokens)")
     for q, w in roof["llm"].items():
-        lines.append(f"- LLM {q}: prefill {_fmt(w['prefill_gflop'])} GFLOP; decode reads "
-                     f"{_fmt(w['decode_mb_per_token'])} MB per token (output head {_fmt(w['head_mb'])} MB)")
-    lines += ["", "| config | vision ms (bound) | prefill ms (bound) | TTFT cold ms (bound) | decode tok/s (bound) |",
-              "|---|---|---|---|---|"]
+        lines.append(f"- LLM {q}: image prefill {_fmt(w['image_prefill_gflop'])} GFLOP, question prefill "
+                     f"{_fmt(w['question_prefill_gflop'])} GFLOP; decode reads {_fmt(w['decode_mb_per_token'])} MB "
+                     f"per token (output head {_fmt(w['head_mb'])} MB)")
+    cols = {"encode_ms": "encode ms", "image_prefill_ms": "image prefill ms",
+            "question_prefill_ms": "question prefill ms", "ttft_cold_ms": "TTFT cold ms",
+            "decode_tok_s": "decode tok/s"}
+    keys = tuple(cols)
+    lines += ["", "| config | " + " | ".join(f"{h} (bound)" for h in cols.values()) + " |",
+              "|---|" + "---|" * len(keys)]
     for cfg in r["configs"]:
         b = cfg.get("bounds")
-        if not b:
-            continue
-        lines.append(f"| {cfg['name']} | {_fmt(median(cfg, 'vision_ms'))} ({_fmt(b['vision_ms'])}) | "
-                     f"{_fmt(median(cfg, 'prefill_ms'))} ({_fmt(b['prefill_ms'])}) | "
-                     f"{_fmt(median(cfg, 'ttft_cold_ms'))} ({_fmt(b['ttft_cold_ms'])}) | "
-                     f"{_fmt(median(cfg, 'decode_tok_s'))} ({_fmt(b['decode_tok_s'])}) |")
+        if b:
+            lines.append(f"| {cfg['name']} | " + " | ".join(f"{_fmt(median(cfg, k))} ({_fmt(b[k])})" for k in keys)
+                         + " |")
+    return lines
+
+
+def _since(run: dict[str, Any], key: str) -> str:
+    s = (run.get("since_seen_ms") or {}).get(key)
+    return "–" if s is None else f"{_fmt(s['median'], 0)} / {_fmt(s['p90'], 0)}"
+
+
+def _live_lines(live: dict[str, Any] | None) -> list[str]:
+    if not live:
+        return []
+    lines = ["", f"## Live loop ({live['source']}, {live['width']}x{live['height']}, {live['frames']} measured "
+             f"frames per run)", "",
+             f"Every run is `{live['code_path']}`. Answers: {live['decode_tokens']} tokens each; in loop = complete "
+             "before the clip ended. Since seen: ms from a person's first frame to the answer's first token / to the "
+             "whole answer (p50 / p90).", "",
+             "| run | clip | FPS | frame p50 / p90 / p99 ms | tracks | answers (in loop) | decode tok/s | "
+             "first token since seen | answer since seen |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in live["runs"]:
+        f = run["frame_ms"]
+        lines.append(f"| {run['name']} | {run['clip']} | {_fmt(run['fps'])} | {_fmt(f['median'])} / {_fmt(f['p90'])} "
+                     f"/ {_fmt(f['p99'])} | {run['tracks']} | {run['answers']} ({run['answers_in_loop']}) | "
+                     f"{_fmt(run.get('decode_tok_s'))} | {_since(run, 'first_token')} | {_since(run, 'answer')} |")
+    idle = next((run for run in live["runs"] if not run["vlm_busy"]), None)
+    if idle is not None:
+        lines.append(f"\nIdle: the {idle['answered_before']} face(s) of the clip's first frame were answered before "
+                     "the measured frames began (the worker then waits)"
+                     + ("." if idle["settled"] else "; **they were not all answered in time**."))
+    lines.append(f"\nThread policy that won while the VLM is busy: **{live['winner']}** ({live['winner_rule']})")
     return lines
 
 
@@ -252,11 +292,12 @@ def plot_stages(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     configs = r["configs"]
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.55 * max(len(configs), 1)))
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.55 * max(len(configs), 1)))
     names = [c["name"] for c in configs]
+    segments = [bar_segments(c) for c in configs]
     left = [0.0] * len(configs)
-    for key, label in BAR_STAGES:
-        widths = [(decode_ms(c) if key == "decode_ms" else median(c, key)) or 0.0 for c in configs]
+    for label in BAR_LABELS:
+        widths = [seg.get(label, 0.0) for seg in segments]
         if not any(widths):
             continue
         ax.barh(names, widths, left=left, label=label)
@@ -264,7 +305,7 @@ def plot_stages(r: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel(f"ms per face answer ({r['settings']['decode_tokens']} tokens), medians")
     ax.set_title(f"facellm-edge bench — {r['settings'].get('model')} — {r['machine']['cpu_model']}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,8 +14,14 @@ Work, counted from the bundle's own files (no registry needed, so a real bundle 
 * vision: multiply-accumulates of every weight matrix of the ONNX graph (the projector's — output width = the LLM's
   width — on the pixel-shuffled tokens, all others on every patch token), the patch convolution, and attention
   (2 x tokens^2 x width per layer), which ONNX Runtime runs in fp32 in both graphs.
-* LLM prefill: 2 x tokens x (2-D weights except the embedding) + one output-head product; decode bytes per token:
-  every 2-D weight tensor once (the tied embedding as the output head) + the KV cache read at that length.
+* LLM prefill: 2 x tokens x (2-D weights except the embedding), for the image prefix (``image_prefill``: no logits)
+  and for the question (``question_prefill``: + one output-head product, the logits of its last token); decode
+  bytes per token: every 2-D weight tensor once (the tied embedding as the output head) + the KV cache read at the
+  whole prompt's length.
+
+Bounds carry the stage names of :mod:`facellm_edge.timings` (``encode_ms``, ``image_prefill_ms``,
+``question_prefill_ms``), ``ttft_cold_ms`` (their sum: preprocessing and sampling are taken as free) and
+``decode_tok_s``.
 
 Bounds are optimistic (perfect kernels, no overhead); a measured time near its bound means the stage is as fast as
 this machine allows, and no software change can meet a target beyond it.
@@ -112,8 +118,10 @@ def vision_work(onnx_path: Path, *, image_size: int, patch_size: int, vision_hid
     return {"tokens": tokens, "weight_gmac": weight_macs / 1e9, "attention_gmac": attention_macs / 1e9}
 
 
-def llm_work(gguf_path: Path, *, prompt_tokens: int, kv_dim: int, n_layers: int) -> dict[str, float]:
-    """Prefill GFLOP for ``prompt_tokens`` and decode MB read per token (weights + KV cache at that length)."""
+def llm_work(gguf_path: Path, *, image_tokens: int, question_tokens: int, kv_dim: int,
+             n_layers: int) -> dict[str, float]:
+    """Prefill GFLOP of the image prefix and of the question, and decode MB read per token (weights + the KV cache
+    at the prompt's length)."""
     from facellm_edge.export.quantize import read_tensor_infos
 
     infos = read_tensor_infos(gguf_path)
@@ -123,23 +131,26 @@ def llm_work(gguf_path: Path, *, prompt_tokens: int, kv_dim: int, n_layers: int)
     body = [t for t in mats if t.name not in ("token_embd.weight", "output.weight")]
     body_params = sum(t.n_elements for t in body)
     head_params = head.n_elements if head is not None else 0
-    prefill_flops = 2.0 * prompt_tokens * body_params + 2.0 * head_params
-    kv_bytes = 2.0 * n_layers * prompt_tokens * kv_dim * 2  # K and V, f16
+    kv_bytes = 2.0 * n_layers * (image_tokens + question_tokens) * kv_dim * 2  # K and V, f16
     read = sum(t.n_bytes for t in body) + (head.n_bytes if head is not None else 0) + kv_bytes
-    return {"prefill_gflop": prefill_flops / 1e9, "decode_mb_per_token": read / _MB,
-            "head_mb": (head.n_bytes / _MB) if head is not None else 0.0}
+    return {"image_prefill_gflop": 2.0 * image_tokens * body_params / 1e9,
+            "question_prefill_gflop": (2.0 * question_tokens * body_params + 2.0 * head_params) / 1e9,
+            "decode_mb_per_token": read / _MB, "head_mb": (head.n_bytes / _MB) if head is not None else 0.0}
 
 
 def bounds(ceilings: dict[str, Any], vision: dict[str, float], vision_precision: str,
            llm: dict[str, float]) -> dict[str, float]:
-    """Best times this machine allows: vision ms, prefill ms, cold TTFT ms, decode tok/s."""
+    """Best times this machine allows: encode, image prefill, question prefill and cold TTFT ms, decode tok/s."""
     fp32, int8, bw = ceilings["fp32_gflop_s"], ceilings["int8_gop_s"], ceilings["mem_read_gb_s"]
     weight_rate = int8 if vision_precision == "int8" else fp32
-    vision_ms = (2 * vision["weight_gmac"] / weight_rate + 2 * vision["attention_gmac"] / fp32) * 1000
-    prefill_ms = llm["prefill_gflop"] / max(fp32, int8) * 1000
+    encode_ms = (2 * vision["weight_gmac"] / weight_rate + 2 * vision["attention_gmac"] / fp32) * 1000
+    llm_rate = max(fp32, int8)
+    image_ms = llm["image_prefill_gflop"] / llm_rate * 1000
+    question_ms = llm["question_prefill_gflop"] / llm_rate * 1000
     decode = bw * 1e9 / (llm["decode_mb_per_token"] * _MB)
-    return {"vision_ms": round(vision_ms, 1), "prefill_ms": round(prefill_ms, 1),
-            "ttft_cold_ms": round(vision_ms + prefill_ms, 1), "decode_tok_s": round(decode, 1)}
+    return {"encode_ms": round(encode_ms, 1), "image_prefill_ms": round(image_ms, 1),
+            "question_prefill_ms": round(question_ms, 1),
+            "ttft_cold_ms": round(encode_ms + image_ms + question_ms, 1), "decode_tok_s": round(decode, 1)}
 
 
 def run_roofline(p: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +160,7 @@ def run_roofline(p: dict[str, Any]) -> dict[str, Any]:
     bundle = load_bundle(p["bundle"], check_hashes=False)
     m = bundle.manifest
     a = m.arch
-    prompt_tokens = int(p["prompt_tokens"])
+    image_tokens, question_tokens = int(p["image_tokens"]), int(p["question_tokens"])
     out: dict[str, Any] = {"ceilings": measure_ceilings(int(p["threads"])), "vision": {}, "llm": {}}
     for precision in p["vision"]:
         _, path = bundle.vision_file(precision)
@@ -159,8 +170,9 @@ def run_roofline(p: dict[str, Any]) -> dict[str, Any]:
     kv_dim = a.llm_hidden // a.llm_heads * a.llm_kv_heads
     for quant in p["quants"]:
         _, path = bundle.llm_file(quant)
-        out["llm"][quant] = llm_work(path, prompt_tokens=prompt_tokens, kv_dim=kv_dim, n_layers=a.llm_layers)
-    out["prompt_tokens"] = prompt_tokens
+        out["llm"][quant] = llm_work(path, image_tokens=image_tokens, question_tokens=question_tokens,
+                                     kv_dim=kv_dim, n_layers=a.llm_layers)
+    out.update(image_tokens=image_tokens, question_tokens=question_tokens)
     return out
 
 

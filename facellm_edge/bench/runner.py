@@ -1,8 +1,9 @@
 """Orchestration of ``facellm-edge bench``: prepare the model, run every configuration isolated, write results.
 
 Order: machine info -> (``--synthetic``: build a random-weight checkpoint + export a bundle into a temporary
-directory) -> naive baselines -> edge configurations (vision precision x GGUF quant) -> profiles and the live loop
-on the fastest edge configuration -> ratios and targets -> results.json / results.md / stages.png (atomically).
+directory) -> naive baselines -> edge configurations (vision precision x GGUF quant, through ``FaceLLM``) -> the
+llama.cpp peer -> roofline -> profiles and the live loop (``run_live``) on the fastest edge configuration -> ratios
+and targets -> results.json / results.md / stages.png (atomically).
 Each configuration runs in its own fresh subprocess (``stages.run_isolated``). Temporary files (checkpoint,
 bundle, the aligned face crop given to the naive path) live in a temporary directory removed at the end: nothing
 but the results is written, and the results hold no pixels.
@@ -67,7 +68,7 @@ def build_and_export(p: dict[str, Any]) -> dict[str, Any]:
 
     Runs isolated so that the benchmark's parent process never holds torch or the model's weights.
     """
-    from facellm_edge.export.pipeline import ExportConfig, export_bundle
+    from facellm_edge.export.exporter import ExportConfig, export_bundle
     from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
 
     work = Path(p["work"])
@@ -131,7 +132,7 @@ def _cuda_available(requested: tuple[str, ...]) -> bool:
 def _validate_early(cfg: BenchConfig) -> None:
     """Catch bad names before minutes of checkpoint building and export."""
     if cfg.synthetic is not None:
-        from facellm_edge.export.pipeline import VISION_TARGETS
+        from facellm_edge.export.exporter import VISION_TARGETS
         from facellm_edge.export.quantize import validate_quants
         from facellm_edge.export.synthetic import SyntheticSpec
 
@@ -221,8 +222,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             progress("roofline: this machine's ceilings and the model's work")
             roof = run_isolated("facellm_edge.bench.roofline:run_roofline",
                                 {"bundle": str(bundle_dir), "threads": threads, "vision": list(visions),
-                                 "quants": list(quants),
-                                 "prompt_tokens": edge[0]["image_prefix_tokens"] + edge[0]["question_tokens"]},
+                                 "quants": list(quants), "image_tokens": edge[0]["image_prefix_tokens"],
+                                 "question_tokens": edge[0]["question_tokens"]},
                                 timeout_s=cfg.config_timeout_s, label="roofline")
             roofline.attach_bounds(roof, configs)
         best = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))
@@ -236,7 +237,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         live = None
         if cfg.live.enabled:
             progress(f"live loop with {best['name']}")
-            live = run_isolated("facellm_edge.bench.live:run_live",
+            live = run_isolated("facellm_edge.bench.live:bench_live",
                                 live_payload(bundle_dir, best["vision"], best["quant"], image, cfg.live.video,
                                              cfg.live.frames, cfg.live.width, cfg.live.height,
                                              cfg.live.llama_threads, cfg.decode_tokens, cfg.question,
