@@ -1,13 +1,14 @@
 """The ``facellm-edge`` command line: parse -> build config -> call.
 
-This is the only place that prints errors and exits. Each area registers its commands from
-``facellm_edge.commands.<area>``; those modules import heavy libraries only inside the command bodies so that
-``facellm-edge --help`` is instant.
+This is the only place that prints errors and exits. Every command and group is one row of :data:`COMMANDS`; its
+module (``facellm_edge.commands.<verb>``) is imported only when that command runs or shows its own help, so
+``facellm-edge --help`` is instant and one area's missing library cannot break another's commands.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import signal
@@ -16,34 +17,79 @@ import threading
 from typing import Any
 
 import typer
+from typer.core import TyperCommand  # click's Command, from the click typer runs on
 
 from facellm_edge import __version__
 from facellm_edge.errors import FaceLLMEdgeError
 
 log = logging.getLogger(__name__)
 
+_SETTINGS = {"add_completion": False, "pretty_exceptions_enable": False}
+
 app = typer.Typer(
     name="facellm-edge",
     help="FaceLLM on the edge: export to ONNX + GGUF, run live on cameras, benchmark, train, evaluate.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **_SETTINGS,
 )
 
-_AREAS = ("export", "runtime", "bench", "train", "data", "eval")
+# name -> ("module:attribute", the line `facellm-edge --help` shows; also the first line of the command's own help).
+# The attribute is a command function or a typer.Typer group (its subcommands); nothing else registers commands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("facellm_edge.commands.export:export_cmd",
+               "Export a FaceLLM/InternVL checkpoint to a verified edge bundle (ONNX vision + GGUF LLM)."),
+    "inspect": ("facellm_edge.commands.export:inspect_cmd",
+                "Print a bundle's manifest summary and re-check every file's sha256."),
+    "ask": ("facellm_edge.commands.runtime:ask", "Answer a question about every face in a photo."),
+    "run": ("facellm_edge.commands.runtime:run",
+            "Live loop: detect and track faces every frame, answer about each new face, stream the answers."),
+    "bench": ("facellm_edge.commands.bench:bench_cmd",
+              "Per-stage latency and memory of the edge path (ONNX Runtime + llama.cpp) beside transformers."),
+    "train": ("facellm_edge.commands.train:train_command",
+              "LoRA fine-tune FaceLLM / InternVL3 on ShareGPT face data (FaceLLM's recipe by default)."),
+    "data": ("facellm_edge.commands.data:data_app",
+             "Build FairFaceGPT-style question-answer data (ShareGPT JSONL), or import the published dataset."),
+    "eval": ("facellm_edge.commands.eval:eval_app",
+             "Evaluate on FaceXBench (or a bench in its style), re-score saved answers, compare runs."),
+}
 
 
-def _register_commands() -> None:
-    import importlib
+class _Lazy(TyperCommand):
+    """A row of :data:`COMMANDS`: its name and summary are known up front (the root's help lists them); the command
+    itself is built from its module on first use. Click makes the subcommand's context through ``make_context``, so
+    the real command (or group) parses and runs; this stand-in never does."""
 
-    for area in _AREAS:
-        try:
-            module = importlib.import_module(f"facellm_edge.commands.{area}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"facellm_edge.commands.{area}":
-                continue  # area not part of this build
-            raise
-        module.register(app)
+    def __init__(self, name: str, target: str, summary: str) -> None:
+        super().__init__(name, short_help=summary, help=summary)
+        self.target = target
+        self._real: Any = None  # the click command or group
+
+    def load(self) -> Any:
+        if self._real is None:
+            module, attr = self.target.split(":")
+            holder = typer.Typer(**_SETTINGS)  # the settings of the root, whatever the module's Typer says
+            obj = getattr(importlib.import_module(module), attr)
+            if isinstance(obj, typer.Typer):
+                holder.add_typer(obj, name=self.name)
+            else:
+                holder.command(self.name)(obj)
+            holder.callback()(_nothing)  # a group, so that a single command stays a named subcommand
+            real = typer.main.get_command(holder).commands[self.name]
+            real.short_help = self.short_help
+            real.help = f"{self.help}\n\n{real.help}" if real.help else self.help
+            self._real = real
+        return self._real
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        return self.load().make_context(info_name, args, parent=parent, **extra)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _loaded(cmd: Any) -> Any:
+    return cmd.load() if isinstance(cmd, _Lazy) else cmd
 
 
 def _version(value: bool) -> None:
@@ -66,7 +112,10 @@ def _root(
     )
 
 
-_register_commands()
+# the root group with every row of COMMANDS (only the root's own callback is built by typer up front)
+cli = typer.main.get_command(app)
+for _name, (_target, _summary) in COMMANDS.items():
+    cli.add_command(_Lazy(_name, _target, _summary))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +177,7 @@ def _run(args: list[str]) -> tuple[int, str]:
     click_exc = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or typer's vendored copy of them
     debug = os.environ.get("FACELLM_EDGE_DEBUG")
     try:
-        rc = app(args=args, prog_name="facellm-edge", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="facellm-edge", standalone_mode=False)
     except FaceLLMEdgeError as exc:
         if debug:
             raise
@@ -222,7 +271,7 @@ def _argument_name(args: list[str], index: int) -> str:
 def _walk(args: list[str], stop: int) -> tuple[Any, list[str], int, str | None]:
     """Read ``args[:stop]`` the way the parser does: the (sub)command they reach, its path (``facellm-edge data
     build``), how many positional arguments it has been given, and the option ``args[stop]`` is the value of."""
-    cmd, path = typer.main.get_command(app), ["facellm-edge"]
+    cmd, path = cli, ["facellm-edge"]
     positional, i = 0, 0
     while i < stop:
         t = args[i]
@@ -233,7 +282,7 @@ def _walk(args: list[str], stop: int) -> tuple[Any, list[str], int, str | None]:
                     return cmd, path, positional, t
                 i += 1
         elif not t.startswith("-") and t in getattr(cmd, "commands", {}):
-            cmd, positional = cmd.commands[t], 0
+            cmd, positional = _loaded(cmd.commands[t]), 0
             path.append(t)
         elif not t.startswith("-"):
             positional += 1

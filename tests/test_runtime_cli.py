@@ -36,7 +36,7 @@ def test_ask_json(photos, common, capsys):
     assert out["question"] == "How old is this person?" and out["no_face"] is False
     (face,) = out["faces"]
     assert len(face["box"]) == 4 and isinstance(face["answer"], str) and 1 <= face["n_tokens"] <= 2
-    assert {"detect", "align", "encode", "prefill", "ttft", "decode"} <= set(face["timings_ms"])
+    assert {"detect", "align", "encode", "image_prefill", "ttft", "decode"} <= set(face["timings_ms"])
 
 
 def test_ask_text_and_save_crops(photos, common, capsys, tmp_path):
@@ -161,3 +161,105 @@ def test_ask_with_json_schema_gives_valid_json(photos, tiny_bundle, yunet_model,
     bad.write_text("[1, 2")
     rc = main(["ask", str(photos["astronaut"]), "q", "--bundle", str(tiny_bundle), "--schema", str(bad)])
     assert rc != 0 and "JSON schema" in capsys.readouterr().err
+
+
+# -- the command line's shape: one table of commands, one option set for ask and run ---------------------------
+def _params(name: str) -> dict:
+    from facellm_edge.cli import cli
+
+    return {p.name: p for p in cli.commands[name].load().params}
+
+
+def test_ask_and_run_share_one_option_set_with_the_configs_defaults():
+    from dataclasses import fields
+
+    from facellm_edge.commands.runtime_options import LIVE_MAX_TOKENS, RuntimeOptions
+    from facellm_edge.io import DEFAULT_MAX_PIXELS
+    from facellm_edge.runtime.config import DetectorConfig, EncoderConfig, EngineConfig, GenerationConfig
+
+    ask, run = _params("ask"), _params("run")
+    shared = {f.name for f in fields(RuntimeOptions)} - {"live"}
+    assert shared <= set(ask) and shared <= set(run)
+    for name in shared:  # same flags; same defaults but one
+        assert ask[name].opts == run[name].opts, name
+        assert (ask[name].default == run[name].default) == (name != "max_tokens"), name
+    assert ask["max_tokens"].default == GenerationConfig().max_tokens == 128
+    assert run["max_tokens"].default == LIVE_MAX_TOKENS == 64
+    expected = {"temperature": GenerationConfig().temperature, "ctx": EngineConfig().n_ctx,
+                "quant": EngineConfig().quant, "threads": EngineConfig().n_threads,
+                "detector": DetectorConfig().name, "detector_model": DetectorConfig().model_path,
+                "max_faces": DetectorConfig().max_faces, "device": EncoderConfig().device,
+                "precision": EncoderConfig().precision, "max_pixels": DEFAULT_MAX_PIXELS, "system": None,
+                "bundle": None, "schema": None}
+    assert expected.keys() | {"max_tokens"} == shared
+    assert {name: ask[name].default for name in expected} == expected
+    assert [ask[n].opts for n in ("ctx", "threads", "max_faces")] == [["--ctx"], ["--threads"], ["--max-faces"]]
+
+
+def test_the_options_reach_the_runtime_config(photos, tiny_bundle, yunet_model, monkeypatch, capsys):
+    """Each shared option sets its stage's field; run adds the live thread policy (threads left unset -> 1)."""
+    from facellm_edge.runtime.pipeline import FaceLLM
+
+    seen, load = [], FaceLLM.load.__func__
+
+    def recording_load(cls, bundle, config):
+        seen.append(config)
+        return load(cls, bundle, config)
+
+    monkeypatch.setattr(FaceLLM, "load", classmethod(recording_load))
+    base = ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model)]
+    rc = main(["ask", str(photos["t1"]), "Age?", "--json", *base, "--max-tokens", "3", "--temperature", "0.5",
+               "--threads", "2", "--ctx", "1024", "--max-faces", "1", "--device", "cpu", "--precision", "int8",
+               "--quant", "q8_0", "--system", "intern_vl"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)["faces"]) == 1  # --max-faces 1 of the photo's 6
+    cfg = seen.pop()
+    assert (cfg.generation.max_tokens, cfg.generation.temperature, cfg.generation.grammar) == (3, 0.5, None)
+    assert (cfg.engine.n_threads, cfg.engine.n_threads_batch, cfg.engine.n_ctx, cfg.engine.quant) == (2, 2, 1024,
+                                                                                                       "q8_0")
+    assert (cfg.detector.name, cfg.detector.model_path, cfg.detector.max_faces) == ("yunet", yunet_model, 1)
+    assert (cfg.encoder.device, cfg.encoder.precision, cfg.encoder.n_threads) == ("cpu", "int8", None)
+    assert cfg.system == "intern_vl"
+    rc = main(["run", "--source", str(photos["astronaut"]), "--question", "Age?", "--no-display", *base,
+               "--max-tokens", "2"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = seen.pop()
+    assert (cfg.engine.n_threads, cfg.detector.n_threads, cfg.encoder.n_threads) == (1, 1, 1)
+    assert cfg.generation.max_tokens == 2 and cfg.system is None
+
+
+def test_root_help_imports_no_command_module(tmp_path):
+    """`facellm-edge --help` lists every command from the table without importing any command's module."""
+    code = (
+        "import sys\n"
+        "from facellm_edge.cli import COMMANDS, main\n"
+        "assert main(['--help']) == 0\n"
+        "heavy = ('facellm_edge.commands', 'facellm_edge.runtime', 'facellm_edge.llm', 'numpy', 'cv2', 'torch')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    r = _subprocess(code, {"COLUMNS": "200"}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    *help_lines, imported = r.stdout.strip().splitlines()
+    assert imported == "[]"
+    from facellm_edge.cli import COMMANDS
+
+    for name, (_, summary) in COMMANDS.items():
+        assert any(line.split()[1:3] == [name, summary.split()[0]] for line in help_lines if len(line.split()) > 2)
+
+
+def test_every_command_of_the_table_loads_with_its_summary_first():
+    from facellm_edge.cli import COMMANDS, cli
+
+    for name, (_, summary) in COMMANDS.items():
+        real = cli.commands[name].load()
+        assert real.name == name and real.help.startswith(summary) and real.short_help == summary
+    assert sorted(cli.commands["eval"].load().commands) == ["compare", "run", "score"]
+    assert sorted(cli.commands["data"].load().commands) == ["build", "import-fairfacegpt"]
+
+
+def test_eval_with_options_first_is_eval_run(capsys):
+    """`eval --bench ...` (the form from before eval had subcommands) runs `eval run`; its usage names `eval run`."""
+    assert main(["eval", "--limit", "0"]) == 2
+    assert "usage: facellm-edge eval run [OPTIONS]" in capsys.readouterr().err
+    assert main(["eval", "--help"]) == 0
+    assert "is `eval run --bench ... --model ...`" in " ".join(capsys.readouterr().out.split())

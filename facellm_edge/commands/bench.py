@@ -7,6 +7,18 @@ from typing import Optional
 
 import typer
 
+from facellm_edge.bench.config import (
+    AUTO, NAIVE_TARGETS, SYNTHETIC_QUANTS, SYNTHETIC_VISION, BenchConfig, LiveBenchConfig, parse_csv,
+)
+from facellm_edge.commands.defaults import field_default
+
+
+def _default(name: str) -> object:
+    return field_default(BenchConfig, name)
+
+
+_LIVE = LiveBenchConfig()
+
 
 def bench_cmd(
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Benchmark this bundle."),
@@ -20,34 +32,38 @@ def bench_cmd(
         "(default: the one the bundle was exported from)."),
     quant: Optional[str] = typer.Option(
         None, "--quant", "-q", help="GGUF quants, comma-separated (default: all in the bundle; --synthetic: "
-        "f16,q8_0,q4_0,q4_k_m)."),
-    vision: Optional[str] = typer.Option(None, "--vision", help="Vision encoders: ONNX fp32,int8 and mmproj (the llama.cpp libmtmd peer) (default: all the bundle has; "
-                                "--synthetic: fp32,int8,mmproj)."),
+        f"{','.join(SYNTHETIC_QUANTS)})."),
+    vision: Optional[str] = typer.Option(
+        None, "--vision", help="Vision encoders: ONNX fp32,int8 and mmproj (the llama.cpp libmtmd peer) (default: "
+        f"all the bundle has; --synthetic: {','.join(SYNTHETIC_VISION)})."),
     naive: str = typer.Option(
-        "auto", "--naive", help="Naive baselines: auto, none, or cpu-fp32,cpu-bf16,cuda-bf16 (auto: cpu-fp32, "
-        "cpu-bf16 where the CPU has native bf16, cuda-bf16 where there is a GPU)."),
+        ",".join(_default("naive")), "--naive", help=f"Naive baselines: {AUTO}, none, or {','.join(NAIVE_TARGETS)} "
+        f"({AUTO}: cpu-fp32, cpu-bf16 where the CPU has native bf16, cuda-bf16 where there is a GPU)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Photo with a face (default: insightface's t1.jpg)."),
     video: Optional[Path] = typer.Option(None, "--video", help="Video for the live loop (default: a clip made "
                                          "from --image)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: "
                                        "benchmarks/results/<timestamp>-<machine>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
-    runs: int = typer.Option(3, "--runs", help="Measured runs per configuration."),
-    warmup: int = typer.Option(1, "--warmup", help="Warm-up runs per configuration (not measured)."),
-    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded per answer (end-of-sequence "
-                                      "ignored, so runs compare)."),
+    runs: int = typer.Option(_default("runs"), "--runs", help="Measured runs per configuration."),
+    warmup: int = typer.Option(_default("warmup"), "--warmup", help="Warm-up runs per configuration (not measured)."),
+    decode_tokens: int = typer.Option(_default("decode_tokens"), "--decode-tokens", help="Tokens decoded per answer "
+                                      "(end-of-sequence ignored, so runs compare)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
     detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local YuNet .onnx."),
-    profiles: bool = typer.Option(True, "--profiles/--no-profiles", help="Compare threads, ORT optimisation, "
-                                  "KV-cache type and face batching."),
-    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure this machine's memory bandwidth "
-                                  "and GEMM throughput and show the best time each stage could reach."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="--synthetic: verify the export, so each quant's "
-                                "logit agreement with transformers is reported beside its speed."),
-    live: bool = typer.Option(True, "--live/--no-live", help="Benchmark the frame loop alone and with the VLM busy."),
-    live_frames: int = typer.Option(120, "--live-frames", help="Frames per live-loop measurement."),
-    live_llama_threads: str = typer.Option("1,2", "--live-llama-threads", help="llama.cpp thread counts to compare "
-                                           "while the frame loop runs (comma-separated)."),
+    profiles: bool = typer.Option(_default("profiles"), "--profiles/--no-profiles", help="Compare threads, ORT "
+                                  "optimisation, KV-cache type and face batching."),
+    roofline: bool = typer.Option(_default("roofline"), "--roofline/--no-roofline", help="Measure this machine's "
+                                  "memory bandwidth and GEMM throughput and show the best time each stage could "
+                                  "reach."),
+    verify: bool = typer.Option(_default("verify"), "--verify/--no-verify", help="--synthetic: verify the export, so "
+                                "each quant's logit agreement with transformers is reported beside its speed."),
+    live: bool = typer.Option(_LIVE.enabled, "--live/--no-live",
+                              help="Benchmark the frame loop alone and with the VLM busy."),
+    live_frames: int = typer.Option(_LIVE.frames, "--live-frames", help="Frames per live-loop measurement."),
+    live_llama_threads: str = typer.Option(",".join(map(str, _LIVE.llama_threads)), "--live-llama-threads",
+                                           help="llama.cpp thread counts to compare while the frame loop runs "
+                                                "(comma-separated)."),
 ) -> None:
     """Measure detection, alignment, vision encode, prefill, TTFT (cold/warm), decode, end-to-end and peak memory:
     edge path (ONNX Runtime + llama.cpp) per precision beside transformers. Writes results.json, results.md and
@@ -58,7 +74,6 @@ def bench_cmd(
         from facellm_edge.bundle import load_bundle
 
         load_bundle(bundle, check_hashes=False)  # the run re-checks every hash
-    from facellm_edge.bench.config import BenchConfig, LiveConfig, parse_csv
     from facellm_edge.bench.runner import run_bench
 
     console = Console(stderr=True)
@@ -68,8 +83,8 @@ def bench_cmd(
         vision=parse_csv(vision, "vision precision") if vision else None, naive=parse_csv(naive, "naive baseline"),
         image=image, runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads,
         detector_model=detector_model, profiles=profiles, roofline=roofline, verify=verify, force=force,
-        live=LiveConfig(enabled=live, video=video, frames=live_frames,
-                        llama_threads=_thread_list(live_llama_threads)),
+        live=LiveBenchConfig(enabled=live, video=video, frames=live_frames,
+                             llama_threads=_thread_list(live_llama_threads)),
     )
     result = run_bench(cfg, progress=lambda msg: console.print(f"[cyan]•[/] {msg}"))
     console.print((result / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
@@ -78,7 +93,6 @@ def bench_cmd(
 
 
 def _thread_list(value: str) -> tuple[int, ...]:
-    from facellm_edge.bench.config import parse_csv
     from facellm_edge.errors import UsageError
 
     try:
@@ -89,6 +103,3 @@ def _thread_list(value: str) -> tuple[int, ...]:
         raise UsageError(f"--live-llama-threads must be >= 1; got '{value}'")
     return threads
 
-
-def register(app: typer.Typer) -> None:
-    app.command("bench")(bench_cmd)

@@ -7,9 +7,14 @@ from typing import Optional
 
 import typer
 
+from facellm_edge.commands.defaults import field_default
+from facellm_edge.data.backends import LlamaConfig, OpenAIConfig
+from facellm_edge.data.build import BuildConfig
 from facellm_edge.errors import UsageError
 
-data_app = typer.Typer(help="Build FairFaceGPT-style question-answer data (ShareGPT JSONL).", no_args_is_help=True)
+data_app = typer.Typer(no_args_is_help=True)
+
+_BUILD, _OPENAI = BuildConfig(), OpenAIConfig()  # the defaults of the options below
 
 
 @data_app.command("build")
@@ -18,38 +23,42 @@ def build(
     images: Path = typer.Option(..., "--images", help="Folder the CSV's 'file' paths are relative to."),
     out: Path = typer.Option(..., "--out", help="Output JSONL (appended to; rerun to resume)."),
     backend: str = typer.Option("openai", "--backend", help="openai (any OpenAI-compatible endpoint) or llama."),
-    model: str = typer.Option("gpt-4o", "--model", help="Model name sent to the OpenAI-compatible endpoint."),
-    base_url: str = typer.Option("https://api.openai.com/v1", "--base-url", help="OpenAI-compatible API base URL."),
+    model: str = typer.Option(_OPENAI.model, "--model", help="Model name sent to the OpenAI-compatible endpoint."),
+    base_url: str = typer.Option(_OPENAI.base_url, "--base-url", help="OpenAI-compatible API base URL."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env",
                                     help="Environment variable holding the API key (keys are never flags)."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="Local chat GGUF for --backend llama."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads (--backend llama)."),
+    threads: Optional[int] = typer.Option(field_default(LlamaConfig, "n_threads"), "--threads", min=1,
+                                          help="llama.cpp threads (--backend llama)."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated prompt families (default all)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images of the CSV."),
-    workers: int = typer.Option(4, "--workers", help="Concurrent requests."),
-    rpm: float = typer.Option(60.0, "--rpm", help="Max requests per minute (0 = unlimited)."),
-    max_attempts: int = typer.Option(6, "--max-attempts", help="Tries per request on 429/5xx/connection errors."),
-    backoff: float = typer.Option(1.0, "--backoff", help="First retry delay in seconds (doubles each retry)."),
-    max_invalid: int = typer.Option(3, "--max-invalid", help="Tries per item when replies fail validation."),
-    max_tokens: int = typer.Option(700, "--max-tokens", help="Max tokens per reply."),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    timeout: float = typer.Option(120.0, "--timeout", help="HTTP timeout per request (s)."),
-    json_mode: bool = typer.Option(True, "--json-mode/--no-json-mode",
+    workers: int = typer.Option(_BUILD.workers, "--workers", help="Concurrent requests."),
+    rpm: float = typer.Option(_BUILD.rpm, "--rpm", help="Max requests per minute (0 = unlimited)."),
+    max_attempts: int = typer.Option(_BUILD.max_attempts, "--max-attempts",
+                                     help="Tries per request on 429/5xx/connection errors."),
+    backoff: float = typer.Option(_BUILD.backoff_base_s, "--backoff",
+                                  help="First retry delay in seconds (doubles each retry)."),
+    max_invalid: int = typer.Option(_BUILD.max_invalid, "--max-invalid",
+                                    help="Tries per item when replies fail validation."),
+    max_tokens: int = typer.Option(_OPENAI.max_tokens, "--max-tokens", help="Max tokens per reply (both backends)."),
+    temperature: float = typer.Option(_OPENAI.temperature, "--temperature", help="Sampling temperature (both "
+                                      "backends)."),
+    timeout: float = typer.Option(_OPENAI.timeout_s, "--timeout", help="HTTP timeout per request (s)."),
+    json_mode: bool = typer.Option(_OPENAI.json_mode, "--json-mode/--no-json-mode",
                                    help="Send response_format=json_object (turn off for endpoints that reject it)."),
     price_in: float = typer.Option(0.0, "--price-in", help="USD per 1M prompt tokens (for the cost estimate)."),
     price_out: float = typer.Option(0.0, "--price-out", help="USD per 1M completion tokens."),
 ) -> None:
-    """Ask a multimodal LLM for question-answer pairs about each labelled face image."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from facellm_edge.data.build import BuildConfig, BuildStats, JsonlStore, build_dataset
+    from facellm_edge.data.build import BuildStats, JsonlStore, build_dataset
     from facellm_edge.data.labels import check_images, read_labels
     from facellm_edge.data.prompts import FAMILIES, FAMILY_NAMES, get_family
     from facellm_edge.errors import RuntimeStageError
 
     config = BuildConfig(workers=workers, rpm=rpm, max_attempts=max_attempts, backoff_base_s=backoff,
-                         backoff_max_s=max(60.0, backoff), max_invalid=max_invalid)
+                         backoff_max_s=max(_BUILD.backoff_max_s, backoff), max_invalid=max_invalid)
     if families:
         names = [n.strip() for n in families.split(",") if n.strip()]
         unknown = [n for n in names if n not in FAMILY_NAMES]
@@ -65,14 +74,14 @@ def build(
     JsonlStore(out).recover()  # refuse a file it did not write (or repair its own torn line) before any model loads
 
     if backend == "openai":
-        from facellm_edge.data.backends import OpenAIBackend, OpenAIConfig, api_key_from_env
+        from facellm_edge.data.backends import OpenAIBackend, api_key_from_env
 
         if gguf is not None:
             raise UsageError("--gguf is for --backend llama")
         llm = OpenAIBackend(OpenAIConfig(base_url=base_url, model=model, timeout_s=timeout, max_tokens=max_tokens,
                                          temperature=temperature, json_mode=json_mode), api_key_from_env(api_key_env))
     elif backend == "llama":
-        from facellm_edge.data.backends import LlamaBackend, LlamaConfig
+        from facellm_edge.data.backends import LlamaBackend
 
         if gguf is None:
             raise UsageError("--backend llama needs --gguf MODEL.gguf")
@@ -124,6 +133,3 @@ def import_fairfacegpt_cmd(
     n = import_fairfacegpt(dataset_json, images, out, force=force)
     Console(stderr=True).print(f"{out}: {n} records", soft_wrap=True)
 
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")

@@ -1,28 +1,64 @@
-"""``facellm-edge eval``: FaceXBench multiple-choice evaluation (``eval [run] --bench ...``), ``eval score`` (re-score
-saved answers without a model) and ``eval compare``."""
+"""``facellm-edge eval``: ``eval run`` (answer a FaceXBench-style bench with a model and score it), ``eval score``
+(re-score saved answers without a model) and ``eval compare`` (two runs side by side).
+
+``eval --bench ...`` (options straight after ``eval``, the form from before ``eval`` had subcommands) stays an alias
+of ``eval run --bench ...``: :class:`_EvalGroup` puts ``run`` in front of them."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from facellm_edge.commands.defaults import field_default
 from facellm_edge.errors import UsageError
+from facellm_edge.eval.backends import TransformersConfig
+from facellm_edge.eval.scoring import ScoreConfig
 from facellm_edge.eval.settings import EvalSettings
 from facellm_edge.llm.system_prompt import DEFAULT as SYSTEM_DEFAULT, HELP as SYSTEM_HELP
 
-eval_app = typer.Typer(help="Evaluate on FaceXBench (or a bench in its style), re-score saved answers, compare runs.")
 
-_D = EvalSettings()  # the one source of the defaults below
-_RULES_HELP = "How the answer letter is read: facexbench (FaceXBench's aggregate_results.py, comparable with " \
-    "published tables) or robust (explicit statements first; refusals and ambiguity count as unanswered)."
+class _EvalGroup(TyperGroup):
+    """``eval`` with an option first (not --help) runs ``eval run`` with those options."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ctx.help_option_names:
+            _refuse_misplaced_subcommand(self.commands, args)
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
 
 
-@eval_app.callback(invoke_without_command=True)
+def _refuse_misplaced_subcommand(commands: dict[str, Any], args: list[str]) -> None:
+    """``eval --bench B score ...``: a subcommand after eval's options (which belong to one subcommand)."""
+    takes_value = {o for p in commands["run"].params if not getattr(p, "is_flag", True) for o in p.opts}
+    i = 0
+    while i < len(args):
+        if args[i] in takes_value:
+            i += 1  # skip the option's value
+        elif args[i] in commands:
+            raise UsageError(f"options of `eval` go after its subcommand: `eval {args[i]} ...`")
+        i += 1
+
+
+eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True, help="`eval --bench ... --model ...` (options first) is "
+                       "`eval run --bench ... --model ...`.")
+
+_D = EvalSettings()  # the defaults of how questions are asked and answers read
+_SCORE = ScoreConfig()
+_RULES = typer.Option(_D.letter_rules, "--letter-rules", help="How the answer letter is read: facexbench "
+                      "(FaceXBench's aggregate_results.py, comparable with published tables) or robust (explicit "
+                      "statements first; refusals and ambiguity count as unanswered).")
+_BOOTSTRAP = typer.Option(_SCORE.n_bootstrap, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs.")
+_SEED = typer.Option(_SCORE.seed, "--seed", help="Bootstrap seed.")
+_FORCE = typer.Option(False, "--force", help="Replace an existing --out (only one `eval` wrote, holding nothing "
+                      "else).")
+
+
+@eval_app.command("run")
 def run(
-    ctx: typer.Context,
-    bench: Optional[Path] = typer.Option(None, "--bench", help="MCQ bench JSON, a FaceXBench task file, or a folder "
+    bench: Path = typer.Option(..., "--bench", help="MCQ bench JSON, a FaceXBench task file, or a folder "
                                          "of FaceXBench task files (facexbench/benchmark)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder the bench's image paths are relative to "
                                           "(default: the bench file's folder)."),
@@ -30,13 +66,12 @@ def run(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Edge bundle folder (runtime backend)."),
     out: Path = typer.Option(Path("eval_results"), "--out", help="Output folder (results.json/.md/.png, "
                              "predictions.jsonl)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one this command wrote, "
-                               "holding nothing else)."),
+    force: bool = _FORCE,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
     prepend_text: bool = typer.Option(_D.prepend_text, "--prepend-text", help="Put each task's prepend_text (its "
                                       "task description) into the prompt, like FaceXBench's --prepend_text. Off by "
                                       "default, as there and for FaceLLM's published numbers."),
-    letter_rules: str = typer.Option(_D.letter_rules, "--letter-rules", help=_RULES_HELP),
+    letter_rules: str = _RULES,
     system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP + " Default: none, as FaceLLM's "
                                          "authors evaluate (--bundle: the bundle's own, none unless exported with "
                                          "--system)."),
@@ -44,22 +79,18 @@ def run(
                                        "tokens (FaceLLM's evaluation used 2048); answers that hit it are counted in "
                                        "the results."),
     llm_quant: Optional[str] = typer.Option(None, "--llm-quant", help="--bundle: which GGUF (default: preferred)."),
-    vision_precision: Optional[str] = typer.Option(None, "--vision-precision",
-                                                   help="--bundle: which ONNX encoder, fp32|int8 (default: preferred)."),
-    dtype: str = typer.Option("float32", "--dtype", help="transformers weights dtype: float32|bfloat16|float16."),
+    vision_precision: Optional[str] = typer.Option(None, "--vision-precision", help="--bundle: which ONNX encoder, "
+                                                   "fp32|int8 (default: preferred)."),
+    dtype: str = typer.Option(field_default(TransformersConfig, "dtype"), "--dtype",
+                              help="transformers weights dtype: float32|bfloat16|float16."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision for --model."),
-    device: str = typer.Option("cpu", "--device", help="torch device for --model (cpu, cuda, cuda:1, ...)."),
-    n_bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    device: str = typer.Option(field_default(TransformersConfig, "device"), "--device",
+                               help="torch device for --model (cpu, cuda, cuda:1, ...)."),
+    n_bootstrap: int = _BOOTSTRAP,
+    seed: int = _SEED,
 ) -> None:
     """Answer every question with --model (transformers) or --bundle (edge runtime) and score it (`eval --bench`
-    and `eval run --bench` are one command)."""
-    if ctx.invoked_subcommand is not None:
-        if bench is not None or model is not None or bundle is not None:
-            raise UsageError(f"options of `eval` go after its subcommand: `eval {ctx.invoked_subcommand} ...`")
-        return
-    if bench is None:
-        raise UsageError("eval needs --bench FILE (with --model or --bundle), or a subcommand: run, score, compare")
+    is the same command)."""
     if (model is None) == (bundle is None):
         raise UsageError("eval needs exactly one of --model PATH_OR_ID (transformers) or --bundle DIR (edge runtime)")
     if bundle is None and (llm_quant or vision_precision):
@@ -77,7 +108,7 @@ def run(
     from facellm_edge.eval.mcq import load_bench
     from facellm_edge.eval.predictions import predictions_jsonl
     from facellm_edge.eval.report import check_out, write_results
-    from facellm_edge.eval.runner import results_document, run_bench
+    from facellm_edge.eval.runner import results_document, run_eval
     from facellm_edge.eval.scoring import ScoreConfig
     from facellm_edge.llm.system_prompt import resolve_system
 
@@ -114,7 +145,7 @@ def run(
                 state["ok"] += r.correct
                 progress.update(task, advance=1, acc=f"acc {state['ok'] / state['n']:.3f}")
 
-            results = run_bench(items, backend, on_item, letter_rules=settings.letter_rules)
+            results = run_eval(items, backend, on_item, letter_rules=settings.letter_rules)
     finally:
         backend.close()
     meta = {"bench": str(bench), "backend": backend.name, "model": backend.model, "wall_s": time.perf_counter() - t0,
@@ -123,8 +154,6 @@ def run(
     write_results(out, doc, force=force, predictions=predictions_jsonl(items, results))
     _summary(console, out, doc)
 
-
-eval_app.command("run")(run)
 
 
 def _summary(console, out: Path, doc: dict) -> None:
@@ -140,13 +169,12 @@ def _summary(console, out: Path, doc: dict) -> None:
 def score(
     bench: Path = typer.Option(..., "--bench", help="The bench the predictions were made on (file or folder)."),
     predictions: Path = typer.Option(..., "--predictions", help="predictions.jsonl of an earlier `eval` run."),
-    letter_rules: str = typer.Option(_D.letter_rules, "--letter-rules", help=_RULES_HELP),
+    letter_rules: str = _RULES,
     out: Path = typer.Option(Path("eval_scored"), "--out", help="Output folder (results.json/.md/.png, "
                              "predictions.jsonl with the letters read again)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one `eval` wrote, holding "
-                               "nothing else)."),
-    n_bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    force: bool = _FORCE,
+    n_bootstrap: int = _BOOTSTRAP,
+    seed: int = _SEED,
 ) -> None:
     """Score saved answers again, without a model (e.g. with other --letter-rules); images are not needed."""
     from rich.console import Console
@@ -175,8 +203,7 @@ def compare(
     a: Path = typer.Argument(..., help="results.json of run A (e.g. the transformers reference)."),
     b: Path = typer.Argument(..., help="results.json of run B (e.g. a quantised bundle)."),
     out: Path = typer.Option(Path("eval_compare"), "--out", help="Output folder (compare.json/.md/.png)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only one this command wrote, "
-                               "holding nothing else)."),
+    force: bool = _FORCE,
 ) -> None:
     """Answer agreement between two runs and accuracy delta per category (quantisation drift)."""
     from rich.console import Console
@@ -193,6 +220,3 @@ def compare(
     Console(stderr=True).print(f"{out}: agreement {o['agreement']:.3f} on {o['n']} questions, accuracy delta "
                                f"{100 * o['delta']:+.1f} pp (B - A)", soft_wrap=True)
 
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(eval_app, name="eval")

@@ -7,8 +7,13 @@ from typing import Any, Optional
 
 import typer
 
-from facellm_edge.errors import UsageError
-from facellm_edge.llm.system_prompt import DEFAULT as DEFAULT_SYSTEM, HELP as SYSTEM_HELP
+from facellm_edge.commands.defaults import field_default
+from facellm_edge.export.exporter import ExportConfig
+from facellm_edge.llm.system_prompt import HELP as SYSTEM_HELP
+
+
+def _default(name: str) -> Any:
+    return field_default(ExportConfig, name)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -22,24 +27,28 @@ def _fmt_bytes(n: int) -> str:
 def export_cmd(
     model: str = typer.Argument(..., help="Checkpoint: local directory or Hugging Face id (e.g. Idiap/FaceLLM-1B)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to create."),
-    quant: str = typer.Option("q4_k_m", "--quant", "-q", help="LLM precisions, comma-separated: f32,f16,bf16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0,iq4_nl,q4_0_pure (every tensor q4_0, the output head too)."),
+    quant: str = typer.Option(
+        ",".join(_default("quants")), "--quant", "-q",
+        help="LLM precisions, comma-separated: f32,f16,bf16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0,iq4_nl,q4_0_pure (every "
+             "tensor q4_0, the output head too)."),
     vision: str = typer.Option(
-        "fp32,int8", "--vision",
+        ",".join(_default("vision")), "--vision",
         help="Vision targets, comma-separated: fp32,int8 (ONNX graphs) and mmproj (llama.cpp clip/mtmd InternVL "
              "projector GGUF, f16, for llama-mtmd-cli / llama-server / ollama)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter to merge before export."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX/GGUF outputs against transformers."),
+    verify: bool = typer.Option(_default("verify"), "--verify/--no-verify",
+                                help="Check ONNX/GGUF outputs against transformers."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only a bundle "
                                "facellm-edge wrote, holding nothing else)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for quantisation (default: all cores)."),
-    system: str = typer.Option(DEFAULT_SYSTEM, "--system", help=SYSTEM_HELP + " Stored in the bundle as its "
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for quantisation (default: all "
+                                          "cores)."),
+    system: str = typer.Option(_default("system"), "--system", help=SYSTEM_HELP + " Stored in the bundle as its "
                                "default; ask/run --system overrides it."),
 ) -> None:
-    """Export a FaceLLM/InternVL checkpoint to a verified edge bundle (ONNX vision + GGUF LLM)."""
     from rich.console import Console
 
-    from facellm_edge.export.pipeline import ExportConfig, StepEvent, export_bundle, parse_list
+    from facellm_edge.export.exporter import StepEvent, export_bundle, parse_list
 
     console = Console(stderr=True)
     cfg = ExportConfig(model=model, out=out, quants=parse_list(quant, "quant"), vision=parse_list(vision, "vision"),
@@ -90,7 +99,6 @@ def inspect_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Print a bundle's manifest summary and re-check every file's sha256."""
     from rich.console import Console
     from rich.table import Table
 
@@ -126,10 +134,3 @@ def inspect_cmd(
         console.print(verification_table(m.verification))
     console.print("[green]all file hashes match[/]")
 
-
-def register(app: typer.Typer) -> None:
-    app.command("export")(export_cmd)
-    app.command("inspect")(inspect_cmd)
-
-
-__all__ = ["register", "UsageError"]

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import typer
 
+from facellm_edge.commands.defaults import field_default
 from facellm_edge.llm.system_prompt import HELP as SYSTEM_HELP
-from facellm_edge.train.config import default as d
+from facellm_edge.train.config import TrainConfig
+
+
+def d(name: str) -> object:
+    return field_default(TrainConfig, name)
 
 
 def train_command(
@@ -50,10 +55,8 @@ def train_command(
     system: str = typer.Option(d("system"), "--system", help=SYSTEM_HELP + " Opens every record that has no "
                                "system message of its own."),
 ) -> None:
-    """LoRA fine-tune FaceLLM / InternVL3 on ShareGPT face data (FaceLLM's recipe by default)."""
     _check_inputs(data, images)
     from facellm_edge.train import train
-    from facellm_edge.train.config import TrainConfig
 
     cfg = TrainConfig(
         base=base, data=data, images=images, out=out, resume=resume, skip_bad=skip_bad, lora_rank=lora_rank,
@@ -84,6 +87,3 @@ def _check_inputs(data: Path, images: Path) -> None:
         raise InputError(f"image directory {images} not found: pass --images with the folder the records' "
                          "'image' paths are relative to")
 
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train_command)

@@ -1,0 +1,190 @@
+"""The options ``ask`` and ``run`` share, declared once.
+
+:func:`runtime_options` adds them to a command's signature and hands the command one frozen :class:`RuntimeOptions`,
+which builds the nested :class:`~facellm_edge.runtime.config.RuntimeConfig`. Every default is read from the field of
+the stage config the option sets (``--ctx`` from ``EngineConfig.n_ctx``, ``--detector`` from ``DetectorConfig.name``,
+...), except run's ``--max-tokens``: the live default :data:`LIVE_MAX_TOKENS`.
+
+The stage configs import numpy; this module is imported only when ``ask`` or ``run`` runs or shows its help
+(``facellm_edge.cli`` loads command modules on first use). ``RuntimeConfig`` itself (cv2, InsightFace) is imported
+when the config is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import typer
+
+from facellm_edge.commands.defaults import field_default
+from facellm_edge.export.exporter import ExportConfig
+from facellm_edge.io import DEFAULT_MAX_PIXELS
+from facellm_edge.llm.engine import EngineConfig
+from facellm_edge.llm.sampling import GenerationConfig
+from facellm_edge.runtime.detect import DetectorConfig
+from facellm_edge.runtime.encode import DEVICES, EncoderConfig
+
+if TYPE_CHECKING:
+    from facellm_edge.runtime.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+# run answers every new face in front of a camera: short answers come while the person is still there
+LIVE_MAX_TOKENS = 64
+
+# The bundle ask/run use without --bundle: exported into the user cache on first use.
+DEFAULT_MODEL = "Idiap/FaceLLM-1B"
+DEFAULT_QUANT = field_default(ExportConfig, "quants")[0]
+
+_GEN, _ENGINE, _DETECT, _ENCODER = GenerationConfig(), EngineConfig(), DetectorConfig(), EncoderConfig()
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What ask and run were told about the model (the values of the shared options)."""
+
+    bundle: str | None
+    max_tokens: int
+    temperature: float
+    detector: str
+    detector_model: Path | None
+    device: str
+    quant: str | None
+    precision: str | None
+    threads: int | None
+    max_faces: int
+    ctx: int
+    schema: Path | None
+    max_pixels: int
+    system: str | None
+    live: bool  # run: the live thread policy (RuntimeConfig.for_live) for every thread count left unset
+
+    def runtime_config(self) -> "RuntimeConfig":
+        """The runtime config these options describe; every value is checked here, before any bundle is touched."""
+        from facellm_edge.runtime.config import RuntimeConfig
+
+        config = RuntimeConfig(
+            detector=DetectorConfig(name=self.detector, model_path=self.detector_model, max_faces=self.max_faces),
+            encoder=EncoderConfig(device=self.device, precision=self.precision),
+            engine=EngineConfig(quant=self.quant, n_ctx=self.ctx, n_threads=self.threads,
+                                n_threads_batch=self.threads),
+            generation=GenerationConfig(max_tokens=self.max_tokens, temperature=self.temperature,
+                                        grammar=_grammar(self.schema)),
+            max_pixels=self.max_pixels,
+            system=self.system,
+        )
+        return config.for_live() if self.live else config
+
+    def bundle_dir(self) -> Path:
+        """``--bundle``: a local folder, a hub repo id (downloaded), or the default bundle (exported on first use)."""
+        return resolve_bundle(self.bundle)
+
+
+def default_bundle_dir() -> Path:
+    from facellm_edge.io import user_cache_dir
+
+    return user_cache_dir() / "bundles" / f"{DEFAULT_MODEL.split('/')[-1]}-{DEFAULT_QUANT}"
+
+
+def resolve_bundle(spec: Optional[str]) -> Path:
+    """A local bundle folder, a hub repo id (snapshot_download), or the cached default bundle (built on first use)."""
+    from facellm_edge.bundle import MANIFEST, resolve_bundle_spec
+
+    if spec is not None:
+        return resolve_bundle_spec(spec)  # a local folder, or a hub id only when it cannot be a path the user meant
+    dest = default_bundle_dir()
+    if (dest / MANIFEST).is_file():
+        return dest
+    from facellm_edge.errors import require
+
+    require("torch", "export")
+    from facellm_edge.export.exporter import export_bundle
+
+    log.warning("no --bundle: exporting %s (%s) to %s (first use only; this takes a while)",
+                DEFAULT_MODEL, DEFAULT_QUANT, dest)
+    return export_bundle(ExportConfig(model=DEFAULT_MODEL, out=dest, quants=(DEFAULT_QUANT,))).out
+
+
+def _grammar(schema: Optional[Path]) -> Optional[str]:
+    """``--schema FILE`` (a JSON schema) -> a llama.cpp grammar that forces every answer to match it."""
+    if schema is None:
+        return None
+    from facellm_edge.errors import InputError
+    from facellm_edge.llm.generator import schema_to_grammar
+
+    try:
+        text = schema.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the JSON schema {schema}: {exc}") from exc
+    return schema_to_grammar(text)
+
+
+_BUNDLE_HELP = (f"Bundle folder, or a hub repo id of a published bundle. Default: {DEFAULT_MODEL.split('/')[-1]} at "
+                f"{DEFAULT_QUANT} in the user cache, exported on first use (needs the 'export' extra).")
+_SYSTEM_HELP = ("System message for this run (default: the bundle's own, none unless exported with --system). "
+                "none | intern_vl (the InternVL identity text FaceLLM was trained with) | the message text.")
+
+
+def _parameters(live: bool) -> list[inspect.Parameter]:
+    """The shared options, as keyword parameters typer reads (defaults shown in --help)."""
+
+    def option(name: str, annotation: Any, default: Any, flag: str, help: str, **kw: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, flag, help=help, **kw))
+
+    return [
+        option("bundle", Optional[str], None, "--bundle", _BUNDLE_HELP),
+        option("max_tokens", int, LIVE_MAX_TOKENS if live else _GEN.max_tokens, "--max-tokens",
+               "Max tokens per answer" + (" (live default: short answers come while the face is still there)."
+                                          if live else "."), min=1),
+        option("temperature", float, _GEN.temperature, "--temperature", "0 = greedy.", min=0.0),
+        option("detector", str, _DETECT.name, "--detector", "Face detector: yunet (MIT) or scrfd (non-commercial)."),
+        option("detector_model", Optional[Path], _DETECT.model_path, "--detector-model", "Local detector model file."),
+        option("device", str, _ENCODER.device, "--device", f"Vision encoder: {' | '.join(DEVICES)}."),
+        option("quant", Optional[str], _ENGINE.quant, "--quant", "LLM quant in the bundle (default: its best)."),
+        option("precision", Optional[str], _ENCODER.precision, "--precision",
+               "Vision precision, int8 | fp32 (default: the bundle's preferred)."),
+        option("threads", Optional[int], _ENGINE.n_threads, "--threads",
+               "llama.cpp threads (live default 1, beside 1 detector thread)." if live
+               else "llama.cpp threads (default: all cores).", min=1),
+        option("max_faces", int, _DETECT.max_faces, "--max-faces",
+               ("Track at most N faces per frame" if live else "Answer about at most N faces") + " (0 = all).",
+               min=0),
+        option("ctx", int, _ENGINE.n_ctx, "--ctx", "LLM context size.", min=16),
+        option("schema", Optional[Path], None, "--schema", "JSON schema file: answers are constrained to match it."),
+        option("max_pixels", int, DEFAULT_MAX_PIXELS, "--max-pixels",
+               "Refuse image files larger than this many pixels, read from the file's header before decoding "
+               "(0 = no limit).", min=0),
+        option("system", Optional[str], None, "--system", _SYSTEM_HELP),
+    ]
+
+
+def runtime_options(*, live: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the command's own parameters, then the shared options; the command's ``options`` parameter gets
+    their values as one :class:`RuntimeOptions` (``live``: run's defaults and thread policy)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(command)  # real types: typer reads the wrapper, defined in this module
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "options"]
+        if len(own) == len(inspect.signature(command).parameters):
+            raise TypeError(f"{command.__name__} needs an 'options' parameter for its RuntimeOptions")
+        shared = _parameters(live)
+
+        @functools.wraps(command)
+        def with_options(**kwargs: Any) -> Any:
+            options = RuntimeOptions(live=live, **{p.name: kwargs.pop(p.name) for p in shared})
+            return command(options=options, **kwargs)
+
+        params = [*own, *shared]
+        with_options.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        with_options.__annotations__ = {p.name: p.annotation for p in params}
+        return with_options
+
+    return decorate
