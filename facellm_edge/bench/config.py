@@ -55,9 +55,6 @@ class LiveBenchConfig:
             raise UsageError(f"live llama.cpp threads must be >= 1, got {self.llama_threads}")
 
 
-# The name facellm_edge/commands/bench.py still imports (the CLI is another change's): the same class.
-LiveConfig = LiveBenchConfig
-
 
 @dataclass(frozen=True)
 class BenchConfig:

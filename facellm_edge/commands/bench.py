@@ -59,13 +59,13 @@ def bench_cmd(
     verify: bool = typer.Option(_default("verify"), "--verify/--no-verify", help="--synthetic: verify the export, so "
                                 "each quant's logit agreement with transformers is reported beside its speed."),
     live: bool = typer.Option(_LIVE.enabled, "--live/--no-live",
-                              help="Benchmark the frame loop alone and with the VLM busy."),
+                              help="Benchmark the real live loop (run_live, headless): idle, and busy answering new people."),
     live_frames: int = typer.Option(_LIVE.frames, "--live-frames", help="Frames per live-loop measurement."),
     live_llama_threads: str = typer.Option(",".join(map(str, _LIVE.llama_threads)), "--live-llama-threads",
                                            help="llama.cpp thread counts to compare while the frame loop runs "
                                                 "(comma-separated)."),
 ) -> None:
-    """Measure detection, alignment, vision encode, prefill, TTFT (cold/warm), decode, end-to-end and peak memory:
+    """Measure detection, alignment, encode, image and question prefill, TTFT (cold/warm), decode and peak memory:
     edge path (ONNX Runtime + llama.cpp) per precision beside transformers. Writes results.json, results.md and
     stages.png."""
     from rich.console import Console

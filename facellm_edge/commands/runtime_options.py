@@ -3,7 +3,7 @@
 :func:`runtime_options` adds them to a command's signature and hands the command one frozen :class:`RuntimeOptions`,
 which builds the nested :class:`~facellm_edge.runtime.config.RuntimeConfig`. Every default is read from the field of
 the stage config the option sets (``--ctx`` from ``EngineConfig.n_ctx``, ``--detector`` from ``DetectorConfig.name``,
-...), except run's ``--max-tokens``: the live default :data:`LIVE_MAX_TOKENS`.
+...), except run's ``--max-tokens``: the live default :data:`~facellm_edge.runtime.live.loop.LIVE_MAX_TOKENS`.
 
 The stage configs import numpy; this module is imported only when ``ask`` or ``run`` runs or shows its help
 (``facellm_edge.cli`` loads command modules on first use). ``RuntimeConfig`` itself (cv2, InsightFace) is imported
@@ -29,14 +29,13 @@ from facellm_edge.llm.engine import EngineConfig
 from facellm_edge.llm.sampling import GenerationConfig
 from facellm_edge.runtime.detect import DetectorConfig
 from facellm_edge.runtime.encode import DEVICES, EncoderConfig
+from facellm_edge.runtime.live.loop import LIVE_MAX_TOKENS
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
-# run answers every new face in front of a camera: short answers come while the person is still there
-LIVE_MAX_TOKENS = 64
 
 # The bundle ask/run use without --bundle: exported into the user cache on first use.
 DEFAULT_MODEL = "Idiap/FaceLLM-1B"

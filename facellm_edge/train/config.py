@@ -119,9 +119,3 @@ class TrainConfig:
             if a != b:
                 out.append(f"{f.name}: run has {getattr(saved, f.name)!r}, now {getattr(self, f.name)!r}")
         return out
-
-
-def default(name: str) -> Any:
-    """The default of a TrainConfig field (for CLI option declarations)."""
-    f = TrainConfig.__dataclass_fields__[name]
-    return f.default

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# The live default answer length (`run --max-tokens`): every new face in front of a camera gets an answer, and a
+# short one comes while the person is still there. ``ask`` keeps GenerationConfig's default.
+LIVE_MAX_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class LiveConfig:
     """The live loop's own settings (how answers are generated is the model's ``RuntimeConfig.generation``)."""
