@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facellm_edge.errors import InputError
+from facellm_edge.errors import InputError, OutputError
 from facellm_edge.runtime.faces import Face
 from facellm_edge.runtime.live.loop import LiveConfig, run_live
 from facellm_edge.runtime.live.worker import DropOldestSlot
@@ -349,3 +349,35 @@ def test_control_streams_events_and_takes_questions(model, astronaut_bgr, tmp_pa
     assert tokens == answers[1]["answer"]
     assert [json.loads(x)["question"] for x in jsonl.read_text().splitlines()] == [a["question"] for a in answers]
     assert control.ask_track(1, "Still there?") is False  # the loop has ended
+
+
+def test_still_image_output_carries_every_answer(model, t1_bgr, astronaut_bgr, tmp_path):
+    """`run --source photo.jpg --output out.png`: the frame waits for its answers, so the written image shows them
+    (it differs from the same run's frame drawn before any answer); a folder of photos answers every photo's faces
+    even where faces of two photos sit at the same place (each image is a new scene)."""
+    import cv2
+
+    from facellm_edge.runtime.live.control import LiveControl
+
+    photo = tmp_path / "t1.png"
+    cv2.imwrite(str(photo), t1_bgr)
+    out = tmp_path / "out.png"
+    records: list[dict] = []
+    answers_when_drawn: list[int] = []
+    control = LiveControl(on_frame=lambda image: answers_when_drawn.append(len(records)))
+    stats = run_live(model, open_source(str(photo)), LiveConfig(question="Age?", display=False, output=out),
+                     on_record=records.append, control=control)
+    written = cv2.imread(str(out))
+    assert stats.frames == 1 and len(records) == 6 and written.shape == t1_bgr.shape
+    assert answers_when_drawn == [6]  # the frame was drawn (and written) once all six answers were there
+    with pytest.raises(OutputError, match="writes one image, but the source is"):
+        run_live(model, open_source(str(tmp_path)), LiveConfig(question="Age?", display=False,
+                                                               output=tmp_path / "x.jpg"))
+    folder = tmp_path / "two"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), astronaut_bgr)
+    cv2.imwrite(str(folder / "b.png"), cv2.flip(astronaut_bgr, 1))  # the face at nearly the same place
+    records.clear()
+    stats = run_live(model, open_source(str(folder)), LiveConfig(question="Age?", display=False),
+                     on_record=records.append)
+    assert stats.frames == 2 and stats.tracks == 2 and len(records) == 2

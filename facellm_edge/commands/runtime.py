@@ -73,6 +73,7 @@ def run(
     """Headless with neither --jsonl nor a window: the JSON lines go to stdout."""
     from facellm_edge.errors import UsageError
     from facellm_edge.runtime.live.loop import check_outputs, run_live
+    from facellm_edge.runtime.live.outputs import check_output_source
     from facellm_edge.runtime.live.sources import open_source
     from facellm_edge.runtime.pipeline import FaceLLM
 
@@ -88,6 +89,7 @@ def run(
     check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads
     frames = open_source(camera if camera is not None else source, max_pixels=cfg.max_pixels)
     try:
+        check_output_source(live, frames)  # --output x.jpg needs one still image: said before the bundle loads
         with FaceLLM.load(options.bundle_dir(), cfg) as model:
             model.detector  # load the detector before the first frame is processed
             echo = (lambda rec: typer.echo(json.dumps(rec))) if no_display and jsonl is None else None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 
 from facellm_edge.runtime.live.control import LiveControl
-from facellm_edge.runtime.live.outputs import LiveOutputs, check_outputs
+from facellm_edge.runtime.live.outputs import LiveOutputs, check_output_source, check_outputs
 from facellm_edge.runtime.live.overlay import draw
 from facellm_edge.runtime.live.sources import FrameSource
 from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
@@ -93,6 +93,7 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
     ``control`` (:class:`~facellm_edge.runtime.live.control.LiveControl`) streams events and frames out and takes
     the standing question and follow-up questions in, from other threads."""
     check_outputs(config)
+    check_output_source(config, source)
     control = control if control is not None else LiveControl()
     stats = LiveStats()
     lock = threading.Lock()
@@ -144,17 +145,23 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
     tracker = IouTracker(config.tracker)
     stats.frame_ms = deque(maxlen=config.frame_latencies)
     t_start = time.perf_counter()
+    still = getattr(source, "still", False)
     try:
         worker.start()
         for frame in source:
             if worker.error is not None:
                 raise worker.error
             t_frame = time.perf_counter()
+            renewed = tracker.end_all() if still else []  # each still image is a new scene
             faces = model.detect(frame.image)
             faces, ended = tracker.update(faces, frame.index)
+            ended = renewed + ended
             if ended:
                 worker.end_tracks(ended)
             worker.offer(frame.index, frame.image, faces)
+            if still and faces and not worker.wait_idle(config.drain_timeout_s):  # drawn with its answers
+                log.warning("answers for %s still pending after %.0fs", frame.name or frame.index,
+                            config.drain_timeout_s)
             stats.frames += 1
             stats.faces += len(faces)
             if control.on_event is not None:

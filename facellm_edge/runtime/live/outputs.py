@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     from facellm_edge.runtime.live.loop import LiveConfig
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # --output as one annotated image
+
+
+def is_image_output(path: Path | None) -> bool:
+    return path is not None and Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def check_output_source(config: LiveConfig, source: FrameSource) -> None:
+    """``--output x.jpg`` writes one image: the source must be one still image."""
+    if is_image_output(config.output) and not (getattr(source, "still", False) and len(getattr(source, "paths", ())) == 1):
+        what = source.description or "not one image"
+        raise OutputError(f"--output {config.output} writes one image, but the source is {what}; give one image as "
+                          "--source, or write a video (--output out.mp4)")
+
+
 def check_outputs(config: LiveConfig) -> None:
     """Check the output paths before any work (a folder, an existing file, an unwritable place: one line now, not
     after the whole run). Nothing is created."""
@@ -46,6 +61,7 @@ class LiveOutputs:
         self.jsonl = None
         self.video: Path | None = None
         self.writer = None
+        self.still: np.ndarray | None = None  # image output: the last annotated frame
         self.frames = 0
         self.lines = 0
         self.created_jsonl = False
@@ -71,6 +87,10 @@ class LiveOutputs:
     def write_frame(self, image: np.ndarray) -> None:
         import cv2
 
+        if is_image_output(self.config.output):
+            self.still = image
+            self.frames += 1
+            return
         if self.writer is None:
             h, w = image.shape[:2]
             self.writer = cv2.VideoWriter(str(self.video), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
@@ -92,7 +112,17 @@ class LiveOutputs:
                 try:
                     if self.writer is not None:
                         self.writer.release()
+                    if self.still is not None:
+                        self._write_still()
                     if keep and self.frames:
                         commit_temp_file(self.video, Path(self.config.output))
                 finally:
                     Path(self.video).unlink(missing_ok=True)  # no-op once committed
+
+    def _write_still(self) -> None:
+        import cv2
+
+        ok, data = cv2.imencode(Path(self.config.output).suffix.lower(), self.still)
+        if not ok:
+            raise OutputError(f"cannot encode {self.config.output} as {Path(self.config.output).suffix} image")
+        Path(self.video).write_bytes(data.tobytes())

@@ -65,6 +65,7 @@ class FrameSource:
     """Base: iterate frames with ``for frame in source``; ``close()`` (or a ``with`` block) releases everything."""
 
     live = False
+    still = False  # separate still images (each one a new scene; its output waits for its answers)
     description = ""
     skipped = 0  # images / frames that could not be read and were left out (each logged once as a warning)
     unit = "frames"
@@ -92,6 +93,7 @@ class ImageFiles(FrameSource):
     can be read is that an error."""
 
     unit = "images"
+    still = True
 
     def __init__(self, paths: list[Path], description: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if not paths:

@@ -45,6 +45,12 @@ class IouTracker:
     tracks: dict[int, Track] = field(default_factory=dict)
     _next_id: int = 1
 
+    def end_all(self) -> list[int]:
+        """End every track now (a new scene: the next image of a folder); returns their ids."""
+        ended = list(self.tracks)
+        self.tracks.clear()
+        return ended
+
     @property
     def started(self) -> int:
         """Tracks started so far (people seen; ids start at 1)."""
