@@ -196,6 +196,31 @@ def test_feed_replays_missed_events_and_a_slow_client_gets_a_snapshot(monkeypatc
     asyncio.run(main())
 
 
+def test_frame_hub_encodes_each_frame_once_and_wakes_waiters():
+    from facellm_edge.serve.streams import FrameHub
+
+    hub = FrameHub()
+    assert hub.jpeg() is None  # before the first frame
+
+    async def main() -> None:
+        assert await hub.wait_newer(0, timeout=0.05) is False  # no frame: times out
+        waiting = asyncio.ensure_future(hub.wait_newer(0, timeout=10))
+        await asyncio.sleep(0.01)
+        threading.Thread(target=hub.put, args=(np.zeros((48, 64, 3), np.uint8),)).start()  # the frame loop
+        assert await waiting is True
+        first, again = hub.jpeg(), hub.jpeg()
+        assert first[0] == 1 and again[1] is first[1]  # one encoding per frame, whoever asks
+        hub.put(np.full((48, 64, 3), 255, np.uint8))
+        second = hub.jpeg()
+        assert second[0] == 2 and second[1] is not first[1]
+        assert cv2.imdecode(np.frombuffer(second[1], np.uint8), cv2.IMREAD_GRAYSCALE).min() > 240
+        hub.close()
+        assert await hub.wait_newer(2, timeout=10) is True  # closed: no waiting
+        assert [part async for part in hub.mjpeg()] == []  # a closed hub ends the video stream
+
+    asyncio.run(main())
+
+
 # -- a real server ---------------------------------------------------------------------------------------------
 
 
@@ -300,3 +325,19 @@ def test_browser_source_answers_follow_ups_and_updates_metrics(model, astronaut_
               if line.startswith("facellm_live_")}
     assert values["facellm_live_fps"] > 0 and values["facellm_live_tracked_faces"] == 1
     assert source.closed and not live.ready  # the app's shutdown stopped the loop and closed the source
+
+
+@pytest.mark.slow
+def test_a_failing_source_is_reported_not_fatal(model, tmp_path):
+    from facellm_edge.runtime.live.sources import open_source
+    from facellm_edge.serve.config import ServeConfig
+    from facellm_edge.serve.live import LiveService
+    from facellm_edge.serve.metrics import Metrics
+
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+    live = LiveService(model, ServeConfig(), Metrics(), open_source(str(tmp_path)))
+    live.start()
+    live.stop()  # joins the loop, which has failed on its own
+    status = live.status()
+    assert not live.ready and status["running"] is False and "could be read" in status["error"]
