@@ -16,12 +16,13 @@ import functools
 import inspect
 import logging
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
+from facellm_edge.commands.config_file import config_parameter_callback
 from facellm_edge.commands.defaults import field_default
 from facellm_edge.export.exporter import ExportConfig
 from facellm_edge.io import DEFAULT_MAX_PIXELS
@@ -138,6 +139,9 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
                                  default=typer.Option(default, flag, help=help, **kw))
 
     return [
+        option("config", Optional[Path], None, "--config",
+               "TOML file of option values (keys = option names with underscores; see docs/config.md); flags given "
+               "here win.", is_eager=True, callback=config_parameter_callback(SHARED)),
         option("bundle", Optional[str], None, "--bundle", _BUNDLE_HELP),
         option("max_tokens", int, LIVE_MAX_TOKENS if live else _GEN.max_tokens, "--max-tokens",
                "Max tokens per answer" + (" (live default: short answers come while the face is still there)."
@@ -164,6 +168,10 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
     ]
 
 
+# The option names ask, run and serve share: the top-level keys of a --config file.
+SHARED = frozenset(f.name for f in fields(RuntimeOptions) if f.name != "live")
+
+
 def runtime_options(*, live: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: the command's own parameters, then the shared options; the command's ``options`` parameter gets
     their values as one :class:`RuntimeOptions` (``live``: run's defaults and thread policy)."""
@@ -178,7 +186,8 @@ def runtime_options(*, live: bool) -> Callable[[Callable[..., Any]], Callable[..
 
         @functools.wraps(command)
         def with_options(**kwargs: Any) -> Any:
-            options = RuntimeOptions(live=live, **{p.name: kwargs.pop(p.name) for p in shared})
+            kwargs.pop("config")  # applied while parsing (the file's values are the options' defaults)
+            options = RuntimeOptions(live=live, **{p.name: kwargs.pop(p.name) for p in shared if p.name != "config"})
             return command(options=options, **kwargs)
 
         params = [*own, *shared]
