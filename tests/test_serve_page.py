@@ -4,8 +4,9 @@ download), against a real server on 127.0.0.1 with the tiny bundle.
 Checked: the page loads with no console error and no request to anywhere but the server; a card per person fills in
 with the streamed answer (a video of the photos as the live source); the question box changes the standing
 question; in browser-camera mode (``--source browser``) the page sends frames from Chromium's fake camera, fed from
-a Y4M clip of the astronaut photo, and a card with the answer about that face appears. Screenshots at 1920x1080
-and 800x480 (a 7" touch screen) are saved under the test's tmp_path.
+a Y4M clip of the astronaut photo, and a card with the answer about that face appears; on a server without a live
+source the page says so once. Screenshots at 1920x1080 and 800x480 (a 7" touch screen) are saved under the test's
+tmp_path.
 
 Without chromium (or Playwright) the test is skipped on a developer's machine and FAILS in CI (``CI`` set): .ci/run
 installs Debian's chromium, so a missing browser there is a broken setup, not a reason to skip.
@@ -144,5 +145,19 @@ def test_kiosk_page_in_chromium(model, astronaut_bgr, t1_bgr, tmp_path):
                 assert source.pushed <= sent + 1  # at most the frame that was in flight
                 context.close()
             assert watch.errors == [] and watch.foreign == []
+
+            # 3. a server without a live source: the page says so and stops there (no retry loop)
+            from facellm_edge.serve.app import create_app
+            from facellm_edge.serve.config import ServeConfig
+
+            with serving(create_app(model, ServeConfig())) as base:
+                page = browser.new_page(viewport={"width": 800, "height": 480})
+                watch = PageWatch(page, base)
+                page.goto(base + "/", wait_until="load")
+                page.wait_for_function("document.getElementById('novideo').textContent.includes('No live video')")
+                page.wait_for_timeout(2500)  # the video would be retried every 2 s
+                assert "start the server with --source" in page.inner_text("#status")
+                assert len(watch.errors) == 1 and "404" in watch.errors[0]  # the status request, once
+                page.close()
         finally:
             browser.close()

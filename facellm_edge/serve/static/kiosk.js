@@ -222,18 +222,23 @@
 
   // -- start (after the page has loaded: the endless video must not hold the load event) --------------------------
   window.addEventListener("load", async () => {
-    connect();
-    startVideo();
+    let s;
     try {
       const response = await fetch("v1/live/status", { headers: headers() });
-      if (!response.ok) throw new Error(`${response.status}`);
-      const s = await response.json();
-      live.running = s.running;
-      live.camera = s.browser_camera;
-      ui.camera.hidden = !s.browser_camera;
-      if (s.browser_camera && navigator.mediaDevices && params.get("camera") !== "off") startCamera();
+      if (!response.ok) {
+        throw new Error(response.status === 404 ? "start the server with --source" : `${response.status}`);
+      }
+      s = await response.json();
     } catch (err) {
-      showStatus(`no live source (${err.message})`, true);
+      showStatus(`no live source: ${err.message}`, true);
+      ui.novideo.textContent = "No live video on this server.";
+      return;
     }
+    live.running = s.running;
+    live.camera = s.browser_camera;
+    ui.camera.hidden = !s.browser_camera;
+    connect();
+    startVideo();
+    if (s.browser_camera && navigator.mediaDevices && params.get("camera") !== "off") startCamera();
   });
 })();
