@@ -140,7 +140,7 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
 
     return [
         option("config", Optional[Path], None, "--config",
-               "TOML file of option values (keys = option names with underscores; see docs/config.md); flags given "
+               "TOML file of option values (keys = the long flags with underscores; see docs/config.md); flags given "
                "here win.", is_eager=True, callback=config_parameter_callback(SHARED)),
         option("bundle", Optional[str], None, "--bundle", _BUNDLE_HELP),
         option("max_tokens", int, LIVE_MAX_TOKENS if live else _GEN.max_tokens, "--max-tokens",
