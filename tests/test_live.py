@@ -381,3 +381,32 @@ def test_still_image_output_carries_every_answer(model, t1_bgr, astronaut_bgr, t
     stats = run_live(model, open_source(str(folder)), LiveConfig(question="Age?", display=False),
                      on_record=records.append)
     assert stats.frames == 2 and stats.tracks == 2 and len(records) == 2
+
+
+def test_several_sources_share_one_worker_and_name_themselves(model, astronaut_bgr, t1_bgr, tmp_path):
+    """`run --source a --source b` (or a .streams file): frames in turn, one tracker per source with ids unique
+    across them, one VLM worker; records and events carry the source."""
+    from facellm_edge.runtime.live.control import LiveControl
+    from facellm_edge.runtime.live.sources import MultiSource, open_sources
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    cv2.imwrite(str(a), astronaut_bgr)
+    cv2.imwrite(str(b), t1_bgr)
+    streams = tmp_path / "cams.streams"
+    streams.write_text(f"# two cameras\n{a}\n\n{b}  # the group\n")
+    source = open_sources([str(streams)])
+    assert isinstance(source, MultiSource) and source.description == f"{a} + {b}"
+    events: list[tuple[str, dict]] = []
+    records: list[dict] = []
+    stats = run_live(model, source, LiveConfig(question="Age?", display=False), on_record=records.append,
+                     control=LiveControl(on_event=lambda kind, payload: events.append((kind, payload))))
+    assert stats.frames == 2 and stats.tracks == 7 and len(records) == 7
+    assert sorted(r["track_id"] for r in records) == list(range(1, 8))  # unique across the two trackers
+    assert sorted(r["source"] for r in records) == [str(a)] + [str(b)] * 6
+    appeared = [p for k, p in events if k == "track_appeared"]
+    assert {p["source"] for p in appeared} == {str(a), str(b)} and len(appeared) == 7
+    with pytest.raises(InputError, match="given twice"):
+        open_sources([str(a), str(a)])
+    with pytest.raises(OutputError, match="records one source"):
+        run_live(model, open_sources([str(a), str(b)]), LiveConfig(question="Age?", display=False,
+                                                                   output=tmp_path / "x.mp4"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -54,8 +54,9 @@ def ask(
 
 @runtime_options(live=True)
 def run(
-    source: Optional[str] = typer.Option(None, "--source", help="Camera index, video file, image, folder of images, "
-                                         "or rtsp:// / http:// URL."),
+    source: Optional[List[str]] = typer.Option(None, "--source", help="Camera index, video file, image, folder of "
+                                               "images, or rtsp:// / http:// URL. Repeat it (or give a .streams file, "
+                                               "one source per line) to read several cameras in turn."),
     camera: Optional[int] = typer.Option(None, "--camera", min=0, help="Camera index (alias of --source N)."),
     question: str = typer.Option(..., "--question", "-q", help="Asked once about every new face."),
     no_display: bool = typer.Option(False, "--no-display", help="Headless: no window."),
@@ -74,10 +75,10 @@ def run(
     from facellm_edge.errors import UsageError
     from facellm_edge.runtime.live.loop import check_outputs, run_live
     from facellm_edge.runtime.live.outputs import check_output_source
-    from facellm_edge.runtime.live.sources import open_source
+    from facellm_edge.runtime.live.sources import open_sources
     from facellm_edge.runtime.pipeline import FaceLLM
 
-    if (source is None) == (camera is None):
+    if (not source) == (camera is None):
         raise UsageError("give exactly one of --source (file, folder, URL, camera index) or --camera N")
     if append and jsonl is None:
         raise UsageError("--append adds to a --jsonl file; give --jsonl FILE too")
@@ -87,7 +88,7 @@ def run(
     live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output, append=append,
                       overwrite=force, max_frames=max_frames)
     check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads
-    frames = open_source(camera if camera is not None else source, max_pixels=cfg.max_pixels)
+    frames = open_sources([camera] if camera is not None else list(source), max_pixels=cfg.max_pixels)
     try:
         check_output_source(live, frames)  # --output x.jpg needs one still image: said before the bundle loads
         with FaceLLM.load(options.bundle_dir(), cfg) as model:

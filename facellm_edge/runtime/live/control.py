@@ -43,8 +43,12 @@ class LiveControl:
 
     # -- in ---------------------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """End the loop after the current frame (outputs are finalised as for the end of a source)."""
+        """End the loop after the current frame, or its wait for the last answers of a file (outputs are
+        finalised as for the end of a source)."""
         self._stop.set()
+        with self._lock:
+            if self._worker is not None:
+                self._worker.cancel_wait()
 
     @property
     def stopped(self) -> bool:
@@ -85,6 +89,8 @@ class LiveControl:
             self._worker = worker
             if worker is not None and self._question is not None:
                 worker.set_question(self._question)
+            if worker is not None and self._stop.is_set():
+                worker.cancel_wait()
 
     def emit(self, kind: str, payload: dict) -> None:
         if self.on_event is not None:

@@ -16,6 +16,7 @@ are appended and flushed to the disk one by one, so an interrupted run or a powe
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -106,7 +107,8 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
             done = time.perf_counter()
             first = item.first_token if item.first_token is not None else done
             since = "since_asked_ms" if item.follow_up else "since_seen_ms"  # a follow-up: from its question
-            rec = {"frame": item.frame, **item.face.to_dict(), "question": item.question, "answer": item.text,
+            rec = {"source": item.source, "frame": item.frame, **item.face.to_dict(), "question": item.question,
+                   "answer": item.text,
                    "stop_reason": item.stop_reason, "n_tokens": item.n_tokens, "follow_up": item.follow_up,
                    since: {"first_token": round((first - item.seen) * 1e3, 1),
                            "answer": round((done - item.seen) * 1e3, 1)}}
@@ -120,7 +122,8 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
             control.emit("answer", rec)
 
         def on_piece(item: TrackAnswer, piece: str) -> None:
-            control.emit("token", {"track_id": item.track_id, "question": item.question, "text": piece})
+            control.emit("token", {"source": item.source, "track_id": item.track_id, "question": item.question,
+                                   "text": piece})
 
         worker = VlmWorker(model, config.question, on_answer, on_piece if control.on_event is not None else None)
         control.attach(worker)
@@ -142,31 +145,34 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
           outputs: "LiveOutputs", control: LiveControl) -> None:
     import cv2
 
-    tracker = IouTracker(config.tracker)
+    ids = itertools.count(1)  # track ids unique across sources
+    trackers: dict[str, IouTracker] = {}  # one per source (several cameras read in turn)
     stats.frame_ms = deque(maxlen=config.frame_latencies)
     t_start = time.perf_counter()
-    still = getattr(source, "still", False)
     try:
         worker.start()
         for frame in source:
             if worker.error is not None:
                 raise worker.error
             t_frame = time.perf_counter()
+            name = frame.source or getattr(source, "description", "")
+            tracker = trackers.setdefault(name, IouTracker(config.tracker, ids=ids))
+            still = source.still_for(frame.source) if frame.source else getattr(source, "still", False)
             renewed = tracker.end_all() if still else []  # each still image is a new scene
             faces = model.detect(frame.image)
             faces, ended = tracker.update(faces, frame.index)
             ended = renewed + ended
             if ended:
                 worker.end_tracks(ended)
-            worker.offer(frame.index, frame.image, faces)
+            worker.offer(frame.index, frame.image, faces, name)
             if still and faces and not worker.wait_idle(config.drain_timeout_s):  # drawn with its answers
                 log.warning("answers for %s still pending after %.0fs", frame.name or frame.index,
                             config.drain_timeout_s)
             stats.frames += 1
             stats.faces += len(faces)
             if control.on_event is not None:
-                _emit_tracks(control, frame.index, faces, ended, stats.tracks)
-            stats.tracks = tracker.started
+                _emit_tracks(control, name, frame.index, faces, ended, stats.tracks)
+            stats.tracks = sum(t.started for t in trackers.values())
             if outputs.video is not None or config.display or control.on_frame is not None:
                 shown = draw(frame.image, faces, worker.texts(),
                              status=f"{stats.frames / max(time.perf_counter() - t_start, 1e-6):.1f} FPS")
@@ -175,7 +181,8 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
                 if control.on_frame is not None:
                     control.on_frame(shown)
                 if config.display:
-                    cv2.imshow(config.window, shown)
+                    cv2.imshow(f"{config.window}: {name}" if len(trackers) > 1 or frame.source else config.window,
+                               shown)
                     if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                         break
             stats.frame_ms.append((time.perf_counter() - t_frame) * 1e3)
@@ -204,13 +211,15 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
         raise worker.error
 
 
-def _emit_tracks(control: LiveControl, frame: int, faces: list, ended: list[int], started_before: int) -> None:
+def _emit_tracks(control: LiveControl, source: str, frame: int, faces: list, ended: list[int],
+                 started_before: int) -> None:
     """This frame's track events: lost tracks, new tracks (ids above the ones started before), every box."""
     for tid in ended:
-        control.emit("track_lost", {"frame": frame, "track_id": tid})
+        control.emit("track_lost", {"source": source, "frame": frame, "track_id": tid})
     boxes = [{"track_id": f.track_id, "box": [round(float(v), 1) for v in f.box], "score": round(f.score, 4)}
              for f in faces]
     for b in boxes:
         if b["track_id"] > started_before:
-            control.emit("track_appeared", {"frame": frame, "track_id": b["track_id"], "box": b["box"]})
-    control.emit("tracks", {"frame": frame, "tracks": boxes})
+            control.emit("track_appeared", {"source": source, "frame": frame, "track_id": b["track_id"],
+                                            "box": b["box"]})
+    control.emit("tracks", {"source": source, "frame": frame, "tracks": boxes})

@@ -29,6 +29,9 @@ def is_image_output(path: Path | None) -> bool:
 
 def check_output_source(config: LiveConfig, source: FrameSource) -> None:
     """``--output x.jpg`` writes one image: the source must be one still image."""
+    if config.output is not None and len(getattr(source, "sources", ())) > 1:
+        raise OutputError(f"--output {config.output} records one source, but {source.description} are several; "
+                          "write --jsonl for all of them, or run once per source to record each")
     if is_image_output(config.output) and not (getattr(source, "still", False) and len(getattr(source, "paths", ())) == 1):
         what = source.description or "not one image"
         raise OutputError(f"--output {config.output} writes one image, but the source is {what}; give one image as "

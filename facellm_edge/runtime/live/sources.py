@@ -18,7 +18,8 @@ import numpy as np
 from facellm_edge.errors import InputError
 from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image
 
-__all__ = ["FrameSource", "ImageFiles", "VideoFile", "LiveCapture", "open_source", "Frame"]
+__all__ = ["FrameSource", "ImageFiles", "VideoFile", "LiveCapture", "MultiSource", "open_source", "open_sources",
+           "Frame"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Frame:
     index: int  # sequence number from the source (0, 1, 2 ...), increasing even when frames are dropped
     image: np.ndarray
     name: str = ""  # file name for images / folders
+    source: str = ""  # which source it came from, when several are read in turn (MultiSource)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class FrameSource:
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
+
+    def still_for(self, name: str) -> bool:
+        """Whether frames from the source called ``name`` are still images (one source: ``still``)."""
+        return self.still
 
     def close(self) -> None:
         pass
@@ -297,3 +303,75 @@ def open_source(spec: str | int, *, opener: Opener = _default_opener,
     if path.suffix.lower() in IMAGE_EXTS:
         return ImageFiles([path], str(path), max_pixels)
     return VideoFile(path, opener=opener)
+
+
+class MultiSource(FrameSource):
+    """Several sources read in turn (round robin; a source that ends drops out): each frame carries its source's
+    description in ``Frame.source``. Live when any part is; the loop keeps one tracker per source."""
+
+    unit = "frames"
+
+    def __init__(self, sources: list[FrameSource]) -> None:
+        self.sources = sources
+        self.live = any(s.live for s in sources)
+        self.description = " + ".join(s.description for s in sources)
+        self._still = {s.description: s.still for s in sources}
+
+    def __iter__(self) -> Iterator[Frame]:
+        from dataclasses import replace
+
+        running = [(s.description, iter(s)) for s in self.sources]
+        while running:
+            for item in list(running):
+                try:
+                    frame = next(item[1])
+                except StopIteration:
+                    running.remove(item)
+                    continue
+                yield replace(frame, source=item[0])
+
+    def still_for(self, name: str) -> bool:
+        return self._still.get(name, False)
+
+    @property
+    def skipped(self) -> int:  # type: ignore[override]
+        return sum(s.skipped for s in self.sources)
+
+    @property
+    def fps(self) -> float:
+        return max((s.fps for s in self.sources), default=0.0)
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def open_sources(specs: "list[str | int]", **kw: Any) -> FrameSource:
+    """One source, or several read in turn. A ``.streams`` file lists sources one per line (``#`` comments), as in
+    ultralytics. The same source twice is refused (it would be opened twice)."""
+    expanded: list[str | int] = []
+    for spec in specs:
+        text = str(spec).strip()
+        if text.lower().endswith(".streams") and Path(text).is_file():
+            try:
+                lines = Path(text).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read {text}: {exc}") from exc
+            expanded += [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+        else:
+            expanded.append(spec)
+    if not expanded:
+        raise InputError("no source given (a .streams file with no entries?)")
+    seen = [str(s).strip() for s in expanded]
+    dup = next((s for i, s in enumerate(seen) if s in seen[:i]), None)
+    if dup is not None:
+        raise InputError(f"source {dup} is given twice; give each camera, file or stream once")
+    opened: list[FrameSource] = []
+    try:
+        for spec in expanded:
+            opened.append(open_source(spec, **kw))
+    except BaseException:
+        for s in opened:
+            s.close()
+        raise
+    return opened[0] if len(opened) == 1 else MultiSource(opened)

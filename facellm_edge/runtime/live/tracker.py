@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -43,7 +44,9 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class IouTracker:
     config: TrackerConfig = field(default_factory=TrackerConfig)
     tracks: dict[int, Track] = field(default_factory=dict)
+    ids: Iterator[int] | None = None  # a shared id counter: ids unique across the trackers of several sources
     _next_id: int = 1
+    _started: int = 0
 
     def end_all(self) -> list[int]:
         """End every track now (a new scene: the next image of a folder); returns their ids."""
@@ -53,8 +56,8 @@ class IouTracker:
 
     @property
     def started(self) -> int:
-        """Tracks started so far (people seen; ids start at 1)."""
-        return self._next_id - 1
+        """Tracks this tracker started so far (people seen)."""
+        return self._started
 
     def update(self, faces: list[Face], frame_index: int) -> tuple[list[Face], list[int]]:
         """Assign ``track_id`` to each face (in place). Returns (faces, ids of tracks that ended this frame)."""
@@ -78,10 +81,12 @@ class IouTracker:
             faces[d].track_id = track.track_id
         for d, face in enumerate(faces):
             if d not in matched_faces:
-                track = Track(self._next_id, dets[d].copy(), frame_index, frame_index)
+                tid = next(self.ids) if self.ids is not None else self._next_id
+                track = Track(tid, dets[d].copy(), frame_index, frame_index)
                 self.tracks[track.track_id] = track
                 face.track_id = track.track_id
                 self._next_id += 1
+                self._started += 1
         ended = []
         for t, tid in enumerate(ids):
             if t not in matched_tracks:

@@ -67,6 +67,7 @@ class TrackAnswer:
     frame: int
     face: Face
     seen: float  # perf_counter of the frame loop's first sight of the track
+    source: str = ""  # the source's description (which camera, file or stream)
     question: str = ""  # what this answer answers (the standing question, or a follow-up's)
     follow_up: bool = False  # a later question in the track's session (LiveControl.ask_track)
     text: str = ""
@@ -100,10 +101,11 @@ class VlmWorker(threading.Thread):
         self._seen: dict[int, float] = {}  # live tracks offered but not taken yet -> first sight
         self._ended: set[int] = set()
         self._busy = False
+        self._cancel_wait = False
         self.error: BaseException | None = None
 
     # -- frame-loop side ------------------------------------------------------------------------------------
-    def offer(self, frame_index: int, image: np.ndarray, faces: list[Face]) -> None:
+    def offer(self, frame_index: int, image: np.ndarray, faces: list[Face], source: str = "") -> None:
         """Hand over the faces of this frame whose track has no answer (started) yet."""
         now = time.perf_counter()
         with self._cond:
@@ -111,7 +113,7 @@ class VlmWorker(threading.Thread):
             for f in new:
                 self._seen.setdefault(f.track_id, now)
         if new:
-            self.jobs.put((frame_index, image, new))
+            self.jobs.put((frame_index, image, new, source))
 
     def end_tracks(self, track_ids: list[int]) -> None:
         with self._cond:
@@ -128,7 +130,13 @@ class VlmWorker(threading.Thread):
         """Wait until no job is waiting and nothing is being answered."""
         with self._cond:
             return self._cond.wait_for(lambda: (not self._busy and not self.jobs.pending() and not self._followups)
-                                       or not self.is_alive(), timeout=timeout)
+                                       or not self.is_alive() or self._cancel_wait, timeout=timeout)
+
+    def cancel_wait(self) -> None:
+        """End any :meth:`wait_idle` now (a stop request while the loop waits for the last answers)."""
+        with self._cond:
+            self._cancel_wait = True
+            self._cond.notify_all()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -184,13 +192,13 @@ class VlmWorker(threading.Thread):
                 self._cond.notify_all()
             self._close_all()
 
-    def _take_new(self, frame_index: int, image: np.ndarray, faces: list[Face]) -> list[TrackAnswer]:
+    def _take_new(self, frame_index: int, image: np.ndarray, faces: list[Face], source: str) -> list[TrackAnswer]:
         """Register the job's new tracks and encode their crops together (answered one by one afterwards)."""
         with self._cond:
             faces = [f for f in faces if f.track_id not in self._answers and f.track_id not in self._ended]
             for f in faces:
                 seen = self._seen.pop(f.track_id, time.perf_counter())
-                self._answers[f.track_id] = TrackAnswer(f.track_id, frame_index, f, seen)
+                self._answers[f.track_id] = TrackAnswer(f.track_id, frame_index, f, seen, source=source)
         if not faces:
             return []
         self.model.encode_faces(image, faces)
