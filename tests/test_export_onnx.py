@@ -31,15 +31,8 @@ def image(loaded):
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(loaded, image, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vision") / "fp32.onnx"
-    return onnx_vision.export_vision_onnx(loaded.model, out, image["size"], mean=image["mean"], std=image["std"],
-                                          source_model="tiny-internvl")
-
-
-@pytest.fixture(scope="module")
-def int8_onnx(fp32_onnx) -> Path:
-    return onnx_vision.quantize_vision_int8(fp32_onnx, fp32_onnx.with_name("int8.onnx"))
+def int8_onnx(tiny_vision_onnx, tmp_path_factory) -> Path:
+    return onnx_vision.quantize_vision_int8(tiny_vision_onnx, tmp_path_factory.mktemp("vision_int8") / "int8.onnx")
 
 
 def _pixels(batch: int, size: int, seed: int) -> torch.Tensor:
@@ -61,14 +54,15 @@ def test_encoder_is_exactly_get_image_features(loaded, image, layer):
     assert torch.equal(got, ref)
 
 
-def test_fp32_onnx_matches_torch_with_one_dynamic_batch_graph(loaded, fp32_onnx):
-    sess = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
+@pytest.mark.slow  # exports the vision graph (tiny_vision_onnx)
+def test_fp32_onnx_matches_torch_with_one_dynamic_batch_graph(loaded, tiny_vision_onnx):
+    sess = ort.InferenceSession(str(tiny_vision_onnx), providers=["CPUExecutionProvider"])
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     assert inp.name == "pixel_values" and out.name == "image_embeds"
     assert isinstance(inp.shape[0], str) and isinstance(out.shape[0], str)  # symbolic batch
-    assert onnx_vision.onnx_files(fp32_onnx) == [fp32_onnx]  # tiny: no external data
+    assert onnx_vision.onnx_files(tiny_vision_onnx) == [tiny_vision_onnx]  # tiny: no external data
 
-    report = onnx_vision.verify_vision(loaded.model, fp32_onnx, batch_sizes=(1, 3), seed=0)
+    report = onnx_vision.verify_vision(loaded.model, tiny_vision_onnx, batch_sizes=(1, 3), seed=0)
     for b in (1, 3):
         r = report[f"batch_{b}"]
         assert r["max_abs_diff"] <= 1e-4, r
@@ -77,9 +71,10 @@ def test_fp32_onnx_matches_torch_with_one_dynamic_batch_graph(loaded, fp32_onnx)
     assert report["max_abs_diff"] == max(report["batch_1"]["max_abs_diff"], report["batch_3"]["max_abs_diff"])
 
 
-def test_batch_rows_are_independent(loaded, image, fp32_onnx):
+@pytest.mark.slow  # exports the vision graph (tiny_vision_onnx)
+def test_batch_rows_are_independent(loaded, image, tiny_vision_onnx):
     """Row i of a batch-3 run equals a batch-1 run on image i (no batch mixing in the exported reshapes)."""
-    sess = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tiny_vision_onnx), providers=["CPUExecutionProvider"])
     pixels = _pixels(3, image["size"], seed=7).numpy()
     batched = sess.run(["image_embeds"], {"pixel_values": pixels})[0]
     for i in range(3):
@@ -88,8 +83,9 @@ def test_batch_rows_are_independent(loaded, image, fp32_onnx):
     assert not np.allclose(batched[0], batched[1])
 
 
-def test_metadata_props_come_from_the_checkpoint(loaded, image, fp32_onnx):
-    meta = onnx_vision.read_metadata(fp32_onnx)
+@pytest.mark.slow  # exports the vision graph (tiny_vision_onnx)
+def test_metadata_props_come_from_the_checkpoint(loaded, image, tiny_vision_onnx):
+    meta = onnx_vision.read_metadata(tiny_vision_onnx)
     assert meta["image_size"] == str(image["size"])
     assert [float(x) for x in meta["mean"].split(",")] == pytest.approx(image["mean"])
     assert [float(x) for x in meta["std"].split(",")] == pytest.approx(image["std"])
@@ -99,11 +95,12 @@ def test_metadata_props_come_from_the_checkpoint(loaded, image, fp32_onnx):
     assert __version__ in meta["producer"]
 
 
-def test_int8_runs_keeps_metadata_and_is_close(loaded, fp32_onnx, int8_onnx):
+@pytest.mark.slow  # exports the vision graph (tiny_vision_onnx)
+def test_int8_runs_keeps_metadata_and_is_close(loaded, tiny_vision_onnx, int8_onnx):
     ops = {n.op_type for n in onnx.load(str(int8_onnx)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
-    assert int8_onnx.stat().st_size < fp32_onnx.stat().st_size
-    meta, meta32 = onnx_vision.read_metadata(int8_onnx), onnx_vision.read_metadata(fp32_onnx)
+    assert int8_onnx.stat().st_size < tiny_vision_onnx.stat().st_size
+    meta, meta32 = onnx_vision.read_metadata(int8_onnx), onnx_vision.read_metadata(tiny_vision_onnx)
     assert {k: meta[k] for k in meta32} == meta32 and "quantization" in meta
     report = onnx_vision.verify_vision(loaded.model, int8_onnx, batch_sizes=(1, 3), seed=0)
     # Reported, and on the tiny random model int8 stays close to fp32 torch.
@@ -122,6 +119,7 @@ def internvit6b_style_model(tiny_checkpoint):
     return transformers.InternVLForConditionalGeneration(config).eval()
 
 
+@pytest.mark.slow  # more than 7 s: a larger vision tower
 def test_external_data_for_large_models(internvit6b_style_model, image, tmp_path, monkeypatch):
     """Weights above the threshold (38B's 6B vision tower) go to one external data file; fp32, int8 and
     verification all follow it. Uses the RMSNorm/QK-norm vision variant so that architecture is exported too."""

@@ -10,7 +10,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from facellm_edge.export import onnx_vision  # noqa: E402
 from facellm_edge.export.onnx_fuse import MS_DOMAIN, fuse_attention  # noqa: E402
+
+pytestmark = pytest.mark.slow  # exports the vision graph (tiny_vision_onnx) or uses tiny_bundle
 
 
 def _run(model_or_path, x: np.ndarray) -> np.ndarray:
@@ -24,12 +27,12 @@ def _ops(model) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_fp32(tiny_bundle):
-    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    path = tiny_bundle / manifest["vision"]["fp32"]["path"]
-    x = np.random.default_rng(0).standard_normal((2, 3, manifest["image"]["size"], manifest["image"]["size"]),
-                                                dtype=np.float32)
-    return path, manifest["arch"]["vision_layers"], x
+def tiny_fp32(tiny_vision_onnx, tiny_checkpoint):
+    """The exported fp32 vision graph, its number of attention blocks and a batch-2 input."""
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    size = int(onnx_vision.read_metadata(tiny_vision_onnx)["image_size"])
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32)
+    return tiny_vision_onnx, config["vision_config"]["num_hidden_layers"], x
 
 
 def test_fused_fp32_graph_computes_the_same_attention(tiny_fp32):
@@ -60,9 +63,9 @@ def test_a_block_that_does_not_match_is_left_as_it_was(tiny_fp32):
     np.testing.assert_allclose(_run(model, x), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_exported_int8_graph_is_fused_and_says_so(tiny_bundle, tiny_fp32):
-    _, layers, _ = tiny_fp32
+def test_exported_int8_graph_is_fused_and_says_so(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    layers = manifest["arch"]["vision_layers"]
     model = onnx.load(str(tiny_bundle / manifest["vision"]["int8"]["path"]))
     assert _ops(model).count("MultiHeadAttention") == layers
     meta = {p.key: p.value for p in model.metadata_props}

@@ -37,20 +37,6 @@ def _one_error_line(err: str, *parts: str) -> None:
         assert part in lines[0], err
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory, astronaut_bgr, t1_bgr) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("robust_photos")
-    paths = {"astronaut": d / "astronaut.png", "t1": d / "t1.jpg"}
-    cv2.imwrite(str(paths["astronaut"]), astronaut_bgr)
-    cv2.imwrite(str(paths["t1"]), t1_bgr)
-    return paths
-
-
-@pytest.fixture()
-def common(tiny_bundle, yunet_model) -> list[str]:
-    return ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model), "--max-tokens", "2"]
-
-
 def _folder(tmp_path: Path, photos: dict[str, Path], *names: str) -> Path:
     d = tmp_path / "frames"
     d.mkdir()
@@ -60,19 +46,20 @@ def _folder(tmp_path: Path, photos: dict[str, Path], *names: str) -> Path:
 
 
 # -- --jsonl: never replaced, appended only on request ------------------------------------------------------------
-def test_existing_jsonl_is_refused_unless_append(photos, common, tmp_path, capsys):
+@pytest.mark.slow  # tiny_bundle
+def test_existing_jsonl_is_refused_unless_append(photos, bundle_args, tmp_path, capsys):
     src = _folder(tmp_path, photos, "astronaut")
     out = tmp_path / "out"
     out.mkdir()
     jsonl = out / "answers.jsonl"
     jsonl.write_bytes(b'{"mine": 1}\n{"mine": 2}')  # the user's data; its last line was cut by a power loss
     before = _files(out)
-    rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--jsonl", str(jsonl), *common])
+    rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--jsonl", str(jsonl), *bundle_args])
     _one_error_line(capsys.readouterr().err, str(jsonl), "already exists", "--append")
     assert rc == 4 and _files(out) == before  # untouched, no temp file
 
     rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--jsonl", str(jsonl), "--append",
-               *common])
+               *bundle_args])
     assert rc == 0, capsys.readouterr().err
     data = jsonl.read_bytes()
     assert data.startswith(before["answers.jsonl"] + b"\n")  # kept byte for byte; new lines start on a line of their own
@@ -118,12 +105,14 @@ def test_bad_output_paths_fail_before_anything_runs(case, photos, yunet_model, t
         locked.chmod(0o700)
 
 
-def test_force_replaces_an_existing_output_video(photos, common, tmp_path, capsys):
+@pytest.mark.slow  # tiny_bundle
+def test_force_replaces_an_existing_output_video(photos, bundle_args, tmp_path, capsys):
     src = _folder(tmp_path, photos, "astronaut")
     video = tmp_path / "out.mp4"
     video.write_bytes(b"an older render")
     os.umask(old := os.umask(0o022))
-    rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--output", str(video), "--force", *common])
+    rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--output", str(video), "--force",
+               *bundle_args])
     assert rc == 0, capsys.readouterr().err
     cap = cv2.VideoCapture(str(video))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 1
@@ -133,11 +122,12 @@ def test_force_replaces_an_existing_output_video(photos, common, tmp_path, capsy
 
 
 # -- unreadable inputs: skipped, counted, and only an error when nothing could be read --------------------------
-def test_folder_with_an_unreadable_image_keeps_the_others(photos, common, tmp_path, capsys, caplog):
+@pytest.mark.slow  # tiny_bundle
+def test_folder_with_an_unreadable_image_keeps_the_others(photos, bundle_args, tmp_path, capsys, caplog):
     src = _folder(tmp_path, photos, "astronaut", "t1")
     (src / "b_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
     jsonl = tmp_path / "answers.jsonl"
-    rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--jsonl", str(jsonl), *common])
+    rc = main(["run", "--source", str(src), "-q", "Age?", "--no-display", "--jsonl", str(jsonl), *bundle_args])
     err = capsys.readouterr().err
     assert rc == 0 and "Traceback" not in err, err
     recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -151,7 +141,7 @@ def test_folder_with_an_unreadable_image_keeps_the_others(photos, common, tmp_pa
     (bad / "a.png").write_bytes(b"")
     (bad / "b.jpg").write_bytes(b"garbage")
     rc = main(["run", "--source", str(bad), "-q", "Age?", "--no-display", "--jsonl", str(tmp_path / "none.jsonl"),
-               *common])
+               *bundle_args])
     err = capsys.readouterr().err
     assert rc == 3 and err.strip().splitlines()[-1] == f"error: none of the 2 images in folder {bad} could be read"
     assert not (tmp_path / "none.jsonl").exists()  # an empty file this run created is not left behind
@@ -185,11 +175,12 @@ def test_video_with_a_damaged_middle_is_read_to_the_end(astronaut_bgr, tmp_path)
     assert indexes == [0, 1, *range(10, 60)] and src.skipped == 8
 
 
-def test_run_over_a_damaged_video(astronaut_bgr, common, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_run_over_a_damaged_video(astronaut_bgr, bundle_args, tmp_path):
     video = _damaged_avi(tmp_path / "damaged.avi", astronaut_bgr)
     out = tmp_path / "annotated.mp4"
     r = subprocess.run([sys.executable, "-m", "facellm_edge.cli", "run", "--source", str(video), "-q", "Age?",
-                        "--no-display", "--output", str(out), *common, "--threads", "1"], cwd=REPO,
+                        "--no-display", "--output", str(out), *bundle_args, "--threads", "1"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     cap = cv2.VideoCapture(str(out))
@@ -237,12 +228,13 @@ def test_huge_png_is_refused_before_decoding(yunet_model, tmp_path):
     assert peak_mb < 600, peak_mb  # decoding it first took 2.5 GB
 
 
-def test_max_pixels_is_configurable(photos, common, tmp_path, capsys):
+@pytest.mark.slow  # tiny_bundle
+def test_max_pixels_is_configurable(photos, bundle_args, tmp_path, capsys):
     from facellm_edge.errors import InputError
     from facellm_edge.io import read_image
     from facellm_edge.runtime.live.sources import open_source
 
-    rc = main(["ask", str(photos["astronaut"]), "Age?", "--max-pixels", "100000", *common])
+    rc = main(["ask", str(photos["astronaut"]), "Age?", "--max-pixels", "100000", *bundle_args])
     _one_error_line(capsys.readouterr().err, "is 512x512 (0.3 MP), above the 0.1 MP limit", "--max-pixels")
     assert rc == 3
     assert read_image(photos["astronaut"], 512 * 512).shape == (512, 512, 3)  # at the limit: read
@@ -256,29 +248,14 @@ def test_max_pixels_is_configurable(photos, common, tmp_path, capsys):
 
 
 # -- stops: SIGINT / SIGTERM finalise, kill -9 keeps every complete line --------------------------------------
-@pytest.fixture(scope="module")
-def long_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
-    """600 frames at 25 FPS alternating every 15 frames between the astronaut and t1: new faces keep coming."""
-    path = tmp_path_factory.mktemp("robust_video") / "clip.mp4"
-    a = cv2.resize(astronaut_bgr, (320, 320))
-    t = cv2.resize(t1_bgr, (320, int(320 * t1_bgr.shape[0] / t1_bgr.shape[1])))
-    t = cv2.copyMakeBorder(t, 0, 320 - t.shape[0], 0, 0, cv2.BORDER_CONSTANT)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (320, 320))
-    assert writer.isOpened()
-    for i in range(600):
-        writer.write(a if (i // 15) % 2 == 0 else t)
-    writer.release()
-    return path
-
-
-def _run_args(long_video: Path, work: Path, common: list[str], *extra: str) -> list[str]:
+def _run_args(long_video: Path, work: Path, bundle_args: list[str], *extra: str) -> list[str]:
     return [sys.executable, "-m", "facellm_edge.cli", "run", "--source", str(long_video), "-q", "Age?",
-            "--no-display", "--jsonl", str(work / "answers.jsonl"), "--output", str(work / "annotated.mp4"), *common,
-            "--threads", "1", *extra]
+            "--no-display", "--jsonl", str(work / "answers.jsonl"), "--output", str(work / "annotated.mp4"),
+            *bundle_args, "--threads", "1", *extra]
 
 
-def _start_run(long_video: Path, work: Path, common: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(_run_args(long_video, work, common), cwd=REPO, stdout=subprocess.PIPE,
+def _start_run(long_video: Path, work: Path, bundle_args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(_run_args(long_video, work, bundle_args), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -304,12 +281,13 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
+@pytest.mark.slow  # tiny_bundle, a run stopped mid-way
 @pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])
-def test_signal_mid_run_finalises_outputs(sig, code, line, long_video, common, tmp_path):
+def test_signal_mid_run_finalises_outputs(sig, code, line, long_video, bundle_args, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    proc = _start_run(long_video, work, common)
+    proc = _start_run(long_video, work, bundle_args)
     try:
         _wait_for_lines(proc, work, 2)
         proc.send_signal(sig)
@@ -329,12 +307,13 @@ def test_signal_mid_run_finalises_outputs(sig, code, line, long_video, common, t
     assert ok and 0 < frames < 600  # playable, the frames up to the stop
 
 
-def test_kill_9_keeps_every_complete_line_and_the_next_run_cleans_up(long_video, common, tmp_path):
+@pytest.mark.slow  # tiny_bundle, two runs
+def test_kill_9_keeps_every_complete_line_and_the_next_run_cleans_up(long_video, bundle_args, tmp_path):
     """A power cut (SIGKILL: nothing runs) keeps the answers made so far; the video's temp file (faces in it) is
     removed by the next run to the same --output, which appends to the answers with --append."""
     work = tmp_path / "work"
     work.mkdir()
-    proc = _start_run(long_video, work, common)
+    proc = _start_run(long_video, work, bundle_args)
     try:
         _wait_for_lines(proc, work, 2)
         proc.kill()
@@ -345,7 +324,7 @@ def test_kill_9_keeps_every_complete_line_and_the_next_run_cleans_up(long_video,
     assert len(kept) >= 2
     stale = [p.name for p in work.iterdir() if p.name.startswith(".annotated.tmp-")]
     assert len(stale) == 1  # a dead run's temp: nothing could remove it at the time
-    r = subprocess.run(_run_args(long_video, work, common, "--append", "--max-frames", "3"),
+    r = subprocess.run(_run_args(long_video, work, bundle_args, "--append", "--max-frames", "3"),
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "left by an interrupted run" in r.stderr
@@ -380,7 +359,8 @@ for precision in ("fp32", "int8"):
 """
 
 
-def test_runtime_leaves_no_onnxruntime_telemetry(photos, common, tiny_bundle, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_runtime_leaves_no_onnxruntime_telemetry(photos, bundle_args, tiny_bundle, tmp_path):
     """The Python API's vision encoder, and `ask` (which also imports insightface: insightface 2.1 sets
     ORT_DISABLE_TELEMETRY itself on import, so `ask` was clean by accident, the API on its own was not)."""
     env = _telemetry_env(tmp_path)
@@ -388,12 +368,13 @@ def test_runtime_leaves_no_onnxruntime_telemetry(photos, common, tiny_bundle, tm
                        timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.count("(1, 256,") == 2, r.stderr[-2000:]
     assert _ort_traces(tmp_path / "home") == []  # was .cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,*.db}
-    r = subprocess.run([sys.executable, "-m", "facellm_edge.cli", "ask", str(photos["astronaut"]), "Age?", *common],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    r = subprocess.run([sys.executable, "-m", "facellm_edge.cli", "ask", str(photos["astronaut"]), "Age?",
+                        *bundle_args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _ort_traces(tmp_path / "home") == []
 
 
+@pytest.mark.slow  # exports
 def test_export_leaves_no_onnxruntime_telemetry(tiny_checkpoint, tmp_path):
     env = _telemetry_env(tmp_path)
     out = tmp_path / "bundle"

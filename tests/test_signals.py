@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from facellm_edge.cli import main
@@ -94,6 +93,7 @@ hook.addHandler(SendOnFirstRecord())
 """
 
 
+@pytest.mark.slow  # tiny_bundle
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_during_llama_load_stops_ask(sig, tiny_bundle, yunet_model, astronaut_bgr, tmp_path):
     photo = tmp_path / "p.png"
@@ -105,7 +105,6 @@ def test_signal_during_llama_load_stops_ask(sig, tiny_bundle, yunet_model, astro
         print("fired", SendOnFirstRecord.fired)
         sys.exit(rc)
     """)
-    t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env(tmp_path),
                        cwd=tmp_path)
     code_, line = STOP[sig]
@@ -113,9 +112,9 @@ def test_signal_during_llama_load_stops_ask(sig, tiny_bundle, yunet_model, astro
     _clean_stop(r.stderr, line)
     assert r.stderr.count("\n") == 1  # just the one line
     assert r.stdout == "fired True\n"  # the signal came during the load, and no answer was made after it
-    assert time.monotonic() - t0 < 120
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_sigint_during_llama_load_python_api(tiny_bundle, tmp_path):
     """Without the CLI (Python's own KeyboardInterrupt handler): the engine raises KeyboardInterrupt, frees what it
     loaded, restores the handler, and the next load works."""
@@ -153,6 +152,7 @@ def _wait_for(proc: subprocess.Popen, stream, pattern: str, timeout: float = 300
     pytest.fail(f"no '{pattern}' within {timeout} s")
 
 
+@pytest.mark.slow  # exports
 @pytest.mark.parametrize("sigs", ["SIGINT", "SIGTERM", "SIGINT SIGINT"])
 def test_signal_mid_export_leaves_nothing(sigs, tiny_checkpoint, tmp_path):
     """Also an impatient double Ctrl-C: the second press must not cut the cleanup of the first short."""
@@ -164,7 +164,6 @@ def test_signal_mid_export_leaves_nothing(sigs, tiny_checkpoint, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = _wait_for(proc, proc.stderr, "load checkpoint")  # a step is done: the bundle is half-written
-        t0 = time.monotonic()
         for sig in sigs.split():
             proc.send_signal(getattr(signal, sig))
         _, rest = proc.communicate(timeout=120)
@@ -175,24 +174,13 @@ def test_signal_mid_export_leaves_nothing(sigs, tiny_checkpoint, tmp_path):
     stderr = "".join(seen) + rest
     assert proc.returncode == code, stderr[-3000:]
     _clean_stop(stderr, line)
-    assert time.monotonic() - t0 < 60
+    # stopped at once, not at the end: no step after the one under way when the signal came reports done
+    assert sum("✓" in ln for ln in rest.splitlines()) <= 1, stderr[-3000:]
     assert list(work.iterdir()) == []  # no bundle, no hidden temp dir
     assert _ours_in(tmp_path / "sys_tmp") == []  # no facellm-tok-* or other temp dir in the system temp dir
 
 
-@pytest.fixture(scope="module")
-def long_video(tmp_path_factory, astronaut_bgr) -> Path:
-    """600 frames (24 s at 25 FPS) of the astronaut photo drifting sideways."""
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    frame0 = cv2.resize(astronaut_bgr, (256, 256))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (256, 256))
-    assert writer.isOpened()
-    for i in range(600):
-        writer.write(np.roll(frame0, i % 32, axis=1))
-    writer.release()
-    return path
-
-
+@pytest.mark.slow  # tiny_bundle
 def test_sigterm_mid_run_keeps_results_and_removes_temps(long_video, tiny_bundle, yunet_model, tmp_path):
     """`docker stop` on `run`: exit 143 with one line, the annotated video so far is kept, no hidden temp file."""
     work = tmp_path / "work"

@@ -43,18 +43,6 @@ def intern_vl_bundle(tmp_path_factory, tiny_checkpoint_varied) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint_varied):
-    import torch
-    from transformers import InternVLForConditionalGeneration
-
-    from facellm_edge.export.checkpoint import load_processor
-
-    torch.set_num_threads(2)
-    return (load_processor(tiny_checkpoint_varied),
-            InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint_varied, dtype=torch.float32).eval())
-
-
 def _reference(hf, image_bgr, system: str | None, eos: set[int]):
     """The processor's input_ids for one image + QUESTION after ``system`` (None: no system message) and
     transformers' greedy tokens."""
@@ -81,6 +69,7 @@ def _ours(bundle: Path, image_bgr, system: str | None):
         return m.generator.prompt_tokens(rows, QUESTION), ans
 
 
+@pytest.mark.slow  # exports
 def test_export_stores_the_chosen_default(intern_vl_bundle, tiny_bundle):
     p = load_bundle(intern_vl_bundle).manifest.prompt
     assert p.system == INTERN_VL and p.first_system.count(p.system_marker) == 1
@@ -90,26 +79,30 @@ def test_export_stores_the_chosen_default(intern_vl_bundle, tiny_bundle):
 
 
 @pytest.mark.parametrize("system", [None, "none", "intern_vl", "Describe faces briefly."])
-def test_runtime_prompt_equals_the_processors_chat_template(intern_vl_bundle, hf, astronaut_bgr, system):
+@pytest.mark.slow  # exports
+def test_runtime_prompt_equals_the_processors_chat_template(intern_vl_bundle, tiny_varied_hf, astronaut_bgr,
+                                                            system):
     """None keeps the bundle's own (intern_vl here); the others override it. Prompt ids and greedy tokens equal
     transformers' with the same system message."""
     text = INTERN_VL if system is None else resolve_system(system)
     eos = set(load_bundle(intern_vl_bundle).manifest.tokens.eos_ids)
-    ids, tokens = _reference(hf, astronaut_bgr, text, eos)
+    ids, tokens = _reference(tiny_varied_hf, astronaut_bgr, text, eos)
     ours, ans = _ours(intern_vl_bundle, astronaut_bgr, system)
     assert ours == ids and ans.n_prompt == len(ids)
     assert list(ans.token_ids) == tokens
 
 
-def test_override_on_a_bundle_exported_without_one(tiny_bundle, hf, astronaut_bgr):
+@pytest.mark.slow  # tiny_bundle
+def test_override_on_a_bundle_exported_without_one(tiny_bundle, tiny_varied_hf, astronaut_bgr):
     eos = set(load_bundle(tiny_bundle).manifest.tokens.eos_ids)
     for system in ("intern_vl", None):
-        ids, _ = _reference(hf, astronaut_bgr, resolve_system(system) if system else None, eos)
+        ids, _ = _reference(tiny_varied_hf, astronaut_bgr, resolve_system(system) if system else None, eos)
         assert _ours(tiny_bundle, astronaut_bgr, system)[0] == ids
-    plain, _ = _reference(hf, astronaut_bgr, None, eos)
-    assert len(_reference(hf, astronaut_bgr, INTERN_VL, eos)[0]) > len(plain)  # the system turn is really there
+    plain, _ = _reference(tiny_varied_hf, astronaut_bgr, None, eos)
+    assert len(_reference(tiny_varied_hf, astronaut_bgr, INTERN_VL, eos)[0]) > len(plain)  # the system turn is there
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_older_bundles_load_with_backward_compatible_defaults(tiny_bundle, astronaut_bgr, tmp_path):
     """A manifest written before these fields: no system turn (override refused in one line), "\n" between images,
     tiling on (what transformers' InternVLProcessor did for every checkpoint)."""

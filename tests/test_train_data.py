@@ -5,63 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from facellm_edge.errors import InputError
-
-QUESTIONS = ("What is the apparent age of this person?", "Describe the face.", "Is the person smiling?")
-
-
-def face_crops(bgr: np.ndarray, yunet: Path, limit: int) -> list[np.ndarray]:
-    """Real face crops found by YuNet (square, with margin)."""
-    import cv2
-
-    h, w = bgr.shape[:2]
-    det = cv2.FaceDetectorYN.create(str(yunet), "", (w, h), 0.6)
-    _, faces = det.detect(bgr)
-    assert faces is not None and len(faces) > 0
-    crops = []
-    for f in faces[:limit]:
-        x, y, bw, bh = f[:4]
-        cx, cy, side = x + bw / 2, y + bh / 2, 1.4 * max(bw, bh)
-        x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
-        crops.append(bgr[y0:int(min(h, cy + side / 2)), x0:int(min(w, cx + side / 2))].copy())
-    return crops
-
-
-def write_face_dataset(root: Path, photos: list[np.ndarray], yunet: Path, *, per_photo: int = 3,
-                       jsonl: bool = True) -> tuple[Path, Path, list[dict]]:
-    """Face crops as JPEG under root/images + generated QA records; returns (data file, images dir, records)."""
-    import cv2
-
-    images = root / "images"
-    (images / "faces").mkdir(parents=True, exist_ok=True)
-    records = []
-    for p, photo in enumerate(photos):
-        for k, crop in enumerate(face_crops(photo, yunet, per_photo)):
-            rel = f"faces/p{p}_f{k}.jpg"
-            assert cv2.imwrite(str(images / rel), crop)
-            i = len(records)
-            records.append({"image": rel, "conversations": [
-                {"from": "human", "value": f"<image>\n{QUESTIONS[i % len(QUESTIONS)]}"},
-                {"from": "gpt", "value": f"The face crop is {crop.shape[1]} by {crop.shape[0]} pixels, number {i}."},
-                {"from": "human", "value": "Anything else?"},
-                {"from": "gpt", "value": "No."},
-            ]})
-    data = root / ("data.jsonl" if jsonl else "data.json")
-    if jsonl:
-        data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    else:
-        data.write_text(json.dumps(records), encoding="utf-8")
-    return data, images, records
-
-
-@pytest.fixture(scope="module")
-def face_data(tmp_path_factory, astronaut_bgr, t1_bgr, yunet_model):
-    root = tmp_path_factory.mktemp("train_data")
-    data, images, records = write_face_dataset(root, [astronaut_bgr, t1_bgr], yunet_model)
-    return root, data, images, records
 
 
 def _write(path: Path, records: list) -> Path:
@@ -69,10 +15,10 @@ def _write(path: Path, records: list) -> Path:
     return path
 
 
-def test_valid_jsonl_and_json_list(face_data, tmp_path):
+def test_valid_jsonl_and_json_list(face_dataset, tmp_path):
     from facellm_edge.train.data import load_samples
 
-    root, data, images, records = face_data
+    data, images, records = face_dataset
     samples = load_samples(data, images, skip_bad=False)
     assert len(samples) == len(records) >= 3
     assert samples[0].where == "line 1"
@@ -98,10 +44,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
-def test_each_bad_record_kind_is_reported_with_count(face_data, tmp_path, kind):
+def test_each_bad_record_kind_is_reported_with_count(face_dataset, tmp_path, kind):
     from facellm_edge.train.data import load_samples
 
-    _, _, images, records = face_data
+    _, images, records = face_dataset
     bad = [BAD[kind](records[0]), BAD[kind](records[1])]
     data = _write(tmp_path / "d.jsonl", [*bad, *records[2:]])
     reserved = ("<|im_end|>", "<IMG_CONTEXT>")
@@ -115,10 +61,10 @@ def test_each_bad_record_kind_is_reported_with_count(face_data, tmp_path, kind):
     assert [s.where for s in kept] == [f"line {i}" for i in range(3, len(records) + 1)]
 
 
-def test_many_bad_records_show_the_first_few(face_data, tmp_path):
+def test_many_bad_records_show_the_first_few(face_dataset, tmp_path):
     from facellm_edge.train.data import load_samples
 
-    _, _, images, records = face_data
+    _, images, records = face_dataset
     lines = ["{not json"] + [json.dumps({**records[0], "image": f"faces/missing{i}.jpg"}) for i in range(8)]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -128,23 +74,23 @@ def test_many_bad_records_show_the_first_few(face_data, tmp_path):
         load_samples(data, images, skip_bad=True)
 
 
-def test_missing_data_and_images(face_data, tmp_path):
+def test_missing_data_and_images(face_dataset, tmp_path):
     from facellm_edge.train.data import load_samples
 
-    _, data, images, _ = face_data
+    data, images, _ = face_dataset
     with pytest.raises(InputError, match="--data"):
         load_samples(tmp_path / "none.jsonl", images, skip_bad=False)
     with pytest.raises(InputError, match="--images"):
         load_samples(data, tmp_path / "no_images", skip_bad=False)
 
 
-def test_labels_cover_exactly_the_answers_and_their_end_of_turn(face_data, tiny_checkpoint):
+def test_labels_cover_exactly_the_answers_and_their_end_of_turn(face_dataset, tiny_checkpoint):
     from transformers import AutoProcessor
 
     from facellm_edge.train.collate import IGNORE_INDEX, Encoder, collate
     from facellm_edge.train.data import load_samples
 
-    _, data, images, records = face_data
+    data, images, records = face_dataset
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     tok = processor.tokenizer
     encoder = Encoder(processor, max_length=2048)
@@ -175,14 +121,14 @@ def test_labels_cover_exactly_the_answers_and_their_end_of_turn(face_data, tiny_
     assert batch["pixel_values"].shape[0] == 2
 
 
-def test_truncation_keeps_the_image_and_refuses_to_cut_it(face_data, tiny_checkpoint):
+def test_truncation_keeps_the_image_and_refuses_to_cut_it(face_dataset, tiny_checkpoint):
     from transformers import AutoProcessor
 
     from facellm_edge.errors import UsageError
     from facellm_edge.train.collate import Encoder
     from facellm_edge.train.data import load_samples
 
-    _, data, images, _ = face_data
+    data, images, _ = face_dataset
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     sample = load_samples(data, images, skip_bad=False)[0]
     full = Encoder(processor, 2048)(sample)
@@ -192,7 +138,7 @@ def test_truncation_keeps_the_image_and_refuses_to_cut_it(face_data, tiny_checkp
         Encoder(processor, 100)(sample)
 
 
-def test_encoder_sees_a_sideways_stored_photo_upright_as_the_runtime_does(face_data, tiny_checkpoint, tmp_path):
+def test_encoder_sees_a_sideways_stored_photo_upright_as_the_runtime_does(face_dataset, tiny_checkpoint, tmp_path):
     """A phone photo stored sideways with an EXIF orientation tag is trained on upright, as the edge runtime reads
     it (Pillow's Image.open alone ignores the tag); unreadable images name the record."""
     import dataclasses
@@ -204,7 +150,7 @@ def test_encoder_sees_a_sideways_stored_photo_upright_as_the_runtime_does(face_d
     from facellm_edge.train.collate import Encoder
     from facellm_edge.train.data import load_samples
 
-    _, data, images, _ = face_data
+    data, images, _ = face_dataset
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     sample = load_samples(data, images, skip_bad=False)[0]
     exif = Image.Exif()

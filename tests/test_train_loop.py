@@ -15,21 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from test_train_data import write_face_dataset
-
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These loops are many small ops: on the shared 2-core box one intra-op thread is 2-3x faster than two
-    fighting other processes for the cores (measured: 30 steps 26 s vs 68 s under load 8)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +28,10 @@ def learnable_checkpoint(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     return build_checkpoint(out, qwen_tokenizer_dir, SyntheticSpec(image_size=224, initializer_range=0.2, seed=3))
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory, astronaut_bgr, t1_bgr, yunet_model):
-    data, images, _ = write_face_dataset(tmp_path_factory.mktemp("faces"), [astronaut_bgr, t1_bgr], yunet_model)
-    return data, images
-
-
 def _cfg(ckpt: Path, faces, out: Path, **kw):
     from facellm_edge.train import TrainConfig
 
-    data, images = faces
+    data, images, _ = faces
     return TrainConfig(base=str(ckpt), data=data, images=images, out=out, **kw)
 
 
@@ -63,7 +45,7 @@ def _tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
-def test_30_steps_lower_the_loss_only_lora_changes_and_the_adapter_merges(learnable_checkpoint, faces, tmp_path):
+def test_30_steps_lower_the_loss_only_lora_changes_and_the_adapter_merges(learnable_checkpoint, face_dataset, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import InternVLForConditionalGeneration
@@ -71,8 +53,8 @@ def test_30_steps_lower_the_loss_only_lora_changes_and_the_adapter_merges(learna
     from facellm_edge.train import train
 
     out = tmp_path / "run"
-    result = train(_cfg(learnable_checkpoint, faces, out, max_steps=30, learning_rate=1e-2, lr_scheduler="constant",
-                        save_every=0, seed=0, eval_fraction=0.25, eval_every=15, merge=True))
+    result = train(_cfg(learnable_checkpoint, face_dataset, out, max_steps=30, learning_rate=1e-2,
+                        lr_scheduler="constant", save_every=0, seed=0, eval_fraction=0.25, eval_every=15, merge=True))
     assert result.global_step == 30
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -105,7 +87,7 @@ def test_30_steps_lower_the_loss_only_lora_changes_and_the_adapter_merges(learna
     from facellm_edge.train.collate import Encoder, collate
     from facellm_edge.train.data import load_samples
 
-    enc = Encoder(processor, 2048)(load_samples(*faces, skip_bad=False)[0])
+    enc = Encoder(processor, 2048)(load_samples(*face_dataset[:2], skip_bad=False)[0])
     batch = collate([enc], processor.tokenizer.pad_token_id)
     batch.pop("labels")
     with torch.no_grad():
@@ -119,16 +101,16 @@ def test_30_steps_lower_the_loss_only_lora_changes_and_the_adapter_merges(learna
     assert not torch.allclose(base_logits, want, atol=1e-3)
 
 
-def test_resume_is_exact(learnable_checkpoint, faces, tmp_path):
+def test_resume_is_exact(learnable_checkpoint, face_dataset, tmp_path):
     import torch
 
     from facellm_edge.train import train
 
     kw = dict(max_steps=6, save_every=3, learning_rate=5e-3, seed=1, grad_accum=2)
-    a = train(_cfg(learnable_checkpoint, faces, tmp_path / "a", **kw))
-    b1 = train(_cfg(learnable_checkpoint, faces, tmp_path / "b", stop_after=3, **kw))
+    a = train(_cfg(learnable_checkpoint, face_dataset, tmp_path / "a", **kw))
+    b1 = train(_cfg(learnable_checkpoint, face_dataset, tmp_path / "b", stop_after=3, **kw))
     assert b1.global_step == 3 and not b1.finished and b1.adapter is None and not (tmp_path / "b" / "adapter").exists()
-    b = train(_cfg(learnable_checkpoint, faces, tmp_path / "b", resume=True, **kw))
+    b = train(_cfg(learnable_checkpoint, face_dataset, tmp_path / "b", resume=True, **kw))
     assert a.global_step == b.global_step == 6
     ca, cb = tmp_path / "a" / "checkpoints" / "step-6", tmp_path / "b" / "checkpoints" / "step-6"
     oa = torch.load(ca / "optimizer.bin", weights_only=False)
@@ -144,14 +126,14 @@ def test_resume_is_exact(learnable_checkpoint, faces, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
 
-def test_output_conflicts_and_bad_base_are_typed_errors(learnable_checkpoint, faces, tmp_path, capsys):
+def test_output_conflicts_and_bad_base_are_typed_errors(learnable_checkpoint, face_dataset, tmp_path, capsys):
     from transformers import Qwen2Config
 
     from facellm_edge.cli import main
     from facellm_edge.errors import CheckpointError, OutputError, UsageError
     from facellm_edge.train import train
 
-    data, images = faces
+    data, images, _ = face_dataset
     args = ["train", "--base", str(learnable_checkpoint), "--data", str(data), "--images", str(images)]
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -165,17 +147,17 @@ def test_output_conflicts_and_bad_base_are_typed_errors(learnable_checkpoint, fa
     assert not (tmp_path / "x").exists() and not (tmp_path / "fresh").exists()
     other = tmp_path / "other"
     other.mkdir()
-    (other / "train_config.json").write_text(_cfg(learnable_checkpoint, faces, other, lora_rank=8).to_json())
+    (other / "train_config.json").write_text(_cfg(learnable_checkpoint, face_dataset, other, lora_rank=8).to_json())
     with pytest.raises(UsageError, match="--resume with different options.*lora_rank: run has 8, now 16"):
-        train(_cfg(learnable_checkpoint, faces, other, resume=True))
+        train(_cfg(learnable_checkpoint, face_dataset, other, resume=True))
 
     qwen = tmp_path / "qwen"
     Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, architectures=["Qwen2ForCausalLM"]
                 ).save_pretrained(qwen)
     with pytest.raises(CheckpointError, match="Qwen2ForCausalLM.*not InternVLForConditionalGeneration"):
-        train(_cfg(qwen, faces, tmp_path / "q"))
+        train(_cfg(qwen, face_dataset, tmp_path / "q"))
     with pytest.raises(UsageError, match="bitsandbytes|CUDA"):
-        train(_cfg(learnable_checkpoint, faces, tmp_path / "q4", load_in_4bit=True))
+        train(_cfg(learnable_checkpoint, face_dataset, tmp_path / "q4", load_in_4bit=True))
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "faces/none.jpg", "conversations": []}) + "\n" + data.read_text())
@@ -185,10 +167,10 @@ def test_output_conflicts_and_bad_base_are_typed_errors(learnable_checkpoint, fa
     assert rc == 3 and "1 bad record(s)" in err and "line 1: no 'conversations' list" in err
 
 
-def test_two_processes_with_torchrun(learnable_checkpoint, faces, tmp_path):
+def test_two_processes_with_torchrun(learnable_checkpoint, face_dataset, tmp_path):
     """torchrun (gloo on CPU; `accelerate launch --cpu` needs mpirun for several CPU processes) runs the same
     module entry point in 2 ranks; accelerate sees a MULTI_CPU group of 2 and writes one adapter."""
-    data, images = faces
+    data, images, _ = face_dataset
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "facellm_edge.train", "-v",

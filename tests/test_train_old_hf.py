@@ -3,32 +3,19 @@ with facellm_edge.export.checkpoint.load_processor instead of AutoProcessor.from
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from test_train_data import write_face_dataset
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_train_and_merge_a_checkpoint_without_video_token(tmp_path, qwen_tokenizer_dir, astronaut_bgr, t1_bgr,
-                                                          yunet_model):
+def test_train_and_merge_a_checkpoint_without_video_token(tmp_path, qwen_tokenizer_dir, face_dataset):
     from facellm_edge.export.checkpoint import load_processor
     from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
     from facellm_edge.train import TrainConfig, train
 
     ckpt = build_checkpoint(tmp_path / "ckpt", qwen_tokenizer_dir,
                             SyntheticSpec(image_size=224, seed=5, video_token=False, text_bos=False))
-    data, images, _ = write_face_dataset(tmp_path / "faces", [astronaut_bgr, t1_bgr], yunet_model)
+    data, images, _ = face_dataset
     result = train(TrainConfig(base=str(ckpt), data=data, images=images, out=tmp_path / "run", max_steps=2,
                                save_every=0, merge=True))
     assert result.global_step == 2
