@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import cv2
 import pytest
@@ -54,23 +53,33 @@ def test_parse_response(reply, family, error):
 
 
 def test_rate_limiter_spaces_requests_and_stops():
+    """On a fake clock (no wall-clock asserts): one token per interval, an early request waits for its turn, and
+    a waiting request returns False once stopped."""
+    now = [0.0]
     stop = threading.Event()
-    lim = RateLimiter(rpm=1200)  # one per 50 ms
-    t0 = time.monotonic()
-    for _ in range(6):
+    lim = RateLimiter(rpm=960, clock=lambda: now[0])  # one per 1/16 s: exact in binary floating point
+    for i in range(6):  # one request per interval: each is granted at once
+        now[0] = i / 16
         assert lim.acquire(stop)
-    assert time.monotonic() - t0 >= 0.25 - 1e-3
-    slow = RateLimiter(rpm=1)  # next token only after 60 s
+    now[0] = 6 / 16 - 1 / 64  # the seventh comes early: it waits until the clock reaches its turn
+    got = []
+    th = threading.Thread(target=lambda: got.append(lim.acquire(stop)))
+    th.start()
+    th.join(timeout=0.3)
+    assert th.is_alive() and got == []
+    now[0] = 6 / 16
+    lim.wake()
+    th.join(timeout=5)
+    assert got == [True]
+    slow = RateLimiter(rpm=1, clock=lambda: now[0])  # the next token only 60 s later
     assert slow.acquire(stop)
     got = []
     th = threading.Thread(target=lambda: got.append(slow.acquire(stop)))
     th.start()
-    time.sleep(0.05)
-    t1 = time.monotonic()
     stop.set()
     slow.wake()
     th.join(timeout=5)
-    assert got == [False] and time.monotonic() - t1 < 1.0
+    assert got == [False] and not th.is_alive()
 
 
 def test_retry_after_header():
