@@ -41,6 +41,7 @@ def backends(tiny_bundle, tiny_checkpoint_varied):
     edge.close()
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_both_backends_answer_several_images_alike(backends, items):
     hf, edge = backends
     assert hf.max_images is None and edge.max_images is None
@@ -52,6 +53,7 @@ def test_both_backends_answer_several_images_alike(backends, items):
         assert isinstance(a.truncated, bool)
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_the_edge_context_fits_the_models_own(backends, tiny_bundle):
     from facellm_edge.bundle import load_bundle
 
@@ -60,6 +62,7 @@ def test_the_edge_context_fits_the_models_own(backends, tiny_bundle):
     assert edge._llm.config.engine.max_slots == edge._llm.generator.max_slots == 1
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_cap_is_reported(backends, items, tiny_bundle, tiny_checkpoint_varied):
     """An answer cut by --max-new-tokens says so on both backends (the cut text is the start of the longer one)."""
     hf, edge = backends
@@ -89,6 +92,7 @@ def test_system_message_reaches_the_transformers_prompt(tiny_checkpoint, items):
     assert len(ids) > len(plain.encode(items[0])["input_ids"][0])
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_images_are_read_with_the_decoded_size_bound(tiny_checkpoint, tiny_bundle, items):
     """Both backends read images through io.read_image: a file above --max-pixels is refused from its header."""
     for backend in (TransformersBackend(TransformersConfig(model=str(tiny_checkpoint), max_pixels=1000)),
@@ -106,6 +110,7 @@ def _rgb(path: Path):
     return Image.fromarray(read_image(path)[:, :, ::-1].copy())
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_a_bundle_whose_template_shows_one_image_says_so(tiny_bundle, items, tmp_path):
     """prompt.image_separator null (a template that cannot render several images in one turn): the backend's
     max_images is 1, so check_supported refuses such questions up front, naming one."""

@@ -99,6 +99,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow  # about 6 s: the whole folder through transformers
 def test_eval_run_on_facexbench_folder_writes_predictions(facexbench_dir, tiny_checkpoint, tmp_path, capsys):
     from facellm_edge.cli import main
     from facellm_edge.eval.letters import extract_letter_facexbench
@@ -288,6 +289,7 @@ def test_run_bench_reads_letters_by_the_chosen_rules_and_keeps_the_cap_report(fa
     assert {r.id: r.num_images for r in results}["agedb30_multiple_mcq/1"] == "multiple"
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_facexbench_folder_through_both_backends(facexbench_dir, tiny_bundle, tiny_checkpoint_varied, tmp_path,
                                                  capsys):
     """FaceXBench's layout (single, multi-image, tools with context, "Cannot determine") end to end through the

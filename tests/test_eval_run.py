@@ -157,6 +157,7 @@ def test_eval_usage_errors(bench, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_eval_bundle_path_and_compare(tiny_bundle, tiny_checkpoint, bench, tmp_path, capsys):
     path, images = bench  # q4 has two images: the bundle answers it like the transformers backend
     rc = main(["eval", "--bench", str(path), "--images", str(images), "--bundle", str(tiny_bundle), "--out",

@@ -108,7 +108,8 @@ def test_no_config_is_a_clear_error(tmp_path):
 # -- load ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_checkpoint_untied"])
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint",
+                                     pytest.param("tiny_checkpoint_untied", marks=pytest.mark.slow)])  # builds it
 def test_load_model_reads_everything_from_the_checkpoint(request, fixture):
     loaded = checkpoint.load_model(request.getfixturevalue(fixture))
     assert isinstance(loaded.model, transformers.InternVLForConditionalGeneration)
@@ -171,6 +172,7 @@ def test_adapter_for_another_base_only_warns(tiny_checkpoint, adapter, tmp_path,
     assert any("someone/another-base" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # builds tiny_checkpoint_gqa
 def test_adapter_shape_mismatch_is_an_error(tiny_checkpoint, tiny_checkpoint_gqa, tmp_path):
     # An adapter trained on the GQA model (1 KV head: k_proj/v_proj are narrower) does not fit the 2-KV-head model.
     other = _make_adapter(tiny_checkpoint_gqa, tmp_path / "gqa_adapter", seed=4,
@@ -189,6 +191,7 @@ def test_adapter_target_modules_missing_is_an_error(tiny_checkpoint, adapter, tm
         checkpoint.load_model(tiny_checkpoint, bad)
 
 
+@pytest.mark.slow  # builds tiny_checkpoint_gqa
 def test_adapter_without_weights_for_selected_modules_is_an_error(tiny_checkpoint, tiny_checkpoint_gqa, tmp_path):
     # Trained on q_proj of the 3-layer model, then its config is widened to o_proj: o_proj has no weights.
     other = _make_adapter(tiny_checkpoint_gqa, tmp_path / "partial", seed=5, targets=r".*language_model.*\.q_proj")

@@ -35,6 +35,7 @@ def verified_bundle(tmp_path_factory, tiny_checkpoint_untied) -> Path:
     return out
 
 
+@pytest.mark.slow  # verified export
 def test_verified_export_meets_the_gates(verified_bundle):
     m = load_bundle(verified_bundle).manifest
     v = m.verification
@@ -51,6 +52,7 @@ def test_verified_export_meets_the_gates(verified_bundle):
     assert ".tmp-" not in m.to_json()
 
 
+@pytest.mark.slow  # exports
 def test_export_prints_steps_and_next_command(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "b"
     rc, stdout, stderr = _run(capsys, "export", str(tiny_checkpoint), "--out", str(out), "--quant", "q8_0",
@@ -64,6 +66,7 @@ def test_export_prints_steps_and_next_command(tiny_checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in (out / "llm").iterdir()) == ["q8_0.gguf"]
 
 
+@pytest.mark.slow  # verified export
 def test_inspect_rechecks_hashes(verified_bundle, tmp_path, capsys):
     rc, stdout, _ = _run(capsys, "inspect", str(verified_bundle))
     assert rc == 0 and "all file hashes match" in stdout and "q4_k_m" in stdout
@@ -121,6 +124,7 @@ def test_bad_input_one_line_and_no_bundle(case, expect, tiny_checkpoint, tmp_pat
     _no_leftovers(tmp_path, "out")
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_existing_output_needs_force(tiny_bundle, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
@@ -143,6 +147,7 @@ def test_unwritable_output(tiny_checkpoint, tmp_path, capsys):
     assert rc != 0 and "cannot write" in stderr
 
 
+@pytest.mark.slow  # exports
 def test_disk_full_mid_export_leaves_nothing(tiny_checkpoint, tmp_path):
     """A real write failure mid-export: the file-size limit stops the GGUF write (EFBIG), as a full disk would."""
     out = tmp_path / "out"

@@ -18,6 +18,8 @@ from facellm_edge.bundle import load_bundle
 from facellm_edge.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test exports or uses tiny_bundle
+
 FAST = ["--quant", "f32", "--vision", "fp32", "--no-verify"]
 
 

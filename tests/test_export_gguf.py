@@ -40,6 +40,7 @@ def tied_f32(tied, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # writes the f32 GGUF (tied_f32)
 def test_f32_logits_match_transformers_with_image_embeddings(tied, tied_f32):
     from facellm_edge.export.verify_llm import LogitProbe, compare_logits
 
@@ -52,6 +53,7 @@ def test_f32_logits_match_transformers_with_image_embeddings(tied, tied_f32):
     assert res["max_rel_diff"] < 1e-3, res
 
 
+@pytest.mark.slow  # more than 3 s
 def test_export_gate_passes_a_correct_gguf_and_stops_a_wrong_one(tied, tied_f32, tmp_path):
     """A conversion bug (here: layer 0's attention output projection written with its sign flipped) must fail the
     export's f32 gate; the correct file must pass it."""
@@ -79,6 +81,7 @@ def test_export_gate_passes_a_correct_gguf_and_stops_a_wrong_one(tied, tied_f32,
 # bf16 keeps 8 mantissa bits and the tiny random model's top-1 margins are ~1e-3 of the logit scale: measured
 # top-1 1.0 on the default probe, 0.964 on a 64-image-token probe. f16: 1.0 on both.
 @pytest.mark.parametrize("ftype,min_top1", [("f16", 0.99), ("bf16", 0.95)])
+@pytest.mark.slow  # about 3 s each
 def test_half_precision_gguf(tied, tmp_path, ftype, min_top1):
     from facellm_edge.export.gguf_llm import write_llm_gguf
     from facellm_edge.export.quantize import read_tensor_infos
@@ -95,6 +98,7 @@ def test_half_precision_gguf(tied, tmp_path, ftype, min_top1):
     assert not list(tmp_path.glob(".*tmp*")), "temp file left behind"
 
 
+@pytest.mark.slow  # more than 10 s: the whole vocabulary
 def test_gguf_metadata_and_vocab(tied, tied_f32):
     import gguf
 
@@ -128,6 +132,7 @@ def test_gguf_metadata_and_vocab(tied, tied_f32):
         (t.name, t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_bytes)) for t in reader.tensors]
 
 
+@pytest.mark.slow  # writes the f32 GGUF (tied_f32)
 def test_tokenizer_parity(tied, tied_f32):
     from facellm_edge.export.verify_llm import default_parity_probes, tokenizer_parity
 
@@ -142,6 +147,7 @@ def test_tokenizer_parity(tied, tied_f32):
     assert res["percent"] == 100.0, res["first_mismatch"]
 
 
+@pytest.mark.slow  # builds tiny_checkpoint_untied
 def test_untied_output_head(tiny_checkpoint_untied, tmp_path):
     from facellm_edge.export.gguf_llm import write_llm_gguf
     from facellm_edge.export.quantize import read_tensor_infos
@@ -154,6 +160,7 @@ def test_untied_output_head(tiny_checkpoint_untied, tmp_path):
     assert compare_logits(model, tokenizer, report.path)["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow  # builds tiny_checkpoint_gqa
 def test_gqa_variant(tiny_checkpoint_gqa, tmp_path):
     from facellm_edge.export.gguf_llm import write_llm_gguf
     from facellm_edge.export.quantize import read_tensor_infos
@@ -170,6 +177,7 @@ def test_gqa_variant(tiny_checkpoint_gqa, tmp_path):
     assert compare_logits(model, tokenizer, report.path)["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow  # more than 3 s
 def test_embedding_rows_beyond_tokenizer_are_padded(tiny_checkpoint, tmp_path):
     """Qwen2.5 pads its embedding to 151936 rows; the extra rows become [PAD{i}] unused tokens."""
     import llama_cpp
@@ -202,6 +210,7 @@ def _greedy(engine, ids: list[int], n_new: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # writes the f32 GGUF (tied_f32)
 def test_quantize_q4_k_m_and_q8_0(tied, tied_f32, tmp_path):
     from facellm_edge.export.quantize import QUANTS, quantize_gguf, read_tensor_infos
     from facellm_edge.export.verify_llm import open_engine
@@ -234,6 +243,7 @@ def test_quantize_q4_k_m_and_q8_0(tied, tied_f32, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # writes the f32 GGUF (tied_f32)
 def test_q4_0_pure_puts_the_tied_head_in_q4_0_too(tied_f32, tmp_path):
     from facellm_edge.export.quantize import quantize_gguf, read_tensor_infos
 

@@ -66,6 +66,7 @@ def _mtmd_vs_torch(loaded, tmp_path: Path, text_gguf: Path, rgb: np.ndarray, fty
     return mmproj.compare_embeddings(got, expected)
 
 
+@pytest.mark.slow  # exports
 def test_mtmd_embeddings_match_torch_per_token(loaded, mmproj_bundle, face_tile, tmp_path, monkeypatch):
     m = load_bundle(mmproj_bundle).manifest
     text_gguf = mmproj_bundle / m.llm["f32"].path
@@ -87,6 +88,7 @@ def test_mtmd_embeddings_match_torch_per_token(loaded, mmproj_bundle, face_tile,
     assert n_tokens == 256
 
 
+@pytest.mark.slow  # exports
 def test_cli_export_records_and_verifies_the_mmproj(mmproj_bundle, capsys):
     import gguf
 
@@ -119,6 +121,7 @@ def test_cli_export_records_and_verifies_the_mmproj(mmproj_bundle, capsys):
     assert rc == 0 and json.loads(capsys.readouterr().out)["mmproj"]["sha256"] == m.mmproj.sha256
 
 
+@pytest.mark.slow  # exports
 def test_mmproj_tiles_as_the_processor_does(mmproj_bundle, tiny_checkpoint):
     """The GGUF asks libmtmd for the tiling the checkpoint's processor really applies: 1..12 tiles, because
     transformers' InternVLProcessor passes crop_to_patches=True although the image processor config (like
@@ -145,6 +148,7 @@ def test_mmproj_tiles_as_the_processor_does(mmproj_bundle, tiny_checkpoint):
     assert got.shape[0] == list(ref["input_ids"][0]).count(processor.image_token_id) == 10 * m.tokens.num_image_tokens
 
 
+@pytest.mark.slow  # exports
 def test_mmproj_alone_without_verification_writes_no_onnx(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "b"
     rc = main(["export", str(tiny_checkpoint), "--out", str(out), "--quant", "f32", "--vision", "mmproj",
@@ -175,6 +179,7 @@ def test_unmapped_tensor_raises_and_writes_nothing(loaded, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # exports
 def test_libmtmd_refusal_is_a_runtime_stage_error(mmproj_bundle):
     from facellm_edge.export.mtmd_peer import MtmdVision
 

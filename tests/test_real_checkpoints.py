@@ -18,6 +18,8 @@ import pytest
 from facellm_edge.bundle import load_bundle
 from facellm_edge.cli import main
 
+pytestmark = pytest.mark.slow  # builds tiny_checkpoint_old_hf; exports, writes GGUFs of the full vocabulary
+
 LAYOUTS = ["tiny_checkpoint", "tiny_checkpoint_old_hf"]
 
 
