@@ -27,6 +27,7 @@ def _toml(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_values_come_from_the_file_and_flags_win(tiny_bundle, yunet_model, photo, tmp_path, capsys):
     cfg = _toml(tmp_path / "f.toml", f'bundle = "{tiny_bundle}"\ndetector_model = "{yunet_model}"\nmax_tokens = 3\n'
                                      '[ask]\njson = true\n[run]\nquestion = "unused by ask"\n')
@@ -38,6 +39,7 @@ def test_values_come_from_the_file_and_flags_win(tiny_bundle, yunet_model, photo
     assert face["n_tokens"] == 1  # the flag wins over the file
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_run_takes_its_required_question_and_source_from_the_file(tiny_bundle, yunet_model, photo, tmp_path, capsys):
     jsonl = tmp_path / "a.jsonl"
     cfg = _toml(tmp_path / "f.toml", f'bundle = "{tiny_bundle}"\ndetector_model = "{yunet_model}"\nmax_tokens = 2\n'

@@ -22,6 +22,7 @@ def _python_api_example() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # tiny_bundle, six faces answered in a fresh process
 def test_python_api_example_runs_as_written(tiny_bundle, t1_bgr, astronaut_bgr, tmp_path):
     """The example, byte for byte, in a folder holding what it names: the tests' tiny bundle (real ONNX vision
     tower, real GGUF) at bundles/facellm-1b-q4km, a group photo and two portraits; the packaged YuNet detects."""
