@@ -1,0 +1,284 @@
+"""The model work of a request, run in the model's worker thread (:class:`~facellm_edge.serve.runner.ModelRunner`):
+find the faces of an image, open or continue their sessions, answer the question in each, and report what happened
+as events the routes turn into JSON or server-sent events.
+
+Everything here blocks; nothing here runs on the event loop. Events:
+
+* :class:`FaceOpened` — a face's session is ready (new, or a kept conversation continued);
+* :class:`Piece` — a piece of its answer's text, as decoded;
+* :class:`Replied` — its answer is complete (:class:`Reply`: text, finish reason, token counts, timings);
+* :class:`NoFace` — the image has no face.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Union
+
+from facellm_edge.errors import RuntimeStageError
+from facellm_edge.llm.sampling import GenerationConfig
+from facellm_edge.runtime.answers import FaceAnswer
+from facellm_edge.runtime.session import FaceSession, SessionError
+from facellm_edge.serve.errors import APIError
+from facellm_edge.serve.images import ImageBytes, decode
+from facellm_edge.serve.sessions import Entry, SessionStore, Turns
+
+if TYPE_CHECKING:
+    from facellm_edge.runtime.faces import Face
+    from facellm_edge.runtime.pipeline import FaceLLM
+
+__all__ = ["FaceChoice", "FaceOpened", "NoFace", "Piece", "Replied", "Reply", "StopScanner", "Task", "face_record",
+           "faces_job", "followup_job", "parse_face_choice"]
+
+log = logging.getLogger(__name__)
+
+FaceChoice = Union[str, int]  # "largest" | "all" | a face index in detection order (most confident first)
+EVICTED = "was evicted from the model's KV cache (more conversations than it keeps)"
+
+
+def parse_face_choice(value: object, default: FaceChoice = "largest", param: str = "face") -> FaceChoice:
+    """``"all"``, ``"largest"`` or a face index >= 0 (also as text); a 400 otherwise."""
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not (value in ("all", "largest") or (isinstance(value, int) and value >= 0)):
+        raise APIError(400, f"{param} must be \"all\", \"largest\" or a face index >= 0, got {value!r}",
+                       code="invalid_face", param=param)
+    return value
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer as the server reports it. ``finish_reason`` is OpenAI's (``stop`` | ``length``); ``stop_reason``
+    the runtime's (``eos`` | ``length`` | ``grammar``, or ``stop`` when a stop string cut it)."""
+
+    text: str
+    finish_reason: str
+    stop_reason: str
+    n_prompt: int  # the image prefix + this question's tokens
+    n_cached: int  # of those, already in the KV cache (a continued conversation's prefix)
+    n_generated: int
+    token_ids: tuple[int, ...]
+    timings: dict[str, float]
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class FaceOpened:
+    choice: int  # the position of this face among the request's answers
+    session: FaceSession
+    continued: bool  # a kept conversation (no encode, no image prefill)
+    reset: bool  # the client sent earlier turns but no kept conversation matched them: a new one was started
+
+
+@dataclass(frozen=True)
+class Piece:
+    choice: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Replied:
+    choice: int
+    session: FaceSession
+    reply: Reply
+    first: bool  # the session's first answer (its record carries the image stages' timings)
+
+
+@dataclass(frozen=True)
+class NoFace:
+    pass
+
+
+Event = Union[FaceOpened, Piece, Replied, NoFace]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A question about the faces of one image. ``turns``: the conversation so far as the client holds it (chat
+    completions); ``index``: keep the sessions findable by image, face and turns (chat) or by id only (native)."""
+
+    image: ImageBytes
+    question: str
+    face: FaceChoice
+    generation: GenerationConfig
+    stops: tuple[str, ...] = ()
+    turns: Turns = ()
+    index: bool = True
+    max_pixels: int = 0
+
+
+class StopScanner:
+    """Cuts streamed text at the first of ``stops``: text that may be the start of a stop string is held back until
+    the next piece shows it is not."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        """The text that is safe to send now (the cut answer's text once a stop string is found)."""
+        if self.hit:
+            return ""
+        if not self.stops:
+            return piece
+        text = self._held + piece
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.hit, self._held = True, ""
+            return text[:min(cuts)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def answer(model: "FaceLLM", session: FaceSession, question: str, gen: GenerationConfig, stops: tuple[str, ...],
+           choice: int, continued: bool) -> Iterator[Piece]:
+    """Stream the answer to ``question`` in ``session`` as :class:`Piece` events; returns the :class:`Reply`."""
+    scanner = StopScanner(stops)
+    it = session.stream(question, generation=gen)
+    parts: list[str] = []
+    n, ans = 0, None
+    t0 = time.perf_counter()
+    t_first = t0
+    try:
+        while not scanner.hit:
+            try:
+                piece = next(it)
+            except StopIteration as stop:
+                ans = stop.value
+                break
+            if n == 0:
+                t_first = time.perf_counter()
+            n += 1
+            text = scanner.feed(piece)
+            if text:
+                parts.append(text)
+                yield Piece(choice, text)
+    except RuntimeStageError as exc:
+        if n:
+            raise
+        raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
+    finally:
+        it.close()  # a stop string: generation ends here and the model is free
+    tail = scanner.flush()
+    if tail:
+        parts.append(tail)
+        yield Piece(choice, tail)
+    cached = session.n_prefix if continued else 0
+    if ans is not None:
+        return Reply("".join(parts), "length" if ans.stop_reason == "length" else "stop", ans.stop_reason,
+                     session.n_prefix + ans.n_prefilled, cached, ans.n_generated, ans.token_ids, dict(ans.timings),
+                     ans.tokens_per_s)
+    # cut by a stop string: the runtime's Answer is not made for a closed stream; count what was streamed
+    t_end = time.perf_counter()
+    timings = {"ttft": (t_first - t0) * 1e3, "decode": (t_end - t_first) * 1e3}
+    rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0
+    return Reply("".join(parts), "stop", "stop", session.n_prefix + _question_tokens(model, session, question),
+                 cached, n, (), timings, rate)
+
+
+def _question_tokens(model: "FaceLLM", session: FaceSession, question: str) -> int:
+    """Tokens of ``question`` in its turn (as a first turn), from the generator's public prompt builder."""
+    embeds = session.face.embeds if session.face is not None else None
+    if embeds is None:
+        return 0
+    rows = embeds.reshape(-1, embeds.shape[-1]).shape[0]
+    return max(0, len(model.generator.prompt_tokens([rows], question)) - session.n_prefix)
+
+
+def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Event]:
+    """A question about one image: open (or continue) the chosen faces' sessions and answer in each."""
+    sha, turns = task.image.sha256, task.turns
+    if task.face != "all" and task.index and turns:
+        entry = _claim(store, (sha, str(task.face)), turns)
+        if entry is not None:  # a kept conversation: no decode, no detection, no encode
+            yield from _converse(model, store, entry, 0, task, turns, continued=True)
+            return
+    image = decode(task.image, task.max_pixels)
+    faces = model.detect(image)
+    picked = _pick(faces, task.face)
+    if not picked:
+        yield NoFace()
+        return
+    keys = {i: (sha, f"all:{i}" if task.face == "all" else str(task.face)) for i in picked}
+    claimed = {i: _claim(store, keys[i], turns) for i in picked} if task.index and turns else {}
+    try:
+        model.encode_faces(image, [faces[i] for i in picked if claimed.get(i) is None])
+        for choice, i in enumerate(picked):
+            entry = claimed.pop(i, None)
+            continued = entry is not None
+            if entry is None:
+                entry = store.add(model.open_face(faces[i], index=i), keys[i] if task.index else None)
+            yield from _converse(model, store, entry, choice, task, turns, continued=continued)
+    finally:
+        for entry in claimed.values():
+            if entry is not None:  # not reached (an error, or the client went away): free them again
+                store.release(entry)
+
+
+def followup_job(model: "FaceLLM", store: SessionStore, session_id: str, question: str,
+                 gen: GenerationConfig) -> Iterator[Event]:
+    """A follow-up question in a kept session (native API)."""
+    entry = store.acquire(session_id)
+    task = Task(ImageBytes(b"", "the session's image"), question, entry.session.index, gen, index=False)
+    yield from _converse(model, store, entry, 0, task, entry.turns, continued=True)
+
+
+def _claim(store: SessionStore, key: tuple[str, str], turns: Turns) -> Entry | None:
+    entry = store.claim(key, turns)
+    if entry is not None and not entry.session.cached:  # evicted by the model's own LRU meanwhile
+        store.forget(entry.session.id, EVICTED)
+        return None
+    return entry
+
+
+def _pick(faces: list["Face"], choice: FaceChoice) -> list[int]:
+    if not faces:
+        return []
+    if choice == "all":
+        return list(range(len(faces)))
+    if choice == "largest":
+        return [max(range(len(faces)), key=lambda i: faces[i].width * faces[i].height)]
+    if choice >= len(faces):
+        raise APIError(400, f"face {choice} was asked for but the image has {len(faces)} face"
+                       f"{'s' if len(faces) != 1 else ''} (indices from 0, most confident first)",
+                       code="invalid_face", param="face")
+    return [choice]
+
+
+def _converse(model: "FaceLLM", store: SessionStore, entry: Entry, choice: int, task: Task, before: Turns, *,
+              continued: bool) -> Iterator[Event]:
+    """Answer in ``entry``'s session; it is released (indexed under ``before`` + this turn when the answer is
+    complete) whatever happens, and forgotten when the model had evicted it."""
+    session, first = entry.session, entry.session.turns == 0
+    after = None
+    try:
+        yield FaceOpened(choice, session, continued, reset=bool(task.turns) and not continued)
+        reply = yield from answer(model, session, task.question, task.generation, task.stops, choice, continued)
+        after = before + ((task.question, reply.text),)
+        yield Replied(choice, session, reply, first)
+    except SessionError:
+        store.forget(session.id, EVICTED)
+        raise
+    finally:
+        store.release(entry, after)
+
+
+def face_record(session: FaceSession, reply: Reply, first: bool) -> dict:
+    """The per-face JSON of ``ask --json`` (box, landmarks, score, answer, timings, session id). A session's first
+    answer carries the image stages' timings too (detect, align, preprocess, encode, image_prefill)."""
+    face = session.face
+    timings = {**face.timings, **reply.timings} if first else dict(reply.timings)
+    return FaceAnswer(index=session.index, box=tuple(float(v) for v in face.box), score=face.score,
+                      landmarks=tuple((float(x), float(y)) for x, y in face.landmarks), text=reply.text,
+                      token_ids=reply.token_ids, stop_reason=reply.stop_reason, timings=timings, session=session,
+                      track_id=face.track_id).to_dict()

@@ -1,0 +1,111 @@
+"""What every route of one server shares (:class:`ServerState`, at ``app.state.serve``) and the request helpers the
+routes have in common: JSON bodies parsed off the event loop into one-line 400s, and a request that is cancelled
+when its client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from facellm_edge.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from facellm_edge.runtime.pipeline import FaceLLM
+    from facellm_edge.serve.config import ServeConfig
+    from facellm_edge.serve.metrics import Metrics
+    from facellm_edge.serve.runner import ModelRunner
+    from facellm_edge.serve.sessions import SessionStore
+
+__all__ = ["ServerState", "parse_json", "server_state", "until_disconnected", "validation_message"]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    """One server: the model, its settings, the model's queue, the kept sessions, the metrics."""
+
+    model: "FaceLLM"
+    config: "ServeConfig"
+    runner: "ModelRunner"
+    store: "SessionStore"
+    metrics: "Metrics"
+    ready: bool = False  # the model is loaded and the server accepts requests (False again while stopping)
+    started: float = field(default_factory=time.time)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.serve
+
+
+def validation_message(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: ``messages.0.content: Input should be a valid string; ...`` (no input
+    values: they may be images or personal text)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:3]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "union[")))
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _load(body: bytes, schema: type[M]) -> M:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise APIError(400, validation_message(exc), code="invalid_request") from None
+
+
+async def parse_json(request: Request, schema: type[M], then: Callable[[M], T] | None = None) -> "M | T":
+    """The JSON body as ``schema`` (and ``then(parsed)``, e.g. decoding its images), parsed in a worker thread:
+    a 20 MB body of base64 takes the event loop's time otherwise."""
+    body = await request.body()
+
+    def work() -> Any:
+        parsed = _load(body, schema)
+        return then(parsed) if then is not None else parsed
+
+    return await asyncio.to_thread(work)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (its model work is then cancelled too)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request is cancelled itself (server shutdown)
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        log.debug("client went away: request cancelled")
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
