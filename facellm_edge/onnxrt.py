@@ -12,7 +12,10 @@ nothing leaves the device or accumulates, so:
   ``disable_telemetry_events()``);
 * ``onnxruntime.disable_telemetry_events()`` is called too, for a process that imported onnxruntime before us.
 
-Every ONNX Runtime import of this package goes through :func:`onnxruntime_module`.
+Every ONNX Runtime import of this package goes through :func:`onnxruntime_module`. ONNX Runtime is not a base
+dependency (it comes with the runtime flavour, ``facellm-edge[cpu]`` or ``[gpu]``, ...: see
+:mod:`facellm_edge.doctor.flavours`): without it, or with two flavours overwriting each other, the error or the
+warning says which one to install.
 """
 
 from __future__ import annotations
@@ -36,14 +39,25 @@ def disable_telemetry() -> None:
 
 
 def onnxruntime_module(extra: str | None = None, module: str = "onnxruntime") -> ModuleType:
-    """Import ``module`` (``onnxruntime`` or one of its submodules) with telemetry off. With ``extra``, a missing
-    onnxruntime raises :class:`~facellm_edge.errors.MissingExtraError` naming it (see ``errors.require``)."""
+    """Import ``module`` (``onnxruntime`` or one of its submodules) with telemetry off.
+
+    No ONNX Runtime installed (or a broken one) raises
+    :class:`~facellm_edge.doctor.flavours.MissingRuntimeError` (exit code 7) naming the runtime flavours to install;
+    two flavours installed over each other log a warning once. With ``extra``, a missing *submodule* raises
+    :class:`~facellm_edge.errors.MissingExtraError` naming that extra (see ``errors.require``)."""
     import importlib
+
+    from facellm_edge.doctor.flavours import MissingRuntimeError, warn_clashes_once
 
     if "onnxruntime" in sys.modules and os.environ.get(TELEMETRY_ENV) != "1":
         log.debug("onnxruntime was imported before facellm_edge could turn its telemetry off; only non-essential "
                   "events are disabled")
     disable_telemetry()
+    try:
+        importlib.import_module("onnxruntime")
+    except ImportError as exc:
+        raise MissingRuntimeError("onnxruntime", exc) from exc
+    warn_clashes_once()
     if extra is not None:
         from facellm_edge.errors import require
 

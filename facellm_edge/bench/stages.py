@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import statistics
 import threading
 import time
@@ -84,10 +85,25 @@ def repeat(fn: Callable[[StageTimer], None], runs: int, warmup: int) -> StageTim
     return timer
 
 
-def rss_mb() -> float:
-    import psutil
+def rss_reader() -> Callable[[], float]:
+    """A function returning this process's current RSS in MB: psutil's when installed, else ``/proc/self/statm``'s
+    resident pages (psutil is optional: `bench --bundle` runs on a device without it), else the peak so far
+    (:func:`peak_rss_mb`: an upper bound, on a system with neither)."""
+    try:
+        import psutil
+    except ImportError:
+        statm = Path("/proc/self/statm")
+        if not statm.is_file():
+            log.info("no psutil and no /proc: current memory is reported as the peak so far")
+            return peak_rss_mb
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        return lambda: int(statm.read_text().split()[1]) * page_mb
+    proc = psutil.Process()
+    return lambda: proc.memory_info().rss / 2**20
 
-    return psutil.Process().memory_info().rss / 2**20
+
+def rss_mb() -> float:
+    return rss_reader()()
 
 
 def peak_rss_mb() -> float:
@@ -119,11 +135,9 @@ class RssSampler:
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
     def _loop(self) -> None:
-        import psutil
-
-        proc = psutil.Process()
+        rss = rss_reader()
         while True:
-            self.peak_mb = max(self.peak_mb, proc.memory_info().rss / 2**20)
+            self.peak_mb = max(self.peak_mb, rss())
             if self._stop.wait(self.interval_s):
                 return
 

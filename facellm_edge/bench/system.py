@@ -66,18 +66,48 @@ def versions() -> dict[str, str]:
 
 
 def ort_providers() -> list[str]:
+    from facellm_edge.errors import MissingExtraError
+    from facellm_edge.onnxrt import onnxruntime_module  # telemetry off
+
     try:
-        from facellm_edge.onnxrt import onnxruntime_module  # telemetry off
         ort = onnxruntime_module()
-    except ImportError:
+    except MissingExtraError:  # no runtime flavour installed
         return []
     return list(ort.get_available_providers())
 
 
 def physical_cores() -> int:
-    import psutil
-
+    """Physical cores: psutil's count, else the distinct (package, core) pairs of /proc/cpuinfo, else os.cpu_count()
+    (psutil is optional: `bench --bundle` runs on a device without it)."""
+    try:
+        import psutil
+    except ImportError:
+        return _cpuinfo_cores() or os.cpu_count() or 1
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _cpuinfo_cores() -> int | None:
+    p = Path("/proc/cpuinfo")
+    if not p.is_file():
+        return None
+    cores, package = set(), ""
+    for line in p.read_text(errors="replace").splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = val.strip()
+        elif key == "core id":
+            cores.add((package, val.strip()))
+    return len(cores) or None  # ARM kernels list no core ids
+
+
+def ram_gb() -> float:
+    """Total RAM (psutil when installed, else the OS's page count)."""
+    try:
+        import psutil
+    except ImportError:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return round(psutil.virtual_memory().total / 2**30, 1)
 
 
 def torch_cpu_capability() -> str | None:
@@ -90,8 +120,6 @@ def torch_cpu_capability() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    import psutil
-
     model, flags = _cpuinfo()
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -103,11 +131,11 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "cpu_arch": platform.machine(),
         "physical_cores": physical_cores(),
-        "logical_cores": psutil.cpu_count(logical=True),
+        "logical_cores": os.cpu_count(),
         "usable_cores": affinity,
         "cpu_flags": {f: f in flags for f in CPU_FLAGS},
         "torch_cpu_capability": torch_cpu_capability(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "ram_gb": ram_gb(),
         "gpus": gpu_info(),
         "ort_providers": ort_providers(),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else [],

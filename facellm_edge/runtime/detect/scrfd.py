@@ -1,8 +1,10 @@
 """SCRFD (InsightFace) through ``insightface.model_zoo``: a stronger detector for hard poses and small faces.
 
-The model comes from a local ``.onnx`` (``--detector-model``) or from an InsightFace model pack directory such as
+insightface is not a runtime dependency: this backend needs the ``insightface`` extra
+(``pip install 'facellm-edge[insightface]'``; without it, choosing it is a one-line error, exit code 7). The model
+comes from a local ``.onnx`` (``--detector-model``) or from an InsightFace model pack directory such as
 ``~/.insightface/models/buffalo_l`` (its ``det_*.onnx``). InsightFace's pretrained models are licensed for
-non-commercial research only: a warning says so when this backend is chosen.
+non-commercial research only (``LICENCE-scrfd.md`` beside this file): a warning says so when this backend is chosen.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from facellm_edge.runtime.detect import DetectorConfig, check_image, top_faces
-from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.errors import InputError, RuntimeStageError, require
 from facellm_edge.runtime.faces import Face
 
 log = logging.getLogger(__name__)
@@ -45,14 +47,15 @@ class ScrfdDetector:
     name = "scrfd"
 
     def __init__(self, config: DetectorConfig) -> None:
-        self.config = config
-        self.model_path = resolve_model(config.model_path)
-        log.warning(LICENCE_NOTE)
-        from facellm_edge.onnxrt import disable_telemetry
+        from facellm_edge.onnxrt import onnxruntime_module
 
-        disable_telemetry()  # before insightface imports onnxruntime
+        self.config = config
+        onnxruntime_module()  # telemetry off before insightface imports onnxruntime; no runtime flavour: exit 7
+        require("insightface", "insightface")  # not installed: the extra to install, exit 7
         from insightface.model_zoo import get_model
 
+        self.model_path = resolve_model(config.model_path)
+        log.warning(LICENCE_NOTE)
         try:
             model = get_model(str(self.model_path))
         except Exception as exc:  # insightface raises assorted errors for unusable files
