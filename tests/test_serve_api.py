@@ -189,6 +189,8 @@ def test_junk_input_gets_a_4xx_in_openai_error_shape(model, astronaut_bgr):
             {"role": "user", "content": [text, _img(good)]}, {"role": "assistant", "content": "x"}]},
          400, "invalid_request"),
         ("unknown model", {**_chat([text, _img(good)]), "model": "gpt-4o"}, 404, "not_found"),
+        ("longer than the context", _chat([{"type": "text", "text": "age " * 5000}, _img(good)]), 400,
+         "context_length_exceeded"),
     ]
     with TestClient(create_app(model, ServeConfig()), raise_server_exceptions=False) as c:
         for name, body, status, code in cases:

@@ -75,8 +75,8 @@ async def chat_completions(request: Request) -> JSONResponse | StreamingResponse
     events = state.runner.stream(faces_job, state.model, state.store, task)
     completion = _Completion(state, req, conv.question, t0)
     if req.stream:
-        try:
-            first = await events.__anext__()  # an error before the first event is a plain HTTP error
+        try:  # an error before the first event is a plain HTTP error
+            first = await until_disconnected(request, events.__anext__())
         except BaseException:
             await events.aclose()
             raise

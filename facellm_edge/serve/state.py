@@ -42,7 +42,6 @@ class ServerState:
     metrics: "Metrics"
     ready: bool = False  # the model is loaded and the server accepts requests (False again while stopping)
     started: float = field(default_factory=time.time)
-    tasks: list[asyncio.Task] = field(default_factory=list)
 
 
 def server_state(request: Request) -> ServerState:
