@@ -51,6 +51,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "Build FairFaceGPT-style question-answer data (ShareGPT JSONL), or import the published dataset."),
     "eval": ("facellm_edge.commands.eval:eval_app",
              "Evaluate on FaceXBench (or a bench in its style), re-score saved answers, compare runs."),
+    "pull": ("facellm_edge.commands.hub:pull_cmd",
+             "Fetch a published bundle (only the files one configuration needs), verify every sha256, cache it."),
+    "list": ("facellm_edge.commands.hub:list_cmd", "List the bundles in the cache (pulled, and the default one)."),
+    "rm": ("facellm_edge.commands.hub:rm_cmd", "Remove bundles from the cache (never a folder of yours)."),
+    "push": ("facellm_edge.commands.hub:push_cmd",
+             "Publish a bundle on the hub with a model card (source, licence, verification, measured speed)."),
 }
 
 

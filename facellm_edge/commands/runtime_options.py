@@ -24,6 +24,7 @@ import typer
 
 from facellm_edge.commands.config_file import config_parameter_callback
 from facellm_edge.commands.defaults import field_default
+from facellm_edge.errors import FaceLLMEdgeError, MissingExtraError
 from facellm_edge.export.exporter import ExportConfig
 from facellm_edge.io import DEFAULT_MAX_PIXELS
 from facellm_edge.llm.engine import EngineConfig
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# The bundle ask/run use without --bundle: exported into the user cache on first use.
+# The bundle ask/run/serve use without --bundle: the published bundle DEFAULT_BUNDLE_REPO (pulled on first use) when
+# there is one; otherwise DEFAULT_MODEL exported into the user cache on first use, which needs the export extra.
+DEFAULT_BUNDLE_REPO: str | None = None  # FaceLLM's authors publish checkpoints, not bundles: none to pull yet
 DEFAULT_MODEL = "Idiap/FaceLLM-1B"
 DEFAULT_QUANT = field_default(ExportConfig, "quants")[0]
 
@@ -82,8 +85,9 @@ class RuntimeOptions:
         return config.for_live() if self.live else config
 
     def bundle_dir(self) -> Path:
-        """``--bundle``: a local folder, a hub repo id (downloaded), or the default bundle (exported on first use)."""
-        return resolve_bundle(self.bundle)
+        """``--bundle``: a local folder, a pulled name, a hub repo id (pulled: the files of --quant / --precision)
+        or the default bundle."""
+        return resolve_bundle(self.bundle, quant=self.quant, vision=self.precision)
 
 
 def default_bundle_dir() -> Path:
@@ -92,23 +96,97 @@ def default_bundle_dir() -> Path:
     return user_cache_dir() / "bundles" / f"{DEFAULT_MODEL.split('/')[-1]}-{DEFAULT_QUANT}"
 
 
-def resolve_bundle(spec: Optional[str]) -> Path:
-    """A local bundle folder, a hub repo id (snapshot_download), or the cached default bundle (built on first use)."""
-    from facellm_edge.bundle import MANIFEST, resolve_bundle_spec
+def resolve_bundle(spec: Optional[str], *, quant: Optional[str] = None, vision: Optional[str] = None) -> Path:
+    """The bundle folder ``--bundle`` names: a local folder; a pulled bundle (repo id, alias or folder name in the
+    cache: no network); a hub repo id not pulled yet (pulled now, the ``quant`` / ``vision`` files or the preferred
+    ones); or, for None, the default bundle (:func:`default_bundle`)."""
+    import os
 
-    if spec is not None:
-        return resolve_bundle_spec(spec)  # a local folder, or a hub id only when it cannot be a path the user meant
+    from facellm_edge.bundle import resolve_bundle_spec
+    from facellm_edge.hub import find_cached
+    from facellm_edge.hub.sources import is_hub_id
+
+    if spec is None:
+        return default_bundle(quant=quant, vision=vision)
+    if not os.path.lexists(Path(spec).expanduser()):
+        cached = find_cached(spec)
+        if cached is not None:
+            return _cached_root(cached, quant, vision)
+        if is_hub_id(spec):
+            return _pull(spec, quant, vision)
+    return resolve_bundle_spec(spec)  # a local folder, or the one-line reason it is none (no network)
+
+
+def default_bundle(*, quant: Optional[str] = None, vision: Optional[str] = None) -> Path:
+    """No ``--bundle``: :data:`DEFAULT_BUNDLE_REPO` pulled (once) when one is published; else the default bundle
+    exported into the cache on first use where the export extra is installed; else (a runtime-only install) a
+    one-line error saying how to make and publish a bundle on a workstation and pull it here."""
+    from facellm_edge.bundle import MANIFEST
+    from facellm_edge.hub import find_cached
+
+    if DEFAULT_BUNDLE_REPO is not None:
+        cached = find_cached(DEFAULT_BUNDLE_REPO)
+        if cached is not None:
+            return _cached_root(cached, quant, vision)
+        return _pull(DEFAULT_BUNDLE_REPO, quant, vision)
     dest = default_bundle_dir()
     if (dest / MANIFEST).is_file():
         return dest
-    from facellm_edge.errors import require
-
-    require("torch", "export")
+    if not _export_installed():
+        raise NoDefaultBundle(_no_default_message())
     from facellm_edge.export.exporter import export_bundle
 
-    log.warning("no --bundle: exporting %s (%s) to %s (first use only; this takes a while)",
-                DEFAULT_MODEL, DEFAULT_QUANT, dest)
+    log.warning("no --bundle: exporting the default model %s at %s into %s — this downloads the checkpoint from the "
+                "hub (about 2 GB), converts it to ONNX + GGUF and checks it against transformers; several minutes, "
+                "first use only (pass --bundle to use a bundle you have)", DEFAULT_MODEL, DEFAULT_QUANT, dest)
     return export_bundle(ExportConfig(model=DEFAULT_MODEL, out=dest, quants=(DEFAULT_QUANT,))).out
+
+
+class NoDefaultBundle(MissingExtraError):
+    """No ``--bundle``, none published to pull, and no export extra to make one here (exit 7, as a missing extra)."""
+
+    def __init__(self, message: str) -> None:
+        FaceLLMEdgeError.__init__(self, message)
+
+
+def _export_installed() -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+    except (ImportError, ValueError):  # a module set to None or without a spec: not importable
+        return False
+
+
+def _no_default_message() -> str:
+    from facellm_edge.hub import cached_bundles
+
+    pulled = [b.alias or b.name for b in cached_bundles() if b.revision is not None and b.problem is None]
+    here = f"; bundles pulled here: {', '.join(pulled)} (pass one with --bundle)" if pulled else ""
+    return ("no --bundle given and no published default bundle to pull; this install has no torch, so the default "
+            f"({DEFAULT_MODEL}) cannot be exported here. On a workstation: pip install 'facellm-edge[export]', "
+            f"facellm-edge export {DEFAULT_MODEL} --quant {DEFAULT_QUANT} --out B, facellm-edge push B USER/REPO; "
+            f"then here: facellm-edge pull USER/REPO and --bundle USER/REPO{here}")
+
+
+def _cached_root(cached: Any, quant: Optional[str], vision: Optional[str]) -> Path:
+    """A pulled bundle's folder, after checking it holds the --quant / --precision asked for (a pull names them)."""
+    from facellm_edge.errors import BundleError
+
+    for want, have, option in ((quant, cached.quants, "--quant"), (vision, cached.vision, "--vision")):
+        if want is not None and cached.revision is not None and want not in have:
+            raise BundleError(f"{cached.name} was pulled without {want} (it has {', '.join(have) or 'none'}); "
+                              f"fetch it with `facellm-edge pull {cached.name} {option} {want}`")
+    log.info("bundle %s: %s", cached.name, cached.root)
+    return cached.root
+
+
+def _pull(repo: str, quant: Optional[str], vision: Optional[str]) -> Path:
+    from facellm_edge.hub import PullConfig, pull
+
+    log.warning("bundle %s is not in the cache: pulling it (llm %s, vision %s)", repo, quant or "preferred",
+                vision or "preferred")
+    return pull(PullConfig(source=repo, quants=(quant,) if quant else (), vision=(vision,) if vision else ())).root
 
 
 def _grammar(schema: Optional[Path]) -> Optional[str]:
@@ -125,7 +203,8 @@ def _grammar(schema: Optional[Path]) -> Optional[str]:
     return schema_to_grammar(text)
 
 
-_BUNDLE_HELP = (f"Bundle folder, or a hub repo id of a published bundle. Default: {DEFAULT_MODEL.split('/')[-1]} at "
+_BUNDLE_HELP = ("Bundle folder, a pulled bundle (repo id or alias: `facellm-edge list`), or a hub repo id (pulled on "
+                f"first use: the --quant / --precision files). Default: {DEFAULT_MODEL.split('/')[-1]} at "
                 f"{DEFAULT_QUANT} in the user cache, exported on first use (needs the 'export' extra).")
 _SYSTEM_HELP = ("System message for this run (default: the bundle's own, none unless exported with --system). "
                 "none | intern_vl (the InternVL identity text FaceLLM was trained with) | the message text.")
