@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("facellm_edge.commands.runtime:ask", "Answer a question about every face in a photo."),
     "run": ("facellm_edge.commands.runtime:run",
             "Live loop: detect and track faces every frame, answer about each new face, stream the answers."),
+    "serve": ("facellm_edge.commands.serve:serve_cmd",
+              "Serve the model over HTTP: OpenAI-compatible chat, face sessions, live events, the kiosk page."),
     "bench": ("facellm_edge.commands.bench:bench_cmd",
               "Per-stage latency and memory of the edge path (ONNX Runtime + llama.cpp) beside transformers."),
     "train": ("facellm_edge.commands.train:train_command",
@@ -57,6 +59,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("facellm_edge.commands.hub:rm_cmd", "Remove bundles from the cache (never a folder of yours)."),
     "push": ("facellm_edge.commands.hub:push_cmd",
              "Publish a bundle on the hub with a model card (source, licence, verification, measured speed)."),
+    "doctor": ("facellm_edge.commands.doctor:doctor_cmd",
+               "Check this machine and install: versions, CPU features, ONNX Runtime providers, llama.cpp, cameras."),
 }
 
 

@@ -333,6 +333,21 @@ def test_json_schema_grammar(gen, image):
     gen.drop("json")
 
 
+def test_json_strings_cannot_hold_control_characters(gen, image):
+    """JSON forbids raw control characters inside strings: the grammar excludes them (as llama.cpp's own converter
+    does), and llama.cpp compiles it; a string answer parses with the strict json.loads."""
+    grammar = schema_to_grammar({"type": "object", "properties": {"mood": {"type": "string"}}, "required": ["mood"]})
+    (char,) = [line for line in grammar.splitlines() if line.startswith("char ::=")]
+    assert char.startswith(r'char ::= [^"\\\x7F\x00-\x1F]')
+    _, embeds = image
+    gen.prefill_image("json2", embeds)
+    a = gen.ask("json2", "Describe the mood as JSON.", GenerationConfig(max_tokens=48, grammar=grammar))
+    if a.stop_reason == "grammar":  # finished within 48 tokens: the whole object must parse strictly
+        assert isinstance(json.loads(a.text)["mood"], str)
+    assert not any(ord(c) < 0x20 for c in a.text.split('"mood"', 1)[-1].strip(" :").split('"')[1])
+    gen.drop("json2")
+
+
 # -- streaming -------------------------------------------------------------------------------------------------
 def test_stream_concatenation_equals_answer(gen, image):
     _, embeds = image

@@ -17,7 +17,7 @@ before any listed file is opened or stat-ed.
 """
 
 from facellm_edge.bundle.files import (
-    BUNDLE, Bundle, bundle_files, file_entry, load_bundle, resolve_bundle_spec, resolve_inside,
+    BUNDLE, Bundle, bundle_files, file_entry, is_local_path, load_bundle, resolve_bundle_spec, resolve_inside,
 )
 from facellm_edge.bundle.manifest import (
     MANIFEST, SCHEMA_VERSION, ArchSpec, FileEntry, ImageSpec, Manifest, ManifestError, PromptSpec, TokenSpec,
@@ -26,6 +26,6 @@ from facellm_edge.bundle.manifest import (
 
 __all__ = [
     "BUNDLE", "MANIFEST", "SCHEMA_VERSION", "ArchSpec", "Bundle", "FileEntry", "ImageSpec", "Manifest",
-    "ManifestError", "PromptSpec", "TokenSpec", "bundle_files", "file_entry", "load_bundle", "relative_posix_path",
-    "resolve_bundle_spec", "resolve_inside",
+    "ManifestError", "PromptSpec", "TokenSpec", "bundle_files", "file_entry", "is_local_path", "load_bundle",
+    "relative_posix_path", "resolve_bundle_spec", "resolve_inside",
 ]

@@ -202,7 +202,7 @@ BUNDLE = OutputKind("a bundle", recognise=bundle_files, marker=False)
 _HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(?<![.-])$")
 
 
-def _is_path(spec: str) -> bool:
+def is_local_path(spec: str) -> bool:
     """``spec`` can only be a local path: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x\\y``, ``bundle`` ..."""
     seps = {os.sep, os.altsep} - {None, "/"}
     return (spec.startswith((".", "/", "~")) or spec.endswith("/") or any(sep in spec for sep in seps)
@@ -210,28 +210,18 @@ def _is_path(spec: str) -> bool:
 
 
 def resolve_bundle_spec(spec: str) -> Path:
-    """``--bundle`` -> a local folder, or the snapshot of a hub repo.
+    """``--bundle`` -> a local folder, or a hub repo pulled into the cache (:func:`facellm_edge.hub.pull.pull`).
 
     Only a plausible hub id (``owner/name`` with nothing path-like about it and no local ``owner`` folder) is looked
     up on the hub; a missing local path is reported without any network access.
     """
     path = Path(spec).expanduser()
-    if os.path.lexists(path) or _is_path(spec):
+    if os.path.lexists(path) or is_local_path(spec):
         return path  # load_bundle says what is wrong with it, if anything
     owner = spec.split("/", 1)[0]
     if os.path.lexists(owner):  # `bundles/facellm` with a local `bundles/`: a mistyped path, not a hub id
         raise BundleError(f"no bundle at {spec} ('{owner}' is a local folder, so {spec} was not looked up as a hub "
                           f"repo); check the path, or create it with `facellm-edge export --out {spec}`")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from facellm_edge.hub.pull import PullConfig, pull  # the one way bundles come from the hub (verified)
 
-    try:
-        return Path(snapshot_download(repo_id=spec))
-    except RepositoryNotFoundError as exc:
-        raise BundleError(f"no bundle at {spec} (and no hub repo of that name)") from exc
-    except LocalEntryNotFoundError as exc:
-        raise BundleError(f"no bundle at {spec}: neither a local folder nor a downloadable hub repo (offline, and "
-                          "not in the hub cache)") from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"no bundle at {spec}: neither a local folder nor a downloadable hub repo ({first})") from exc
+    return pull(PullConfig(source=spec)).root

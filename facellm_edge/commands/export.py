@@ -16,7 +16,7 @@ def _default(name: str) -> Any:
     return field_default(ExportConfig, name)
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -55,7 +55,7 @@ def export_cmd(
                        adapter=adapter, revision=revision, verify=verify, force=force, threads=threads, system=system)
 
     def on_step(ev: StepEvent) -> None:
-        size = f"  {_fmt_bytes(ev.bytes)}" if ev.bytes else ""
+        size = f"  {fmt_bytes(ev.bytes)}" if ev.bytes else ""
         detail = f"  {ev.detail}" if ev.detail else ""
         console.print(f"[green]✓[/] {ev.name:<24} {ev.seconds:7.1f} s{size}{detail}")
 
@@ -65,7 +65,7 @@ def export_cmd(
     if m.verification:
         console.print(verification_table(m.verification))
     total = sum(e.bytes for e in [*m.vision.values(), *m.llm.values(), *([m.mmproj] if m.mmproj else [])])
-    console.print(f"bundle written to [bold]{result.out}[/] ({_fmt_bytes(total)}) in {result.seconds:.1f} s")
+    console.print(f"bundle written to [bold]{result.out}[/] ({fmt_bytes(total)}) in {result.seconds:.1f} s")
     import shlex
 
     typer.echo("next:\n  facellm-edge run --camera 0 --bundle "
@@ -75,23 +75,13 @@ def export_cmd(
 def verification_table(v: dict[str, Any]):
     from rich.table import Table
 
+    from facellm_edge.hub.card import verification_rows
+
     t = Table(title="verification")
     for col in ("check", "precision", "result"):
         t.add_column(col)
-    for prec, r in v.get("vision", {}).items():
-        t.add_row("vision ONNX vs torch (batch 1, 3)", prec,
-                  f"max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}  cosine {r['cosine_min']:.6f}")
-    if "mmproj" in v:
-        r = v["mmproj"]
-        t.add_row(f"mmproj via libmtmd vs torch ({r['n_tokens']} tokens, {r['image']})", "f16",
-                  f"max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}  "
-                  f"worst token cosine {r['token_cosine_min']:.6f}")
-    for q, r in v.get("llm", {}).items():
-        t.add_row(f"GGUF vs transformers logits ({r['n_positions']} pos, {r['n_image_positions']} image)", q,
-                  f"top-1 {r['top1_agreement']:.2%}  max |Δ| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}")
-    if "tokenizer" in v:
-        r = v["tokenizer"]
-        t.add_row("tokenizer parity (llama.cpp vs HF ids)", "", f"{r['n_match']}/{r['n_texts']} texts identical")
+    for row in verification_rows(v):
+        t.add_row(*row)
     return t
 
 
@@ -124,11 +114,11 @@ def inspect_cmd(
         for prec, e in table.items():
             bpw = e.extra.get("bits_per_weight")
             label = f"{prec}" + (f" ({bpw:.2f} b/w)" if isinstance(bpw, (int, float)) else "")
-            t.add_row(kind, label, e.path, _fmt_bytes(e.bytes), e.sha256[:12] + "…")
+            t.add_row(kind, label, e.path, fmt_bytes(e.bytes), e.sha256[:12] + "…")
     if m.mmproj is not None:
         e = m.mmproj
         label = f"mmproj {e.extra.get('ftype', '')}".strip()
-        t.add_row("vision (llama.cpp)", label, e.path, _fmt_bytes(e.bytes), e.sha256[:12] + "…")
+        t.add_row("vision (llama.cpp)", label, e.path, fmt_bytes(e.bytes), e.sha256[:12] + "…")
     console.print(t)
     if m.verification:
         console.print(verification_table(m.verification))

@@ -21,9 +21,9 @@ def _names(value: Optional[str], option: str) -> tuple[str, ...]:
 
 
 def _size(n: int) -> str:
-    from facellm_edge.commands.export import _fmt_bytes
+    from facellm_edge.commands.export import fmt_bytes
 
-    return _fmt_bytes(n)
+    return fmt_bytes(n)
 
 
 def pull_cmd(

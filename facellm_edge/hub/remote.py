@@ -33,6 +33,9 @@ def download_errors(repo_id: str, revision: str | None, cache_dir: Path) -> Iter
     from huggingface_hub import errors as hf
 
     at = f"{repo_id}@{revision}" if revision else repo_id
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would be lines at the user; the failure is said below
     try:
         yield
     except hf.LocalEntryNotFoundError as exc:  # offline (or the hub unreachable) and not in the cache
@@ -51,6 +54,8 @@ def download_errors(repo_id: str, revision: str | None, cache_dir: Path) -> Iter
                           "with `facellm-edge push BUNDLE REPO`)") from exc
     except (hf.HfHubHTTPError, OSError, ValueError) as exc:
         raise BundleError(f"cannot download {at}: {_first_line(exc)}") from exc
+    finally:
+        hub_log.setLevel(level)
 
 
 def download_manifest(repo_id: str, revision: str | None, cache_dir: Path) -> Path:

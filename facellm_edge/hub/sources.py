@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from facellm_edge.bundle.files import _is_path  # the --bundle rule: what can only be a local path
+from facellm_edge.bundle import is_local_path  # the --bundle rule: what can only be a local path
 from facellm_edge.errors import InputError, UsageError
 
 # Local folders are cached as this owner's repos (``local/<folder name>``): one cache layout for every source.
@@ -42,7 +42,7 @@ class Source:
 def is_hub_id(spec: str) -> bool:
     """``spec`` is a plausible hub repo id (``owner/name``) that cannot be a local path the user meant: nothing of
     that name exists here, it has no path syntax, and its ``owner`` is not a local folder."""
-    return (not os.path.lexists(Path(spec).expanduser()) and not _is_path(spec)
+    return (not os.path.lexists(Path(spec).expanduser()) and not is_local_path(spec)
             and not os.path.lexists(spec.split("/", 1)[0]))
 
 
@@ -77,7 +77,7 @@ def parse_source(spec: str, revision: str | None = None) -> Source:
         return _local(path, spec, revision)
     if is_hub_id(spec):
         return Source(repo_id=spec, revision=revision)
-    if _is_path(spec):
+    if is_local_path(spec):
         raise InputError(f"no bundle folder at {spec} (and it is not a hub repo id like owner/name)")
     raise InputError(f"no bundle at {spec} ('{spec.split('/', 1)[0]}' is a local folder, so {spec} was not looked "
                      "up as a hub repo); check the path")
@@ -103,6 +103,6 @@ def _hub_url(spec: str, host: str, path: str, revision: str | None) -> Source:
         revision = url_rev
     elif rest:
         raise UsageError(f"{spec}: a repo URL is https://huggingface.co/OWNER/NAME[/tree/REVISION]")
-    if _is_path(repo_id):
+    if is_local_path(repo_id):
         raise UsageError(f"{spec}: {repo_id} is not a valid hub repo id")
     return Source(repo_id=repo_id, revision=revision)

@@ -56,10 +56,17 @@ def schema_to_grammar(schema: dict[str, Any] | str) -> str:
     if not isinstance(parsed, dict):
         raise UsageError(f"a JSON schema must be a JSON object, got {type(parsed).__name__}")
     try:
-        return json_schema_to_gbnf(json.dumps(parsed))
+        grammar = json_schema_to_gbnf(json.dumps(parsed))
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
         # the converter reports unsupported or broken schemas with assertions
         raise UsageError(f"cannot turn the JSON schema into a grammar: {exc}") from exc
+    # llama-cpp-python's converter lets a JSON string hold raw control characters, which JSON forbids (json.loads
+    # rejects the answer); llama.cpp's own converter (common/json-schema-to-grammar.cpp) excludes them.
+    return grammar.replace(_LOOSE_CHAR, _JSON_CHAR)
+
+
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 
 
 class SamplerChain:
