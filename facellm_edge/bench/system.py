@@ -21,7 +21,9 @@ VERSIONED = ("facellm-edge", "torch", "torchvision", "transformers", "onnx", "on
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
+def cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, its feature flags) from /proc/cpuinfo (x86 ``flags``, ARM ``Features``); elsewhere the
+    platform's processor name and no flags."""
     model, flags = platform.processor() or platform.machine(), set()
     p = Path("/proc/cpuinfo")
     if p.is_file():
@@ -30,7 +32,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
             key = key.strip()
             if key == "model name" and model in ("", platform.machine(), platform.processor()):
                 model = val.strip()
-            elif key == "flags" and not flags:
+            elif key in ("flags", "Features") and not flags:
                 flags = set(val.split())
     return model, flags
 
@@ -120,7 +122,7 @@ def torch_cpu_capability() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    model, flags = _cpuinfo()
+    model, flags = cpuinfo()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

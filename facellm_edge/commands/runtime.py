@@ -59,7 +59,10 @@ def run(
                                                "one source per line) to read several cameras in turn."),
     camera: Optional[int] = typer.Option(None, "--camera", min=0, help="Camera index (alias of --source N)."),
     question: str = typer.Option(..., "--question", "-q", help="Asked once about every new face."),
-    no_display: bool = typer.Option(False, "--no-display", help="Headless: no window."),
+    no_display: Optional[bool] = typer.Option(
+        None, "--no-display/--display", help="--no-display: headless, no window. --display: a window, or an error "
+        "when none can open. Default: a window where there is a display (on Linux: DISPLAY, WAYLAND_DISPLAY or "
+        "QT_QPA_PLATFORM set) and OpenCV has a GUI; headless otherwise, with one line saying so."),
     jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write one JSON line per answered face, each flushed "
                                          "to disk as it is made. An existing file is refused unless --append."),
     append: bool = typer.Option(False, "--append", help="Add to an existing --jsonl file."),
@@ -85,7 +88,8 @@ def run(
     if force and output is None:
         raise UsageError("--force replaces an existing --output video; give --output FILE too")
     cfg = options.runtime_config()
-    live = LiveConfig(question=question, display=not no_display, jsonl=jsonl, output=output, append=append,
+    window = _window(no_display, jsonl)
+    live = LiveConfig(question=question, display=window, jsonl=jsonl, output=output, append=append,
                       overwrite=force, max_frames=max_frames)
     check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads
     frames = open_sources([camera] if camera is not None else list(source), max_pixels=cfg.max_pixels)
@@ -93,7 +97,7 @@ def run(
         check_output_source(live, frames)  # --output x.jpg needs one still image: said before the bundle loads
         with FaceLLM.load(options.bundle_dir(), cfg) as model:
             model.detector  # load the detector before the first frame is processed
-            echo = (lambda rec: typer.echo(json.dumps(rec))) if no_display and jsonl is None else None
+            echo = (lambda rec: typer.echo(json.dumps(rec))) if not window and jsonl is None else None
             stats = run_live(model, frames, live, on_record=echo)
     finally:
         frames.close()
@@ -101,3 +105,22 @@ def run(
         log.warning("%d %s of %s could not be read and were skipped (see the warnings above)", stats.skipped,
                     frames.unit, frames.description)
     log.info("%d frames, %.1f FPS, %d answers", stats.frames, stats.fps, stats.answers)
+
+
+def _window(no_display: Optional[bool], jsonl: Optional[Path]) -> bool:
+    """Whether ``run`` opens a window: not with --no-display; with --display, or by default where one can open
+    (:func:`facellm_edge.doctor.display.display_problem`). With no display Qt would abort the process (SIGABRT):
+    the default goes headless with one line instead, --display is refused in one line."""
+    if no_display:
+        return False
+    from facellm_edge.doctor.display import display_problem
+    from facellm_edge.errors import UsageError
+
+    problem = display_problem()
+    if problem is None:
+        return True
+    if no_display is False:  # --display
+        raise UsageError(f"--display: {problem}; set DISPLAY (or QT_QPA_PLATFORM), or drop --display to run headless")
+    log.warning("%s: running headless (as --no-display)%s", problem,
+                "" if jsonl is not None else "; the answers go to stdout as JSON lines")
+    return False
