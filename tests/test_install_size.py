@@ -61,6 +61,8 @@ def test_no_onnxruntime_is_one_line_naming_the_flavours(monkeypatch):
     assert "installed but cannot be imported" in str(broken)
     assert "pip uninstall -y onnxruntime onnxruntime-gpu &&" in str(broken)
     assert flavours.missing_runtime(ImportError("no", name="torch")) is None
+    no_gl = flavours.missing_runtime(ImportError("libGL.so.1: cannot open shared object file", name="cv2"))
+    assert "OpenCV is installed but cannot be imported" in str(no_gl) and "choose [headless]" in str(no_gl)
 
 
 def test_two_flavours_installed_over_each_other_are_named(tmp_path, monkeypatch):

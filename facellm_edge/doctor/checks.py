@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from facellm_edge.doctor.display import display_problem, opencv_gui
-from facellm_edge.doctor.flavours import FLAVOURS, INSTALL_HINT, clashes, flavour, installed
+from facellm_edge.doctor.flavours import FLAVOURS, MissingRuntimeError, clashes, flavour, installed, missing_runtime
 from facellm_edge.doctor.report import FAIL, INFO, OK, WARN, Check
 from facellm_edge.errors import InputError, MissingExtraError, require
 
@@ -59,16 +59,16 @@ def check_versions() -> Check:
 def check_flavour() -> Check:
     """One ONNX Runtime and one OpenCV, importable: the runtime flavour (README 'Install')."""
     problems, data = [], {"onnxruntime": installed("onnxruntime"), "opencv": installed("cv2"), "flavour": flavour()}
-    for module, what in (("onnxruntime", "ONNX Runtime"), ("cv2", "OpenCV")):
-        try:
-            if module == "onnxruntime":
-                from facellm_edge.onnxrt import onnxruntime_module
+    from facellm_edge.onnxrt import onnxruntime_module
 
-                onnxruntime_module()
-            else:
-                import cv2  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - missing (MissingRuntimeError) or broken
-            problems.append(str(exc) if what in str(exc) else f"{what}: {exc}")
+    try:
+        onnxruntime_module()
+    except MissingExtraError as exc:  # MissingRuntimeError: not installed, or broken
+        problems.append(str(exc))
+    try:
+        import cv2  # noqa: F401
+    except ImportError as exc:  # not installed, or its libraries do not load (libGL without a display)
+        problems.append(str(MissingRuntimeError("cv2", exc)))
     if problems:
         return Check("flavour", FAIL, problems[0], tuple(problems[1:]), data, exit_code=7)
     extra = data["flavour"]
@@ -174,8 +174,10 @@ def check_detector(name: str | None) -> Check:
         create_detector(DetectorConfig(name="yunet"))  # the shipped model, its sha256 checked, in OpenCV
         data["yunet"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported as the check's result
-        data["yunet"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        yunet_code = 7 if isinstance(exc, ImportError) else getattr(exc, "exit_code", 6)  # no OpenCV: a flavour
+        missing = missing_runtime(exc) if isinstance(exc, ImportError) else None  # no OpenCV: no flavour
+        err = missing or exc
+        data["yunet"] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        yunet_code = getattr(err, "exit_code", 6)
     try:  # imported only when asked for (a second or two); otherwise its distribution is looked up
         if asked == "scrfd":
             require("insightface", "insightface")

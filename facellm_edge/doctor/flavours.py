@@ -47,6 +47,8 @@ class MissingRuntimeError(MissingExtraError):
             dists = " ".join(PROVIDERS.get(module, (module,))[:2])
             msg = (f"{what} is installed but cannot be imported ({first}); reinstall one flavour: "
                    f"pip uninstall -y {dists} && {INSTALL_HINT}")
+            if module == "cv2" and "libGL" in first:  # opencv-python on a machine without X11/OpenGL libraries
+                msg += "; without a display, choose [headless]"
         FaceLLMEdgeError.__init__(self, msg)
         self.module = module
 
