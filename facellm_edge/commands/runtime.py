@@ -120,7 +120,7 @@ def _window(no_display: Optional[bool], jsonl: Optional[Path]) -> bool:
     if problem is None:
         return True
     if no_display is False:  # --display
-        raise UsageError(f"--display: {problem}; set DISPLAY (or QT_QPA_PLATFORM), or drop --display to run headless")
+        raise UsageError(f"--display cannot open a window: {problem}; drop --display to run headless")
     log.warning("%s: running headless (as --no-display)%s", problem,
                 "" if jsonl is not None else "; the answers go to stdout as JSON lines")
     return False

@@ -186,7 +186,7 @@ def check_detector(name: str | None) -> Check:
         data["scrfd"] = "ok"
     except MissingExtraError as exc:
         data["scrfd"] = str(exc)
-    notes.append("yunet (MIT, shipped): " + ("loads" if data["yunet"] == "ok" else data["yunet"]))
+    notes.append("yunet (MIT, shipped): " + ("loads" if data["yunet"] == "ok" else "does not load"))
     notes.append("scrfd (InsightFace, non-commercial models): " + (
         f"insightface {dist_version('insightface')}" if data["scrfd"] == "ok" else
         "pip install 'facellm-edge[insightface]' to use it"))

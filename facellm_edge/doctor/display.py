@@ -54,5 +54,5 @@ def display_problem(env: Mapping[str, str] | None = None, platform: str | None =
     if gui is True:
         gui = opencv_gui()
     if not gui:
-        return "this OpenCV has no GUI (opencv-python-headless, or no OpenCV)"
+        return "this OpenCV has no GUI (opencv-python-headless, or none; the [cpu] and [gpu] flavours have one)"
     return None
