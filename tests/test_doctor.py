@@ -189,7 +189,8 @@ def test_run_display_refuses_without_a_display(tmp_path):
                            "--question", "Age?", "--display", "--bundle", str(tmp_path / "none")],
                           env=_no_display_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--display cannot open a window: no display" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "--display cannot open a window: no display" in proc.stderr
 
 
 @pytest.mark.slow  # tiny_bundle
