@@ -216,6 +216,15 @@ def _run(args: list[str]) -> tuple[int, str]:
         if debug:
             raise
         return _not_utf8(args, exc)
+    except ImportError as exc:  # ONNX Runtime / OpenCV missing: no runtime flavour installed
+        from facellm_edge.doctor.flavours import missing_runtime
+
+        err = missing_runtime(exc)
+        if debug:
+            raise
+        if err is None:
+            return 1, f"error: unexpected ImportError: {_one_line(str(exc))} (run with --debug for the traceback)"
+        return err.exit_code, f"error: {_one_line(str(err))}"
     except Exception as exc:
         if debug:
             raise

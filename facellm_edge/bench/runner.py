@@ -39,8 +39,12 @@ def default_out(root: Path, info: dict[str, Any]) -> Path:
 
 
 def default_image() -> Path:
-    """insightface's t1.jpg (6 faces; ships with insightface, a runtime dependency)."""
-    import insightface
+    """insightface's t1.jpg (6 faces; ships with insightface, the [insightface] extra)."""
+    try:
+        import insightface
+    except ImportError:
+        raise InputError("the default benchmark photo is insightface's t1.jpg, which needs the [insightface] extra; "
+                         "pass --image PHOTO (a photo with faces)") from None
 
     path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
     if not path.is_file():

@@ -76,8 +76,17 @@ def defaults_for(command: Any, name: str, data: dict[str, Any], shared: set[str]
                              "lists the options (keys are the long flags with underscores: max_tokens)")
     values = {k: v for k, v in data.items() if not isinstance(v, dict)}
     values.update(own)
-    return {keys[k]: (str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and _is_text(command, keys[k])
-                      else v) for k, v in values.items()}
+    return {keys[k]: _value(command, keys[k], v) for k, v in values.items()}
+
+
+def _value(command: Any, name: str, value: Any) -> Any:
+    """A TOML value as the option takes it: a number for a text option as text (``source = 0``: camera "0"), one
+    value for a repeatable option as a list of one."""
+    param = next((p for p in command.params if p.name == name), None)
+    items = value if isinstance(value, list) else [value]
+    items = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and _is_text(command, name) else v
+             for v in items]
+    return items if getattr(param, "multiple", False) else (items[0] if not isinstance(value, list) else items)
 
 
 def _is_text(command: Any, name: str) -> bool:

@@ -6,8 +6,8 @@ the stage config the option sets (``--ctx`` from ``EngineConfig.n_ctx``, ``--det
 ...), except run's ``--max-tokens``: the live default :data:`~facellm_edge.runtime.live.loop.LIVE_MAX_TOKENS`.
 
 The stage configs import numpy; this module is imported only when ``ask`` or ``run`` runs or shows its help
-(``facellm_edge.cli`` loads command modules on first use). ``RuntimeConfig`` itself (cv2, InsightFace) is imported
-when the config is built.
+(``facellm_edge.cli`` loads command modules on first use). ``RuntimeConfig`` itself (cv2) is imported when the config
+is built.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ DEVICES: dict[str, tuple[str, ...]] = {
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
-GPU_FIX = "pip uninstall -y onnxruntime && pip install 'facellm-edge[gpu]'"
+GPU_FIX = ("pip uninstall -y onnxruntime && pip install 'facellm-edge[gpu]' (or [gpu-headless] on a headless "
+           "install)")
 
 @dataclass(frozen=True)
 class EncoderConfig:
