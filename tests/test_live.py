@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,47 +20,11 @@ from facellm_edge.timings import STAGES
 SIZE = (640, 480)  # video frame size (w, h)
 
 
-def _fit(image: np.ndarray) -> np.ndarray:
-    """Letterbox an image into SIZE."""
-    w, h = SIZE
-    s = min(w / image.shape[1], h / image.shape[0])
-    r = cv2.resize(image, (int(image.shape[1] * s), int(image.shape[0] * s)), interpolation=cv2.INTER_AREA)
-    out = np.zeros((h, w, 3), np.uint8)
-    y, x = (h - r.shape[0]) // 2, (w - r.shape[1]) // 2
-    out[y:y + r.shape[0], x:x + r.shape[1]] = r
-    return out
-
-
-@pytest.fixture(scope="module")
-def photo_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
-    """6 frames of the astronaut then 6 of t1 (mp4v), with a 1-px drift so boxes move a little."""
-    path = tmp_path_factory.mktemp("video") / "photos.mp4"
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, SIZE)
-    assert vw.isOpened()
-    for image in (astronaut_bgr, t1_bgr):
-        base = _fit(image)
-        for i in range(6):
-            vw.write(np.roll(base, i, axis=1))
-    vw.release()
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle, yunet_model):
-    from facellm_edge.runtime.config import DetectorConfig, EngineConfig, GenerationConfig, RuntimeConfig
-    from facellm_edge.runtime.pipeline import FaceLLM
-
-    cfg = RuntimeConfig(detector=DetectorConfig(model_path=yunet_model), engine=EngineConfig(quant="f32"),
-                        generation=GenerationConfig(max_tokens=3)).for_live()
-    assert (cfg.engine.n_threads, cfg.engine.n_threads_batch, cfg.detector.n_threads) == (1, 1, 1)
-    with FaceLLM.load(tiny_bundle, cfg) as m:
-        yield m
-
-
-def test_video_runs_headless_with_stable_tracks(model, photo_video, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_video_runs_headless_with_stable_tracks(live_model, photo_video, letterbox, tmp_path):
     jsonl, out = tmp_path / "answers.jsonl", tmp_path / "annotated.mp4"
     cfg = LiveConfig(question="How old is this person?", display=False, jsonl=jsonl, output=out)
-    stats = run_live(model, open_source(str(photo_video)), cfg)
+    stats = run_live(live_model, open_source(str(photo_video)), cfg)
     assert stats.frames == 12 and len(stats.frame_ms) == 12
     # 1 astronaut track + 6 t1 tracks over 12 frames: ids are stable (a lost id would start an eighth track)
     assert stats.tracks == 7 and stats.faces == 6 * 1 + 6 * 6
@@ -72,14 +35,14 @@ def test_video_runs_headless_with_stable_tracks(model, photo_video, tmp_path):
         assert list(r["timings_ms"]) == list(STAGES)  # the runtime's stage names, in order
         since = r["since_seen_ms"]
         assert 0 <= since["first_token"] <= since["answer"]
-    assert model.generator.n_cached == 0  # every track's session was closed at the end
+    assert live_model.generator.n_cached == 0  # every track's session was closed at the end
     cap = cv2.VideoCapture(str(out))
     assert cap.isOpened()
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == SIZE
     ok, first = cap.read()
     cap.release()
-    assert ok and np.abs(first.astype(int) - _fit(np.zeros((8, 8, 3), np.uint8))).sum() > 0
+    assert ok and np.abs(first.astype(int) - letterbox(np.zeros((8, 8, 3), np.uint8))).sum() > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated.mp4", "answers.jsonl"]  # no temp files left
 
 
@@ -104,27 +67,10 @@ def test_folder_and_image_sources(tmp_path, astronaut_bgr, t1_bgr):
         open_source(str(tmp_path / "none"))
 
 
-class _ClosedCapture:
-    """What cv2.VideoCapture is for a camera index with no device behind it."""
-
-    def isOpened(self) -> bool:
-        return False
-
-    def read(self):
-        return False, None
-
-    def release(self) -> None:
-        pass
-
-    def get(self, prop: int) -> float:
-        return 0.0
-
-
-def test_camera_that_does_not_open():
-    opened = []
+def test_camera_that_does_not_open(no_camera):
     with pytest.raises(InputError, match="cannot open camera 9"):
-        open_source(9, opener=lambda target: opened.append(target) or _ClosedCapture())
-    assert opened == [9]
+        open_source(9, opener=no_camera)
+    assert no_camera.opened == [9]
 
 
 def test_lost_stream_reconnects(photo_video):
@@ -224,11 +170,12 @@ class _InterruptedFrames:
         self.source.close()
 
 
-def test_ctrl_c_finalises_outputs(model, photo_video, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_ctrl_c_finalises_outputs(live_model, photo_video, tmp_path):
     jsonl, out = tmp_path / "a.jsonl", tmp_path / "a.mp4"
     cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, join_timeout_s=10)
     before = {t.name for t in threading.enumerate()}
-    stats = run_live(model, _InterruptedFrames(open_source(str(photo_video)), 4), cfg)
+    stats = run_live(live_model, _InterruptedFrames(open_source(str(photo_video)), 4), cfg)
     assert stats.frames == 4
     assert "vlm-worker" not in {t.name for t in threading.enumerate()} - before
     assert jsonl.is_file()  # finalised (possibly with fewer answers than faces)
@@ -238,7 +185,8 @@ def test_ctrl_c_finalises_outputs(model, photo_video, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.mp4"]
 
 
-def test_each_answer_is_on_disk_when_it_is_reported(model, photo_video, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_each_answer_is_on_disk_when_it_is_reported(live_model, photo_video, tmp_path):
     """--jsonl is appended and flushed per answer (a crash or power cut keeps every complete line), not a temp file
     renamed at the end; the user sees each line in the file as soon as the answer exists."""
     jsonl = tmp_path / "a.jsonl"
@@ -249,12 +197,13 @@ def test_each_answer_is_on_disk_when_it_is_reported(model, photo_video, tmp_path
         seen.append(bool(lines) and json.loads(lines[-1]) == rec)
 
     cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl)
-    stats = run_live(model, open_source(str(photo_video)), cfg, on_record=on_record)
+    stats = run_live(live_model, open_source(str(photo_video)), cfg, on_record=on_record)
     assert stats.answers == 7 and seen == [True] * 7
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
 
 
-def test_interrupt_at_any_point_finalises(model, photo_video, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_interrupt_at_any_point_finalises(live_model, photo_video, tmp_path):
     """Ctrl-C / SIGTERM (the CLI raises KeyboardInterrupt in the main thread) landing wherever the main thread is
     when the first answer arrives — detection, drawing, encoding the video, or waiting for the worker."""
     import _thread
@@ -269,7 +218,7 @@ def test_interrupt_at_any_point_finalises(model, photo_video, tmp_path):
 
     cfg = LiveConfig(question="Age?", display=False, jsonl=jsonl, output=out, join_timeout_s=30)
     before = {t.name for t in threading.enumerate()}
-    stats = run_live(model, open_source(str(photo_video)), cfg, on_record=on_record)
+    stats = run_live(live_model, open_source(str(photo_video)), cfg, on_record=on_record)
     assert fired and stats.interrupted
     assert "vlm-worker" not in {t.name for t in threading.enumerate()} - before
     assert [json.loads(x)["track_id"] for x in jsonl.read_text().splitlines()][0] == fired[0]
@@ -279,7 +228,8 @@ def test_interrupt_at_any_point_finalises(model, photo_video, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.mp4"]
 
 
-def test_outputs_are_checked_before_the_first_frame(model, photo_video, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_outputs_are_checked_before_the_first_frame(live_model, photo_video, tmp_path):
     from facellm_edge.errors import OutputError
 
     (tmp_path / "dir.jsonl").mkdir()
@@ -297,7 +247,7 @@ def test_outputs_are_checked_before_the_first_frame(model, photo_video, tmp_path
     for cfg, message in ((LiveConfig(question="q", display=False, jsonl=tmp_path / "dir.jsonl"), "is a folder"),
                          (LiveConfig(question="q", display=False, output=tmp_path / "old.mp4"), "already exists")):
         with pytest.raises(OutputError, match=message):
-            run_live(model, NoFrames(), cfg)
+            run_live(live_model, NoFrames(), cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "old.mp4"]
     assert (tmp_path / "old.mp4").read_bytes() == b"mine" and list((tmp_path / "dir.jsonl").iterdir()) == []
 
@@ -320,7 +270,8 @@ class _Frames:
         pass
 
 
-def test_control_streams_events_and_takes_questions(model, astronaut_bgr, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_control_streams_events_and_takes_questions(live_model, astronaut_bgr, letterbox, tmp_path):
     """What the server builds on: events and annotated frames out; the standing question and a follow-up about a
     live track in (answered in the track's session, no second image prefill)."""
     from facellm_edge.runtime.live.control import LiveControl
@@ -337,8 +288,9 @@ def test_control_streams_events_and_takes_questions(model, astronaut_bgr, tmp_pa
     control = LiveControl(on_event=on_event, on_frame=frames.append)
     control.set_question("What is the expression?")
     jsonl = tmp_path / "a.jsonl"
-    clip = [np.roll(_fit(astronaut_bgr), i, axis=1) for i in range(8)]
-    stats = run_live(model, _Frames(clip), LiveConfig(question="Age?", display=False, jsonl=jsonl), control=control)
+    clip = [np.roll(letterbox(astronaut_bgr), i, axis=1) for i in range(8)]
+    stats = run_live(live_model, _Frames(clip), LiveConfig(question="Age?", display=False, jsonl=jsonl),
+                     control=control)
     kinds = [k for k, _ in events]
     assert stats.frames == 8 and len(frames) == 8 and frames[0].shape == clip[0].shape
     assert kinds.count("tracks") == 8 and kinds.count("track_appeared") == 1 and kinds.count("answer") == 2
@@ -351,7 +303,8 @@ def test_control_streams_events_and_takes_questions(model, astronaut_bgr, tmp_pa
     assert control.ask_track(1, "Still there?") is False  # the loop has ended
 
 
-def test_still_image_output_carries_every_answer(model, t1_bgr, astronaut_bgr, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_still_image_output_carries_every_answer(live_model, t1_bgr, astronaut_bgr, tmp_path):
     """`run --source photo.jpg --output out.png`: the frame waits for its answers, so the written image shows them
     (it differs from the same run's frame drawn before any answer); a folder of photos answers every photo's faces
     even where faces of two photos sit at the same place (each image is a new scene)."""
@@ -365,25 +318,26 @@ def test_still_image_output_carries_every_answer(model, t1_bgr, astronaut_bgr, t
     records: list[dict] = []
     answers_when_drawn: list[int] = []
     control = LiveControl(on_frame=lambda image: answers_when_drawn.append(len(records)))
-    stats = run_live(model, open_source(str(photo)), LiveConfig(question="Age?", display=False, output=out),
+    stats = run_live(live_model, open_source(str(photo)), LiveConfig(question="Age?", display=False, output=out),
                      on_record=records.append, control=control)
     written = cv2.imread(str(out))
     assert stats.frames == 1 and len(records) == 6 and written.shape == t1_bgr.shape
     assert answers_when_drawn == [6]  # the frame was drawn (and written) once all six answers were there
     with pytest.raises(OutputError, match="writes one image, but the source is"):
-        run_live(model, open_source(str(tmp_path)), LiveConfig(question="Age?", display=False,
+        run_live(live_model, open_source(str(tmp_path)), LiveConfig(question="Age?", display=False,
                                                                output=tmp_path / "x.jpg"))
     folder = tmp_path / "two"
     folder.mkdir()
     cv2.imwrite(str(folder / "a.png"), astronaut_bgr)
     cv2.imwrite(str(folder / "b.png"), cv2.flip(astronaut_bgr, 1))  # the face at nearly the same place
     records.clear()
-    stats = run_live(model, open_source(str(folder)), LiveConfig(question="Age?", display=False),
+    stats = run_live(live_model, open_source(str(folder)), LiveConfig(question="Age?", display=False),
                      on_record=records.append)
     assert stats.frames == 2 and stats.tracks == 2 and len(records) == 2
 
 
-def test_several_sources_share_one_worker_and_name_themselves(model, astronaut_bgr, t1_bgr, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_several_sources_share_one_worker_and_name_themselves(live_model, astronaut_bgr, t1_bgr, tmp_path):
     """`run --source a --source b` (or a .streams file): frames in turn, one tracker per source with ids unique
     across them, one VLM worker; records and events carry the source."""
     from facellm_edge.runtime.live.control import LiveControl
@@ -398,7 +352,7 @@ def test_several_sources_share_one_worker_and_name_themselves(model, astronaut_b
     assert isinstance(source, MultiSource) and source.description == f"{a} + {b}"
     events: list[tuple[str, dict]] = []
     records: list[dict] = []
-    stats = run_live(model, source, LiveConfig(question="Age?", display=False), on_record=records.append,
+    stats = run_live(live_model, source, LiveConfig(question="Age?", display=False), on_record=records.append,
                      control=LiveControl(on_event=lambda kind, payload: events.append((kind, payload))))
     assert stats.frames == 2 and stats.tracks == 7 and len(records) == 7
     assert sorted(r["track_id"] for r in records) == list(range(1, 8))  # unique across the two trackers
@@ -408,5 +362,5 @@ def test_several_sources_share_one_worker_and_name_themselves(model, astronaut_b
     with pytest.raises(InputError, match="given twice"):
         open_sources([str(a), str(a)])
     with pytest.raises(OutputError, match="records one source"):
-        run_live(model, open_sources([str(a), str(b)]), LiveConfig(question="Age?", display=False,
+        run_live(live_model, open_sources([str(a), str(b)]), LiveConfig(question="Age?", display=False,
                                                                    output=tmp_path / "x.mp4"))

@@ -20,6 +20,8 @@ QUESTION = ("Are the people in these images the same person?\nAnswer with the op
             "directly.\n(A) Yes, all of them\n(B) No\n(C) Cannot determine\n(D) Only the first two\n")
 N_NEW = 8
 
+pytestmark = pytest.mark.slow  # every test runs the tiny bundle
+
 
 @pytest.fixture(scope="module")
 def model(tiny_bundle):
@@ -31,19 +33,7 @@ def model(tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def hf(model):
-    import torch
-    from transformers import InternVLForConditionalGeneration
-
-    from facellm_edge.export.checkpoint import load_processor
-
-    src = model.bundle.manifest.source["path"]
-    torch.set_num_threads(2)
-    return load_processor(src), InternVLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def photos(astronaut_bgr, t1_bgr) -> list[np.ndarray]:
+def three_photos(astronaut_bgr, t1_bgr) -> list[np.ndarray]:
     """Three real photos of different shapes: 512x512 (1 tile), 420x886 (1x2 tiles + thumbnail), 1024x1024 (3x3
     tiles + thumbnail). Only the last is resized here (to make a large input)."""
     import cv2
@@ -74,11 +64,11 @@ def _transformers(hf, images_bgr, question, eos, system=None):
 
 
 @pytest.mark.parametrize("n_images", [2, 3])
-def test_greedy_tokens_and_prompt_equal_transformers(model, hf, photos, n_images):
-    images = photos[:n_images]
+def test_greedy_tokens_and_prompt_equal_transformers(model, tiny_varied_hf, three_photos, n_images):
+    images = three_photos[:n_images]
     ours = model.ask_images(images, QUESTION)
     assert isinstance(ours, ImagesAnswer)
-    inputs, hf_tokens = _transformers(hf, images, QUESTION, set(model.bundle.manifest.tokens.eos_ids))
+    inputs, hf_tokens = _transformers(tiny_varied_hf, images, QUESTION, set(model.bundle.manifest.tokens.eos_ids))
     ids = inputs["input_ids"][0].tolist()
     assert ours.tiles == (1, 3, 10)[:n_images]  # each image tiled as the processor tiles it ...
     assert sum(ours.tiles) == inputs["pixel_values"].shape[0]
@@ -90,9 +80,9 @@ def test_greedy_tokens_and_prompt_equal_transformers(model, hf, photos, n_images
     assert set(ours.timings) == {"preprocess", "encode", "image_prefill", "question_prefill", "ttft", "decode"}
 
 
-def test_image_order_matters_and_follow_up_reuses_the_prefix(model, photos, monkeypatch):
-    a = model.ask_images(photos[:2], QUESTION)
-    b = model.ask_images(photos[:2][::-1], QUESTION)
+def test_image_order_matters_and_follow_up_reuses_the_prefix(model, three_photos, monkeypatch):
+    a = model.ask_images(three_photos[:2], QUESTION)
+    b = model.ask_images(three_photos[:2][::-1], QUESTION)
     assert (a.tiles, b.tiles) == ((1, 3), (3, 1)) and a.n_prompt == b.n_prompt
     prefills = []
     real = model.generator.prefill_images
@@ -106,27 +96,27 @@ def test_image_order_matters_and_follow_up_reuses_the_prefix(model, photos, monk
     a.session.close()
 
 
-def test_one_image_equals_ask_image(model, photos):
+def test_one_image_equals_ask_image(model, three_photos):
     """ask_images with one image is ask_image (whole image, the processor's tiling)."""
-    one = model.ask_images(photos[1:2], QUESTION)
-    whole = model.ask_image(photos[1], QUESTION)
+    one = model.ask_images(three_photos[1:2], QUESTION)
+    whole = model.ask_image(three_photos[1], QUESTION)
     assert one.token_ids == whole.token_ids and one.tiles == (3,)
 
 
-def test_bad_calls(model, photos, tiny_bundle):
+def test_bad_calls(model, three_photos, tiny_bundle):
     with pytest.raises(UsageError, match="non-empty list"):
         model.ask_images([], QUESTION)
     with pytest.raises(UsageError, match="non-empty list"):
-        model.ask_images(photos[0], QUESTION)  # one array is not a list
+        model.ask_images(three_photos[0], QUESTION)  # one array is not a list
     with pytest.raises(UsageError, match="empty"):
-        model.ask_images(photos[:1], "  ")
+        model.ask_images(three_photos[:1], "  ")
     with FaceLLM.load(tiny_bundle, RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
                                                  engine=EngineConfig(quant="f32", n_ctx=1024, n_threads=1))) as small:
         with pytest.raises(Exception, match=r"needs \d+ tokens but the context holds 1024; .*--ctx"):
-            small.ask_images(photos, QUESTION)
+            small.ask_images(three_photos, QUESTION)
 
 
-def test_template_without_a_separator_answers_one_image(tiny_bundle, photos, tmp_path):
+def test_template_without_a_separator_answers_one_image(tiny_bundle, three_photos, tmp_path):
     """A bundle whose chat template cannot show several images (prompt.image_separator null) still answers one
     image and refuses several in one line."""
     import json
@@ -140,6 +130,6 @@ def test_template_without_a_separator_answers_one_image(tiny_bundle, photos, tmp
     with FaceLLM.load(b, RuntimeConfig(encoder=EncoderConfig(precision="fp32"),
                                        engine=EngineConfig(quant="f32", n_threads=1),
                                        generation=GenerationConfig(max_tokens=2))) as m:
-        assert len(m.ask_images(photos[:1], QUESTION).token_ids) >= 1
+        assert len(m.ask_images(three_photos[:1], QUESTION).token_ids) >= 1
         with pytest.raises(BundleError, match="several images"):
-            m.ask_images(photos[:2], QUESTION)
+            m.ask_images(three_photos[:2], QUESTION)

@@ -52,6 +52,7 @@ def count_image_prefills(monkeypatch):
     return install
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_ask_answers_every_face(model, t1_bgr, tmp_path):
     answers = model.ask(t1_bgr, QUESTION)
     assert len(answers) == 6
@@ -67,6 +68,7 @@ def test_ask_answers_every_face(model, t1_bgr, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written unless asked
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_stream_matches_ask(model, astronaut_bgr):
     answers = model.ask(astronaut_bgr, QUESTION)
     streamed: dict[int, str] = {}
@@ -75,6 +77,7 @@ def test_stream_matches_ask(model, astronaut_bgr):
     assert [streamed.get(i, "") for i in range(len(answers))] == [a.text for a in answers]
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_chat_reuses_the_cached_face(model, astronaut_bgr, count_image_prefills):
     prefills = count_image_prefills(model)
     (face,) = model.ask(astronaut_bgr, QUESTION)
@@ -87,6 +90,7 @@ def test_chat_reuses_the_cached_face(model, astronaut_bgr, count_image_prefills)
     face.session.close()  # idempotent
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_readme_example_chats_with_every_face_of_a_group_photo(tiny_bundle, t1_bgr, count_image_prefills):
     """The README's loop (ask, then a follow-up in each answer's session) on a 6-face photo with the default
     config: every face's conversation is still cached (the slots follow the context, not a fixed 4)."""
@@ -100,6 +104,7 @@ def test_readme_example_chats_with_every_face_of_a_group_photo(tiny_bundle, t1_b
         assert len(prefills) == 6  # no image prefilled twice
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_session_past_the_slots_says_it_was_evicted_and_how_to_keep_more(tiny_bundle, t1_bgr):
     with FaceLLM.load(tiny_bundle, _config(max_tokens=2, max_slots=4)) as m:
         answers = m.ask(t1_bgr, QUESTION)
@@ -111,6 +116,7 @@ def test_session_past_the_slots_says_it_was_evicted_and_how_to_keep_more(tiny_bu
         assert answers[0].session.closed
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_sessions_open_ask_stream_and_close(model, t1_bgr, count_image_prefills):
     """The session API the server hands out: open every face once, ask and stream in any order, close."""
     prefills = count_image_prefills(model)
@@ -136,6 +142,7 @@ def test_sessions_open_ask_stream_and_close(model, t1_bgr, count_image_prefills)
         s.close()
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_sessions_from_two_threads(model, t1_bgr):
     """Sessions are handles: two threads asking in two sessions get the answers they get alone."""
     a, b = model.open_faces(t1_bgr)[:2]
@@ -160,10 +167,12 @@ def test_sessions_from_two_threads(model, t1_bgr):
         s.close()
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_no_face_gives_empty_list(model):
     assert model.ask(np.full((480, 640, 3), 90, np.uint8), QUESTION) == []
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_save_crops_only_when_asked(model, astronaut_bgr, tmp_path):
     import cv2
 
@@ -175,6 +184,7 @@ def test_save_crops_only_when_asked(model, astronaut_bgr, tmp_path):
     assert crop.shape == (448, 448, 3)
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_concurrent_callers_are_serialised(model, astronaut_bgr):
     mirrored = np.ascontiguousarray(astronaut_bgr[:, ::-1])
     expected = {"a": [a.token_ids for a in model.ask(astronaut_bgr, QUESTION)],
@@ -197,12 +207,14 @@ def test_concurrent_callers_are_serialised(model, astronaut_bgr):
     assert not errors and got == expected
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_ask_image_tiles_the_whole_frame(model, t1_bgr):
     a = model.ask_image(t1_bgr, QUESTION, max_tokens=2)
     assert len(a.token_ids) >= 1 and {"preprocess", "encode", "image_prefill", "ttft"} <= set(a.timings)
     assert a.session.face is not None and a.session.n_prefix > 2 * 256  # several tiles: more than one image block
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_greedy_tokens_match_transformers(model, tiny_bundle, astronaut_bgr):
     """Same crop, same question: llama.cpp + ONNX greedy tokens == transformers' greedy generation."""
     import torch
@@ -259,6 +271,7 @@ def test_missing_bundle(tmp_path):
         FaceLLM.load(tmp_path / "nope")
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_tampered_bundle(tiny_bundle, tmp_path):
     b = _copy_bundle(Path(tiny_bundle), tmp_path / "b")
     onnx = next((b / "vision").glob("*.onnx"))
@@ -290,6 +303,7 @@ def _onnx_encoder(path: Path, width: int, tokens: int = 256, size: int = 448) ->
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_onnx_width_must_match_gguf(tiny_bundle, tmp_path):
     from facellm_edge.bundle import file_entry, load_bundle
 
@@ -335,6 +349,7 @@ def test_encoder_batches_and_providers(tmp_path):
         select_providers("npu", available)
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_runtime_never_imports_torch(tiny_bundle, yunet_model, tmp_path):
     import subprocess
     import sys
@@ -376,6 +391,7 @@ def test_tensorrt_options_cache_engines_and_profile_the_batch(tmp_path, monkeypa
 # -- configuration checked before anything loads ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # four CLI processes
 def test_bad_device_or_system_fails_before_any_bundle_is_resolved(tmp_path, astronaut_bgr, yunet_model):
     """RuntimeConfig checks its device (and system message) when it is made: `ask` without --bundle would export
     the default checkpoint on first use, `--bundle DIR` would be resolved and loaded, `run` would open its source;

@@ -6,31 +6,14 @@ import json
 import re
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 from facellm_edge.cli import main
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory, astronaut_bgr, t1_bgr) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("photos")
-    paths = {"astronaut": d / "astronaut.png", "t1": d / "t1.jpg", "blank": d / "blank.png", "empty": d / "empty.jpg"}
-    cv2.imwrite(str(paths["astronaut"]), astronaut_bgr)
-    cv2.imwrite(str(paths["t1"]), t1_bgr)
-    cv2.imwrite(str(paths["blank"]), np.full((300, 400, 3), 200, np.uint8))
-    paths["empty"].write_bytes(b"")
-    return paths
-
-
-@pytest.fixture()
-def common(tiny_bundle, yunet_model) -> list[str]:
-    return ["--bundle", str(tiny_bundle), "--detector-model", str(yunet_model), "--max-tokens", "2"]
-
-
-def test_ask_json(photos, common, capsys):
-    rc = main(["ask", str(photos["astronaut"]), "How old is this person?", "--json", *common])
+@pytest.mark.slow  # tiny_bundle
+def test_ask_json(photos, bundle_args, capsys):
+    rc = main(["ask", str(photos["astronaut"]), "How old is this person?", "--json", *bundle_args])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert out["question"] == "How old is this person?" and out["no_face"] is False
@@ -39,8 +22,9 @@ def test_ask_json(photos, common, capsys):
     assert {"detect", "align", "encode", "image_prefill", "ttft", "decode"} <= set(face["timings_ms"])
 
 
-def test_ask_text_and_save_crops(photos, common, capsys, tmp_path):
-    rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *common])
+@pytest.mark.slow  # tiny_bundle
+def test_ask_text_and_save_crops(photos, bundle_args, capsys, tmp_path):
+    rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *bundle_args])
     out = capsys.readouterr().out
     # one "face N [box]: answer" line per face (the random model's answers may contain any text, "face " too)
     assert rc == 0 and len(re.findall(r"^face \d+ \[", out, flags=re.M)) == 6 and "ms" in out
@@ -50,55 +34,61 @@ def test_ask_text_and_save_crops(photos, common, capsys, tmp_path):
     before = {p.name: p.read_bytes() for p in (tmp_path / "crops").iterdir()}
     (tmp_path / "crops" / "face0.png").write_bytes(b"the user's own picture")
     before["face0.png"] = b"the user's own picture"
-    rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *common])
+    rc = main(["ask", str(photos["t1"]), "Age?", "--save-crops", str(tmp_path / "crops"), *bundle_args])
     err = capsys.readouterr().err
     assert rc == 4 and err.count("\n") == 1 and "face0.png already exists; choose an empty folder" in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "crops").iterdir()} == before
 
 
-def test_ask_no_face_is_a_record(photos, common, capsys):
-    rc = main(["ask", str(photos["blank"]), "Age?", "--json", *common])
+@pytest.mark.slow  # tiny_bundle
+def test_ask_no_face_is_a_record(photos, bundle_args, capsys):
+    rc = main(["ask", str(photos["blank"]), "Age?", "--json", *bundle_args])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["faces"] == [] and out["no_face"] is True
-    rc = main(["ask", str(photos["blank"]), "Age?", *common])
+    rc = main(["ask", str(photos["blank"]), "Age?", *bundle_args])
     assert rc == 0 and "no face found" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["ask", "{empty}", "Age?"], 3, "cannot decode image"),
-        (["ask", "{missing}", "Age?"], 3, "image not found"),
-        (["ask", "{astronaut}", "Age?", "--detector", "haar"], 2,
-         "unknown detector 'haar'; choose one of: scrfd, yunet"),
+        pytest.param(["ask", "{empty}", "Age?"], 3, "cannot decode image", marks=pytest.mark.slow),
+        pytest.param(["ask", "{missing}", "Age?"], 3, "image not found", marks=pytest.mark.slow),
+        pytest.param(["ask", "{astronaut}", "Age?", "--detector", "haar"], 2,
+                     "unknown detector 'haar'; choose one of: scrfd, yunet", marks=pytest.mark.slow),
         (["ask", "{astronaut}", "Age?", "--bundle", "{nobundle}"], 3, "bundle not found"),
-        (["ask", "{astronaut}", "Age?", "--detector", "scrfd", "--detector-model", "{missing}"], 3,
-         "SCRFD model not found"),
-        (["run", "--camera", "9", "--question", "Age?", "--no-display"], 3, "cannot open camera 9"),
-        (["run", "--question", "Age?"], 2, "exactly one of --source"),
+        pytest.param(["ask", "{astronaut}", "Age?", "--detector", "scrfd", "--detector-model", "{missing}"], 3,
+                     "SCRFD model not found", marks=pytest.mark.slow),
+        pytest.param(["run", "--camera", "9", "--question", "Age?", "--no-display"], 3, "cannot open camera 9",
+                     marks=pytest.mark.slow),
+        pytest.param(["run", "--question", "Age?"], 2, "exactly one of --source", marks=pytest.mark.slow),
     ],
 )
-def test_errors_are_one_line(photos, tiny_bundle, yunet_model, tmp_path, capsys, args, code, message):
+def test_errors_are_one_line(photos, yunet_model, tmp_path, capsys, no_camera, request, args, code, message):
+    """Slow: the cases on the exported tiny bundle (exported only when a case uses it). No camera opens: camera 9
+    is asked for and is not there, whatever this machine has."""
     subst = {"{empty}": str(photos["empty"]), "{missing}": str(tmp_path / "missing.onnx"),
              "{astronaut}": str(photos["astronaut"]), "{nobundle}": str(tmp_path / "nobundle")}
     argv = [subst.get(a, a) for a in args]
     if "--bundle" not in argv:
-        argv += ["--bundle", str(tiny_bundle)]
+        argv += ["--bundle", str(request.getfixturevalue("tiny_bundle"))]
     if "--detector-model" not in argv:
         argv += ["--detector-model", str(yunet_model)]
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == code, err
     assert err.startswith("error: ") and message in err and "\n" not in err
+    assert no_camera.opened == ([9] if "--camera" in args else [])
 
 
-def test_run_headless_on_image_folder(photos, common, capsys, tmp_path):
+@pytest.mark.slow  # tiny_bundle
+def test_run_headless_on_image_folder(photos, bundle_args, capsys, tmp_path):
     d = tmp_path / "frames"
     d.mkdir()
     for name in ("astronaut", "t1"):
         (d / photos[name].name).write_bytes(photos[name].read_bytes())
     jsonl = tmp_path / "out.jsonl"
-    rc = main(["run", "--source", str(d), "--question", "Age?", "--no-display", "--jsonl", str(jsonl), *common])
+    rc = main(["run", "--source", str(d), "--question", "Age?", "--no-display", "--jsonl", str(jsonl), *bundle_args])
     assert rc == 0, capsys.readouterr().err
     recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(recs) == 7 and len({r["track_id"] for r in recs}) == 7
@@ -141,6 +131,7 @@ def test_hub_bundle_id_offline(photos, yunet_model, tmp_path):
     assert "neither a local folder nor a downloadable hub repo" in r.stderr
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_ask_with_json_schema_gives_valid_json(photos, tiny_bundle, yunet_model, tmp_path, capsys):
     """`--schema` constrains the (random tiny) model's answer to the schema through a llama.cpp grammar."""
     schema = tmp_path / "attributes.json"
@@ -196,6 +187,7 @@ def test_ask_and_run_share_one_option_set_with_the_configs_defaults():
     assert [ask[n].opts for n in ("ctx", "threads", "max_faces")] == [["--ctx"], ["--threads"], ["--max-faces"]]
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_the_options_reach_the_runtime_config(photos, tiny_bundle, yunet_model, monkeypatch, capsys):
     """Each shared option sets its stage's field; run adds the live thread policy (threads left unset -> 1)."""
     from facellm_edge.runtime.pipeline import FaceLLM

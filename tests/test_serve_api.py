@@ -27,35 +27,21 @@ from fastapi.testclient import TestClient
 from facellm_edge.errors import UsageError
 from facellm_edge.serve.app import create_app
 from facellm_edge.serve.config import ServeConfig
-from test_serve_live import load_live_model, serving
 
 QUESTION = "How old is this person?"
 MAX_TOKENS = 3
 
 
-def png(image: np.ndarray) -> bytes:
-    """Lossless: the server decodes the very pixels an in-process call gets."""
-    ok, data = cv2.imencode(".png", image)
-    assert ok
-    return data.tobytes()
+@pytest.fixture()
+def served(serving):
+    """``with served(model, **serve_config) as (base URL, server state):`` a real uvicorn server for ``model``."""
+    @contextmanager
+    def run(model, **config) -> Iterator[tuple[str, object]]:
+        app = create_app(model, ServeConfig(**config))
+        with serving(app) as url:
+            yield url, app.state.serve
 
-
-def data_url(image: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle, yunet_model):
-    with load_live_model(tiny_bundle, yunet_model, max_tokens=MAX_TOKENS) as m:
-        yield m
-
-
-@contextmanager
-def served(model, **config) -> Iterator[tuple[str, object]]:
-    """(base URL, server state) of a real uvicorn server for ``model``."""
-    app = create_app(model, ServeConfig(**config))
-    with serving(app) as url:
-        yield url, app.state.serve
+    return run
 
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -70,9 +56,9 @@ def _error(r: httpx.Response, status: int) -> dict:
 
 
 @pytest.mark.slow  # tiny_bundle
-def test_faces_api_answers_follow_ups_and_deletes(model, astronaut_bgr):
-    expected = model.ask(astronaut_bgr, QUESTION)
-    with TestClient(create_app(model, ServeConfig())) as c:
+def test_faces_api_answers_follow_ups_and_deletes(live_model, astronaut_bgr, png, data_url):
+    expected = live_model.ask(astronaut_bgr, QUESTION)
+    with TestClient(create_app(live_model, ServeConfig())) as c:
         r = c.post("/v1/faces", files={"image": ("me.png", png(astronaut_bgr), "image/png")},
                    data={"question": QUESTION})
         assert r.status_code == 200, r.text
@@ -110,9 +96,9 @@ def test_faces_api_answers_follow_ups_and_deletes(model, astronaut_bgr):
 
 
 @pytest.mark.slow  # tiny_bundle
-def test_sessions_expire_by_ttl_and_lru_with_a_clear_404(model, astronaut_bgr):
+def test_sessions_expire_by_ttl_and_lru_with_a_clear_404(live_model, astronaut_bgr, png):
     photo = base64.b64encode(png(astronaut_bgr)).decode()
-    with TestClient(create_app(model, ServeConfig(session_ttl_s=1.0, max_sessions=1))) as c:
+    with TestClient(create_app(live_model, ServeConfig(session_ttl_s=1.0, max_sessions=1))) as c:
         first = c.post("/v1/faces", json={"image": photo, "question": QUESTION, "max_tokens": 1}).json()
         second = c.post("/v1/faces", json={"image": photo, "question": QUESTION, "max_tokens": 1}).json()
         old, new = first["faces"][0]["session"], second["faces"][0]["session"]
@@ -124,9 +110,9 @@ def test_sessions_expire_by_ttl_and_lru_with_a_clear_404(model, astronaut_bgr):
         assert "expired after 1 s without use" in err["message"]
         state = c.app.state.serve
         deadline = time.monotonic() + 5
-        while model.generator.has(new) and time.monotonic() < deadline:  # the closer freed its KV cells
+        while live_model.generator.has(new) and time.monotonic() < deadline:  # the closer freed its cells
             time.sleep(0.05)
-        assert not model.generator.has(new) and len(state.store) == 0
+        assert not live_model.generator.has(new) and len(state.store) == 0
 
 
 # -- junk never makes a 500 -----------------------------------------------------------------------------------
@@ -143,7 +129,7 @@ def _img(url: str) -> dict:
 
 
 @pytest.mark.slow  # tiny_bundle
-def test_junk_input_gets_a_4xx_in_openai_error_shape(model, astronaut_bgr):
+def test_junk_input_gets_a_4xx_in_openai_error_shape(live_model, astronaut_bgr, data_url):
     good = data_url(astronaut_bgr)
     png = cv2.imencode(".png", astronaut_bgr)[1].tobytes()
     truncated = "data:image/png;base64," + base64.b64encode(png[: len(png) // 3]).decode()
@@ -192,7 +178,7 @@ def test_junk_input_gets_a_4xx_in_openai_error_shape(model, astronaut_bgr):
         ("longer than the context", _chat([{"type": "text", "text": "age " * 5000}, _img(good)]), 400,
          "context_length_exceeded"),
     ]
-    with TestClient(create_app(model, ServeConfig()), raise_server_exceptions=False) as c:
+    with TestClient(create_app(live_model, ServeConfig()), raise_server_exceptions=False) as c:
         for name, body, status, code in cases:
             r = c.post("/v1/chat/completions", content=body if isinstance(body, bytes) else json.dumps(body),
                        headers={"content-type": "application/json"})
@@ -217,8 +203,8 @@ def test_junk_input_gets_a_4xx_in_openai_error_shape(model, astronaut_bgr):
 
 
 @pytest.mark.slow  # tiny_bundle
-def test_body_limits_from_content_length_and_from_the_bytes_sent(model):
-    with served(model, max_body_bytes=100_000) as (url, _):
+def test_body_limits_from_content_length_and_from_the_bytes_sent(live_model, served):
+    with served(live_model, max_body_bytes=100_000) as (url, _):
         big = json.dumps(_chat([_img("data:image/png;base64," + "A" * 200_000)])).encode()
         err = _error(httpx.post(f"{url}/v1/chat/completions", content=big,
                                 headers={"content-type": "application/json"}), 413)
@@ -237,33 +223,13 @@ def test_body_limits_from_content_length_and_from_the_bytes_sent(model):
 # -- operating it: back-pressure, timeouts, disconnects ---------------------------------------------------------
 
 
-@contextmanager
-def model_held(model, astronaut_bgr) -> Iterator[None]:
-    """The model busy with another caller (an in-process stream holds the generator until closed), as the live
-    loop's answers hold it."""
-    (session,) = model.open_faces(astronaut_bgr)
-    stream = session.stream(QUESTION, max_tokens=50)
-    next(stream)
-    try:
-        yield
-    finally:
-        stream.close()
-        session.close()
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow  # tiny_bundle
-def test_full_queue_answers_503_with_retry_after_and_waiting_requests_time_out(model, astronaut_bgr):
+def test_full_queue_answers_503_with_retry_after_and_waiting_requests_time_out(live_model, astronaut_bgr, png, served,
+                                                                               model_held, wait_until):
     body = {"image": base64.b64encode(png(astronaut_bgr)).decode(), "question": QUESTION, "max_tokens": 1}
-    with served(model, max_queue=0) as (url, state):
+    with served(live_model, max_queue=0) as (url, state):
         results: list[httpx.Response] = []
-        with model_held(model, astronaut_bgr):
+        with model_held(live_model, astronaut_bgr):
             first = threading.Thread(target=lambda: results.append(httpx.post(f"{url}/v1/faces", json=body,
                                                                                timeout=30)))
             first.start()
@@ -274,8 +240,8 @@ def test_full_queue_answers_503_with_retry_after_and_waiting_requests_time_out(m
             assert 'facellm_http_requests_total{route="/v1/faces",status="503"} 1.0' in httpx.get(f"{url}/metrics").text
         first.join(30)
         assert results[0].status_code == 200  # served once the model was free
-    with served(model, max_queue=1, request_timeout_s=1.0) as (url, state):
-        with model_held(model, astronaut_bgr):
+    with served(live_model, max_queue=1, request_timeout_s=1.0) as (url, state):
+        with model_held(live_model, astronaut_bgr):
             out: dict[str, httpx.Response] = {}
             running = threading.Thread(target=lambda: out.update(a=httpx.post(f"{url}/v1/faces", json=body)))
             running.start()
@@ -288,9 +254,9 @@ def test_full_queue_answers_503_with_retry_after_and_waiting_requests_time_out(m
 
 
 @pytest.mark.slow  # tiny_bundle
-def test_client_disconnect_mid_stream_cancels_the_generation(model, astronaut_bgr):
+def test_client_disconnect_mid_stream_cancels_the_generation(live_model, astronaut_bgr, data_url, served, wait_until):
     body = _chat([{"type": "text", "text": QUESTION}, _img(data_url(astronaut_bgr))], stream=True, max_tokens=2000)
-    with served(model) as (url, state):
+    with served(live_model) as (url, state):
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
             opened = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
@@ -309,8 +275,8 @@ def test_client_disconnect_mid_stream_cancels_the_generation(model, astronaut_bg
 
 
 @pytest.mark.slow  # tiny_bundle
-def test_api_key_cors_health_and_metrics(model):
-    with TestClient(create_app(model, ServeConfig(api_key="s3cret", cors_origins=("http://kiosk:3000",)))) as c:
+def test_api_key_cors_health_and_metrics(live_model):
+    with TestClient(create_app(live_model, ServeConfig(api_key="s3cret", cors_origins=("http://kiosk:3000",)))) as c:
         assert c.get("/health").json()["status"] == "ok"  # open: for supervisors and load balancers
         err = _error(c.get("/v1/models"), 401)
         assert "missing API key" in err["message"]
@@ -328,7 +294,7 @@ def test_api_key_cors_health_and_metrics(model):
         assert pre.headers["access-control-allow-origin"] == "http://kiosk:3000"
         other = c.get("/health", headers={"Origin": "http://evil:1"})
         assert "access-control-allow-origin" not in other.headers
-    with TestClient(create_app(model, ServeConfig())) as c:  # CORS off by default
+    with TestClient(create_app(live_model, ServeConfig())) as c:  # CORS off by default
         r = c.get("/v1/models", headers={"Origin": "http://kiosk:3000"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert c.app.state.serve.ready is False  # the lifespan ended: /health would say 503
@@ -406,7 +372,7 @@ def test_runner_bounds_the_queue_cancels_abandoned_streams_and_times_out():
     asyncio.run(main())
 
 
-def test_chat_messages_make_one_image_the_turns_and_the_question(astronaut_bgr):
+def test_chat_messages_make_one_image_the_turns_and_the_question(astronaut_bgr, png, data_url):
     from facellm_edge.serve.errors import APIError
     from facellm_edge.serve.openai_schema import ChatRequest, conversation
 
@@ -435,7 +401,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # tiny_bundle, a server process
-def test_cli_serves_until_sigterm_then_exits_0(tiny_bundle, yunet_model, astronaut_bgr):
+def test_cli_serves_until_sigterm_then_exits_0(tiny_bundle, yunet_model, astronaut_bgr, png):
     exe = Path(sys.executable).with_name("facellm-edge")
     bad = subprocess.run([str(exe), "serve", "--host", "0.0.0.0", "--bundle", str(tiny_bundle)],
                          capture_output=True, text=True, timeout=60)

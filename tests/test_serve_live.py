@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import cv2
@@ -21,54 +18,6 @@ import pytest
 from facellm_edge.serve import streams
 from facellm_edge.serve.pushed import PushedSource
 from facellm_edge.serve.streams import LiveFeed
-from test_live import _fit
-
-# -- shared with tests/test_serve_page.py ----------------------------------------------------------------------
-
-
-def write_photo_video(path: Path, images: list[np.ndarray], frames_each: int, fps: float = 10.0) -> Path:
-    """A 640x480 mp4v clip: each photo letterboxed, ``frames_each`` frames with a 1-px drift (boxes move a bit)."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (640, 480))
-    assert writer.isOpened()
-    for image in images:
-        base = _fit(image)
-        for i in range(frames_each):
-            writer.write(np.roll(base, i, axis=1))
-    writer.release()
-    return path
-
-
-def load_live_model(bundle: Path, detector: Path, max_tokens: int):
-    """The tiny bundle with the live thread policy (1 llama.cpp thread, 1 detector thread)."""
-    from facellm_edge.runtime.config import DetectorConfig, EngineConfig, GenerationConfig, RuntimeConfig
-    from facellm_edge.runtime.pipeline import FaceLLM
-
-    cfg = RuntimeConfig(detector=DetectorConfig(model_path=detector), engine=EngineConfig(quant="f32"),
-                        generation=GenerationConfig(max_tokens=max_tokens)).for_live()
-    return FaceLLM.load(bundle, cfg)
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL; stops it after."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def sse(response: httpx.Response) -> Iterator[tuple[int, str, dict]]:
@@ -106,18 +55,6 @@ def mjpeg_frames(response: httpx.Response, count: int) -> list[np.ndarray]:
         if len(frames) >= count:
             return frames
     return frames
-
-
-def live_app(model, source, **config):
-    """The server's app (the real create_app) with a live service on ``source``; (app, live service)."""
-    from facellm_edge.serve.app import create_app
-    from facellm_edge.serve.config import ServeConfig
-    from facellm_edge.serve.live import LiveService
-    from facellm_edge.serve.metrics import Metrics
-
-    cfg = ServeConfig(**config)
-    live = LiveService(model, cfg, Metrics(), source)
-    return create_app(model, cfg, live), live
 
 
 # -- no model --------------------------------------------------------------------------------------------------
@@ -224,19 +161,11 @@ def test_frame_hub_encodes_each_frame_once_and_wakes_waiters():
 # -- a real server ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model(tiny_bundle, yunet_model):
-    m = load_live_model(tiny_bundle, yunet_model, max_tokens=3)
-    yield m
-    m.close()
-
-
 @pytest.mark.slow
-def test_video_source_events_frames_and_question(model, astronaut_bgr, t1_bgr, tmp_path):
+def test_video_source_events_frames_and_question(live_model, photo_video, live_app, serving):
     from facellm_edge.runtime.live.sources import open_source
 
-    video = write_photo_video(tmp_path / "photos.mp4", [astronaut_bgr, t1_bgr], frames_each=6)
-    app, live = live_app(model, open_source(str(video)), question="How old is this person?")
+    app, live = live_app(live_model, open_source(str(photo_video)), question="How old is this person?")
     with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
         # Last-Event-ID 0: every event since the start, whenever this client connects
         with client.stream("GET", "/v1/live/events", headers={"Last-Event-ID": "0"}) as r:
@@ -277,14 +206,14 @@ def test_video_source_events_frames_and_question(model, astronaut_bgr, t1_bgr, t
         refused = client.post("/v1/live/frames", content=b"\xff\xd8", headers={"Content-Type": "image/jpeg"})
         assert refused.status_code == 409 and "--source browser" in refused.json()["error"]["message"]
         assert client.get("/v1/live/status").json()["running"] is False
-    assert model.generator.n_cached == 0  # every track's session closed
+    assert live_model.generator.n_cached == 0  # every track's session closed
 
 
 @pytest.mark.slow
-def test_browser_source_answers_follow_ups_and_updates_metrics(model, astronaut_bgr):
+def test_browser_source_answers_follow_ups_and_updates_metrics(live_model, astronaut_bgr, letterbox, live_app, serving):
     source = PushedSource()
-    app, live = live_app(model, source, question="Age?", max_body_bytes=200_000)
-    jpeg = cv2.imencode(".jpg", _fit(astronaut_bgr))[1].tobytes()
+    app, live = live_app(live_model, source, question="Age?", max_body_bytes=200_000)
+    jpeg = cv2.imencode(".jpg", letterbox(astronaut_bgr))[1].tobytes()
     stop = threading.Event()
 
     with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
@@ -328,7 +257,7 @@ def test_browser_source_answers_follow_ups_and_updates_metrics(model, astronaut_
 
 
 @pytest.mark.slow
-def test_a_failing_source_is_reported_not_fatal(model, tmp_path):
+def test_a_failing_source_is_reported_not_fatal(live_model, tmp_path):
     from facellm_edge.runtime.live.sources import open_source
     from facellm_edge.serve.config import ServeConfig
     from facellm_edge.serve.live import LiveService
@@ -336,7 +265,7 @@ def test_a_failing_source_is_reported_not_fatal(model, tmp_path):
 
     for name in ("a.jpg", "b.png"):
         (tmp_path / name).write_bytes(b"not an image")
-    live = LiveService(model, ServeConfig(), Metrics(), open_source(str(tmp_path)))
+    live = LiveService(live_model, ServeConfig(), Metrics(), open_source(str(tmp_path)))
     live.start()
     live.stop()  # joins the loop, which has failed on its own
     status = live.status()

@@ -15,17 +15,15 @@ import pytest
 
 from facellm_edge.serve.app import create_app
 from facellm_edge.serve.config import ServeConfig
-from test_serve_api import QUESTION, wait_until, data_url, model, model_held  # noqa: F401 - model: the fixture
-from test_serve_live import serving
-
+QUESTION = "How old is this person?"
 FOLLOW_UP = "And what is their expression?"
 
 pytestmark = pytest.mark.slow  # tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def server(model):  # noqa: F811
-    app = create_app(model, ServeConfig(max_body_bytes=6_000_000))
+def server(live_model, serving):
+    app = create_app(live_model, ServeConfig(max_body_bytes=6_000_000))
     with serving(app) as url:
         yield url, app.state.serve
 
@@ -35,14 +33,19 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def _user(image: np.ndarray, text: str = QUESTION) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": text},
-                                        {"type": "image_url", "image_url": {"url": data_url(image)}}]}
+@pytest.fixture(scope="module")
+def user(data_url):
+    """``user(image, text=QUESTION)``: a user message with the question and the image as a data URL."""
+    def message(image: np.ndarray, text: str = QUESTION) -> dict:
+        return {"role": "user", "content": [{"type": "text", "text": text},
+                                            {"type": "image_url", "image_url": {"url": data_url(image)}}]}
+
+    return message
 
 
-def test_answer_and_stream_equal_the_in_process_answer(client, model, astronaut_bgr):  # noqa: F811
-    (expected,) = model.ask(astronaut_bgr, QUESTION)
-    resp = client.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)], temperature=0)
+def test_answer_and_stream_equal_the_in_process_answer(client, live_model, astronaut_bgr, user):
+    (expected,) = live_model.ask(astronaut_bgr, QUESTION)
+    resp = client.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)], temperature=0)
     (choice,) = resp.choices
     assert choice.message.role == "assistant" and choice.message.content == expected.text
     assert choice.finish_reason == "length"  # the tiny model never stops before max_tokens
@@ -51,9 +54,9 @@ def test_answer_and_stream_equal_the_in_process_answer(client, model, astronaut_
     assert resp.model_extra["no_face"] is False and resp.model_extra["faces"] == [face]
     assert resp.usage.completion_tokens == len(expected.token_ids)
     rows = expected.session.face.embeds.shape[0]
-    assert resp.usage.prompt_tokens == len(model.generator.prompt_tokens([rows], QUESTION))  # the whole first turn
+    assert resp.usage.prompt_tokens == len(live_model.generator.prompt_tokens([rows], QUESTION))  # the whole first turn
 
-    stream = client.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)], stream=True,
+    stream = client.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)], stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -63,11 +66,11 @@ def test_answer_and_stream_equal_the_in_process_answer(client, model, astronaut_
     assert finished == ["length"] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
 
 
-def test_follow_up_continues_the_cached_session(client, server, model, astronaut_bgr):  # noqa: F811
-    (expected,) = model.ask(astronaut_bgr, QUESTION)
+def test_follow_up_continues_the_cached_session(client, server, live_model, astronaut_bgr, user):
+    (expected,) = live_model.ask(astronaut_bgr, QUESTION)
     expected_follow = expected.session.ask(FOLLOW_UP).text
-    first = client.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)])
-    history = [_user(astronaut_bgr), {"role": "assistant", "content": first.choices[0].message.content},
+    first = client.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)])
+    history = [user(astronaut_bgr), {"role": "assistant", "content": first.choices[0].message.content},
                {"role": "user", "content": FOLLOW_UP}]
     follow = client.chat.completions.create(model="facellm-edge", messages=history)
     face = follow.choices[0].model_extra["face"]
@@ -81,9 +84,9 @@ def test_follow_up_continues_the_cached_session(client, server, model, astronaut
     assert reset["continued"] is False and reset["context_reset"] is True  # a new conversation, said so
 
 
-def test_face_all_gives_one_choice_per_face(client, model, t1_bgr):  # noqa: F811
-    expected = model.ask(t1_bgr, QUESTION, max_tokens=2)
-    resp = client.chat.completions.create(model="facellm-edge", messages=[_user(t1_bgr)], max_tokens=2,
+def test_face_all_gives_one_choice_per_face(client, live_model, t1_bgr, user):
+    expected = live_model.ask(t1_bgr, QUESTION, max_tokens=2)
+    resp = client.chat.completions.create(model="facellm-edge", messages=[user(t1_bgr)], max_tokens=2,
                                           extra_body={"face": "all"})
     assert len(resp.choices) == len(expected) == 6
     for i, (choice, ans) in enumerate(zip(resp.choices, expected)):
@@ -92,40 +95,40 @@ def test_face_all_gives_one_choice_per_face(client, model, t1_bgr):  # noqa: F81
         assert choice.message.content == ans.text
     assert resp.model_extra["faces"] == [c.model_extra["face"] for c in resp.choices]
     largest = max(expected, key=lambda a: (a.box[2] - a.box[0]) * (a.box[3] - a.box[1]))
-    by_default = client.chat.completions.create(model="facellm-edge", messages=[_user(t1_bgr)], max_tokens=1)
+    by_default = client.chat.completions.create(model="facellm-edge", messages=[user(t1_bgr)], max_tokens=1)
     assert by_default.choices[0].model_extra["face"]["face"] == largest.index
-    second = client.chat.completions.create(model="facellm-edge", messages=[_user(t1_bgr)], max_tokens=1,
+    second = client.chat.completions.create(model="facellm-edge", messages=[user(t1_bgr)], max_tokens=1,
                                             extra_body={"face": 1})
     assert second.choices[0].model_extra["face"]["box"] == expected[1].to_dict()["box"]
 
 
-def test_json_schema_and_stop_strings(client, astronaut_bgr):
+def test_json_schema_and_stop_strings(client, astronaut_bgr, user):
     schema = {"type": "object", "properties": {"smiling": {"type": "boolean"}}, "required": ["smiling"],
               "additionalProperties": False}
     resp = client.chat.completions.create(
-        model="facellm-edge", messages=[_user(astronaut_bgr, "Is this person smiling?")], max_tokens=48,
+        model="facellm-edge", messages=[user(astronaut_bgr, "Is this person smiling?")], max_tokens=48,
         response_format={"type": "json_schema", "json_schema": {"name": "smile", "schema": schema}})
     answer = json.loads(resp.choices[0].message.content)
     assert set(answer) == {"smiling"} and isinstance(answer["smiling"], bool)
-    resp = client.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)], max_tokens=8,
+    resp = client.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)], max_tokens=8,
                                           response_format={"type": "json_object"})
     assert resp.choices[0].message.content.startswith("{")  # the random model writes one endless key: cut at 8
 
-    full = client.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)], max_tokens=6)
+    full = client.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)], max_tokens=6)
     text = full.choices[0].message.content
     cut = text[len(text) // 2:len(text) // 2 + 2]  # a stop string from the middle of the greedy answer
-    resp = client.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)], max_tokens=6,
+    resp = client.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)], max_tokens=6,
                                           stop=[cut])
     assert resp.choices[0].message.content == text[:text.index(cut)]
     assert resp.choices[0].finish_reason == "stop" and resp.usage.completion_tokens >= 1
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="facellm-edge", messages=[_user(astronaut_bgr)], max_tokens=6, stop=cut, stream=True) if c.choices)
+        model="facellm-edge", messages=[user(astronaut_bgr)], max_tokens=6, stop=cut, stream=True) if c.choices)
     assert streamed == text[:text.index(cut)]
 
 
-def test_no_face_and_errors_in_openai_shape(client, server):
+def test_no_face_and_errors_in_openai_shape(client, server, user):
     blank = np.full((240, 320, 3), 127, np.uint8)
-    resp = client.chat.completions.create(model="facellm-edge", messages=[_user(blank)])
+    resp = client.chat.completions.create(model="facellm-edge", messages=[user(blank)])
     assert resp.model_extra["no_face"] is True and resp.model_extra["faces"] == []
     assert "No face" in resp.choices[0].message.content and resp.usage.total_tokens == 0
 
@@ -151,8 +154,8 @@ def test_no_face_and_errors_in_openai_shape(client, server):
     assert [m.id for m in client.models.list()] == ["facellm-edge"]
 
 
-def test_api_key_and_busy_as_openai_exceptions(model, astronaut_bgr):  # noqa: F811
-    app = create_app(model, ServeConfig(api_key="right", max_queue=0))
+def test_api_key_and_busy_as_openai_exceptions(live_model, astronaut_bgr, user, serving, model_held, wait_until):
+    app = create_app(live_model, ServeConfig(api_key="right", max_queue=0))
     with serving(app) as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
@@ -162,14 +165,14 @@ def test_api_key_and_busy_as_openai_exceptions(model, astronaut_bgr):  # noqa: F
 
         def stream() -> None:  # admitted, then waits for the model (the headers come with its first event)
             got.extend(c.choices[0].delta.content or "" for c in keyed.chat.completions.create(
-                model="facellm-edge", messages=[_user(astronaut_bgr)], stream=True) if c.choices)
+                model="facellm-edge", messages=[user(astronaut_bgr)], stream=True) if c.choices)
 
-        with model_held(model, astronaut_bgr):
+        with model_held(live_model, astronaut_bgr):
             waiting = threading.Thread(target=stream)
             waiting.start()
             wait_until(lambda: app.state.serve.runner.busy == 1)
             with pytest.raises(openai.InternalServerError) as info:
-                keyed.chat.completions.create(model="facellm-edge", messages=[_user(astronaut_bgr)])
+                keyed.chat.completions.create(model="facellm-edge", messages=[user(astronaut_bgr)])
             assert info.value.status_code == 503 and int(info.value.response.headers["retry-after"]) >= 1
             assert info.value.body["code"] == "server_busy"
         waiting.join(60)

@@ -24,11 +24,9 @@ import httpx
 import numpy as np
 import pytest
 
-from test_live import _fit
-from test_serve_live import live_app, load_live_model, serving, write_photo_video
-
 CHROMIUM = os.environ.get("FACELLM_CHROMIUM", "/usr/bin/chromium")
 SCREENS = {"1080p": (1920, 1080), "7inch": (800, 480)}
+MAX_TOKENS = 8  # the answers of conftest's live_model: long enough for a card to show text
 
 
 def _browser_or_skip() -> str:
@@ -45,8 +43,10 @@ def _browser_or_skip() -> str:
 
 
 def write_y4m(path: Path, image: np.ndarray, frames: int = 10) -> Path:
-    """A 640x480 YUV4MPEG2 (4:2:0) clip of one still photo, for Chromium's fake camera (it loops the file)."""
-    i420 = cv2.cvtColor(_fit(image), cv2.COLOR_BGR2YUV_I420).tobytes()
+    """A 640x480 YUV4MPEG2 (4:2:0) clip of one still 640x480 image, for Chromium's fake camera (it loops the
+    file)."""
+    assert image.shape == (480, 640, 3)
+    i420 = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420).tobytes()
     with open(path, "wb") as f:
         f.write(b"YUV4MPEG2 W640 H480 F10:1 Ip A1:1 C420jpeg\n")
         for _ in range(frames):
@@ -71,30 +71,22 @@ def _cards(page) -> dict[str, str]:
         "c.querySelector('.a').textContent]))")
 
 
-@pytest.fixture(scope="module")
-def model(tiny_bundle, yunet_model):
-    m = load_live_model(tiny_bundle, yunet_model, max_tokens=8)
-    yield m
-    m.close()
-
-
 @pytest.mark.slow
-def test_kiosk_page_in_chromium(model, astronaut_bgr, t1_bgr, tmp_path):
+def test_kiosk_page_in_chromium(live_model, astronaut_bgr, photo_video, letterbox, live_app, serving, tmp_path):
     executable = _browser_or_skip()
     from playwright.sync_api import sync_playwright
 
     from facellm_edge.runtime.live.sources import open_source
     from facellm_edge.serve.pushed import PushedSource
 
-    video = write_photo_video(tmp_path / "photos.mp4", [astronaut_bgr, t1_bgr], frames_each=6)
-    clip = write_y4m(tmp_path / "astronaut.y4m", astronaut_bgr)
+    clip = write_y4m(tmp_path / "astronaut.y4m", letterbox(astronaut_bgr))
     args = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
             f"--use-file-for-fake-video-capture={clip}"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=args)
         try:
             # 1. a video source: a card per person with its answer; the question box
-            app, _ = live_app(model, open_source(str(video)), question="How old is this person?")
+            app, _ = live_app(live_model, open_source(str(photo_video)), question="How old is this person?")
             with serving(app) as base:
                 page = browser.new_page(viewport={"width": 1920, "height": 1080})
                 watch = PageWatch(page, base)
@@ -126,7 +118,7 @@ def test_kiosk_page_in_chromium(model, astronaut_bgr, t1_bgr, tmp_path):
 
             # 2. the browser's own camera: frames from Chromium's fake camera, answered about the astronaut
             source = PushedSource()
-            app, _ = live_app(model, source, question="Describe this person.")
+            app, _ = live_app(live_model, source, question="Describe this person.")
             with serving(app) as base:
                 context = browser.new_context(viewport={"width": 800, "height": 480}, permissions=["camera"])
                 page = context.new_page()
@@ -150,7 +142,7 @@ def test_kiosk_page_in_chromium(model, astronaut_bgr, t1_bgr, tmp_path):
             from facellm_edge.serve.app import create_app
             from facellm_edge.serve.config import ServeConfig
 
-            with serving(create_app(model, ServeConfig())) as base:
+            with serving(create_app(live_model, ServeConfig())) as base:
                 page = browser.new_page(viewport={"width": 800, "height": 480})
                 watch = PageWatch(page, base)
                 page.goto(base + "/", wait_until="load")
