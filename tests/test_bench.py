@@ -80,7 +80,9 @@ def test_edge_answer_is_the_real_pipeline(results):
                 assert st["ttft_cold_ms"][i] == pytest.approx(cold, abs=0.01)
                 assert st["end_to_end_ms"][i] == pytest.approx(
                     st["detect_ms"][i] + st["align_ms"][i] + cold + st["decode_ms"][i], abs=0.01)
-                assert st["ttft_ms"][i] >= st["question_prefill_ms"][i]  # + the first sample
+                # one measurement, not two speeds compared: both start at the question on one clock, and ttft ends
+                # at the first sample, which comes after the prefill (llm/generator.py)
+                assert st["ttft_ms"][i] >= st["question_prefill_ms"][i]
     naive = next(c for c in results["configs"] if c["kind"] == "naive")
     assert naive["prompt_tokens"] > 256  # one 448 px tile of the aligned face
 

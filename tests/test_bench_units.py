@@ -81,7 +81,7 @@ def test_isolated_run_measures_its_own_peak_not_the_parents(probe_module):
     r = run_isolated(f"{probe_module}:allocate", {"mb": 60}, timeout_s=120, label="probe")
     assert r["sum"] == 60 * 2**20 // 4096
     assert 60 <= r["memory"]["peak_rss_mb"] < 400
-    assert r["wall_s"] > 0
+    assert r["wall_s"] >= 0
     del parent_block
 
 
@@ -228,6 +228,7 @@ def test_clip_source_holds_before_the_measured_frames_and_times_them():
         ClipSource(frames, "five", measure_from=5)
 
 
+@pytest.mark.slow  # > 3 s: YuNet on every frame of two clips
 def test_busy_clip_brings_new_people_for_the_runtimes_tracker(tmp_path, t1_bgr, yunet_model):
     """Each segment of the busy clip is a new track for the live loop's IouTracker (the previous one ends); the
     idle clip keeps one track. The --video path reads the clip back through the runtime's VideoFile."""
@@ -288,7 +289,9 @@ def test_live_bench_on_a_video_runs_the_real_loop(tmp_path, tiny_bundle, t1_bgr,
     assert (r["width"], r["height"], r["source"]) == (480, 360, "video people.mp4")
     idle, busy = r["runs"]
     assert idle["clip"] == "the video's first frame, held" and idle["settled"] and idle["answers_in_loop"] == 0
-    assert busy["vlm_busy"] and busy["tracks"] >= 2 and busy["answers"] >= 1
+    # a file's clip: the loop waits for the worker at its end, so the person still in view is answered whatever the
+    # speed; people who left before the worker was free may be dropped (the newest job wins)
+    assert busy["vlm_busy"] and busy["tracks"] >= 2 and 1 <= busy["answers"] <= busy["tracks"]
     assert busy["frame_ms"]["n"] == idle["frame_ms"]["n"] == 30 and r["winner"] == busy["name"]
 
 
