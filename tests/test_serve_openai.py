@@ -10,11 +10,11 @@ import json
 import threading
 
 import numpy as np
-import openai
 import pytest
 
 from facellm_edge.serve.app import create_app
 from facellm_edge.serve.config import ServeConfig
+
 QUESTION = "How old is this person?"
 FOLLOW_UP = "And what is their expression?"
 
@@ -29,7 +29,11 @@ def server(live_model, serving):
 
 
 @pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
+def client(server):
+    """The official client on the server. (openai is imported in the tests, not at the top: the fast lane collects
+    this slow module without paying for that import.)"""
+    import openai
+
     return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -127,6 +131,8 @@ def test_json_schema_and_stop_strings(client, astronaut_bgr, user):
 
 
 def test_no_face_and_errors_in_openai_shape(client, server, user):
+    import openai
+
     blank = np.full((240, 320, 3), 127, np.uint8)
     resp = client.chat.completions.create(model="facellm-edge", messages=[user(blank)])
     assert resp.model_extra["no_face"] is True and resp.model_extra["faces"] == []
@@ -155,6 +161,8 @@ def test_no_face_and_errors_in_openai_shape(client, server, user):
 
 
 def test_api_key_and_busy_as_openai_exceptions(live_model, astronaut_bgr, user, serving, model_held, wait_until):
+    import openai
+
     app = create_app(live_model, ServeConfig(api_key="right", max_queue=0))
     with serving(app) as url:
         with pytest.raises(openai.AuthenticationError):
