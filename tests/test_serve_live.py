@@ -112,12 +112,11 @@ def test_feed_replays_missed_events_and_a_slow_client_gets_a_snapshot(monkeypatc
         resumed = feed.stream(last_event_id=1)
         first = await read(resumed, 1)
         assert first == [("token", {"track_id": 1, "question": "Age?", "text": "thir"})]
-        # a slow client: far more events than its queue holds, published without waiting for it
-        t0 = time.perf_counter()
+        # a slow client: far more events than its queue holds, published without waiting for it (publish runs on
+        # the loop's own thread here: had it waited for this reader, it would never return); counted, not timed
         for i in range(50):
             feed.publish("token", {"track_id": 1, "question": "Age?", "text": str(i)})
         feed.publish("answer", {"track_id": 1, "question": "Age?", "answer": "thirty", "box": [0, 0, 9, 9]})
-        assert time.perf_counter() - t0 < 1.0
         await asyncio.sleep(0.05)  # the fan-out runs on the loop: the queue takes 4, the rest is dropped
         assert [d["text"] for _, d in await read(resumed, 4)] == ["0", "1", "2", "3"] and feed.dropped == 47
         feed.publish("question", {"question": "Mood?"})
