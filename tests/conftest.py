@@ -441,3 +441,20 @@ def wait_until():
             time.sleep(0.02)
 
     return wait
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Offline hub and no socket at all: any network access fails the test."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: maybe done already
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

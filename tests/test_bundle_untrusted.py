@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -239,20 +238,6 @@ def test_unknown_manifest_keys_are_ignored(tmp_path):
 
 
 # -- --bundle: local paths never go to the hub ------------------------------------------------------------------
-
-@pytest.fixture
-def no_network(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: maybe done already
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
 
 def test_mistyped_local_bundle_path_is_not_sent_to_the_hub(tmp_path, monkeypatch, no_network, capsys, astronaut_bgr):
     import cv2
