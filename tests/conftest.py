@@ -338,37 +338,13 @@ def live_model(request, tiny_bundle, yunet_model):
         yield m
 
 
-@contextmanager
-def _serving(app) -> Iterator[str]:
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
-
-
 @pytest.fixture(scope="session")
 def serving():
     """``with serving(app) as base_url:`` runs ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread and stops
-    it after."""
-    return _serving
+    it after (the serve benchmark's own helper: one implementation)."""
+    from facellm_edge.bench.serve import serving
+
+    return serving
 
 
 @pytest.fixture(scope="session")

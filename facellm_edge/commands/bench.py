@@ -64,19 +64,35 @@ def bench_cmd(
     live_llama_threads: str = typer.Option(",".join(map(str, _LIVE.llama_threads)), "--live-llama-threads",
                                            help="llama.cpp thread counts to compare while the frame loop runs "
                                                 "(comma-separated)."),
+    serve: bool = typer.Option(False, "--serve", help="Benchmark `facellm-edge serve` instead, on one quant and "
+                               "vision: overhead vs in-process, 1/4/16 concurrent clients, frame-loop FPS while "
+                               "serving (uses --bundle/--synthetic, --quant, --vision, --image, --video, --runs, "
+                               "--warmup, --decode-tokens, --threads, --detector-model, --out, --force)."),
 ) -> None:
     """Measure detection, alignment, encode, image and question prefill, TTFT (cold/warm), decode and peak memory:
     edge path (ONNX Runtime + llama.cpp) per precision beside transformers. Writes results.json, results.md and
     stages.png."""
     from rich.console import Console
 
+    console = Console(stderr=True)
+    if serve:
+        from facellm_edge.bench.serve import ServeBenchConfig, run_serve_bench
+
+        result = run_serve_bench(ServeBenchConfig(
+            bundle=bundle, synthetic=synthetic.lower() if synthetic else None, tokenizer=tokenizer, out=out,
+            force=force, quant=quant, vision=vision, image=image, video=video, runs=runs, warmup=warmup,
+            decode_tokens=decode_tokens, threads=threads, detector_model=detector_model),
+            progress=lambda msg: console.print(f"[cyan]•[/] {msg}"))
+        console.print((result / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
+                      soft_wrap=True)
+        console.print(f"results written to [bold]{result}[/] (results.json, results.md)")
+        return
     if bundle is not None:  # a missing or damaged bundle fails before torch is imported or anything is measured
         from facellm_edge.bundle import load_bundle
 
         load_bundle(bundle, check_hashes=False)  # the run re-checks every hash
     from facellm_edge.bench.runner import run_bench
 
-    console = Console(stderr=True)
     cfg = BenchConfig(
         out=out, bundle=bundle, synthetic=synthetic.lower() if synthetic else None, tokenizer=tokenizer,
         checkpoint=checkpoint, quants=parse_csv(quant, "quant") if quant else None,
