@@ -7,6 +7,10 @@ largest face. Phases: **overhead** (in process vs through the server, interleave
 text / first content chunk), **load** (1, 4, 16 clients: requests/s, latency p50/p99, statuses), **live** (the
 model reloaded with ``serve --source``'s thread policy, the live service on :class:`PacedClip`, a camera stand-in:
 frame-loop FPS alone, then while clients are served). What each number is: ``benchmarks/README.md`` ("serve").
+
+Length (~450 lines): the three phases share the server, the clients and the result layout; split, each would need
+the others' helpers. ``serving()`` and :class:`PacedClip` are the parts that could move (to ``serve/app.py`` and
+``runtime/live/sources.py``) if another user appears.
 """
 
 from __future__ import annotations
