@@ -317,7 +317,8 @@ def test_dockerfile_rules(path):
     # non-root: the last USER of the runtime stage is the uid created there, after every RUN
     users = [i for i, (w, _) in enumerate(runtime) if w == "USER"]
     assert users and users[-1] > max(i for i, (w, _) in enumerate(runtime) if w == "RUN")
-    uid = runtime[users[-1]][1].split(":")[0]
+    uid = runtime[users[-1]][1]
+    assert ":" not in uid  # USER uid:gid would drop the supplementary groups (video) that USER uid keeps
     assert uid not in ("root", "0") and any(f"--uid {uid} " in r and "--groups video" in r for r in runs)
     last = {w: r for w, r in runtime}
     port = last["EXPOSE"]
