@@ -177,6 +177,7 @@ def test_ask_and_run_share_one_option_set_with_the_configs_defaults():
     assert ask["max_tokens"].default == GenerationConfig().max_tokens == 128
     assert run["max_tokens"].default == LIVE_MAX_TOKENS == 64
     expected = {"temperature": GenerationConfig().temperature, "ctx": EngineConfig().n_ctx,
+                "gpu_layers": EngineConfig().n_gpu_layers,
                 "quant": EngineConfig().quant, "threads": EngineConfig().n_threads,
                 "detector": DetectorConfig().name, "detector_model": DetectorConfig().model_path,
                 "max_faces": DetectorConfig().max_faces, "device": EncoderConfig().device,

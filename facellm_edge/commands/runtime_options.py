@@ -63,6 +63,7 @@ class RuntimeOptions:
     threads: int | None
     max_faces: int
     ctx: int
+    gpu_layers: int
     schema: Path | None
     max_pixels: int
     system: str | None
@@ -75,8 +76,8 @@ class RuntimeOptions:
         config = RuntimeConfig(
             detector=DetectorConfig(name=self.detector, model_path=self.detector_model, max_faces=self.max_faces),
             encoder=EncoderConfig(device=self.device, precision=self.precision),
-            engine=EngineConfig(quant=self.quant, n_ctx=self.ctx, n_threads=self.threads,
-                                n_threads_batch=self.threads),
+            engine=EngineConfig(quant=self.quant, n_ctx=self.ctx, n_gpu_layers=self.gpu_layers,
+                                n_threads=self.threads, n_threads_batch=self.threads),
             generation=GenerationConfig(max_tokens=self.max_tokens, temperature=self.temperature,
                                         grammar=_grammar(self.schema)),
             max_pixels=self.max_pixels,
@@ -239,6 +240,9 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
                ("Track at most N faces per frame" if live else "Answer about at most N faces") + " (0 = all).",
                min=0),
         option("ctx", int, _ENGINE.n_ctx, "--ctx", "LLM context size.", min=16),
+        option("gpu_layers", int, _ENGINE.n_gpu_layers, "--gpu-layers",
+               "LLM layers llama.cpp offloads to the GPU (needs a CUDA/Metal build of llama-cpp-python; 999 = all).",
+               min=0),
         option("schema", Optional[Path], None, "--schema", "JSON schema file: answers are constrained to match it."),
         option("max_pixels", int, DEFAULT_MAX_PIXELS, "--max-pixels",
                "Refuse image files larger than this many pixels, read from the file's header before decoding "
