@@ -251,6 +251,11 @@ class FrameHub:
     async def mjpeg(self) -> AsyncIterator[bytes]:
         """multipart/x-mixed-replace parts (boundary ``frame``), the newest frame each, at most MJPEG_MAX_FPS."""
         loop, last, sent_at = asyncio.get_running_loop(), 0, 0.0
+        # Each part is followed at once by the next boundary: a browser shows a part only when the boundary after it
+        # arrives, so a viewer of a source that has ended (or paused) still sees its last frame.
+        if self.closed:
+            return
+        yield b"--frame\r\n"
         while not self.closed:
             if not await self.wait_newer(last, HEARTBEAT_S) or self.closed:
                 continue
@@ -259,6 +264,6 @@ class FrameHub:
             if got is None or got[0] == last:
                 continue
             last, data, sent_at = got[0], got[1], loop.time()
-            yield b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(data), data)
+            yield b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n--frame\r\n" % (len(data), data)
 
 
