@@ -1,6 +1,6 @@
 """The ``Face`` record: one detected face, enriched by each runtime stage in turn.
 
-detect -> box, score, landmarks; track -> track_id; align -> crop; encode -> embeds; generate -> answer;
+detect -> box, score, landmarks; track -> track_id; align -> crop; encode -> embeds;
 every stage adds its wall time (milliseconds) to ``timings``.
 """
 
@@ -26,7 +26,6 @@ class Face:
     crop: np.ndarray | None = None  # aligned BGR crop the model sees
     track_id: int | None = None
     embeds: np.ndarray | None = None  # [num_image_tokens, llm_hidden]
-    answer: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from facellm_edge.runtime.detect import DetectorConfig, check_image, top_faces
 from facellm_edge.errors import InputError, RuntimeStageError
 from facellm_edge.runtime.faces import Face
-from facellm_edge.io import sha256_file, user_cache_dir  # noqa: F401  (user_cache_dir: old import path)
+from facellm_edge.io import sha256_file
 
 log = logging.getLogger(__name__)
 

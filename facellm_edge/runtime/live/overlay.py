@@ -102,7 +102,7 @@ def draw(frame: np.ndarray, faces: list[Face], answers: dict[int, str] | None = 
     out = frame.copy()
     answers = answers or {}
     for face in faces:
-        text = answers.get(face.track_id, face.answer) if face.track_id is not None else face.answer
+        text = answers.get(face.track_id, "")
         draw_face(out, face, text, style)
     if status:
         cv2.putText(out, status, (8, out.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1,
