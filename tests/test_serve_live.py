@@ -157,6 +157,32 @@ def test_frame_hub_encodes_each_frame_once_and_wakes_waiters():
     asyncio.run(main())
 
 
+def test_mjpeg_shows_the_last_frame_of_a_paused_source(monkeypatch):
+    """A browser shows an MJPEG part only when the next part's headers arrive: a new viewer gets the newest frame
+    twice, and an idle source's newest frame is sent again every MJPEG_REPEAT_S (no new frame is put here)."""
+    from facellm_edge.serve import streams
+
+    monkeypatch.setattr(streams, "MJPEG_REPEAT_S", 0.05)
+    hub = streams.FrameHub()
+    hub.put(np.full((48, 64, 3), 200, np.uint8))
+
+    async def main() -> list[bytes]:
+        parts, stream = [], hub.mjpeg()
+        async for chunk in stream:
+            parts += [b"--frame" + p for p in chunk.split(b"--frame")[1:]]
+            if len(parts) >= 3:
+                await stream.aclose()
+                return parts
+        return parts
+
+    parts = asyncio.run(asyncio.wait_for(main(), 10))
+    assert len(parts) == 3 and parts[0] == parts[1] == parts[2]  # twice at once, then the idle repeat
+    head, _, rest = parts[0].partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[:2] == [b"--frame", b"Content-Type: image/jpeg"] and rest.endswith(b"\r\n")
+    image = cv2.imdecode(np.frombuffer(rest[:-2], np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image.shape == (48, 64) and abs(int(image.mean()) - 200) <= 2
+
+
 # -- a real server ---------------------------------------------------------------------------------------------
 
 

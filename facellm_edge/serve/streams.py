@@ -37,6 +37,7 @@ EVENT_HISTORY = 1024  # events kept for clients that reconnect with Last-Event-I
 CLIENT_QUEUE = 256  # events waiting for one SSE client; beyond that it loses events and gets a snapshot
 HEARTBEAT_S = 15.0  # an SSE comment when nothing else was sent (keeps proxies open, finds dead clients)
 MJPEG_MAX_FPS = 15.0  # per MJPEG viewer
+MJPEG_REPEAT_S = 1.0  # with no new frame for this long, a viewer gets the newest frame again (see FrameHub.mjpeg)
 JPEG_QUALITY = 80
 
 
@@ -249,21 +250,24 @@ class FrameHub:
             _wake(loop, _resolve, fut)
 
     async def mjpeg(self) -> AsyncIterator[bytes]:
-        """multipart/x-mixed-replace parts (boundary ``frame``), the newest frame each, at most MJPEG_MAX_FPS."""
+        """multipart/x-mixed-replace parts (boundary ``frame``), the newest frame each, at most MJPEG_MAX_FPS.
+
+        A browser (Blink) shows a part only when the *next* part's headers arrive, so a viewer of a source that has
+        ended or paused would see nothing, or be one frame behind forever. Hence: a new viewer gets the newest frame
+        twice, and with no new frame for MJPEG_REPEAT_S the newest frame is sent again (≤ 1 frame/s while idle).
+        """
         loop, last, sent_at = asyncio.get_running_loop(), 0, 0.0
-        # Each part is followed at once by the next boundary: a browser shows a part only when the boundary after it
-        # arrives, so a viewer of a source that has ended (or paused) still sees its last frame.
         if self.closed:
             return
-        yield b"--frame\r\n"
         while not self.closed:
-            if not await self.wait_newer(last, HEARTBEAT_S) or self.closed:
-                continue
-            await asyncio.sleep(max(0.0, sent_at + 1.0 / MJPEG_MAX_FPS - loop.time()))
+            newer = await self.wait_newer(last, MJPEG_REPEAT_S)
+            if self.closed:
+                break
+            if newer:
+                await asyncio.sleep(max(0.0, sent_at + 1.0 / MJPEG_MAX_FPS - loop.time()))
             got = await asyncio.to_thread(self.jpeg)
-            if got is None or got[0] == last:
+            if got is None:  # no frame yet
                 continue
-            last, data, sent_at = got[0], got[1], loop.time()
-            yield b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n--frame\r\n" % (len(data), data)
-
-
+            part = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(got[1]), got[1])
+            yield part + part if last == 0 else part
+            last, sent_at = got[0], loop.time()
