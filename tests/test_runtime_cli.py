@@ -181,7 +181,7 @@ def test_ask_and_run_share_one_option_set_with_the_configs_defaults():
                 "quant": EngineConfig().quant, "threads": EngineConfig().n_threads,
                 "detector": DetectorConfig().name, "detector_model": DetectorConfig().model_path,
                 "max_faces": DetectorConfig().max_faces, "device": EncoderConfig().device,
-                "precision": EncoderConfig().precision, "max_pixels": DEFAULT_MAX_PIXELS, "system": None,
+                "precision": EncoderConfig().precision, "vision_prepack": EncoderConfig().prepack, "max_pixels": DEFAULT_MAX_PIXELS, "system": None,
                 "bundle": None, "schema": None}
     assert expected.keys() | {"max_tokens"} == shared
     assert {name: ask[name].default for name in expected} == expected

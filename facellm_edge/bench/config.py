@@ -73,6 +73,7 @@ class BenchConfig:
     warmup: int = 1
     decode_tokens: int = 32
     threads: int | None = None  # llama.cpp / ORT / torch threads; None: physical cores
+    vision_prepack: str = "auto"  # ONNX vision encoder's weight pre-packing + arena: auto | on | off (EncoderConfig)
     detector_model: Path | None = None  # YuNet .onnx; None: the detector's cached default
     profiles: bool = True
     roofline: bool = True  # measure this machine's ceilings and bound every edge configuration by them
@@ -93,6 +94,9 @@ class BenchConfig:
                              f"got {self.decode_tokens}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        from facellm_edge.runtime.encode import check_prepack
+
+        check_prepack(self.vision_prepack)
         for n in self.naive:
             if n not in NAIVE_TARGETS and n not in (AUTO, "none"):
                 raise UsageError(f"unknown naive baseline '{n}'; choose from {AUTO}, none, {', '.join(NAIVE_TARGETS)}")

@@ -44,10 +44,12 @@ NOTES = ("stages are facellm_edge.timings' (ms); ttft_cold = preprocess + encode
 
 
 def edge_payload(bundle: Path, vision: str, quant: str, image: Path, question: str, followup: str, runs: int,
-                 warmup: int, decode_tokens: int, threads: int, detector_model: Path | None) -> dict[str, Any]:
+                 warmup: int, decode_tokens: int, threads: int, detector_model: Path | None,
+                 vision_prepack: str = "auto") -> dict[str, Any]:
     return {"bundle": str(bundle), "vision": vision, "quant": quant, "image": str(image), "question": question,
             "followup": followup, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
-            "threads": threads, "detector_model": str(detector_model) if detector_model else None}
+            "threads": threads, "detector_model": str(detector_model) if detector_model else None,
+            "vision_prepack": vision_prepack}
 
 
 def read_bgr(path: str | Path) -> np.ndarray:
@@ -80,16 +82,17 @@ def aligned_face_crop(image_path: Path, detector_model: Path | None, size: int) 
 
 def runtime_config(p: Mapping[str, Any], *, threads: int, llama_threads: int | None = None,
                    max_tokens: int | None = None) -> "RuntimeConfig":
-    """The :class:`RuntimeConfig` of a benchmark payload: its vision precision (ONNX, on the CPU), quant, detector
-    model and threads; answers of ``max_tokens`` (default: the payload's ``decode_tokens``) whatever the model
-    samples (``stop_at_eos=False``, so every run decodes as many tokens). Hashes are not re-checked: the parent
-    checked them once."""
+    """The :class:`RuntimeConfig` of a benchmark payload: its vision precision (ONNX, on the CPU) and pre-packing
+    setting, quant, detector model and threads; answers of ``max_tokens`` (default: the payload's
+    ``decode_tokens``) whatever the model samples (``stop_at_eos=False``, so every run decodes as many tokens).
+    Hashes are not re-checked: the parent checked them once."""
     from facellm_edge.runtime.config import EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
 
     k = llama_threads or threads
     return RuntimeConfig(
         detector=detector_config(p["detector_model"], threads),
-        encoder=EncoderConfig(device="cpu", precision=p["vision"], n_threads=threads),
+        encoder=EncoderConfig(device="cpu", precision=p["vision"], n_threads=threads,
+                              prepack=p.get("vision_prepack", "auto")),
         engine=EngineConfig(quant=p["quant"], n_threads=k, n_threads_batch=k),
         generation=GenerationConfig(max_tokens=max_tokens or int(p["decode_tokens"]), stop_at_eos=False),
         check_hashes=False)
@@ -132,6 +135,7 @@ def _run_edge_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: in
 
     model = FaceLLM.load(p["bundle"], runtime_config(p, threads=threads))
     model.detector  # loaded before the first frame, as `run` does: not inside the first run's detect
+    info["vision_prepack"] = model.encoder.prepack
     answer_cfg = GenerationConfig(max_tokens=n_new, stop_at_eos=False)
     warm_cfg = GenerationConfig(max_tokens=1, stop_at_eos=False)
 
@@ -234,6 +238,8 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
         "device": "cpu",
         "threads": threads,
         "providers": providers,
+        # ORT weight pre-packing + CPU arena as resolved on this machine (EncoderConfig.prepack); None: the peer
+        "vision_prepack": info.pop("vision_prepack", None),
         "imports_torch": "torch" in sys.modules,  # the runtime must not need it: peak RSS is the runtime's
         "load_ms": round(load_ms, 1),
         "decode_tokens": n_new,

@@ -12,6 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from facellm_edge.cpu import cpuinfo
+
 log = logging.getLogger(__name__)
 
 VERSIONED = ("facellm-edge", "torch", "torchvision", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
@@ -19,22 +21,6 @@ VERSIONED = ("facellm-edge", "torch", "torchvision", "transformers", "onnx", "on
              "psutil", "matplotlib")
 # CPU features that decide which kernels run (bf16 matmuls in torch, int8 VNNI in ORT / llama.cpp).
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-
-
-def cpuinfo() -> tuple[str, set[str]]:
-    """(CPU model name, its feature flags) from /proc/cpuinfo (x86 ``flags``, ARM ``Features``); elsewhere the
-    platform's processor name and no flags."""
-    model, flags = platform.processor() or platform.machine(), set()
-    p = Path("/proc/cpuinfo")
-    if p.is_file():
-        for line in p.read_text(errors="replace").splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = val.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(val.split())
-    return model, flags
 
 
 def gpu_info() -> list[dict[str, str]]:

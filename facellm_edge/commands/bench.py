@@ -50,6 +50,10 @@ def bench_cmd(
     decode_tokens: int = typer.Option(_default("decode_tokens"), "--decode-tokens", help="Tokens decoded per answer "
                                       "(end-of-sequence ignored, so runs compare)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
+    vision_prepack: str = typer.Option(_default("vision_prepack"), "--vision-prepack", help="ONNX vision encoder's "
+                                       "weight pre-packing + memory arena: auto | on | off (as ask/run/serve); the "
+                                       "resolved setting is recorded per configuration. Run once with on and once "
+                                       "with off to compare."),
     detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local YuNet .onnx."),
     profiles: bool = typer.Option(_default("profiles"), "--profiles/--no-profiles", help="Compare threads, ORT "
                                   "optimisation, KV-cache type and face batching."),
@@ -98,7 +102,8 @@ def bench_cmd(
         checkpoint=checkpoint, quants=parse_csv(quant, "quant") if quant else None,
         vision=parse_csv(vision, "vision precision") if vision else None, naive=parse_csv(naive, "naive baseline"),
         image=image, runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads,
-        detector_model=detector_model, profiles=profiles, roofline=roofline, verify=verify, force=force,
+        vision_prepack=vision_prepack, detector_model=detector_model, profiles=profiles, roofline=roofline,
+        verify=verify, force=force,
         live=LiveBenchConfig(enabled=live, video=video, frames=live_frames,
                              llama_threads=_thread_list(live_llama_threads)),
     )

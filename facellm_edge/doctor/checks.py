@@ -95,7 +95,8 @@ def cpu_features(arch: str, flags: set[str]) -> dict[str, bool]:
 
 
 def check_cpu() -> Check:
-    from facellm_edge.bench.system import cpuinfo, physical_cores
+    from facellm_edge.bench.system import physical_cores
+    from facellm_edge.cpu import cpuinfo
 
     model, flags = cpuinfo()
     arch = platform.machine()
