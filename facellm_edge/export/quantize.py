@@ -175,7 +175,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
     """Quantise an f32/f16/bf16 GGUF ``src`` to ``dst`` with llama.cpp (atomically) and report the result."""
     validate_quants([quant])
     llama_cpp = require("llama_cpp", "export")
-    from facellm_edge.llm.engine import install_log_hook
+    from facellm_edge.llm.native import install_log_hook
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():

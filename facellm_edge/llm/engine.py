@@ -21,15 +21,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
+from facellm_edge.llm.native import call_holding_signals, install_log_hook, load_model
 
 log = logging.getLogger(__name__)
 
@@ -81,116 +80,6 @@ class EngineConfig:
     @property
     def threads_batch(self) -> int:
         return self.n_threads_batch or os.cpu_count() or 1
-
-
-# -- llama.cpp log routing ------------------------------------------------------------------------------
-# ggml log levels of this llama.cpp: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous message.
-_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
-# Load-time warnings every Qwen2 GGUF triggers (e.g. "'</s>' was not control-type"): harmless, logged at DEBUG.
-_BENIGN = (b"load: control-looking token",)
-_llama_log = logging.getLogger("facellm_edge.llama_cpp")
-_log_state = {"forward": False, "level": 0}
-_log_lock = threading.Lock()
-_log_installed: list[object] = []  # keeps the ctypes callback alive; llama.cpp's log hook is process-wide
-
-
-def install_log_hook(llama_cpp) -> Any:
-    """Route llama.cpp's stderr chatter to :mod:`logging`: warnings and errors only, debug/info dropped.
-
-    llama.cpp has one process-wide log hook; it is (re)installed whenever an engine is created and another hook is
-    active, so a Generator's loads are always routed this way. Returns the ctypes callback (libmtmd takes the same
-    one: ``mtmd_log_set``)."""
-    with _log_lock:
-        if not _log_installed:
-
-            @llama_cpp.llama_log_callback
-            def _callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-                if level == 5:
-                    forward = _log_state["forward"]
-                    py_level = _log_state["level"]
-                else:
-                    py_level = _LEVELS.get(level, 0)
-                    if py_level and text.startswith(_BENIGN):
-                        py_level = logging.DEBUG
-                    forward = py_level > 0
-                    _log_state["forward"] = forward
-                    _log_state["level"] = py_level
-                if forward and _llama_log.isEnabledFor(py_level):
-                    msg = text.decode("utf-8", errors="replace").rstrip("\n")
-                    if msg:
-                        _llama_log.log(py_level, "%s", msg)
-
-            _log_installed.append(_callback)
-            llama_cpp.llama_backend_init()
-        ours = _log_installed[0]
-        current = llama_cpp.llama_log_callback()
-        user = ctypes.c_void_p()
-        llama_cpp.llama_log_get(ctypes.byref(current), ctypes.byref(user))
-        if ctypes.cast(current, ctypes.c_void_p).value != ctypes.cast(ours, ctypes.c_void_p).value:
-            llama_cpp.llama_log_set(ours, ctypes.c_void_p(0))
-        return ours
-
-
-# -- Ctrl-C / SIGTERM during long llama.cpp calls --------------------------------------------------------
-# Python runs a signal's handler at the next bytecode of the main thread. During a model load that is inside
-# llama.cpp's ctypes log callback: the KeyboardInterrupt is raised there, ctypes prints "Exception ignored on calling
-# ctypes callback function" and the load carries on. So while llama.cpp works, SIGINT/SIGTERM only note the signal;
-# the load's progress callback then returns false (llama.cpp cancels the load), and once the C call has returned the
-# signal's own handler runs (KeyboardInterrupt, or the CLI's SIGTERM handling).
-T = TypeVar("T")
-_held_signal: list[int | None] = [None]
-_progress_installed: list[object] = []  # keeps the ctypes progress callback alive
-
-
-def progress_callback(llama_cpp) -> Any:
-    """llama.cpp model-load progress callback that cancels the load once Ctrl-C / SIGTERM arrived."""
-    if not _progress_installed:
-
-        @llama_cpp.llama_progress_callback
-        def _progress(_progress: float, _user: ctypes.c_void_p) -> bool:
-            return _held_signal[0] is None
-
-        _progress_installed.append(_progress)
-    return _progress_installed[0]
-
-
-def call_holding_signals(fn: Callable[[], T], release: Callable[[T], None] | None = None) -> T:
-    """Run ``fn`` (a long llama.cpp call) with SIGINT/SIGTERM held; a signal that arrived meanwhile is delivered to
-    its own handler (KeyboardInterrupt) once ``fn`` has returned, after ``release(result)`` frees what it made.
-    Signals whose handler is not a Python function (ignored, default) and calls outside the main thread are left
-    alone."""
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-
-    def hold(signum: int, _frame: object) -> None:
-        if _held_signal[0] is None:
-            _held_signal[0] = signum
-
-    saved = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            saved[sig] = handler
-            signal.signal(sig, hold)
-    result = None
-    try:
-        result = fn()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)  # runs a still-pending signal's handler (``hold``) first
-        signum, _held_signal[0] = _held_signal[0], None
-        if signum is not None:
-            if result and release is not None:
-                release(result)
-            saved[signum](signum, None)
-    return result
-
-
-def load_model(llama_cpp, path: Path, mparams) -> Any:
-    """``llama_model_load_from_file`` that Ctrl-C / SIGTERM cancel (raising KeyboardInterrupt); NULL on failure."""
-    mparams.progress_callback = progress_callback(llama_cpp)
-    return call_holding_signals(lambda: llama_cpp.llama_model_load_from_file(str(path).encode(), mparams),
-                                llama_cpp.llama_model_free)
 
 
 class LlamaEngine:
@@ -350,6 +239,53 @@ class LlamaEngine:
             self._decode(batch, n)
             yield n
 
+    def decode_packed(self, items: Sequence[tuple[Sequence[int] | np.ndarray, int, int]], *,
+                      logits_last: bool) -> list[int]:
+        """Decode several sequences' rows together: ``items`` are (token ids, or float32 embeddings [n, n_embd], all
+        of one kind and non-empty; seq; pos0). Rows of all items share each ``llama_decode`` call (up to
+        ``n_batch``), so N faces cost one pass over the weights per call instead of N. With ``logits_last`` every
+        item's last row lands in the final call, with logits, and its row index there is returned per item (for
+        :meth:`sample_at`); otherwise []."""
+        if not items:
+            return []
+        is_embd = isinstance(items[0][0], np.ndarray) and items[0][0].ndim == 2
+        if logits_last and len(items) > self.config.n_batch:
+            raise UsageError(f"{len(items)} sequences at once exceed n_batch {self.config.n_batch}")
+        body, last = [], []
+        for x, seq, pos0 in items:
+            n = len(x)
+            rows = list(zip(x, [seq] * n, range(pos0, pos0 + n)))
+            if logits_last:
+                body += rows[:-1]
+                last.append(rows[-1])
+            else:
+                body += rows
+        rows = body + last  # a sequence's rows stay in position order across the calls
+        step = self.config.n_batch
+        n_final = max(len(last), len(rows) - step * ((len(rows) - 1) // step))  # full chunks, then the rest
+        head, tail = rows[:len(rows) - n_final], rows[len(rows) - n_final:]  # the rest holds every last row
+        for start in range(0, len(head), step):
+            self._decode_rows(head[start:start + step], is_embd, n_logits=0)
+        self._decode_rows(tail, is_embd, n_logits=len(last))
+        return list(range(len(tail) - len(last), len(tail))) if logits_last else []
+
+    def _decode_rows(self, rows: list[tuple[object, int, int]], is_embd: bool, *, n_logits: int) -> None:
+        """One ``llama_decode`` of (token id or embedding row, seq, pos) rows; logits for the last ``n_logits``."""
+        batch = self._emb_batch if is_embd else self._tok_batch
+        if is_embd:
+            block = np.ascontiguousarray(np.stack([r for r, _, _ in rows]), dtype=np.float32)
+            ctypes.memmove(batch.embd, block.ctypes.data, block.nbytes)
+        first_logit = len(rows) - n_logits
+        for i, (row, seq, pos) in enumerate(rows):
+            if not is_embd:
+                batch.token[i] = int(row)
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = i >= first_logit
+        batch.n_tokens = len(rows)
+        self._decode(batch, len(rows))
+
     def _decode(self, batch, n: int) -> None:
         rc = self._L.llama_decode(self._ctx, batch)
         if rc == 1:
@@ -365,9 +301,14 @@ class LlamaEngine:
         """Sample from the logits of the last decoded output with an in-llama.cpp sampler chain (accepts it)."""
         return int(self._L.llama_sampler_sample(chain, self._ctx, -1))
 
-    def logits_last(self) -> np.ndarray:
-        """A copy of the last output's logits (for tests and diagnostics; generation never copies logits)."""
-        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+    def sample_at(self, chain, index: int) -> int:
+        """Sample from the logits of row ``index`` of the last decode (see :meth:`decode_packed`); accepts it."""
+        return int(self._L.llama_sampler_sample(chain, self._ctx, index))
+
+    def logits_last(self, index: int = -1) -> np.ndarray:
+        """A copy of the logits of the last decode's output row ``index`` (default: the last one), for tests and
+        diagnostics; generation never copies logits."""
+        ptr = self._L.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     # -- lifetime -------------------------------------------------------------------------------------

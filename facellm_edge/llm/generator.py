@@ -17,18 +17,17 @@ the user's question is tokenised as plain text, so it cannot inject control toke
 
 from __future__ import annotations
 
-import codecs
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Hashable, Iterator, Sequence
 
 import numpy as np
 
 from facellm_edge.bundle import PromptSpec, TokenSpec
 from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
+from facellm_edge.llm.decoding import Answer, FaceRun
 from facellm_edge.llm.engine import EngineConfig, LlamaEngine
 from facellm_edge.llm.sampling import GenerationConfig, SamplerChain, schema_to_grammar
 from facellm_edge.llm.slots import MissingSlot, Slot, SlotTable
@@ -48,19 +47,6 @@ def check_question(question: object) -> str:
     if not isinstance(question, str) or not question.strip():
         raise UsageError("the question is empty; ask something")
     return question
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One answer. ``timings`` (ms, :mod:`facellm_edge.timings` names): question_prefill, ttft, decode."""
-
-    text: str
-    token_ids: tuple[int, ...]  # generated tokens (an end-of-generation token that stopped it is not included)
-    n_prefilled: int  # tokens decoded for this question (what it cost on top of the cached prefix)
-    n_generated: int
-    stop_reason: str  # "eos" | "length" | "grammar"
-    timings: dict[str, float] = field(default_factory=dict)
-    tokens_per_s: float = 0.0  # decode rate: tokens decoded after the first / decode time
 
 
 class Generator:
@@ -168,12 +154,12 @@ class Generator:
         self._engine.seq_clear(slot.seq)
         log.debug("evicted KV slot of %r (%d positions)", key, slot.n_past)
 
-    def _make_room(self, key: Hashable, n_new: int) -> None:
-        """Evict least recently used other faces until ``n_new`` more cells fit in the shared cache."""
+    def _make_room(self, keys: Collection[Hashable], n_new: int) -> None:
+        """Evict least recently used faces other than ``keys`` until ``n_new`` more cells fit in the shared cache."""
         while self._slots.cells_used() + n_new > self._engine.n_cells:
-            victim = self._slots.lru(exclude=key)
+            victim = self._slots.lru(exclude=keys)
             if victim is None:
-                return  # only this face is left; the callers' n_ctx checks bound it
+                return  # only these faces are left; the callers' n_ctx checks bound them
             log.info("KV cache full: evicting face %r", victim)
             self._evict(victim)
 
@@ -187,43 +173,64 @@ class Generator:
         ``<img>…</img>`` block each) into ``key``'s slot (replacing it); returns the prefix length in tokens."""
         if isinstance(images_embeds, np.ndarray) or not images_embeds:
             raise UsageError("prefill_images takes a non-empty list of image embeddings (one array per image)")
+        return self.prefill_many([(key, images_embeds)])[0]
+
+    def prefill_many(self, items: Sequence[tuple[Hashable, Sequence[np.ndarray]]]) -> list[int]:
+        """Prefill several conversations at once (e.g. every new face of a frame): ``items`` are (key, the images'
+        embeddings), each as :meth:`prefill_images` takes them. The faces' rows share each ``llama_decode`` call.
+        At most ``max_slots`` keys, all different, each with the same number of images. Returns the prefix
+        lengths."""
+        keys = [k for k, _ in items]
+        if not items or len(set(keys)) != len(keys) or len(keys) > self._slots.capacity:
+            raise UsageError(f"prefill_many takes 1..{self._slots.capacity} (max_slots) different keys, "
+                             f"got {len(keys)}")
         t = self._template
-        if len(images_embeds) > 1 and t.sep is None:
+        n_images = {len(e) for _, e in items}
+        if len(n_images) != 1 or 0 in n_images:
+            raise UsageError("prefill_many: every key needs the same, non-zero number of images")
+        if n_images != {1} and t.sep is None:
             raise BundleError("this bundle's chat template cannot show several images in one question "
                               "(prompt.image_separator is null); ask about one image at a time")
-        embeds = [self._check_embeds(e) for e in images_embeds]
-        sep = t.sep or []
-        n = len(t.pre) + sum(2 + e.shape[0] for e in embeds) + len(sep) * (len(embeds) - 1) + len(t.mid)
-        if n >= self.n_ctx:
+        embeds = [[self._check_embeds(e) for e in images] for _, images in items]
+        sep, tk = t.sep or [], self.tokens
+        # segments per key, alternating token ids and embeddings: pre <img> | image | </img> sep <img> | ... | </img> mid
+        segments = []
+        for images in embeds:
+            segs: list = [t.pre + [tk.image_start_id]]
+            for j, e in enumerate(images):
+                segs.append(e)
+                segs.append([tk.image_end_id] + (sep + [tk.image_start_id] if j + 1 < len(images) else t.mid))
+            segments.append(segs)
+        lengths = [sum(len(x) for x in segs) for segs in segments]
+        if max(lengths) >= self.n_ctx:
             raise RuntimeStageError(
-                f"the image prompt needs {n} tokens but the context holds {self.n_ctx}; "
+                f"the image prompt needs {max(lengths)} tokens but the context holds {self.n_ctx}; "
                 "use fewer or smaller images (fewer tiles) or a larger --ctx"
             )
         self._acquire()
         try:
-            if key in self._slots:
-                self._evict(key)
-            elif self._slots.full():
+            for k in keys:
+                if k in self._slots:
+                    self._evict(k)
+            while self._slots.capacity - len(self._slots) < len(keys):
                 victim = self._slots.lru()
                 log.info("%d face slots in use: evicting face %r", self._slots.capacity, victim)
                 self._evict(victim)
-            self._make_room(key, n)
-            slot = self._slots.add(key)
-            eng, tk = self._engine, self.tokens
+            self._make_room(keys, sum(lengths))
+            slots = [self._slots.add(k) for k in keys]
             try:
-                pos, lead = 0, t.pre
-                for e in embeds:
-                    eng.decode_tokens(lead + [tk.image_start_id], slot.seq, pos, logits_last=False)
-                    pos += len(lead) + 1
-                    eng.decode_embeddings(e, slot.seq, pos, logits_last=False)
-                    pos += e.shape[0]
-                    lead = [tk.image_end_id] + sep
-                eng.decode_tokens([tk.image_end_id] + t.mid, slot.seq, pos, logits_last=False)
+                pos = [0] * len(slots)
+                for j in range(len(segments[0])):
+                    self._engine.decode_packed([(segs[j], s.seq, p) for segs, s, p in zip(segments, slots, pos)],
+                                               logits_last=False)
+                    pos = [p + len(segs[j]) for segs, p in zip(segments, pos)]
             except BaseException:
-                self._evict(key)
+                for k in keys:
+                    self._evict(k)
                 raise
-            slot.n_past = n
-            return n
+            for s, n in zip(slots, lengths):
+                s.n_past = n
+            return lengths
         finally:
             self._release()
 
@@ -284,86 +291,124 @@ class Generator:
         seg = (t.f_pre + q + t.f_post) if slot.asked else (q + t.post)
         return ([slot.pending] if slot.pending is not None else []) + seg
 
-    def _run(self, key: Hashable, question: str, gen: GenerationConfig) -> Iterator[str]:
-        self._acquire()
-        t0 = time.perf_counter()  # after the lock: timings measure this answer, not the wait for another one
+    def answer_many(self, keys: Sequence[Hashable], question: str, gen: GenerationConfig = GenerationConfig(),
+                    on_token: Callable[[int, str], None] | None = None) -> list[Answer]:
+        """Answer ``question`` about several faces at once: their question tokens are decoded in one batch and
+        every decoding step samples one token per face (each face with its own sampler, stop and length) in one
+        ``llama_decode``. ``on_token(i, piece)`` gets face ``keys[i]``'s text pieces as they are decoded. Greedy
+        answers equal :meth:`ask`'s for each face on its own."""
+        run = self._run_many(list(keys), check_question(question), gen)
         try:
-            if key not in self._slots:
-                raise MissingSlot(
-                    f"no image prefilled for face {key!r} (never prefilled, dropped, or evicted: max_slots="
-                    f"{self._slots.capacity}); call prefill_image first"
-                )
-            slot = self._slots.touch(key)
-            seg = self._question_tokens(slot, question)
-            remain = self.n_ctx - slot.n_past
-            if len(seg) > remain:
-                raise RuntimeStageError(
-                    f"question needs {len(seg)} tokens but only {remain} remain in the {self.n_ctx}-token context; "
-                    "use a shorter question or a larger --ctx"
-                )
-            eng = self._engine
-            with SamplerChain(eng.lib, eng.vocab, eng.n_vocab, gen, self.config.seed) as chain:
-                self._make_room(key, len(seg))
-                try:
-                    eng.decode_tokens(seg, slot.seq, slot.n_past, logits_last=True)
-                except BaseException:
-                    self._evict(key)  # a partly decoded question leaves the cache in an unknown state
-                    raise
-                slot.n_past += len(seg)
-                slot.pending = None
-                slot.asked = True
-                t_prefill = time.perf_counter()
-                out: list[int] = []
-                pieces: list[str] = []
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                t_first = None
-                steps = 0
-                stop = "length"
-                while True:
-                    token = eng.sample(chain.handle)
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    if (token in self._eos or eng.is_eog(token)) and (gen.stop_at_eos or gen.grammar is not None):
-                        stop = "grammar" if gen.grammar is not None else "eos"
-                        break
-                    out.append(token)
-                    slot.pending = token  # sampled, not yet in the cache: stays consistent if the stream is closed
-                    text = decoder.decode(eng.piece(token))
-                    if text:
-                        pieces.append(text)
-                        yield text
-                    if len(out) >= gen.max_tokens:
-                        break
-                    if slot.n_past >= self.n_ctx:
-                        log.warning("face %r: the %d-token context is full; answer cut", key, self.n_ctx)
-                        break
-                    self._make_room(key, 1)
-                    try:
-                        eng.decode_tokens([token], slot.seq, slot.n_past, logits_last=True)
-                    except BaseException:
-                        self._evict(key)
-                        raise
-                    slot.n_past += 1
-                    slot.pending = None
-                    steps += 1
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    pieces.append(tail)
-                    yield tail
-            t_end = time.perf_counter()
-            decode_s = t_end - (t_first or t_end)
-            return Answer(
-                text="".join(pieces),
-                token_ids=tuple(out),
-                n_prefilled=len(seg),
-                n_generated=len(out),
-                stop_reason=stop,
-                timings={"question_prefill": (t_prefill - t0) * 1e3, "ttft": ((t_first or t_end) - t0) * 1e3,
-                         "decode": decode_s * 1e3},
-                tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
-            )
+            while True:
+                i, piece = next(run)
+                if on_token is not None:
+                    on_token(i, piece)
+        except StopIteration as stop:
+            return stop.value
         finally:
+            run.close()
+
+    def stream_many(self, keys: Sequence[Hashable], question: str,
+                    gen: GenerationConfig = GenerationConfig()) -> Iterator[tuple[int, str]]:
+        """:meth:`answer_many` as an iterator of (face index, text piece); ``StopIteration.value`` is the answers."""
+        return (yield from self._run_many(list(keys), check_question(question), gen))
+
+    def _run(self, key: Hashable, question: str, gen: GenerationConfig) -> Iterator[str]:
+        run = self._run_many([key], question, gen)
+        try:
+            while True:
+                yield next(run)[1]
+        except StopIteration as stop:
+            return stop.value[0]
+        finally:
+            run.close()
+
+    def _run_many(self, keys: list[Hashable], question: str,
+                  gen: GenerationConfig) -> Iterator[tuple[int, str]]:
+        if not keys or len(set(keys)) != len(keys):
+            raise UsageError("answer_many takes one or more different face keys")
+        self._acquire()
+        t0 = time.perf_counter()  # after the lock: timings measure these answers, not the wait for another one
+        chains: list[SamplerChain] = []
+        try:
+            runs = []
+            for key in keys:
+                if key not in self._slots:
+                    raise MissingSlot(
+                        f"no image prefilled for face {key!r} (never prefilled, dropped, or evicted: max_slots="
+                        f"{self._slots.capacity}); call prefill_image first"
+                    )
+                slot = self._slots.touch(key)
+                seg = self._question_tokens(slot, question)
+                remain = self.n_ctx - slot.n_past
+                if len(seg) > remain:
+                    raise RuntimeStageError(
+                        f"question needs {len(seg)} tokens but only {remain} remain in the {self.n_ctx}-token "
+                        "context; use a shorter question or a larger --ctx"
+                    )
+                runs.append(FaceRun(slot, seg))
+            eng = self._engine
+            for _ in keys:
+                chains.append(SamplerChain(eng.lib, eng.vocab, eng.n_vocab, gen, self.config.seed))
+            self._make_room(keys, sum(len(r.segment) for r in runs))
+            rows = self._decode_or_evict(keys, [(r.segment, r.slot.seq, r.slot.n_past) for r in runs])
+            for r in runs:
+                r.slot.n_past += len(r.segment)
+                r.slot.pending = None
+                r.slot.asked = True
+            t_prefill = time.perf_counter()
+            active = list(range(len(runs)))
+            while active:
+                going = []
+                for i, row in zip(active, rows):  # one token per face still answering, each its own sampler
+                    r, token = runs[i], eng.sample_at(chains[i].handle, row)
+                    r.first_sampled()
+                    if (token in self._eos or eng.is_eog(token)) and (gen.stop_at_eos or gen.grammar is not None):
+                        r.stopped("grammar" if gen.grammar is not None else "eos")
+                        continue
+                    text = r.take(token, eng.piece(token))
+                    if text:
+                        yield i, text
+                    if len(r.tokens) >= gen.max_tokens:
+                        r.stopped()
+                    elif r.slot.n_past >= self.n_ctx:
+                        log.warning("face %r: the %d-token context is full; answer cut", keys[i], self.n_ctx)
+                        r.stopped()
+                    else:
+                        going.append(i)
+                active = going
+                if not active:
+                    break
+                self._make_room(keys, len(active))
+                if self._slots.cells_used() + len(active) > eng.n_cells:
+                    log.warning("the KV cache is full with %d faces answering; answers cut", len(active))
+                    for i in active:
+                        runs[i].stopped()
+                    break
+                rows = self._decode_or_evict([keys[i] for i in active], [
+                    ([runs[i].slot.pending], runs[i].slot.seq, runs[i].slot.n_past) for i in active])
+                for i in active:
+                    runs[i].decoded()
+            for i, r in enumerate(runs):
+                tail = r.flush()
+                if tail:
+                    yield i, tail
+            return [r.answer(t0, t_prefill) for r in runs]
+        finally:
+            for chain in chains:
+                chain.close()
             self._release()
+
+    def _decode_or_evict(self, keys: list[Hashable], items: list[tuple[list[int], int, int]]) -> list[int]:
+        """Decode these faces' next tokens together (logits for each one's last); on failure their caches are in
+        an unknown state, so they are evicted."""
+        try:
+            return self._engine.decode_packed(items, logits_last=True)
+        except BaseException:
+            for key in keys:
+                if key in self._slots:
+                    self._evict(key)
+            raise
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import Collection, Hashable, Iterator
 
 from facellm_edge.errors import UsageError
 
@@ -63,10 +63,10 @@ class SlotTable:
         self._free.sort()
         return slot
 
-    def lru(self, exclude: Hashable | None = None) -> Hashable | None:
-        """The least recently used key other than ``exclude`` (None when there is none)."""
+    def lru(self, exclude: Collection[Hashable] = ()) -> Hashable | None:
+        """The least recently used key not in ``exclude`` (None when there is none)."""
         for key in self._slots:
-            if key != exclude:
+            if key not in exclude:
                 return key
         return None
 

@@ -1,0 +1,123 @@
+"""llama.cpp process-wide plumbing: its log hook routed to :mod:`logging`, and Ctrl-C / SIGTERM held during long
+llama.cpp calls (model loads, context creation) so they cancel cleanly. Used by the engine, export and bench."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+__all__ = ["call_holding_signals", "install_log_hook", "load_model", "progress_callback"]
+
+
+# -- llama.cpp log routing ------------------------------------------------------------------------------
+# ggml log levels of this llama.cpp: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous message.
+_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+# Load-time warnings every Qwen2 GGUF triggers (e.g. "'</s>' was not control-type"): harmless, logged at DEBUG.
+_BENIGN = (b"load: control-looking token",)
+_llama_log = logging.getLogger("facellm_edge.llama_cpp")
+_log_state = {"forward": False, "level": 0}
+_log_lock = threading.Lock()
+_log_installed: list[object] = []  # keeps the ctypes callback alive; llama.cpp's log hook is process-wide
+
+
+def install_log_hook(llama_cpp) -> Any:
+    """Route llama.cpp's stderr chatter to :mod:`logging`: warnings and errors only, debug/info dropped.
+
+    llama.cpp has one process-wide log hook; it is (re)installed whenever an engine is created and another hook is
+    active, so a Generator's loads are always routed this way. Returns the ctypes callback (libmtmd takes the same
+    one: ``mtmd_log_set``)."""
+    with _log_lock:
+        if not _log_installed:
+
+            @llama_cpp.llama_log_callback
+            def _callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                if level == 5:
+                    forward = _log_state["forward"]
+                    py_level = _log_state["level"]
+                else:
+                    py_level = _LEVELS.get(level, 0)
+                    if py_level and text.startswith(_BENIGN):
+                        py_level = logging.DEBUG
+                    forward = py_level > 0
+                    _log_state["forward"] = forward
+                    _log_state["level"] = py_level
+                if forward and _llama_log.isEnabledFor(py_level):
+                    msg = text.decode("utf-8", errors="replace").rstrip("\n")
+                    if msg:
+                        _llama_log.log(py_level, "%s", msg)
+
+            _log_installed.append(_callback)
+            llama_cpp.llama_backend_init()
+        ours = _log_installed[0]
+        current = llama_cpp.llama_log_callback()
+        user = ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(current), ctypes.byref(user))
+        if ctypes.cast(current, ctypes.c_void_p).value != ctypes.cast(ours, ctypes.c_void_p).value:
+            llama_cpp.llama_log_set(ours, ctypes.c_void_p(0))
+        return ours
+
+
+# -- Ctrl-C / SIGTERM during long llama.cpp calls --------------------------------------------------------
+# Python runs a signal's handler at the next bytecode of the main thread. During a model load that is inside
+# llama.cpp's ctypes log callback: the KeyboardInterrupt is raised there, ctypes prints "Exception ignored on calling
+# ctypes callback function" and the load carries on. So while llama.cpp works, SIGINT/SIGTERM only note the signal;
+# the load's progress callback then returns false (llama.cpp cancels the load), and once the C call has returned the
+# signal's own handler runs (KeyboardInterrupt, or the CLI's SIGTERM handling).
+T = TypeVar("T")
+_held_signal: list[int | None] = [None]
+_progress_installed: list[object] = []  # keeps the ctypes progress callback alive
+
+
+def progress_callback(llama_cpp) -> Any:
+    """llama.cpp model-load progress callback that cancels the load once Ctrl-C / SIGTERM arrived."""
+    if not _progress_installed:
+
+        @llama_cpp.llama_progress_callback
+        def _progress(_progress: float, _user: ctypes.c_void_p) -> bool:
+            return _held_signal[0] is None
+
+        _progress_installed.append(_progress)
+    return _progress_installed[0]
+
+
+def call_holding_signals(fn: Callable[[], T], release: Callable[[T], None] | None = None) -> T:
+    """Run ``fn`` (a long llama.cpp call) with SIGINT/SIGTERM held; a signal that arrived meanwhile is delivered to
+    its own handler (KeyboardInterrupt) once ``fn`` has returned, after ``release(result)`` frees what it made.
+    Signals whose handler is not a Python function (ignored, default) and calls outside the main thread are left
+    alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def hold(signum: int, _frame: object) -> None:
+        if _held_signal[0] is None:
+            _held_signal[0] = signum
+
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            saved[sig] = handler
+            signal.signal(sig, hold)
+    result = None
+    try:
+        result = fn()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)  # runs a still-pending signal's handler (``hold``) first
+        signum, _held_signal[0] = _held_signal[0], None
+        if signum is not None:
+            if result and release is not None:
+                release(result)
+            saved[signum](signum, None)
+    return result
+
+
+def load_model(llama_cpp, path: Path, mparams) -> Any:
+    """``llama_model_load_from_file`` that Ctrl-C / SIGTERM cancel (raising KeyboardInterrupt); NULL on failure."""
+    mparams.progress_callback = progress_callback(llama_cpp)
+    return call_holding_signals(lambda: llama_cpp.llama_model_load_from_file(str(path).encode(), mparams),
+                                llama_cpp.llama_model_free)
