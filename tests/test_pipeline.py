@@ -40,13 +40,13 @@ def count_image_prefills(monkeypatch):
     calls: list[int] = []
 
     def install(model: FaceLLM) -> list[int]:
-        real = model.generator.prefill_images
+        real = model.generator.prefill_many  # every image prefill (one face, several together, whole images)
 
-        def counted(key, embeds):
-            calls.append(len(embeds))
-            return real(key, embeds)
+        def counted(items):
+            calls.extend(len(embeds) for _, embeds in items)  # images per conversation prefilled
+            return real(items)
 
-        monkeypatch.setattr(model.generator, "prefill_images", counted)
+        monkeypatch.setattr(model.generator, "prefill_many", counted)
         return calls
 
     return install

@@ -33,7 +33,7 @@ from facellm_edge.runtime.detect import Detector, check_image, create_detector
 from facellm_edge.runtime.encode import VisionEncoder
 from facellm_edge.runtime.faces import Face
 from facellm_edge.runtime.preprocess import crop_to_pixels, crops_to_pixels, image_to_pixels
-from facellm_edge.runtime.session import FaceSession, Opened, new_session_id
+from facellm_edge.runtime.session import FaceSession, Opened, answer_together, new_session_id, stream_together
 from facellm_edge.timings import ms_since, timed
 
 if TYPE_CHECKING:
@@ -109,17 +109,31 @@ class FaceLLM:
     def open_face(self, face: Face, *, index: int = 0) -> FaceSession:
         """A session about an encoded face (``face.embeds`` from :meth:`encode_faces`): its image prefix is decoded
         into the KV cache now (``face.timings["image_prefill"]``)."""
-        if face.embeds is None:
-            raise UsageError("this face has no embeddings yet; call encode_faces(image, [face]) first")
-        sid = new_session_id()
-        with timed(face.timings, "image_prefill"):
-            n = self.generator.prefill_image(sid, face.embeds.reshape(-1, face.embeds.shape[-1]))
-        opened = Opened(n_prefix=n, timings={k: v for k, v in face.timings.items() if k != "detect"})
-        return FaceSession(self.generator, self.config.generation, face, opened, session_id=sid, index=index)
+        return self.open_encoded([face], first_index=index)[0]
+
+    def open_encoded(self, faces: Sequence[Face], *, first_index: int = 0) -> list[FaceSession]:
+        """Sessions about several encoded faces at once (at most ``generator.max_slots``): their image prefixes
+        share each llama_decode call; each face's ``image_prefill`` is the time until all were in the cache."""
+        if not faces or len(faces) > self.generator.max_slots:
+            raise UsageError(f"open_encoded takes 1..{self.generator.max_slots} faces (max_slots), got {len(faces)}")
+        if any(f.embeds is None for f in faces):
+            raise UsageError("a face has no embeddings yet; call encode_faces(image, faces) first")
+        ids = [new_session_id() for _ in faces]
+        t0 = time.perf_counter()
+        lengths = self.generator.prefill_many([(sid, [f.embeds.reshape(-1, f.embeds.shape[-1])])
+                                               for sid, f in zip(ids, faces)])
+        prefill = ms_since(t0)
+        sessions = []
+        for k, (sid, n, face) in enumerate(zip(ids, lengths, faces)):
+            face.timings["image_prefill"] = prefill
+            opened = Opened(n_prefix=n, timings={k: v for k, v in face.timings.items() if k != "detect"})
+            sessions.append(FaceSession(self.generator, self.config.generation, face, opened, session_id=sid,
+                                        index=first_index + k))
+        return sessions
 
     def open_faces(self, image_bgr: np.ndarray, *, save_crops: str | Path | None = None) -> list[FaceSession]:
         """Detect, align and encode every face of the image and open a session for each (in detection order)."""
-        return list(self._open_faces(check_image(image_bgr), save_crops))
+        return [s for group in self._open_faces(check_image(image_bgr), save_crops) for s in group]
 
     def open_images(self, images_bgr: Sequence[np.ndarray]) -> FaceSession:
         """One session about one or more whole images (no detection), as InternVL is asked with several images:
@@ -132,22 +146,26 @@ class FaceLLM:
     # -- one-shot questions ---------------------------------------------------------------------------------
     def ask(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
             temperature: float | None = None, save_crops: str | Path | None = None) -> list[FaceAnswer]:
-        """Answer ``question`` about every face in ``image_bgr`` (face after face); [] when there is no face.
-        Each answer's ``session`` stays open for follow-ups until closed or evicted."""
+        """Answer ``question`` about every face in ``image_bgr``; [] when there is no face. The faces are answered
+        together (up to ``max_slots`` at a time: one llama_decode per step for all of them). Each answer's
+        ``session`` stays open for follow-ups until closed or evicted."""
         check_question(question)
         gen = self.config.generation.with_overrides(max_tokens, temperature)
-        return [self._face_answer(s, s.answer_checked(question, gen))
-                for s in self._open_faces(check_image(image_bgr), save_crops)]
+        out = []
+        for sessions in self._open_faces(check_image(image_bgr), save_crops):
+            answers = answer_together(sessions, question, gen)
+            out += [self._face_answer(s, a) for s, a in zip(sessions, answers)]
+        return out
 
     def stream(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
                temperature: float | None = None) -> Iterator[tuple[int, str]]:
-        """Yield (face index, text piece) as each face's answer is decoded, face after face. The model is busy
-        (other callers wait) while a face's answer is being streamed."""
+        """Yield (face index, text piece) as the faces' answers are decoded, one token per face per step (faces
+        interleave). The model is busy (other callers wait) while the answers are being streamed."""
         check_question(question)
         gen = self.config.generation.with_overrides(max_tokens, temperature)
-        for session in self._open_faces(check_image(image_bgr), None):
-            for piece in session.stream_checked(question, gen):
-                yield session.index, piece
+        for sessions in self._open_faces(check_image(image_bgr), None):
+            for i, piece in stream_together(sessions, question, gen):
+                yield sessions[i].index, piece
 
     def chat(self, answer: "FaceAnswer | ImagesAnswer", question: str, *, max_tokens: int | None = None,
              temperature: float | None = None) -> "FaceAnswer | ImagesAnswer":
@@ -221,17 +239,19 @@ class FaceLLM:
             f.timings.update(preprocess=preprocess, encode=encode)
         return faces
 
-    def _open_faces(self, image: np.ndarray, save_crops: str | Path | None) -> Iterator[FaceSession]:
-        """detect -> align + encode (together) -> per face, lazily: open its session (image prefill)."""
+    def _open_faces(self, image: np.ndarray, save_crops: str | Path | None) -> Iterator[list[FaceSession]]:
+        """detect -> align + encode (together) -> lazily, per group of up to ``max_slots`` faces: open their
+        sessions together (image prefill)."""
         faces = self._detect(image)
-        if len(faces) > self.generator.max_slots:
-            log.info("%d faces but %d KV slots: only the last %d stay open for follow-ups (raise n_ctx and "
-                     "max_slots to keep them all)", len(faces), self.generator.max_slots, self.generator.max_slots)
+        slots = self.generator.max_slots
+        if len(faces) > slots:
+            log.info("%d faces but %d KV slots: answered %d at a time; only the last %d stay open for follow-ups "
+                     "(raise n_ctx and max_slots to keep them all)", len(faces), slots, slots, slots)
         self._encode_faces(image, faces)
         if save_crops is not None:
             save_face_crops(faces, Path(save_crops))
-        for i, face in enumerate(faces):
-            yield self.open_face(face, index=i)
+        for start in range(0, len(faces), slots):
+            yield self.open_encoded(faces[start:start + slots], first_index=start)
 
     def _open_images(self, images: list[np.ndarray], face: Face | None = None) -> FaceSession:
         """Tile, encode (one call) and prefill whole images into one session (``face``: a whole-image record)."""

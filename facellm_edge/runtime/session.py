@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from facellm_edge.errors import UsageError
 from facellm_edge.llm.generator import Answer, MissingSlot, check_question
@@ -25,7 +25,7 @@ from facellm_edge.runtime.faces import Face
 if TYPE_CHECKING:
     from facellm_edge.llm.generator import Generator
 
-__all__ = ["FaceSession", "Opened", "SessionError", "new_session_id"]
+__all__ = ["FaceSession", "Opened", "SessionError", "answer_together", "new_session_id", "stream_together"]
 
 
 def new_session_id() -> str:
@@ -141,3 +141,41 @@ class FaceSession:
             f"(max_slots={self._gen.max_slots}, n_ctx={self._gen.n_ctx}); ask about the image again, or raise "
             "the context (--ctx / EngineConfig.n_ctx) and max_slots"
         )
+
+
+def answer_together(sessions: Sequence[FaceSession], question: str, gen: GenerationConfig,
+                    on_token: Callable[[int, str], None] | None = None) -> list[Answer]:
+    """One question in several sessions of one model at once (e.g. every face of a frame): one llama_decode per
+    step for all of them (:meth:`~facellm_edge.llm.generator.Generator.answer_many`). ``on_token(i, piece)`` gets
+    ``sessions[i]``'s pieces; the question and settings are checked by the caller."""
+    run = stream_together(sessions, question, gen)
+    try:
+        while True:
+            i, piece = next(run)
+            if on_token is not None:
+                on_token(i, piece)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        run.close()
+
+
+def stream_together(sessions: Sequence[FaceSession], question: str,
+                    gen: GenerationConfig) -> Iterator[tuple[int, str]]:
+    """:func:`answer_together` as an iterator of (index into ``sessions``, text piece); its
+    ``StopIteration.value`` is the answers."""
+    if not sessions:
+        return []
+    generators = {id(s._gen) for s in sessions}
+    if len(generators) != 1:
+        raise UsageError("sessions answered together must belong to one model")
+    for s in sessions:
+        s._check_open()
+    try:
+        answers = yield from sessions[0]._gen.stream_many([s.id for s in sessions], question, gen)
+    except MissingSlot as exc:
+        missing = next((s for s in sessions if not s._gen.has(s.id)), sessions[0])
+        raise missing._evicted() from exc
+    for s in sessions:
+        s.turns += 1
+    return answers

@@ -2,9 +2,10 @@
 
 The frame loop never waits for the language model. It hands the worker the newest frame's faces that have no
 answer yet through a drop-oldest queue of size 1; the worker encodes new faces' crops together as soon as they
-appear (new tracks before pending answers), then answers them one by one, each in its track's own
-:class:`~facellm_edge.runtime.session.FaceSession` (image prefill, then the question), streaming the answer token by
-token into a per-track cache that the overlay draws. A track that ends closes its session (the KV slot is freed) and
+appear (new tracks before pending answers), then answers them together (up to ``max_slots`` at a time: their image
+prefixes and every decoding step share llama_decode calls), each in its track's own
+:class:`~facellm_edge.runtime.session.FaceSession` (image prefill, then the question), streaming the answers token
+by token into a per-track cache that the overlay draws. A track that ends closes its session (the KV slot is freed) and
 leaves the cache. Each answer's record says how long after the face's first frame its first token and its full
 answer came (``since_seen_ms``): what a person in front of the camera waits.
 

@@ -1,8 +1,9 @@
 """The live loop's VLM worker: answers the standing question about each new track, off the frame loop's thread.
 
 The frame loop hands it the newest frame's unanswered faces through a :class:`DropOldestSlot` (a queue of size one
-that keeps only the newest job); it encodes them together, then answers them one by one, each in its track's own
-:class:`~facellm_edge.runtime.session.FaceSession`, and closes a track's session when the track ends.
+that keeps only the newest job); it encodes them together, then answers them together (up to the model's
+``max_slots`` at a time: their image prefixes and every decoding step share llama_decode calls), each in its track's
+own :class:`~facellm_edge.runtime.session.FaceSession`, and closes a track's session when the track ends.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from facellm_edge.runtime.faces import Face
-from facellm_edge.runtime.session import SessionError
+from facellm_edge.runtime.session import SessionError, answer_together
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.pipeline import FaceLLM
@@ -175,7 +176,9 @@ class VlmWorker(threading.Thread):
                     pending.extend(self._take_new(*job))  # new tracks first
                 self._close_ended(pending)
                 if pending and not self._stop_event.is_set():
-                    self._answer(pending.pop(0))
+                    n = self.model.generator.max_slots
+                    group, pending[:] = pending[:n], pending[n:]
+                    self._answer(group)
                 elif follow is not None and not self._stop_event.is_set():
                     self._follow_up(*follow)
                 with self._cond:
@@ -193,7 +196,7 @@ class VlmWorker(threading.Thread):
             self._close_all()
 
     def _take_new(self, frame_index: int, image: np.ndarray, faces: list[Face], source: str) -> list[TrackAnswer]:
-        """Register the job's new tracks and encode their crops together (answered one by one afterwards)."""
+        """Register the job's new tracks and encode their crops together (answered together afterwards)."""
         with self._cond:
             faces = [f for f in faces if f.track_id not in self._answers and f.track_id not in self._ended]
             for f in faces:
@@ -223,12 +226,16 @@ class VlmWorker(threading.Thread):
             if item.session is not None and not self.model.generator.closed:
                 item.session.close()
 
-    def _answer(self, item: TrackAnswer) -> None:
+    def _answer(self, items: list[TrackAnswer]) -> None:
+        """The standing question about new tracks, all together, each in a new session."""
         with self._cond:
-            item.question = self.question
-        item.session = self.model.open_face(item.face)
-        item.face.embeds = None
-        self._ask(item)
+            for item in items:
+                item.question = self.question
+        sessions = self.model.open_encoded([item.face for item in items])
+        for item, session in zip(items, sessions):
+            item.session = session
+            item.face.embeds = None
+        self._ask(items)
 
     def _follow_up(self, track_id: int, question: str) -> None:
         """A follow-up about a live track, in its session (re-encoded never: an evicted session says so)."""
@@ -244,12 +251,15 @@ class VlmWorker(threading.Thread):
         item.face.timings.pop("image_prefill", None)  # a follow-up pays no image prefill
         with self._cond:
             self._answers[track_id] = item
-        self._ask(item)
+        self._ask([item])
 
-    def _ask(self, item: TrackAnswer) -> None:
-        def on_token(piece: str) -> None:
+    def _ask(self, items: list[TrackAnswer]) -> None:
+        """Answer ``items`` (one question) together in their sessions; one evicted by another user of the model
+        (the server) is reported as such and the others are answered."""
+        def on_token(i: int, piece: str) -> None:
             if self._stop_event.is_set():
                 raise _Stopped
+            item = items[i]
             with self._cond:
                 item.text += piece
                 if item.first_token is None:
@@ -257,15 +267,26 @@ class VlmWorker(threading.Thread):
             if self.on_piece is not None:
                 self.on_piece(item, piece)
 
-        try:
-            ans = item.session.answer_checked(item.question, self.model.config.generation, on_token)
-        except SessionError as exc:  # another user of the model (the server) evicted this track's conversation
-            log.warning("track %d: %s", item.track_id, exc)
-            with self._cond:
-                item.done, item.stop_reason = True, "evicted"
-            self.on_answer(item)
+        while items:
+            try:
+                answers = answer_together([item.session for item in items], items[0].question,
+                                          self.model.config.generation, on_token)
+                break
+            except SessionError as exc:
+                gone = [item for item in items if not item.session.cached]
+                if not gone:
+                    raise
+                for item in gone:
+                    log.warning("track %d: %s", item.track_id, exc)
+                    with self._cond:
+                        item.done, item.stop_reason = True, "evicted"
+                    self.on_answer(item)
+                items = [item for item in items if item not in gone]
+        else:
             return
-        item.face.timings.update(ans.timings)
-        with self._cond:
-            item.text, item.done, item.stop_reason, item.n_tokens = ans.text, True, ans.stop_reason, ans.n_generated
-        self.on_answer(item)
+        for item, ans in zip(items, answers):
+            item.face.timings.update(ans.timings)
+            with self._cond:
+                item.text, item.done, item.stop_reason = ans.text, True, ans.stop_reason
+                item.n_tokens = ans.n_generated
+            self.on_answer(item)
