@@ -230,3 +230,16 @@ def test_roofline_work_counts_the_tiny_model_by_hand(tiny_bundle):
     body = s.text_layers * (ht * ht * 2 + 2 * ht * (ht // s.text_heads * s.text_kv_heads) + 3 * ht * s.text_intermediate)
     assert w["image_prefill_gflop"] * 1e9 == pytest.approx(2 * 280 * body, rel=1e-6)
     assert w["question_prefill_gflop"] * 1e9 == pytest.approx(2 * 20 * body + 2 * a.vocab_size * ht, rel=1e-6)
+
+
+def test_many_faces_one_after_another_and_together(results, bench_run):
+    """t1.jpg's faces answered one after another vs together (facellm_edge.bench.faces), with the runtime's calls."""
+    faces = results["faces"]
+    assert faces["faces_in_photo"] == 6 and [r["faces"] for r in faces["counts"]] == [1, 2, 4, 6]
+    for r in faces["counts"]:
+        t, s = r["together"], r["one_after_another"]
+        assert t["tokens"] == r["faces"] * DECODE_TOKENS  # every face answered in full (stop_at_eos off)
+        assert r["ratio_total"] == pytest.approx(t["total_ms"] / s["total_ms"])
+        assert r["ratio_llm"] == pytest.approx(t["llm_ms"] / s["llm_ms"])
+        assert t["decode_tok_s"] > 0 and t["all_first_token_ms"] > t["vision_ms"] > 0
+    assert "## Many faces at once (6 faces in the photo" in (bench_run / "results.md").read_text()

@@ -76,6 +76,7 @@ class BenchConfig:
     vision_prepack: str = "auto"  # ONNX vision encoder's weight pre-packing + arena: auto | on | off (EncoderConfig)
     detector_model: Path | None = None  # YuNet .onnx; None: the detector's cached default
     profiles: bool = True
+    faces: bool = True  # the photo's faces answered one after another vs together (facellm_edge.bench.faces)
     roofline: bool = True  # measure this machine's ceilings and bound every edge configuration by them
     verify: bool = True  # --synthetic: verify the export, so every quant's logit agreement is reported as quality
     live: LiveBenchConfig = field(default_factory=LiveBenchConfig)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.bench.config import TARGETS
+from facellm_edge.bench.faces import faces_lines
 from facellm_edge.io import OutputKind, atomic_directory, known_file_set
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ SCHEMA = "facellm-edge-bench/2"
 BENCH = OutputKind("bench results", known_file_set({"results.json", "results.md", "stages.png"}, "results.json",
                                                    "facellm-edge-bench/1"))
 TOP_KEYS = ("schema", "created", "settings", "machine", "versions", "export", "configs", "ratios", "profiles",
-            "live", "roofline", "targets")
+            "live", "faces", "roofline", "targets")
 # Targets whose best possible value on this machine the roofline gives: target key -> (bound key, best is min?).
 TARGET_BOUNDS = {"ttft_cold_ms": ("ttft_cold_ms", True), "decode_tok_s": ("decode_tok_s", False)}
 NAIVE_PREFILL = "prefill + first token (transformers: inside generate)"
@@ -213,6 +214,7 @@ def to_markdown(r: dict[str, Any]) -> str:
                              + [f"{k}: unsupported ({why})" for k, why in p.get("unsupported", {}).items()])
             lines.append(f"| {p['setting']} | {p['metric']} ({p['better']} is better) | {opts} | **{p['winner']}** |")
     lines += _live_lines(r.get("live"))
+    lines += faces_lines(r.get("faces"))
     if r.get("export"):
         e = r["export"]
         lines += ["", f"Export of the synthetic model: {_fmt(e['seconds'])} s "

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from facellm_edge.bench import report, roofline
 from facellm_edge.bench.config import SYNTHETIC_QUANTS, SYNTHETIC_VISION, TINY, BenchConfig, resolve_naive
 from facellm_edge.bench.edge import PEER, aligned_face_crop, edge_payload
+from facellm_edge.bench.faces import faces_payload
 from facellm_edge.bench.live import live_payload
 from facellm_edge.bench.naive import naive_payload
 from facellm_edge.bench.stages import run_isolated
@@ -211,7 +212,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         def edge_config(vision: str, quant: str, label: str) -> dict[str, Any]:
             progress(label)
             c = run_isolated("facellm_edge.bench.edge:run_edge",
-                             edge_payload(bundle_dir, vision, quant, image, **common, detector_model=cfg.detector_model),
+                             edge_payload(bundle_dir, vision, quant, image, **common, detector_model=cfg.detector_model,
+                                          vision_prepack=cfg.vision_prepack),
                              timeout_s=cfg.config_timeout_s, label=label)
             progress(_summary(c))
             return c
@@ -235,7 +237,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         if cfg.profiles:
             progress(f"profiles on {best['name']}")
             payload = {**edge_payload(bundle_dir, best["vision"], best["quant"], image, **common,
-                                      detector_model=cfg.detector_model), "max_threads": max(threads, physical_cores())}
+                                      detector_model=cfg.detector_model, vision_prepack=cfg.vision_prepack),
+                       "max_threads": max(threads, physical_cores())}
             profiles = run_isolated("facellm_edge.bench.profiles:run_profiles", payload,
                                     timeout_s=cfg.config_timeout_s, label="profiles")["profiles"]
         live = None
@@ -248,6 +251,15 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                              cfg.detector_model),
                                 timeout_s=cfg.config_timeout_s, label="live")
 
+        faces = None
+        if cfg.faces:
+            progress(f"many faces at once with {best['name']}: one after another vs together")
+            faces = run_isolated("facellm_edge.bench.faces:run_faces",
+                                 faces_payload(bundle_dir, best["vision"], best["quant"], image, cfg.question,
+                                               cfg.runs, cfg.warmup, cfg.decode_tokens, threads, cfg.detector_model,
+                                               cfg.vision_prepack),
+                                 timeout_s=cfg.config_timeout_s, label="faces")
+
     results = {
         "schema": report.SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -255,7 +267,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                      "threads": threads, "question": cfg.question, "followup": cfg.followup,
                      "image": image.name, "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
                      "naive": list(naive),
-                     "naive_skipped": skipped, "best_edge": best["name"]},
+                     "naive_skipped": skipped, "best_edge": best["name"], "vision_prepack": cfg.vision_prepack},
         "machine": info,
         "versions": vers,
         "export": export_info,
@@ -263,6 +275,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         "ratios": report.compute_ratios(configs),
         "profiles": profiles,
         "live": live,
+        "faces": faces,
         "roofline": roof,
         "targets": report.evaluate_targets(configs, live),
     }

@@ -57,6 +57,9 @@ def bench_cmd(
     detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local YuNet .onnx."),
     profiles: bool = typer.Option(_default("profiles"), "--profiles/--no-profiles", help="Compare threads, ORT "
                                   "optimisation, KV-cache type and face batching."),
+    faces: bool = typer.Option(_default("faces"), "--faces/--no-faces", help="Answer the photo's faces (1, 2, 4, 6) "
+                               "one after another and together (one llama_decode per step for all): time, ratio, "
+                               "aggregate tok/s."),
     roofline: bool = typer.Option(_default("roofline"), "--roofline/--no-roofline", help="Measure this machine's "
                                   "memory bandwidth and GEMM throughput and show the best time each stage could "
                                   "reach."),
@@ -102,7 +105,8 @@ def bench_cmd(
         checkpoint=checkpoint, quants=parse_csv(quant, "quant") if quant else None,
         vision=parse_csv(vision, "vision precision") if vision else None, naive=parse_csv(naive, "naive baseline"),
         image=image, runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads,
-        vision_prepack=vision_prepack, detector_model=detector_model, profiles=profiles, roofline=roofline,
+        vision_prepack=vision_prepack, detector_model=detector_model, profiles=profiles, faces=faces,
+        roofline=roofline,
         verify=verify, force=force,
         live=LiveBenchConfig(enabled=live, video=video, frames=live_frames,
                              llama_threads=_thread_list(live_llama_threads)),
