@@ -7,10 +7,28 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Generator, TypeVar
 
 from facellm_edge.llm.slots import Slot
 
-__all__ = ["Answer", "FaceRun"]
+__all__ = ["Answer", "FaceRun", "drain"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def drain(run: Generator[T, None, R], on_item: Callable[[T], None] | None = None) -> R:
+    """Exhaust a streaming generator, handing each item to ``on_item``; return its return value. The generator is
+    closed whatever happens (an exception from ``on_item`` abandons the stream cleanly)."""
+    try:
+        while True:
+            item = next(run)
+            if on_item is not None:
+                on_item(item)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        run.close()
 
 
 @dataclass(frozen=True)

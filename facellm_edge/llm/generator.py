@@ -27,7 +27,7 @@ import numpy as np
 
 from facellm_edge.bundle import PromptSpec, TokenSpec
 from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
-from facellm_edge.llm.decoding import Answer, FaceRun
+from facellm_edge.llm.decoding import Answer, FaceRun, drain
 from facellm_edge.llm.engine import EngineConfig, LlamaEngine
 from facellm_edge.llm.sampling import GenerationConfig, SamplerChain, schema_to_grammar
 from facellm_edge.llm.slots import MissingSlot, Slot, SlotTable
@@ -264,16 +264,7 @@ class Generator:
     def answer_checked(self, key: Hashable, question: str, gen: GenerationConfig,
                        on_token: Callable[[str], None] | None = None) -> Answer:
         """:meth:`ask` for a question its caller has already checked (:func:`check_question`)."""
-        run = self._run(key, question, gen)
-        try:
-            while True:
-                piece = next(run)
-                if on_token is not None:
-                    on_token(piece)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            run.close()
+        return drain(self._run(key, question, gen), on_token)
 
     def stream(self, key: Hashable, question: str, gen: GenerationConfig = GenerationConfig()) -> Iterator[str]:
         """Yield the answer's text pieces as they are decoded (UTF-8 safe); the final ``StopIteration.value`` is the
@@ -296,17 +287,10 @@ class Generator:
         """Answer ``question`` about several faces at once: their question tokens are decoded in one batch and
         every decoding step samples one token per face (each face with its own sampler, stop and length) in one
         ``llama_decode``. ``on_token(i, piece)`` gets face ``keys[i]``'s text pieces as they are decoded. Greedy
-        answers equal :meth:`ask`'s for each face on its own."""
-        run = self._run_many(list(keys), check_question(question), gen)
-        try:
-            while True:
-                i, piece = next(run)
-                if on_token is not None:
-                    on_token(i, piece)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            run.close()
+        answers are each face's own (:meth:`ask`), up to llama.cpp's float differences between batch groupings at
+        near-ties."""
+        return drain(self._run_many(list(keys), check_question(question), gen),
+                     None if on_token is None else lambda item: on_token(*item))
 
     def stream_many(self, keys: Sequence[Hashable], question: str,
                     gen: GenerationConfig = GenerationConfig()) -> Iterator[tuple[int, str]]:

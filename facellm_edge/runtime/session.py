@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from facellm_edge.errors import UsageError
+from facellm_edge.llm.decoding import drain
 from facellm_edge.llm.generator import Answer, MissingSlot, check_question
 from facellm_edge.llm.sampling import GenerationConfig
 from facellm_edge.runtime.faces import Face
@@ -148,16 +149,7 @@ def answer_together(sessions: Sequence[FaceSession], question: str, gen: Generat
     """One question in several sessions of one model at once (e.g. every face of a frame): one llama_decode per
     step for all of them (:meth:`~facellm_edge.llm.generator.Generator.answer_many`). ``on_token(i, piece)`` gets
     ``sessions[i]``'s pieces; the question and settings are checked by the caller."""
-    run = stream_together(sessions, question, gen)
-    try:
-        while True:
-            i, piece = next(run)
-            if on_token is not None:
-                on_token(i, piece)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        run.close()
+    return drain(stream_together(sessions, question, gen), None if on_token is None else lambda item: on_token(*item))
 
 
 def stream_together(sessions: Sequence[FaceSession], question: str,
