@@ -193,12 +193,16 @@ def test_roofline_bounds_every_edge_configuration(results, bench_run):
     edge = next(x for x in results["configs"] if x["kind"] == "edge")
     assert (roof["image_tokens"], roof["question_tokens"]) == (edge["image_prefix_tokens"], edge["question_tokens"])
     assert edge["bounds"] == roofline.bounds(c, roof["vision"]["fp32"], "fp32", roof["llm"]["f32"])
+    ll = roof["llm"]["f32"]["llama"]  # llama.cpp's own kernels on the bundle's GGUF
+    assert ll["prefill_tokens"] == roof["image_tokens"] and ll["prefill_s"] > 0 and ll["prefill_gflop_s"] > 0
+    assert ll["step8_ms"] > 0 and ll["step1_ms"] > 0 and ll["compute_ms_per_token"] >= 0
     by_key = {t["key"]: t for t in results["targets"]}
     assert by_key["decode_tok_s"]["bound"] == edge["bounds"]["decode_tok_s"]
     assert by_key["ttft_cold_ms"]["bound"] == edge["bounds"]["ttft_cold_ms"]
     assert by_key["peak_rss_mb"]["bound"] is None
     md = (bench_run / "results.md").read_text()
     assert "## Roofline" in md and f"| {edge['name']} |" in md.split("## Roofline")[1]
+    assert "llama.cpp's own kernels on this file: prefill" in md
 
 
 def test_roofline_work_counts_the_tiny_model_by_hand(tiny_bundle):

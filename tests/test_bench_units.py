@@ -305,6 +305,13 @@ def test_roofline_bounds_arithmetic():
     assert b == {"encode_ms": 4000.0, "image_prefill_ms": 800.0, "question_prefill_ms": 200.0,
                  "ttft_cold_ms": 5000.0, "decode_tok_s": 40.0}
     assert roofline.bounds(ceilings, vision, "fp32", llm)["encode_ms"] == 7000.0
+    # decode: the slower of reading the weights (40 tok/s) and llama.cpp's compute per token, when measured
+    slow = {**llm, "llama": {"compute_ms_per_token": 50.0}}
+    assert roofline.bounds(ceilings, vision, "int8", slow)["decode_tok_s"] == 20.0
+    fast = {**llm, "llama": {"compute_ms_per_token": 10.0}}
+    assert roofline.bounds(ceilings, vision, "int8", fast)["decode_tok_s"] == 40.0
+    unmeasured = {**llm, "llama": {"compute_ms_per_token": 0.0}}  # no measurable difference: bandwidth only
+    assert roofline.bounds(ceilings, vision, "int8", unmeasured)["decode_tok_s"] == 40.0
 
 
 def test_bar_segments_split_each_path_by_its_own_stages():

@@ -241,6 +241,13 @@ def _roofline_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"- LLM {q}: image prefill {_fmt(w['image_prefill_gflop'])} GFLOP, question prefill "
                      f"{_fmt(w['question_prefill_gflop'])} GFLOP; decode reads {_fmt(w['decode_mb_per_token'])} MB "
                      f"per token (output head {_fmt(w['head_mb'])} MB)")
+        ll = w.get("llama")
+        if ll:
+            per_tok = ll["compute_ms_per_token"]
+            lines.append(f"  - llama.cpp's own kernels on this file: prefill {_fmt(ll['prefill_gflop_s'])} GFLOP/s "
+                         f"({ll['prefill_tokens']} positions in one call); a decoding step {_fmt(ll['step1_ms'])} ms "
+                         f"for 1 sequence, {_fmt(ll['step8_ms'])} ms for 8 → compute {_fmt(per_tok)} ms per token"
+                         + (f" (compute bound {_fmt(1000 / per_tok)} tok/s)" if per_tok > 0 else ""))
     cols = {"encode_ms": "encode ms", "image_prefill_ms": "image prefill ms",
             "question_prefill_ms": "question prefill ms", "ttft_cold_ms": "TTFT cold ms",
             "decode_tok_s": "decode tok/s"}
