@@ -719,3 +719,28 @@ def test_packed_decode_logits_match_one_sequence_at_a_time(smollm2_gguf, ref, th
         assert eng.decode_packed(big, logits_last=True) == [19, 20, 21] and calls == [64, 64, 22]
     finally:
         eng.close()
+
+
+def test_a_cut_face_stops_and_the_others_go_on(gen, ref, three_images):
+    """stream_many's ``cut``: a face the caller stops (a stop string) ends at once with its last token pending, as a
+    closed one-face stream leaves it; the other faces decode to max_tokens."""
+    keys = ["c0", "c1", "c2"]
+    gen.prefill_many([(k, [e]) for k, e in zip(keys, three_images)])
+    cut: set[int] = set()
+    run = gen.stream_many(keys, "Describe this person.", GenerationConfig(max_tokens=6, stop_at_eos=False), cut)
+    got = {0: 0, 1: 0, 2: 0}
+    try:
+        while True:
+            i, _ = next(run)
+            got[i] += 1
+            if i == 1:
+                cut.add(1)  # stop face 1 on its first piece
+    except StopIteration as stop:
+        answers = stop.value
+    assert [a.stop_reason for a in answers] == ["length", "stop", "length"]
+    assert answers[1].n_generated == 1 and got[1] == 1 and answers[0].n_generated == answers[2].n_generated == 6
+    follow = gen.answer_many(keys, "How old?", GenerationConfig(max_tokens=2))
+    turn = followup_tokens(ref, "How old?")
+    assert [a.n_prefilled for a in follow] == [1 + len(turn)] * 3  # each face's last token was still pending
+    for k in keys:
+        gen.drop(k)

@@ -106,6 +106,27 @@ def test_face_all_gives_one_choice_per_face(client, live_model, t1_bgr, user):
     assert second.choices[0].model_extra["face"]["box"] == expected[1].to_dict()["box"]
 
 
+def test_face_all_is_answered_together(client, live_model, t1_bgr, user, monkeypatch):
+    """The faces of one image are answered as ``ask`` answers them: one batched run for all (the streamed choices
+    interleave), each choice the same text as ``ask``'s."""
+    expected = live_model.ask(t1_bgr, QUESTION, max_tokens=3)
+    calls = []
+    real = live_model.generator.stream_many
+    monkeypatch.setattr(live_model.generator, "stream_many",
+                        lambda keys, *a, **k: (calls.append(len(keys)), real(keys, *a, **k))[1])
+    stream = client.chat.completions.create(model="facellm-edge", messages=[user(t1_bgr)], max_tokens=3,
+                                            stream=True, extra_body={"face": "all"})
+    order, texts = [], {}
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.delta.content:
+                order.append(c.index)
+                texts[c.index] = texts.get(c.index, "") + c.delta.content
+    assert calls == [6]  # one run for the six faces
+    assert order != sorted(order)  # tokens of different faces interleave
+    assert [texts.get(i, "") for i in range(6)] == [a.text for a in expected]
+
+
 def test_json_schema_and_stop_strings(client, astronaut_bgr, user):
     schema = {"type": "object", "properties": {"smiling": {"type": "boolean"}}, "required": ["smiling"],
               "additionalProperties": False}

@@ -292,10 +292,13 @@ class Generator:
         return drain(self._run_many(list(keys), check_question(question), gen),
                      None if on_token is None else lambda item: on_token(*item))
 
-    def stream_many(self, keys: Sequence[Hashable], question: str,
-                    gen: GenerationConfig = GenerationConfig()) -> Iterator[tuple[int, str]]:
-        """:meth:`answer_many` as an iterator of (face index, text piece); ``StopIteration.value`` is the answers."""
-        return (yield from self._run_many(list(keys), check_question(question), gen))
+    def stream_many(self, keys: Sequence[Hashable], question: str, gen: GenerationConfig = GenerationConfig(),
+                    cut: Collection[int] = ()) -> Iterator[tuple[int, str]]:
+        """:meth:`answer_many` as an iterator of (face index, text piece); ``StopIteration.value`` is the answers.
+        ``cut``: a collection the caller may add face indices to while iterating (e.g. a stop string was seen):
+        those faces stop before their next token (stop reason "stop"; their last token stays pending, as when a
+        one-face stream is closed) while the others go on."""
+        return (yield from self._run_many(list(keys), check_question(question), gen, cut))
 
     def _run(self, key: Hashable, question: str, gen: GenerationConfig) -> Iterator[str]:
         run = self._run_many([key], question, gen)
@@ -307,8 +310,8 @@ class Generator:
         finally:
             run.close()
 
-    def _run_many(self, keys: list[Hashable], question: str,
-                  gen: GenerationConfig) -> Iterator[tuple[int, str]]:
+    def _run_many(self, keys: list[Hashable], question: str, gen: GenerationConfig,
+                  cut: Collection[int] = ()) -> Iterator[tuple[int, str]]:
         if not keys or len(set(keys)) != len(keys):
             raise UsageError("answer_many takes one or more different face keys")
         self._acquire()
@@ -345,6 +348,9 @@ class Generator:
             while active:
                 going = []
                 for i, row in zip(active, rows):  # one token per face still answering, each its own sampler
+                    if i in cut:
+                        runs[i].stopped("stop")
+                        continue
                     r, token = runs[i], eng.sample_at(chains[i].handle, row)
                     r.first_sampled()
                     if (token in self._eos or eng.is_eog(token)) and (gen.stop_at_eos or gen.grammar is not None):
@@ -353,7 +359,9 @@ class Generator:
                     text = r.take(token, eng.piece(token))
                     if text:
                         yield i, text
-                    if len(r.tokens) >= gen.max_tokens:
+                    if i in cut:  # the caller stopped this face on what it just got
+                        r.stopped("stop")
+                    elif len(r.tokens) >= gen.max_tokens:
                         r.stopped()
                     elif r.slot.n_past >= self.n_ctx:
                         log.warning("face %r: the %d-token context is full; answer cut", keys[i], self.n_ctx)

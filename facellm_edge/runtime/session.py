@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Sequence
 
 from facellm_edge.errors import UsageError
 from facellm_edge.llm.decoding import drain
@@ -152,10 +152,11 @@ def answer_together(sessions: Sequence[FaceSession], question: str, gen: Generat
     return drain(stream_together(sessions, question, gen), None if on_token is None else lambda item: on_token(*item))
 
 
-def stream_together(sessions: Sequence[FaceSession], question: str,
-                    gen: GenerationConfig) -> Iterator[tuple[int, str]]:
+def stream_together(sessions: Sequence[FaceSession], question: str, gen: GenerationConfig,
+                    cut: Collection[int] = ()) -> Iterator[tuple[int, str]]:
     """:func:`answer_together` as an iterator of (index into ``sessions``, text piece); its
-    ``StopIteration.value`` is the answers."""
+    ``StopIteration.value`` is the answers. ``cut``: indices the caller adds while iterating stop there
+    (:meth:`~facellm_edge.llm.generator.Generator.stream_many`)."""
     if not sessions:
         return []
     generators = {id(s._gen) for s in sessions}
@@ -164,7 +165,7 @@ def stream_together(sessions: Sequence[FaceSession], question: str,
     for s in sessions:
         s._check_open()
     try:
-        answers = yield from sessions[0]._gen.stream_many([s.id for s in sessions], question, gen)
+        answers = yield from sessions[0]._gen.stream_many([s.id for s in sessions], question, gen, cut)
     except MissingSlot as exc:
         missing = next((s for s in sessions if not s._gen.has(s.id)), sessions[0])
         raise missing._evicted() from exc

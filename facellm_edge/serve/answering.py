@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Union
 from facellm_edge.errors import RuntimeStageError
 from facellm_edge.llm.sampling import GenerationConfig
 from facellm_edge.runtime.answers import FaceAnswer
-from facellm_edge.runtime.session import FaceSession, SessionError
+from facellm_edge.runtime.session import FaceSession, SessionError, stream_together
 from facellm_edge.serve.errors import APIError
 from facellm_edge.serve.images import ImageBytes, decode
 from facellm_edge.serve.sessions import Entry, SessionStore, Turns
@@ -211,6 +211,10 @@ def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Eve
         return
     keys = {i: (sha, f"all:{i}" if task.face == "all" else str(task.face)) for i in picked}
     claimed = {i: _claim(store, keys[i], turns) for i in picked} if task.index and turns else {}
+    if 1 < len(picked) <= model.generator.max_slots and not any(claimed.values()):
+        yield from _converse_together(model, store, image, [faces[i] for i in picked], [keys[i] for i in picked],
+                                      task)
+        return
     try:
         model.encode_faces(image, [faces[i] for i in picked if claimed.get(i) is None])
         for choice, i in enumerate(picked):
@@ -231,6 +235,58 @@ def followup_job(model: "FaceLLM", store: SessionStore, session_id: str, questio
     entry = store.acquire(session_id)
     task = Task(ImageBytes(b"", "the session's image"), question, entry.session.index, gen, index=False)
     yield from _converse(model, store, entry, 0, task, entry.turns, continued=True)
+
+
+def _converse_together(model: "FaceLLM", store: SessionStore, image, faces: list["Face"],
+                       keys: list[tuple[str, str]], task: Task) -> Iterator[Event]:
+    """The picked faces of a new image answered together, as ``FaceLLM.ask`` does: one encode call, their image
+    prefixes and every decoding step in shared llama_decode calls; a stop string ends only its own face."""
+    model.encode_faces(image, faces)
+    sessions = model.open_encoded(faces)
+    entries = [store.add(s, key if task.index else None) for s, key in zip(sessions, keys)]
+    afters: dict[int, Turns] = {}
+    try:
+        for choice, s in enumerate(sessions):
+            yield FaceOpened(choice, s, False, reset=bool(task.turns))
+        scanners, parts = [StopScanner(task.stops) for _ in sessions], [[] for _ in sessions]
+        cut: set[int] = set()
+        run = stream_together(sessions, task.question, task.generation, cut)
+        try:
+            while True:
+                choice, piece = next(run)
+                text = scanners[choice].feed(piece)
+                if scanners[choice].hit:
+                    cut.add(choice)
+                if text:
+                    parts[choice].append(text)
+                    yield Piece(choice, text)
+        except StopIteration as stop:
+            answers = stop.value
+        except RuntimeStageError as exc:
+            if any(parts):
+                raise
+            raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
+        finally:
+            run.close()
+        for choice, (s, ans, scanner) in enumerate(zip(sessions, answers, scanners)):
+            tail = scanner.flush()
+            if tail:
+                parts[choice].append(tail)
+                yield Piece(choice, tail)
+            stopped = ans.stop_reason == "stop"
+            reply = Reply("".join(parts[choice]), "length" if ans.stop_reason == "length" else "stop",
+                          ans.stop_reason, s.n_prefix + ans.n_prefilled, 0, ans.n_generated,
+                          () if stopped else ans.token_ids, dict(ans.timings), ans.tokens_per_s)
+            afters[choice] = task.turns + ((task.question, reply.text),)
+            yield Replied(choice, s, reply, True)
+    except SessionError:
+        for s in sessions:
+            if not s.cached:
+                store.forget(s.id, EVICTED)
+        raise
+    finally:
+        for choice, entry in enumerate(entries):
+            store.release(entry, afters.get(choice))
 
 
 def _claim(store: SessionStore, key: tuple[str, str], turns: Turns) -> Entry | None:
