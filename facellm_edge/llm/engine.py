@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -197,71 +197,47 @@ class LlamaEngine:
     # -- decoding -------------------------------------------------------------------------------------
     def decode_tokens(self, tokens: Sequence[int], seq: int, pos0: int, *, logits_last: bool) -> None:
         """Decode ``tokens`` at positions ``pos0..`` of ``seq``; keep the logits of the last one if asked."""
-        for _ in self._decode_chunks(tokens, seq, pos0, "last" if logits_last else "none"):
-            pass
+        self.decode_packed([(tokens, seq, pos0)], logits_last=logits_last)
 
     def decode_embeddings(self, embeds: np.ndarray, seq: int, pos0: int, *, logits_last: bool) -> None:
         """Decode rows of ``embeds`` (float32 [n, n_embd]) as input embeddings at positions ``pos0..``."""
-        for _ in self._decode_chunks(embeds, seq, pos0, "last" if logits_last else "none"):
-            pass
+        self.decode_packed([(embeds, seq, pos0)], logits_last=logits_last)
 
     def logits_of(self, item: Sequence[int] | np.ndarray, seq: int, pos0: int) -> np.ndarray:
         """Decode token ids (1-D) or embeddings (float32 [n, n_embd]) at ``pos0..`` of ``seq`` and return the
         logits of every position, [n, n_vocab]. For verification against transformers; generation never copies
         logits."""
-        out = [np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n, self.n_vocab)).copy()
-               for n in self._decode_chunks(item, seq, pos0, "all")]
+        rows, step, out = _rows(item, seq, pos0), self.config.n_batch, []
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            self._decode_rows(chunk, _is_embd(item), n_logits=len(chunk))
+            out.append(np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx),
+                                             shape=(len(chunk), self.n_vocab)).copy())
         return np.concatenate(out, axis=0)
-
-    def _decode_chunks(self, item: Sequence[int] | np.ndarray, seq: int, pos0: int, outputs: str) -> Iterator[int]:
-        """Decode token ids (1-D) or embeddings (2-D) in ``n_batch`` chunks; yield each chunk's size after its
-        decode. ``outputs``: which positions keep logits — "none", "last" (of the whole item) or "all"."""
-        is_embd = isinstance(item, np.ndarray) and item.ndim == 2
-        arr = np.ascontiguousarray(item, dtype=np.float32) if is_embd else item
-        batch = self._emb_batch if is_embd else self._tok_batch
-        total, step = len(arr), self.config.n_batch
-        for start in range(0, total, step):
-            chunk = arr[start:start + step]
-            n = len(chunk)
-            if is_embd:
-                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-            else:
-                for i, t in enumerate(chunk):
-                    batch.token[i] = int(t)
-            for i in range(n):
-                batch.pos[i] = pos0 + start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = outputs == "all"
-            if outputs == "last" and start + n == total:
-                batch.logits[n - 1] = 1
-            batch.n_tokens = n
-            self._decode(batch, n)
-            yield n
 
     def decode_packed(self, items: Sequence[tuple[Sequence[int] | np.ndarray, int, int]], *,
                       logits_last: bool) -> list[int]:
         """Decode several sequences' rows together: ``items`` are (token ids, or float32 embeddings [n, n_embd], all
-        of one kind and non-empty; seq; pos0). Rows of all items share each ``llama_decode`` call (up to
-        ``n_batch``), so N faces cost one pass over the weights per call instead of N. With ``logits_last`` every
-        item's last row lands in the final call, with logits, and its row index there is returned per item (for
-        :meth:`sample_at`); otherwise []."""
-        if not items:
-            return []
-        is_embd = isinstance(items[0][0], np.ndarray) and items[0][0].ndim == 2
+        of one kind; seq; pos0). Rows of all items share each ``llama_decode`` call (up to ``n_batch``), so N faces
+        cost one pass over the weights per call instead of N; one item is decoded in ``n_batch`` chunks. With
+        ``logits_last`` every item (non-empty) has its last row in the final call, with logits, and that row's index
+        there is returned per item (for :meth:`sample_at`); otherwise []."""
         if logits_last and len(items) > self.config.n_batch:
             raise UsageError(f"{len(items)} sequences at once exceed n_batch {self.config.n_batch}")
+        if logits_last and any(len(x) == 0 for x, _, _ in items):
+            raise UsageError("decode_packed: an item with no rows has no last row to keep logits of")
         body, last = [], []
         for x, seq, pos0 in items:
-            n = len(x)
-            rows = list(zip(x, [seq] * n, range(pos0, pos0 + n)))
+            rows = _rows(x, seq, pos0)
             if logits_last:
                 body += rows[:-1]
                 last.append(rows[-1])
             else:
                 body += rows
         rows = body + last  # a sequence's rows stay in position order across the calls
-        step = self.config.n_batch
+        if not rows:
+            return []
+        is_embd, step = _is_embd(items[0][0]), self.config.n_batch
         n_final = max(len(last), len(rows) - step * ((len(rows) - 1) // step))  # full chunks, then the rest
         head, tail = rows[:len(rows) - n_final], rows[len(rows) - n_final:]  # the rest holds every last row
         for start in range(0, len(head), step):
@@ -297,10 +273,6 @@ class LlamaEngine:
             raise RuntimeStageError(f"llama_decode failed with code {rc} while decoding {n} positions")
 
     # -- sampling -------------------------------------------------------------------------------------
-    def sample(self, chain) -> int:
-        """Sample from the logits of the last decoded output with an in-llama.cpp sampler chain (accepts it)."""
-        return int(self._L.llama_sampler_sample(chain, self._ctx, -1))
-
     def sample_at(self, chain, index: int) -> int:
         """Sample from the logits of row ``index`` of the last decode (see :meth:`decode_packed`); accepts it."""
         return int(self._L.llama_sampler_sample(chain, self._ctx, index))
@@ -336,3 +308,13 @@ class LlamaEngine:
     @property
     def closed(self) -> bool:
         return self._model is None
+
+
+def _is_embd(item: object) -> bool:
+    """Input embeddings (a 2-D float array) rather than token ids."""
+    return isinstance(item, np.ndarray) and item.ndim == 2
+
+
+def _rows(item: Sequence[int] | np.ndarray, seq: int, pos0: int) -> list[tuple[object, int, int]]:
+    """(token id or embedding row, seq, position) for each row of ``item`` decoded at ``pos0..`` of ``seq``."""
+    return list(zip(item, [seq] * len(item), range(pos0, pos0 + len(item))))

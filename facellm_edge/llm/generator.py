@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, Hashable, Iterator, Sequence
 
@@ -193,7 +194,7 @@ class Generator:
                               "(prompt.image_separator is null); ask about one image at a time")
         embeds = [[self._check_embeds(e) for e in images] for _, images in items]
         sep, tk = t.sep or [], self.tokens
-        # segments per key, alternating token ids and embeddings: pre <img> | image | </img> sep <img> | ... | </img> mid
+        # segments per key, token ids and embeddings in turn: pre <img> | image | </img> sep <img> | ... | </img> mid
         segments = []
         for images in embeds:
             segs: list = [t.pre + [tk.image_start_id]]
@@ -218,16 +219,12 @@ class Generator:
                 self._evict(victim)
             self._make_room(keys, sum(lengths))
             slots = [self._slots.add(k) for k in keys]
-            try:
+            with self._evicted_on_failure(keys):
                 pos = [0] * len(slots)
                 for j in range(len(segments[0])):
                     self._engine.decode_packed([(segs[j], s.seq, p) for segs, s, p in zip(segments, slots, pos)],
                                                logits_last=False)
                     pos = [p + len(segs[j]) for segs, p in zip(segments, pos)]
-            except BaseException:
-                for k in keys:
-                    self._evict(k)
-                raise
             for s, n in zip(slots, lengths):
                 s.n_past = n
             return lengths
@@ -338,7 +335,9 @@ class Generator:
             for _ in keys:
                 chains.append(SamplerChain(eng.lib, eng.vocab, eng.n_vocab, gen, self.config.seed))
             self._make_room(keys, sum(len(r.segment) for r in runs))
-            rows = self._decode_or_evict(keys, [(r.segment, r.slot.seq, r.slot.n_past) for r in runs])
+            with self._evicted_on_failure(keys):
+                rows = self._engine.decode_packed([(r.segment, r.slot.seq, r.slot.n_past) for r in runs],
+                                                  logits_last=True)
             for r in runs:
                 r.slot.n_past += len(r.segment)
                 r.slot.pending = None
@@ -377,8 +376,9 @@ class Generator:
                     for i in active:
                         runs[i].stopped()
                     break
-                rows = self._decode_or_evict([keys[i] for i in active], [
-                    ([runs[i].slot.pending], runs[i].slot.seq, runs[i].slot.n_past) for i in active])
+                with self._evicted_on_failure([keys[i] for i in active]):
+                    rows = self._engine.decode_packed([([runs[i].slot.pending], runs[i].slot.seq, runs[i].slot.n_past)
+                                                       for i in active], logits_last=True)
                 for i in active:
                     runs[i].decoded()
             for i, r in enumerate(runs):
@@ -391,11 +391,11 @@ class Generator:
                 chain.close()
             self._release()
 
-    def _decode_or_evict(self, keys: list[Hashable], items: list[tuple[list[int], int, int]]) -> list[int]:
-        """Decode these faces' next tokens together (logits for each one's last); on failure their caches are in
-        an unknown state, so they are evicted."""
+    @contextmanager
+    def _evicted_on_failure(self, keys: Collection[Hashable]) -> Iterator[None]:
+        """A decode into these faces' sequences that fails leaves their caches in an unknown state: evict them."""
         try:
-            return self._engine.decode_packed(items, logits_last=True)
+            yield
         except BaseException:
             for key in keys:
                 if key in self._slots:
