@@ -13,7 +13,6 @@ Everything here blocks; nothing here runs on the event loop. Events:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Union
 
@@ -26,6 +25,8 @@ from facellm_edge.serve.images import ImageBytes, decode
 from facellm_edge.serve.sessions import Entry, SessionStore, Turns
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from facellm_edge.runtime.faces import Face
     from facellm_edge.runtime.pipeline import FaceLLM
 
@@ -140,59 +141,43 @@ class StopScanner:
         return held
 
 
-def answer(model: "FaceLLM", session: FaceSession, question: str, gen: GenerationConfig, stops: tuple[str, ...],
-           choice: int, continued: bool) -> Iterator[Piece]:
-    """Stream the answer to ``question`` in ``session`` as :class:`Piece` events; returns the :class:`Reply`."""
-    scanner = StopScanner(stops)
-    it = session.stream(question, generation=gen)
-    parts: list[str] = []
-    n, ans = 0, None
-    t0 = time.perf_counter()
-    t_first = t0
+def answer(sessions: list[FaceSession], question: str, gen: GenerationConfig, stops: tuple[str, ...],
+           choices: list[int], cached: list[int]) -> Iterator[Piece]:
+    """Stream the answers to ``question`` in ``sessions`` (together: one llama_decode per step for all) as
+    :class:`Piece` events of ``choices``; returns one :class:`Reply` each. A stop string ends only its own answer
+    (the generator's per-face ``cut``: it stops at once, its last token pending). ``cached``: prompt tokens
+    already in the KV cache per session (a continued conversation's prefix)."""
+    scanners, parts = [StopScanner(stops) for _ in sessions], [[] for _ in sessions]
+    cut: set[int] = set()
+    run = stream_together(sessions, question, gen, cut)
     try:
-        while not scanner.hit:
-            try:
-                piece = next(it)
-            except StopIteration as stop:
-                ans = stop.value
-                break
-            if n == 0:
-                t_first = time.perf_counter()
-            n += 1
-            text = scanner.feed(piece)
+        while True:
+            i, piece = next(run)
+            text = scanners[i].feed(piece)
+            if scanners[i].hit:
+                cut.add(i)
             if text:
-                parts.append(text)
-                yield Piece(choice, text)
+                parts[i].append(text)
+                yield Piece(choices[i], text)
+    except StopIteration as stop:
+        answers = stop.value
     except RuntimeStageError as exc:
-        if n:
+        if any(parts):
             raise
         raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
     finally:
-        it.close()  # a stop string: generation ends here and the model is free
-    tail = scanner.flush()
-    if tail:
-        parts.append(tail)
-        yield Piece(choice, tail)
-    cached = session.n_prefix if continued else 0
-    if ans is not None:
-        return Reply("".join(parts), "length" if ans.stop_reason == "length" else "stop", ans.stop_reason,
-                     session.n_prefix + ans.n_prefilled, cached, ans.n_generated, ans.token_ids, dict(ans.timings),
-                     ans.tokens_per_s)
-    # cut by a stop string: the runtime's Answer is not made for a closed stream; count what was streamed
-    t_end = time.perf_counter()
-    timings = {"ttft": (t_first - t0) * 1e3, "decode": (t_end - t_first) * 1e3}
-    rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0
-    return Reply("".join(parts), "stop", "stop", session.n_prefix + _question_tokens(model, session, question),
-                 cached, n, (), timings, rate)
-
-
-def _question_tokens(model: "FaceLLM", session: FaceSession, question: str) -> int:
-    """Tokens of ``question`` in its turn (as a first turn), from the generator's public prompt builder."""
-    embeds = session.face.embeds if session.face is not None else None
-    if embeds is None:
-        return 0
-    rows = embeds.reshape(-1, embeds.shape[-1]).shape[0]
-    return max(0, len(model.generator.prompt_tokens([rows], question)) - session.n_prefix)
+        run.close()
+    replies = []
+    for i, (session, ans) in enumerate(zip(sessions, answers)):
+        tail = scanners[i].flush()
+        if tail:
+            parts[i].append(tail)
+            yield Piece(choices[i], tail)
+        cut_here = ans.stop_reason == "stop"  # by a stop string: the text is cut, so no token ids are reported
+        replies.append(Reply("".join(parts[i]), "length" if ans.stop_reason == "length" else "stop",
+                             ans.stop_reason, session.n_prefix + ans.n_prefilled, cached[i], ans.n_generated,
+                             () if cut_here else ans.token_ids, dict(ans.timings), ans.tokens_per_s))
+    return replies
 
 
 def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Event]:
@@ -201,7 +186,7 @@ def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Eve
     if task.face != "all" and task.index and turns:
         entry = _claim(store, (sha, str(task.face)), turns)
         if entry is not None:  # a kept conversation: no decode, no detection, no encode
-            yield from _converse(model, store, entry, 0, task, turns, continued=True)
+            yield from _converse(store, entry, 0, task, turns, continued=True)
             return
     image = decode(task.image, task.max_pixels)
     faces = model.detect(image)
@@ -222,7 +207,7 @@ def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Eve
             continued = entry is not None
             if entry is None:
                 entry = store.add(model.open_face(faces[i], index=i), keys[i] if task.index else None)
-            yield from _converse(model, store, entry, choice, task, turns, continued=continued)
+            yield from _converse(store, entry, choice, task, turns, continued=continued)
     finally:
         for entry in claimed.values():
             if entry is not None:  # not reached (an error, or the client went away): free them again
@@ -234,10 +219,10 @@ def followup_job(model: "FaceLLM", store: SessionStore, session_id: str, questio
     """A follow-up question in a kept session (native API)."""
     entry = store.acquire(session_id)
     task = Task(ImageBytes(b"", "the session's image"), question, entry.session.index, gen, index=False)
-    yield from _converse(model, store, entry, 0, task, entry.turns, continued=True)
+    yield from _converse(store, entry, 0, task, entry.turns, continued=True)
 
 
-def _converse_together(model: "FaceLLM", store: SessionStore, image, faces: list["Face"],
+def _converse_together(model: "FaceLLM", store: SessionStore, image: "np.ndarray", faces: list["Face"],
                        keys: list[tuple[str, str]], task: Task) -> Iterator[Event]:
     """The picked faces of a new image answered together, as ``FaceLLM.ask`` does: one encode call, their image
     prefixes and every decoding step in shared llama_decode calls; a stop string ends only its own face."""
@@ -248,35 +233,9 @@ def _converse_together(model: "FaceLLM", store: SessionStore, image, faces: list
     try:
         for choice, s in enumerate(sessions):
             yield FaceOpened(choice, s, False, reset=bool(task.turns))
-        scanners, parts = [StopScanner(task.stops) for _ in sessions], [[] for _ in sessions]
-        cut: set[int] = set()
-        run = stream_together(sessions, task.question, task.generation, cut)
-        try:
-            while True:
-                choice, piece = next(run)
-                text = scanners[choice].feed(piece)
-                if scanners[choice].hit:
-                    cut.add(choice)
-                if text:
-                    parts[choice].append(text)
-                    yield Piece(choice, text)
-        except StopIteration as stop:
-            answers = stop.value
-        except RuntimeStageError as exc:
-            if any(parts):
-                raise
-            raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
-        finally:
-            run.close()
-        for choice, (s, ans, scanner) in enumerate(zip(sessions, answers, scanners)):
-            tail = scanner.flush()
-            if tail:
-                parts[choice].append(tail)
-                yield Piece(choice, tail)
-            stopped = ans.stop_reason == "stop"
-            reply = Reply("".join(parts[choice]), "length" if ans.stop_reason == "length" else "stop",
-                          ans.stop_reason, s.n_prefix + ans.n_prefilled, 0, ans.n_generated,
-                          () if stopped else ans.token_ids, dict(ans.timings), ans.tokens_per_s)
+        replies = yield from answer(sessions, task.question, task.generation, task.stops,
+                                    list(range(len(sessions))), [0] * len(sessions))
+        for choice, (s, reply) in enumerate(zip(sessions, replies)):
             afters[choice] = task.turns + ((task.question, reply.text),)
             yield Replied(choice, s, reply, True)
     except SessionError:
@@ -311,7 +270,7 @@ def _pick(faces: list["Face"], choice: FaceChoice) -> list[int]:
     return [choice]
 
 
-def _converse(model: "FaceLLM", store: SessionStore, entry: Entry, choice: int, task: Task, before: Turns, *,
+def _converse(store: SessionStore, entry: Entry, choice: int, task: Task, before: Turns, *,
               continued: bool) -> Iterator[Event]:
     """Answer in ``entry``'s session; it is released (indexed under ``before`` + this turn when the answer is
     complete) whatever happens, and forgotten when the model had evicted it."""
@@ -319,7 +278,8 @@ def _converse(model: "FaceLLM", store: SessionStore, entry: Entry, choice: int, 
     after = None
     try:
         yield FaceOpened(choice, session, continued, reset=bool(task.turns) and not continued)
-        reply = yield from answer(model, session, task.question, task.generation, task.stops, choice, continued)
+        (reply,) = yield from answer([session], task.question, task.generation, task.stops, [choice],
+                                     [session.n_prefix if continued else 0])
         after = before + ((task.question, reply.text),)
         yield Replied(choice, session, reply, first)
     except SessionError:
