@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.bench.edge import read_bgr, runtime_config
+from facellm_edge.timings import ms_since
 
 FACE_COUNTS = (1, 2, 4, 6)
 
@@ -37,10 +38,6 @@ def faces_payload(bundle: Path, vision: str, quant: str, image: Path, question: 
             "detector_model": str(detector_model) if detector_model else None, "vision_prepack": vision_prepack}
 
 
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1e3
-
-
 def run_faces(p: dict[str, Any]) -> dict[str, Any]:
     """Subprocess entry: one after another vs together for each face count the photo allows."""
     from facellm_edge.runtime.pipeline import FaceLLM
@@ -48,16 +45,15 @@ def run_faces(p: dict[str, Any]) -> dict[str, Any]:
 
     image, question = read_bgr(p["image"]), p["question"]
     cfg = runtime_config(p, threads=int(p["threads"]))
-    with FaceLLM.load(p["bundle"], cfg) as probe:
-        found = len(probe.detect(image))
-    counts = [n for n in FACE_COUNTS if n <= found] or [found]
-    if not found:
-        return {"faces_in_photo": 0, "counts": []}
-    cfg = replace(cfg, engine=replace(cfg.engine, max_slots=max(counts)))
+    cfg = replace(cfg, engine=replace(cfg.engine, max_slots=max(FACE_COUNTS)))
     gen = cfg.generation
     rows = []
     with FaceLLM.load(p["bundle"], cfg) as model:
         faces_all = model.detect(image)
+        found = len(faces_all)
+        if not found:
+            return {"faces_in_photo": 0, "counts": []}
+        counts = [n for n in FACE_COUNTS if n <= found]
 
         def one_after_another(n: int) -> dict[str, float]:
             vision = llm = 0.0
@@ -65,22 +61,22 @@ def run_faces(p: dict[str, Any]) -> dict[str, Any]:
                 face.timings.clear()
                 t0 = time.perf_counter()
                 model.encode_faces(image, [face])
-                vision += _ms(t0)
+                vision += ms_since(t0)
                 t0 = time.perf_counter()
                 with model.open_face(face) as session:
                     session.answer_checked(question, gen)
-                llm += _ms(t0)
+                llm += ms_since(t0)
             return {"vision_ms": vision, "llm_ms": llm, "total_ms": vision + llm}
 
         def together(n: int) -> dict[str, float]:
             faces = faces_all[:n]
             t0 = time.perf_counter()
             model.encode_faces(image, faces)
-            vision = _ms(t0)
+            vision = ms_since(t0)
             t1 = time.perf_counter()
             sessions = model.open_encoded(faces)
             answers = answer_together(sessions, question, gen)
-            llm = _ms(t1)
+            llm = ms_since(t1)
             for s in sessions:
                 s.close()
             prefill = faces[0].timings["image_prefill"]

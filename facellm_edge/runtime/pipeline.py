@@ -124,11 +124,11 @@ class FaceLLM:
                                                for sid, f in zip(ids, faces)])
         prefill = ms_since(t0)
         sessions = []
-        for k, (sid, n, face) in enumerate(zip(ids, lengths, faces)):
+        for j, (sid, n, face) in enumerate(zip(ids, lengths, faces)):
             face.timings["image_prefill"] = prefill
             opened = Opened(n_prefix=n, timings={k: v for k, v in face.timings.items() if k != "detect"})
             sessions.append(FaceSession(self.generator, self.config.generation, face, opened, session_id=sid,
-                                        index=first_index + k))
+                                        index=first_index + j))
         return sessions
 
     def open_faces(self, image_bgr: np.ndarray, *, save_crops: str | Path | None = None) -> list[FaceSession]:
