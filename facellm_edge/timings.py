@@ -7,8 +7,8 @@ The runtime fills them into ``Face.timings`` / answers' ``timings``, the live lo
 ``detect``                the detector on the whole image (shared by the faces found in it)
 ``align``                 this face's 5-point similarity warp to the crop the model sees
 ``preprocess``            crop(s) -> normalised ``pixel_values`` (resize, tiling, mean/std)
-``encode``                the vision encoder (ONNX Runtime) call that produced this face's embeddings; faces
-                          encoded together share one call and report its time
+``encode``                the vision encoder (ONNX Runtime) making this face's embeddings; faces encoded together
+                          (one call on a GPU, face by face on the CPU) each report the time of the whole group
 ``image_prefill``         llama.cpp decoding the prompt up to the question with the image embeddings into the KV
                           cache (once per conversation: a follow-up question does not pay it again)
 ``question_prefill``      decoding the question's tokens after the cached image prefix (part of ``ttft``)

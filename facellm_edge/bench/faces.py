@@ -6,7 +6,8 @@ tokens (``stop_at_eos=False``):
 - **one after another** (the runtime before batching: six new people = six cold paths): per face
   ``FaceLLM.encode_faces(image, [face])`` -> ``FaceLLM.open_face`` (image prefill) -> ``FaceSession.ask``;
 - **together** (what ``ask``, ``serve`` and the live worker now do): ``FaceLLM.encode_faces(image, faces)`` (one
-  ONNX Runtime call) -> ``FaceLLM.open_encoded`` (every image prefix in the same llama_decode calls) ->
+  ONNX Runtime call on a GPU; face by face on the CPU, where one batched call measured slower) ->
+  ``FaceLLM.open_encoded`` (every image prefix in the same llama_decode calls) ->
   ``answer_together`` (question prefill and every decoding step one llama_decode for all faces, each face with its
   own sampler and stop).
 
@@ -112,8 +113,9 @@ def faces_lines(faces: dict[str, Any] | None) -> list[str]:
     lines = ["", f"## Many faces at once ({faces['faces_in_photo']} faces in the photo, {faces['decode_tokens']} "
              f"tokens each, medians of {faces['runs']})", "",
              "One after another = per face: encode, image prefill, answer (the runtime before batching). Together = "
-             "one encode call for all faces, their image prefixes and every decoding step in shared llama_decode "
-             "calls (`FaceLLM.open_encoded` + `answer_together`: what `ask`, `serve` and the live worker do).", "",
+             "the faces encoded together (one encoder call on a GPU, face by face on the CPU), their image prefixes "
+             "and every decoding step in shared llama_decode calls (`FaceLLM.open_encoded` + `answer_together`: "
+             "what `ask`, `serve` and the live worker do).", "",
              "| faces | one after another ms (vision + LLM) | together ms (vision + LLM) | together / one after "
              "another (all) | (LLM only) | every face's first token ms | aggregate decode tok/s |",
              "|---|---|---|---|---|---|---|"]

@@ -3,9 +3,10 @@ the :class:`~facellm_edge.runtime.session.FaceSession` to follow up in; or open 
 (:meth:`FaceLLM.open_faces`, :meth:`FaceLLM.open_face`, :meth:`FaceLLM.open_images`) and ask in them.
 
 Stages (:mod:`facellm_edge.timings`): detect (YuNet/SCRFD) -> align (5-point similarity, FairFace-like crop) ->
-preprocess -> encode (ONNX Runtime; the faces of an image are handed over together, see
-:meth:`~facellm_edge.runtime.encode.VisionEncoder.encode`) -> image prefill (each face's prompt prefix into its own
-llama.cpp KV slot, owned by the generator) -> question prefill -> decode. No torch, no transformers.
+preprocess -> encode (ONNX Runtime; the faces of an image are handed over together: one call on a GPU, face by
+face on the CPU, see :meth:`~facellm_edge.runtime.encode.VisionEncoder.encode`) -> image prefill (each face's
+prompt prefix into its own llama.cpp KV slot, owned by the generator) -> question prefill -> decode. No torch, no
+transformers.
 
 Threads: images and questions are checked once, here, at the entry points. The detector has a lock (the live
 loop detects in one thread while another generates); the language model's generator has its own, so calls on the
@@ -138,7 +139,8 @@ class FaceLLM:
     def open_images(self, images_bgr: Sequence[np.ndarray]) -> FaceSession:
         """One session about one or more whole images (no detection), as InternVL is asked with several images:
         one ``<img>…</img>`` block per image, in order, then the question. Each image is tiled as the checkpoint's
-        processor tiles it; all tiles are encoded in one call. Its ``face`` is None; ``tiles`` has the tile counts."""
+        processor tiles it; all tiles are encoded together (one encoder call on a GPU, tile by tile on the CPU).
+        Its ``face`` is None; ``tiles`` has the tile counts."""
         if isinstance(images_bgr, np.ndarray) or not images_bgr:
             raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
         return self._open_images([check_image(im) for im in images_bgr])
@@ -254,7 +256,7 @@ class FaceLLM:
             yield self.open_encoded(faces[start:start + slots], first_index=start)
 
     def _open_images(self, images: list[np.ndarray], face: Face | None = None) -> FaceSession:
-        """Tile, encode (one call) and prefill whole images into one session (``face``: a whole-image record)."""
+        """Tile, encode (together) and prefill whole images into one session (``face``: a whole-image record)."""
         spec, timings = self.bundle.manifest.image, {} if face is None else face.timings
         with timed(timings, "preprocess"):
             pixels = [image_to_pixels(im, spec) for im in images]

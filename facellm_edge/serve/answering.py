@@ -224,8 +224,9 @@ def followup_job(model: "FaceLLM", store: SessionStore, session_id: str, questio
 
 def _converse_together(model: "FaceLLM", store: SessionStore, image: "np.ndarray", faces: list["Face"],
                        keys: list[tuple[str, str]], task: Task) -> Iterator[Event]:
-    """The picked faces of a new image answered together, as ``FaceLLM.ask`` does: one encode call, their image
-    prefixes and every decoding step in shared llama_decode calls; a stop string ends only its own face."""
+    """The picked faces of a new image answered together, as ``FaceLLM.ask`` does: encoded together (one encoder
+    call on a GPU, face by face on the CPU), their image prefixes and every decoding step in shared llama_decode
+    calls; a stop string ends only its own face."""
     model.encode_faces(image, faces)
     sessions = model.open_encoded(faces)
     entries = [store.add(s, key if task.index else None) for s, key in zip(sessions, keys)]
