@@ -297,6 +297,11 @@ class Generator:
         one-face stream is closed) while the others go on."""
         return (yield from self._run_many(list(keys), check_question(question), gen, cut))
 
+    def stream_many_checked(self, keys: Sequence[Hashable], question: str, gen: GenerationConfig,
+                            cut: Collection[int] = ()) -> Iterator[tuple[int, str]]:
+        """:meth:`stream_many` for a question its caller has already checked (:func:`check_question`)."""
+        return (yield from self._run_many(list(keys), question, gen, cut))
+
     def _run(self, key: Hashable, question: str, gen: GenerationConfig) -> Iterator[str]:
         run = self._run_many([key], question, gen)
         try:

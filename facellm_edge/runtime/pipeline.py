@@ -34,7 +34,9 @@ from facellm_edge.runtime.detect import Detector, check_image, create_detector
 from facellm_edge.runtime.encode import VisionEncoder
 from facellm_edge.runtime.faces import Face
 from facellm_edge.runtime.preprocess import crop_to_pixels, crops_to_pixels, image_to_pixels
-from facellm_edge.runtime.session import FaceSession, Opened, answer_together, new_session_id, stream_together
+from facellm_edge.runtime.session import (
+    FaceSession, Opened, answer_together_checked, new_session_id, stream_together_checked,
+)
 from facellm_edge.timings import ms_since, timed
 
 if TYPE_CHECKING:
@@ -155,7 +157,7 @@ class FaceLLM:
         gen = self.config.generation.with_overrides(max_tokens, temperature)
         out = []
         for sessions in self._open_faces(check_image(image_bgr), save_crops):
-            answers = answer_together(sessions, question, gen)
+            answers = answer_together_checked(sessions, question, gen)
             out += [self._face_answer(s, a) for s, a in zip(sessions, answers)]
         return out
 
@@ -166,7 +168,7 @@ class FaceLLM:
         check_question(question)
         gen = self.config.generation.with_overrides(max_tokens, temperature)
         for sessions in self._open_faces(check_image(image_bgr), None):
-            for i, piece in stream_together(sessions, question, gen):
+            for i, piece in stream_together_checked(sessions, question, gen):
                 yield sessions[i].index, piece
 
     def chat(self, answer: "FaceAnswer | ImagesAnswer", question: str, *, max_tokens: int | None = None,

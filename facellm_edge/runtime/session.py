@@ -26,7 +26,8 @@ from facellm_edge.runtime.faces import Face
 if TYPE_CHECKING:
     from facellm_edge.llm.generator import Generator
 
-__all__ = ["FaceSession", "Opened", "SessionError", "answer_together", "new_session_id", "stream_together"]
+__all__ = ["FaceSession", "Opened", "SessionError", "answer_together", "answer_together_checked", "new_session_id",
+           "stream_together", "stream_together_checked"]
 
 
 def new_session_id() -> str:
@@ -148,15 +149,29 @@ def answer_together(sessions: Sequence[FaceSession], question: str, gen: Generat
                     on_token: Callable[[int, str], None] | None = None) -> list[Answer]:
     """One question in several sessions of one model at once (e.g. every face of a frame): one llama_decode per
     step for all of them (:meth:`~facellm_edge.llm.generator.Generator.answer_many`). ``on_token(i, piece)`` gets
-    ``sessions[i]``'s pieces; the question and settings are checked by the caller."""
-    return drain(stream_together(sessions, question, gen), None if on_token is None else lambda item: on_token(*item))
+    ``sessions[i]``'s pieces. The question is checked here (:func:`check_question`)."""
+    return answer_together_checked(sessions, check_question(question), gen, on_token)
+
+
+def answer_together_checked(sessions: Sequence[FaceSession], question: str, gen: GenerationConfig,
+                            on_token: Callable[[int, str], None] | None = None) -> list[Answer]:
+    """:func:`answer_together` for a question its caller has already checked (the runtime's own entry points:
+    ``FaceLLM.ask``, the live loop's ``LiveConfig`` / ``LiveControl``, the server's routes)."""
+    return drain(stream_together_checked(sessions, question, gen),
+                 None if on_token is None else lambda item: on_token(*item))
 
 
 def stream_together(sessions: Sequence[FaceSession], question: str, gen: GenerationConfig,
                     cut: Collection[int] = ()) -> Iterator[tuple[int, str]]:
     """:func:`answer_together` as an iterator of (index into ``sessions``, text piece); its
     ``StopIteration.value`` is the answers. ``cut``: indices the caller adds while iterating stop there
-    (:meth:`~facellm_edge.llm.generator.Generator.stream_many`)."""
+    (:meth:`~facellm_edge.llm.generator.Generator.stream_many`). The question is checked here."""
+    return (yield from stream_together_checked(sessions, check_question(question), gen, cut))
+
+
+def stream_together_checked(sessions: Sequence[FaceSession], question: str, gen: GenerationConfig,
+                            cut: Collection[int] = ()) -> Iterator[tuple[int, str]]:
+    """:func:`stream_together` for a question its caller has already checked (:func:`check_question`)."""
     if not sessions:
         return []
     generators = {id(s._gen) for s in sessions}
@@ -165,7 +180,7 @@ def stream_together(sessions: Sequence[FaceSession], question: str, gen: Generat
     for s in sessions:
         s._check_open()
     try:
-        answers = yield from sessions[0]._gen.stream_many([s.id for s in sessions], question, gen, cut)
+        answers = yield from sessions[0]._gen.stream_many_checked([s.id for s in sessions], question, gen, cut)
     except MissingSlot as exc:
         missing = next((s for s in sessions if not s._gen.has(s.id)), sessions[0])
         raise missing._evicted() from exc

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, Union
 from facellm_edge.errors import RuntimeStageError
 from facellm_edge.llm.sampling import GenerationConfig
 from facellm_edge.runtime.answers import FaceAnswer
-from facellm_edge.runtime.session import FaceSession, SessionError, stream_together
+from facellm_edge.runtime.session import FaceSession, SessionError, stream_together_checked
 from facellm_edge.serve.errors import APIError
 from facellm_edge.serve.images import ImageBytes, decode
 from facellm_edge.serve.sessions import Entry, SessionStore, Turns
@@ -100,7 +100,8 @@ Event = Union[FaceOpened, Piece, Replied, NoFace]
 @dataclass(frozen=True)
 class Task:
     """A question about the faces of one image. ``turns``: the conversation so far as the client holds it (chat
-    completions); ``index``: keep the sessions findable by image, face and turns (chat) or by id only (native)."""
+    completions); ``index``: keep the sessions findable by image, face and turns (chat) or by id only (native).
+    ``question`` is checked by the route that makes the task (:func:`~facellm_edge.llm.generator.check_question`)."""
 
     image: ImageBytes
     question: str
@@ -149,7 +150,7 @@ def answer(sessions: list[FaceSession], question: str, gen: GenerationConfig, st
     already in the KV cache per session (a continued conversation's prefix)."""
     scanners, parts = [StopScanner(stops) for _ in sessions], [[] for _ in sessions]
     cut: set[int] = set()
-    run = stream_together(sessions, question, gen, cut)
+    run = stream_together_checked(sessions, question, gen, cut)
     try:
         while True:
             i, piece = next(run)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from facellm_edge.runtime.faces import Face
-from facellm_edge.runtime.session import SessionError, answer_together
+from facellm_edge.runtime.session import SessionError, answer_together_checked
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.pipeline import FaceLLM
@@ -85,7 +85,9 @@ class _Stopped(Exception):
 
 class VlmWorker(threading.Thread):
     """Answers ``question`` once per track with a :class:`~facellm_edge.runtime.pipeline.FaceLLM`, in one
-    :class:`~facellm_edge.runtime.session.FaceSession` per track (closed when the track ends)."""
+    :class:`~facellm_edge.runtime.session.FaceSession` per track (closed when the track ends). Its questions (the
+    standing one, :meth:`set_question`, :meth:`ask_track`) are checked where they enter: ``LiveConfig`` and
+    :class:`~facellm_edge.runtime.live.control.LiveControl`."""
 
     def __init__(self, model: "FaceLLM", question: str, on_answer: Callable[[TrackAnswer], None],
                  on_piece: Callable[[TrackAnswer, str], None] | None = None) -> None:
@@ -269,8 +271,8 @@ class VlmWorker(threading.Thread):
 
         while items:
             try:
-                answers = answer_together([item.session for item in items], items[0].question,
-                                          self.model.config.generation, on_token)
+                answers = answer_together_checked([item.session for item in items], items[0].question,
+                                                  self.model.config.generation, on_token)
                 break
             except SessionError as exc:
                 gone = [item for item in items if not item.session.cached]
