@@ -106,7 +106,26 @@ class FaceLLM:
 
     def encode_faces(self, image_bgr: np.ndarray, faces: list[Face]) -> list[Face]:
         """Align every face (``face.crop``) and encode the crops together (``face.embeds``); returns ``faces``."""
-        return self._encode_faces(check_image(image_bgr), faces)
+        return self.encode_faces_checked(check_image(image_bgr), faces)
+
+    def encode_faces_checked(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
+        """:meth:`encode_faces` for an image its caller has already checked (e.g. the frame it detected the faces
+        in with :meth:`detect`: the live worker, the server)."""
+        if not faces:
+            return faces
+        for f in faces:
+            with timed(f.timings, "align"):
+                f.crop = align_face(image, f.landmarks, self.config.crop)
+        t0 = time.perf_counter()
+        pixels = crops_to_pixels([f.crop for f in faces], self.bundle.manifest.image)
+        preprocess = ms_since(t0)
+        t0 = time.perf_counter()
+        embeds = self.encoder.encode(pixels)
+        encode = ms_since(t0)
+        for f, e in zip(faces, embeds):
+            f.embeds = e
+            f.timings.update(preprocess=preprocess, encode=encode)
+        return faces
 
     # -- sessions -------------------------------------------------------------------------------------------
     def open_face(self, face: Face, *, index: int = 0) -> FaceSession:
@@ -220,27 +239,10 @@ class FaceLLM:
         detector = self.detector
         with self._detect_lock:
             t0 = time.perf_counter()
-            faces = detector.detect(image)
+            faces = detector.detect_checked(image)
             dt = ms_since(t0)
         for f in faces:
             f.timings["detect"] = dt
-        return faces
-
-    def _encode_faces(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
-        if not faces:
-            return faces
-        for f in faces:
-            with timed(f.timings, "align"):
-                f.crop = align_face(image, f.landmarks, self.config.crop)
-        t0 = time.perf_counter()
-        pixels = crops_to_pixels([f.crop for f in faces], self.bundle.manifest.image)
-        preprocess = ms_since(t0)
-        t0 = time.perf_counter()
-        embeds = self.encoder.encode(pixels)
-        encode = ms_since(t0)
-        for f, e in zip(faces, embeds):
-            f.embeds = e
-            f.timings.update(preprocess=preprocess, encode=encode)
         return faces
 
     def _open_faces(self, image: np.ndarray, save_crops: str | Path | None) -> Iterator[list[FaceSession]]:
@@ -251,7 +253,7 @@ class FaceLLM:
         if len(faces) > slots:
             log.info("%d faces but %d KV slots: answered %d at a time; only the last %d stay open for follow-ups "
                      "(raise n_ctx and max_slots to keep them all)", len(faces), slots, slots, slots)
-        self._encode_faces(image, faces)
+        self.encode_faces_checked(image, faces)
         if save_crops is not None:
             save_face_crops(faces, Path(save_crops))
         for start in range(0, len(faces), slots):

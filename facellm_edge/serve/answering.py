@@ -190,7 +190,7 @@ def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Eve
             yield from _converse(store, entry, 0, task, turns, continued=True)
             return
     image = decode(task.image, task.max_pixels)
-    faces = model.detect(image)
+    faces = model.detect(image)  # checks the image, once: the stages after it take it as checked
     picked = _pick(faces, task.face)
     if not picked:
         yield NoFace()
@@ -202,7 +202,7 @@ def faces_job(model: "FaceLLM", store: SessionStore, task: Task) -> Iterator[Eve
                                       task)
         return
     try:
-        model.encode_faces(image, [faces[i] for i in picked if claimed.get(i) is None])
+        model.encode_faces_checked(image, [faces[i] for i in picked if claimed.get(i) is None])
         for choice, i in enumerate(picked):
             entry = claimed.pop(i, None)
             continued = entry is not None
@@ -228,7 +228,7 @@ def _converse_together(model: "FaceLLM", store: SessionStore, image: "np.ndarray
     """The picked faces of a new image answered together, as ``FaceLLM.ask`` does: encoded together (one encoder
     call on a GPU, face by face on the CPU), their image prefixes and every decoding step in shared llama_decode
     calls; a stop string ends only its own face."""
-    model.encode_faces(image, faces)
+    model.encode_faces_checked(image, faces)  # checked by model.detect in faces_job
     sessions = model.open_encoded(faces)
     entries = [store.add(s, key if task.index else None) for s, key in zip(sessions, keys)]
     afters: dict[int, Turns] = {}

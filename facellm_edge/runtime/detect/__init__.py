@@ -43,9 +43,14 @@ class DetectorConfig:
 
 
 class Detector(Protocol):
+    """``detect`` checks the image it is handed (:func:`check_image`); ``detect_checked`` is for callers that
+    already did (``FaceLLM`` checks every image once, where it enters)."""
+
     name: str
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]: ...
+
+    def detect_checked(self, image: np.ndarray) -> list[Face]: ...
 
 
 def check_name(name: str) -> str:

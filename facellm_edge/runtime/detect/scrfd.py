@@ -68,7 +68,11 @@ class ScrfdDetector:
         self._size = size
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
-        image = check_image(image_bgr)
+        """The faces in a BGR uint8 image, most confident first (the image is checked: :func:`check_image`)."""
+        return self.detect_checked(check_image(image_bgr))
+
+    def detect_checked(self, image: np.ndarray) -> list[Face]:
+        """:meth:`detect` for an image its caller has already checked."""
         try:
             det, kps = self._model.detect(image, input_size=self._size)
         except Exception as exc:

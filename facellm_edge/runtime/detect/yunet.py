@@ -76,7 +76,11 @@ class YuNetDetector:
         self._size: tuple[int, int] | None = None
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
-        image = check_image(image_bgr)
+        """The faces in a BGR uint8 image, most confident first (the image is checked: :func:`check_image`)."""
+        return self.detect_checked(check_image(image_bgr))
+
+    def detect_checked(self, image: np.ndarray) -> list[Face]:
+        """:meth:`detect` for an image its caller has already checked."""
         h, w = image.shape[:2]
         scale = min(1.0, self.config.input_size / max(h, w))
         if scale < 1.0:

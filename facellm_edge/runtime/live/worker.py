@@ -109,7 +109,8 @@ class VlmWorker(threading.Thread):
 
     # -- frame-loop side ------------------------------------------------------------------------------------
     def offer(self, frame_index: int, image: np.ndarray, faces: list[Face], source: str = "") -> None:
-        """Hand over the faces of this frame whose track has no answer (started) yet."""
+        """Hand over the faces of this frame whose track has no answer (started) yet. ``image``: the frame they were
+        found in by ``FaceLLM.detect``, which checked it (it is not checked again here)."""
         now = time.perf_counter()
         with self._cond:
             new = [f for f in faces if f.track_id not in self._answers]
@@ -206,7 +207,7 @@ class VlmWorker(threading.Thread):
                 self._answers[f.track_id] = TrackAnswer(f.track_id, frame_index, f, seen, source=source)
         if not faces:
             return []
-        self.model.encode_faces(image, faces)
+        self.model.encode_faces_checked(image, faces)
         for f in faces:
             f.crop = None  # the embeddings are what the answer needs: no face pixels kept while it waits
         return [self._answers[f.track_id] for f in faces]
