@@ -151,13 +151,18 @@ def test_live_runs_the_real_loop_idle_and_busy(results):
         seen = r["since_seen_ms"]
         assert seen["first_token"]["n"] == seen["answer"]["n"] == r["answers"]
         assert all(f <= a for f, a in zip(seen["first_token"]["samples"], seen["answer"]["samples"]))
+    kiosk = live["kiosk"]  # one visitor per thread policy (--threads 1: one encoder thread), same real loop
+    assert [(r["llama_threads"], r["encoder_threads"]) for r in kiosk["runs"]] == [(1, 1), (2, 1)]
+    assert all(r["answered"] and r["since_seen_ms"]["first_token"] <= r["since_seen_ms"]["answer"]
+               for r in kiosk["runs"])
+    assert kiosk["best"] in {r["name"] for r in kiosk["runs"]} and kiosk["clip"] == "the largest face of t1.jpg arriving"
 
 
 def test_markdown_and_png(bench_run, results):
     md = (bench_run / "results.md").read_text()
     for c in results["configs"]:
         assert f"| {c['name']} |" in md
-    assert "## Targets" in md and "## Profiles" in md and "## Live loop" in md and "Edge / naive" in md
+    assert "## Targets" in md and "## Profiles" in md and "## Live loop" in md and "## Kiosk" in md and "Edge / naive" in md
     assert "issue" not in md.lower()  # no tracker words in shipped results
     assert "run_live" in md and "facellm_edge.timings" in md
     assert md.count("**met**") + md.count("**missed**") == len(results["targets"])

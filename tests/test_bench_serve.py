@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from facellm_edge.bench.serve import SCHEMA, PacedClip, ServeBenchConfig, run_serve_bench
+from facellm_edge.bench.live import PacedClip
+from facellm_edge.bench.serve import SCHEMA, ServeBenchConfig, run_serve_bench
 from facellm_edge.errors import UsageError
 from facellm_edge.io import MARKER
 
@@ -31,6 +32,7 @@ def test_paced_clip_numbers_frames_by_the_clock_and_skips_what_a_slow_loop_misse
     late = next(frames)
     assert late.index >= first[-1] + 3 and late.image[0, 0, 0] == late.index  # the newest one, drawn for it
     assert drawn == [0, 1, 2, late.index]  # the missed frames are never drawn
+    assert clip.handed == 4 and clip.dropped == late.index - 3  # frames 3 .. late.index - 1 never reached the loop
     got: list[int] = []
     reader = threading.Thread(target=lambda: got.extend(f.index for f in frames))
     reader.start()

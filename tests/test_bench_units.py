@@ -285,7 +285,7 @@ def test_live_bench_on_a_video_runs_the_real_loop(tmp_path, tiny_bundle, t1_bgr,
     writer.release()
     photo = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
     r = bench_live(live_payload(tiny_bundle, "fp32", "f32", photo, path, 30, 640, 480, (1,), 3, "Who is it?",
-                                yunet_model))
+                                yunet_model, cores=2))
     assert (r["width"], r["height"], r["source"]) == (480, 360, "video people.mp4")
     idle, busy = r["runs"]
     assert idle["clip"] == "the video's first frame, held" and idle["settled"] and idle["answers_in_loop"] == 0
@@ -293,6 +293,7 @@ def test_live_bench_on_a_video_runs_the_real_loop(tmp_path, tiny_bundle, t1_bgr,
     # speed; people who left before the worker was free may be dropped (the newest job wins)
     assert busy["vlm_busy"] and busy["tracks"] >= 2 and 1 <= busy["answers"] <= busy["tracks"]
     assert busy["frame_ms"]["n"] == idle["frame_ms"]["n"] == 30 and r["winner"] == busy["name"]
+    assert r["kiosk"] is None  # a video has no single person arriving into an empty scene
 
 
 def test_roofline_bounds_arithmetic():
@@ -326,3 +327,28 @@ def test_bar_segments_split_each_path_by_its_own_stages():
                     "decode": 7}
     naive = bar_segments(cfg(preprocess_ms=3, encode_ms=4, ttft_cold_ms=20, decode_ms=7))
     assert naive == {"detect": 0, "align": 0, "preprocess": 3, "encode": 4, NAIVE_PREFILL: 13, "decode": 7}
+
+
+def test_kiosk_bench_times_one_visitor_through_the_real_loop(tiny_bundle, t1_bgr, yunet_model):
+    """The kiosk run: run_live on a paced camera stand-in, an empty scene then one person; the answer's since-seen
+    times come from the loop's own record, the frame loop's numbers from LiveStats."""
+    import insightface
+
+    from facellm_edge.bench.kiosk import bench_kiosk, kiosk_lines, policies
+
+    assert policies((1, 2), 2) == [(1, 1), (1, 2), (2, 1), (2, 2)] and policies((1,), 1) == [(1, 1)]
+    photo = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    p = {"bundle": str(tiny_bundle), "vision": "fp32", "quant": "f32", "image": str(photo), "width": 320,
+         "height": 240, "llama_threads": [1], "decode_tokens": 3, "question": "Who is it?",
+         "detector_model": str(yunet_model)}
+    k = bench_kiosk(p, t1_bgr, cores=1)
+    (run,) = k["runs"]
+    assert run["answered"] and (run["llama_threads"], run["encoder_threads"]) == (1, 1) and k["best"] == run["name"]
+    seen = run["since_seen_ms"]
+    assert 0 < seen["first_token"] <= seen["answer"]
+    # the person arrives after the empty second: at least that many frames went through the loop before the answer
+    assert run["frames"] >= 30 and run["frame_ms"]["n"] == run["frames"] and run["dropped_frames"] >= 0
+    assert run["n_tokens"] == 3 and {"encode", "image_prefill", "ttft"} <= set(run["timings_ms"])
+    late = "\n".join(kiosk_lines(k, cold_ttft_ms=seen["first_token"] - 200))  # 200 ms over the goal's 100
+    assert run["name"] in late and "+ 200 ms" in late and "goal ≤ cold TTFT + 100 ms: missed" in late
+    assert "goal ≤ cold TTFT + 100 ms: met" in "\n".join(kiosk_lines(k, cold_ttft_ms=seen["first_token"]))

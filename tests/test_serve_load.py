@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from facellm_edge.bench.live import video_frames
-from facellm_edge.bench.serve import PacedClip
+from facellm_edge.bench.live import PacedClip
 from facellm_edge.bench.stages import RssSampler, rss_mb
 
 pytestmark = pytest.mark.slow  # tiny_bundle, a server, the live loop

@@ -54,11 +54,11 @@ WINNER_RULE = ("highest VLM decode rate among busy policies meeting >= 25 FPS an
 
 def live_payload(bundle: Path, vision: str, quant: str, image: Path, video: Path | None, frames: int, width: int,
                  height: int, llama_threads: tuple[int, ...], decode_tokens: int, question: str,
-                 detector_model: Path | None) -> dict[str, Any]:
+                 detector_model: Path | None, cores: int, kiosk: bool = True) -> dict[str, Any]:
     return {"bundle": str(bundle), "vision": vision, "quant": quant, "image": str(image),
             "video": str(video) if video else None, "frames": frames, "width": width, "height": height,
             "llama_threads": list(llama_threads), "decode_tokens": decode_tokens, "question": question,
-            "detector_model": str(detector_model) if detector_model else None}
+            "detector_model": str(detector_model) if detector_model else None, "cores": cores, "kiosk": kiosk}
 
 
 # -- clips -----------------------------------------------------------------------------------------------------
@@ -159,6 +159,41 @@ class ClipSource(FrameSource):
         if self.t_start is None or self.t_end is None:
             raise RuntimeError("the clip was not played to its end")
         return self.t_end - self.t_start
+
+
+class PacedClip(FrameSource):
+    """Frames drawn by ``draw(i)`` at ``fps``, as a camera delivers them: a loop that falls behind gets the newest
+    frame (the frame numbers skip the ones it missed; ``dropped`` counts them). Endless until :meth:`close`."""
+
+    live = True
+
+    def __init__(self, draw: Callable[[int], np.ndarray], fps: float, description: str) -> None:
+        self.draw, self._fps, self.description = draw, float(fps), description
+        self._closed = threading.Event()
+        self.handed = 0  # frames handed to the loop
+        self.last = -1  # the newest frame number handed out
+
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    @property
+    def dropped(self) -> int:
+        """Camera frames the loop never got (it was busy when they were the newest)."""
+        return self.last + 1 - self.handed
+
+    def __iter__(self) -> Iterator[Frame]:
+        t0 = time.monotonic()
+        while not self._closed.is_set():
+            due = max(self.last + 1, int((time.monotonic() - t0) * self._fps))  # the newest frame the camera has
+            wait = t0 + due / self._fps - time.monotonic()
+            if wait > 0 and self._closed.wait(wait):
+                return
+            self.last, self.handed = due, self.handed + 1
+            yield Frame(due, self.draw(due))
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 class Records:
@@ -300,7 +335,12 @@ def bench_live(p: dict[str, Any]) -> dict[str, Any]:
                          "llama_threads": k, "vlm_busy": True, "clip": clips["busy_clip"],
                          **busy_run(model, clips["busy"], p["question"], clips["busy_clip"])})
     h, w = clips["busy"][0].shape[:2]
+    kiosk = None
+    if p.get("kiosk") and not p["video"]:
+        from facellm_edge.bench.kiosk import bench_kiosk
+
+        kiosk = bench_kiosk(p, photo, int(p.get("cores") or max(p["llama_threads"])))
     return {"name": "live", "kind": "live", "code_path": CODE_PATH, "source": clips["source"], "width": w,
             "height": h, "frames": int(p["frames"]), "vision": p["vision"], "quant": p["quant"],
             "decode_tokens": int(p["decode_tokens"]), "runs": runs, "winner": pick_winner(runs),
-            "winner_rule": WINNER_RULE}
+            "winner_rule": WINNER_RULE, "kiosk": kiosk}

@@ -114,7 +114,7 @@ def run_profiles(p: dict[str, Any]) -> dict[str, Any]:
         so.graph_optimization_level = level
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         sess = ort.InferenceSession(str(vision_path), sess_options=so, providers=["CPUExecutionProvider"])
-        opt_ms[name] = _timed(lambda: sess.run(["image_embeds"], {"pixel_values": one_face}), runs, warmup)
+        opt_ms[name] = _timed(lambda s=sess: s.run(["image_embeds"], {"pixel_values": one_face}), runs, warmup)
         del sess
     out.append(_profile("ORT graph optimisation", "encode ms", "lower", opt_ms))
 

@@ -10,7 +10,9 @@
     live: {code_path, source, width, height, frames, decode_tokens, runs: [ {name, llama_threads, vlm_busy, clip,
            fps, frames, frame_ms{median, p90, p99, ...}, faces_per_frame, tracks, answers, answers_in_loop,
            dropped_jobs, decode_tok_s, since_seen_ms{first_token{...}, answer{...}} | null, ...} ],
-           winner, winner_rule} | null,
+           winner, winner_rule, kiosk: {camera_fps, empty_s, clip, runs: [ {name, llama_threads, encoder_threads,
+           answered, fps, frames, dropped_frames, frame_ms{...}, since_seen_ms{first_token, answer}, timings_ms{...},
+           n_tokens, decode_tok_s} ], best} | null (bench/kiosk.py)} | null,
     roofline: {ceilings{mem_read_gb_s, fp32_gflop_s, int8_gop_s, ...}, vision{PREC: work}, llm{QUANT: work},
                image_tokens, question_tokens} | null   (edge configs then carry bounds{encode_ms, image_prefill_ms,
                question_prefill_ms, ttft_cold_ms, decode_tok_s}: the best this machine allows; bench/roofline.py)
@@ -32,6 +34,7 @@ from typing import Any
 
 from facellm_edge.bench.config import TARGETS
 from facellm_edge.bench.faces import faces_lines
+from facellm_edge.bench.kiosk import kiosk_lines
 from facellm_edge.io import OutputKind, atomic_directory, known_file_set
 
 log = logging.getLogger(__name__)
@@ -214,6 +217,7 @@ def to_markdown(r: dict[str, Any]) -> str:
                              + [f"{k}: unsupported ({why})" for k, why in p.get("unsupported", {}).items()])
             lines.append(f"| {p['setting']} | {p['metric']} ({p['better']} is better) | {opts} | **{p['winner']}** |")
     lines += _live_lines(r.get("live"))
+    lines += kiosk_lines((r.get("live") or {}).get("kiosk"), _cold_ttft(r["configs"], r.get("live")))
     lines += faces_lines(r.get("faces"))
     if r.get("export"):
         e = r["export"]
@@ -265,6 +269,14 @@ def _roofline_lines(r: dict[str, Any]) -> list[str]:
 def _since(run: dict[str, Any], key: str) -> str:
     s = (run.get("since_seen_ms") or {}).get(key)
     return "–" if s is None else f"{_fmt(s['median'], 0)} / {_fmt(s['p90'], 0)}"
+
+
+def _cold_ttft(configs: list[dict[str, Any]], live: dict[str, Any] | None) -> float | None:
+    """Cold TTFT of the edge configuration the live loop ran (same vision and quant), measured alone."""
+    for c in configs:
+        if live and c["kind"] == "edge" and (c.get("vision"), c.get("quant")) == (live["vision"], live["quant"]):
+            return median(c, "ttft_cold_ms")
+    return None
 
 
 def _live_lines(live: dict[str, Any] | None) -> list[str]:

@@ -5,12 +5,11 @@ included): the real app (:func:`facellm_edge.serve.app.create_app`) on uvicorn o
 are threads speaking HTTP with the standard library, asking for OpenAI streaming chat completions about the photo's
 largest face. Phases: **overhead** (in process vs through the server, interleaved pairs, TTFT = first piece of
 text / first content chunk), **load** (1, 4, 16 clients: requests/s, latency p50/p99, statuses), **live** (the
-model reloaded with ``serve --source``'s thread policy, the live service on :class:`PacedClip`, a camera stand-in:
+model reloaded with ``serve --source``'s thread policy, the live service on :class:`~facellm_edge.bench.live.PacedClip`, a camera stand-in:
 frame-loop FPS alone, then while clients are served). What each number is: ``benchmarks/README.md`` ("serve").
 
-Length (~450 lines): the three phases share the server, the clients and the result layout; split, each would need
-the others' helpers. ``serving()`` and :class:`PacedClip` are the parts that could move (to ``serve/app.py`` and
-``runtime/live/sources.py``) if another user appears.
+Length (~420 lines): the three phases share the server, the clients and the result layout; split, each would need
+the others' helpers. ``serving()`` is the part that could move (to ``serve/app.py``) if another user appears.
 """
 
 from __future__ import annotations
@@ -34,17 +33,17 @@ import numpy as np
 
 from facellm_edge.bench.config import DEFAULT_QUESTION
 from facellm_edge.bench.edge import PEER
+from facellm_edge.bench.live import PacedClip
 from facellm_edge.bench.stages import run_isolated, rss_mb, summarize
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError, require
 from facellm_edge.io import OutputKind, atomic_directory, check_replaceable
-from facellm_edge.runtime.live.sources import Frame, FrameSource
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from facellm_edge.runtime.pipeline import FaceLLM
 
-__all__ = ["SCHEMA", "PacedClip", "ServeBenchConfig", "chat_stream", "run_serve_bench", "serving"]
+__all__ = ["SCHEMA", "ServeBenchConfig", "chat_stream", "run_serve_bench", "serving"]
 
 log = logging.getLogger(__name__)
 
@@ -206,36 +205,6 @@ def clients(base_url: str, body: bytes, n: int, per_client: int, timeout_s: floa
             "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
             "latency_ms": summarize([r.total_ms for r in ok]) if ok else None,
             "ttft_ms": summarize([r.ttft_ms for r in ok if r.ttft_ms is not None]) if ok else None}
-
-
-# -- a camera stand-in -----------------------------------------------------------------------------------------
-
-class PacedClip(FrameSource):
-    """Frames drawn by ``draw(i)`` at ``fps``, as a camera delivers them: a loop that falls behind gets the newest
-    frame (the frame numbers skip the ones it missed). Endless until :meth:`close`."""
-
-    live = True
-
-    def __init__(self, draw: Callable[[int], np.ndarray], fps: float, description: str) -> None:
-        self.draw, self._fps, self.description = draw, float(fps), description
-        self._closed = threading.Event()
-
-    @property
-    def fps(self) -> float:
-        return self._fps
-
-    def __iter__(self) -> Iterator[Frame]:
-        t0, last = time.monotonic(), -1
-        while not self._closed.is_set():
-            due = max(last + 1, int((time.monotonic() - t0) * self._fps))  # the newest frame the camera has
-            wait = t0 + due / self._fps - time.monotonic()
-            if wait > 0 and self._closed.wait(wait):
-                return
-            last = due
-            yield Frame(due, self.draw(due))
-
-    def close(self) -> None:
-        self._closed.set()
 
 
 # -- the measurement (in the fresh process) ----------------------------------------------------------------------
