@@ -28,7 +28,7 @@ import numpy as np
 
 from facellm_edge.bundle import PromptSpec, TokenSpec
 from facellm_edge.errors import BundleError, RuntimeStageError, UsageError
-from facellm_edge.llm.decoding import Answer, FaceRun, drain
+from facellm_edge.llm.decoding import Answer, FaceRun, drain, finish, sample_step
 from facellm_edge.llm.engine import EngineConfig, LlamaEngine
 from facellm_edge.llm.sampling import GenerationConfig, SamplerChain, schema_to_grammar
 from facellm_edge.llm.slots import MissingSlot, Slot, SlotTable
@@ -335,7 +335,7 @@ class Generator:
                         f"question needs {len(seg)} tokens but only {remain} remain in the {self.n_ctx}-token "
                         "context; use a shorter question or a larger --ctx"
                     )
-                runs.append(FaceRun(slot, seg))
+                runs.append(FaceRun(key, slot, seg))
             eng = self._engine
             for _ in keys:
                 chains.append(SamplerChain(eng.lib, eng.vocab, eng.n_vocab, gen, self.config.seed))
@@ -344,35 +344,12 @@ class Generator:
                 rows = self._engine.decode_packed([(r.segment, r.slot.seq, r.slot.n_past) for r in runs],
                                                   logits_last=True)
             for r in runs:
-                r.slot.n_past += len(r.segment)
-                r.slot.pending = None
-                r.slot.asked = True
+                r.prefilled()
             t_prefill = time.perf_counter()
             active = list(range(len(runs)))
             while active:
-                going = []
-                for i, row in zip(active, rows):  # one token per face still answering, each its own sampler
-                    if i in cut:
-                        runs[i].stopped("stop")
-                        continue
-                    r, token = runs[i], eng.sample_at(chains[i].handle, row)
-                    r.first_sampled()
-                    if (token in self._eos or eng.is_eog(token)) and (gen.stop_at_eos or gen.grammar is not None):
-                        r.stopped("grammar" if gen.grammar is not None else "eos")
-                        continue
-                    text = r.take(token, eng.piece(token))
-                    if text:
-                        yield i, text
-                    if i in cut:  # the caller stopped this face on what it just got
-                        r.stopped("stop")
-                    elif len(r.tokens) >= gen.max_tokens:
-                        r.stopped()
-                    elif r.slot.n_past >= self.n_ctx:
-                        log.warning("face %r: the %d-token context is full; answer cut", keys[i], self.n_ctx)
-                        r.stopped()
-                    else:
-                        going.append(i)
-                active = going
+                active = yield from sample_step(eng, chains, runs, active, rows, eos=self._eos, gen=gen, cut=cut,
+                                                n_ctx=self.n_ctx)
                 if not active:
                     break
                 self._make_room(keys, len(active))
@@ -386,11 +363,7 @@ class Generator:
                                                        for i in active], logits_last=True)
                 for i in active:
                     runs[i].decoded()
-            for i, r in enumerate(runs):
-                tail = r.flush()
-                if tail:
-                    yield i, tail
-            return [r.answer(t0, t_prefill) for r in runs]
+            return (yield from finish(runs, t0, t_prefill))
         finally:
             for chain in chains:
                 chain.close()
