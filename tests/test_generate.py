@@ -17,8 +17,9 @@ import pytest
 
 from facellm_edge.bundle import PromptSpec, TokenSpec
 from facellm_edge.errors import BundleError, InputError, RuntimeStageError, UsageError
-from facellm_edge.llm.generator import Answer, EngineConfig, GenerationConfig, Generator, MissingSlot, schema_to_grammar
-from facellm_edge.llm.engine import LlamaEngine
+from facellm_edge.llm.engine import EngineConfig, LlamaEngine
+from facellm_edge.llm.generator import Answer, Generator, MissingSlot, schema_to_grammar
+from facellm_edge.llm.sampling import GenerationConfig
 
 N_IMG = 4  # image tokens per "tile"
 FIRST = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

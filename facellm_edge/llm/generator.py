@@ -37,8 +37,7 @@ from facellm_edge.llm.template import PromptTemplate
 if TYPE_CHECKING:
     from facellm_edge.bundle import Bundle
 
-__all__ = ["Answer", "EngineConfig", "GenerationConfig", "Generator", "MissingSlot", "check_question",
-           "schema_to_grammar"]
+__all__ = ["Answer", "Generator", "MissingSlot", "check_question", "schema_to_grammar"]
 
 log = logging.getLogger(__name__)
 
