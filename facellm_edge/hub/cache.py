@@ -29,7 +29,7 @@ from typing import Any
 
 from facellm_edge.bundle import BUNDLE, MANIFEST, Bundle, Manifest
 from facellm_edge.errors import BundleError, FaceLLMEdgeError, InputError, OutputError
-from facellm_edge.io import atomic_directory, atomic_file, atomic_write_text, user_cache_dir
+from facellm_edge.io import atomic_directory, atomic_file, atomic_write_text, sha256_bytes, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,7 @@ def write_local_repo(repo_id: str, manifest_bytes: bytes, files: Bundle) -> str:
     repo = repo_folder(repo_id)
     revision = hashlib.sha1(manifest_bytes).hexdigest()
     snapshot = repo / "snapshots" / revision
-    items: list[tuple[str, str, bytes | Path]] = [(MANIFEST, hashlib.sha256(manifest_bytes).hexdigest(),
-                                                   manifest_bytes)]
+    items: list[tuple[str, str, bytes | Path]] = [(MANIFEST, sha256_bytes(manifest_bytes), manifest_bytes)]
     items += [(e.path, e.sha256, files.path(e)) for e in files.entries()]
     rel = MANIFEST
     try:

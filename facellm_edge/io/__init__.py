@@ -3,7 +3,7 @@ user's name goes through this package, so that each rule (ownership, umask, temp
 decoded-size bound) exists once.
 
 * :mod:`~facellm_edge.io.ownership` — what ``--force`` may replace (our marker file, recognisers).
-* :mod:`~facellm_edge.io.files` — sha256, the JSON object reader, the user cache folder, permissions, stale
+* :mod:`~facellm_edge.io.files` — sha256 (of bytes, of a file), the JSON object reader, the user cache folder, permissions, stale
   temporaries, atomic folder and file writes.
 * :mod:`~facellm_edge.io.outputs` — single output files streamed into (``--jsonl``, ``--output``).
 * :mod:`~facellm_edge.io.images` — the bounded image reader.
@@ -13,8 +13,8 @@ Import the names from here (``from facellm_edge.io import atomic_file``): the sp
 
 from facellm_edge.io.files import (
     apply_default_modes, atomic_directory, atomic_file, atomic_write_text, clean_stale_temp_files, clean_stale_temps,
-    commit_temp_file, current_umask, dir_mode, file_mode, read_json_object, replace_directory, sha256_file,
-    temp_file_beside, user_cache_dir,
+    commit_temp_file, current_umask, dir_mode, file_mode, read_json_object, replace_directory, sha256_bytes,
+    sha256_file, temp_file_beside, user_cache_dir,
 )
 from facellm_edge.io.images import DEFAULT_MAX_PIXELS, decode_image, image_size, read_image, read_image_rgb
 from facellm_edge.io.outputs import check_output_file, open_line_log, write_line
@@ -28,6 +28,6 @@ __all__ = [
     "atomic_directory", "atomic_file", "atomic_write_text", "check_output_file", "check_replaceable", "decode_image",
     "check_replaceable_file", "clean_stale_temp_files", "clean_stale_temps", "commit_temp_file", "current_umask",
     "dir_mode", "file_mode", "files_under", "image_size", "known_file_set", "marker_files", "open_line_log",
-    "read_image", "read_image_rgb", "read_json_object", "replace_directory", "sha256_file", "temp_file_beside",
-    "user_cache_dir", "write_line",
+    "read_image", "read_image_rgb", "read_json_object", "replace_directory", "sha256_bytes", "sha256_file",
+    "temp_file_beside", "user_cache_dir", "write_line",
 ]

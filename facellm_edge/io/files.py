@@ -35,7 +35,13 @@ from facellm_edge.io.ownership import MARKER, OUTPUT, TOOL, OutputKind, check_re
 log = logging.getLogger(__name__)
 
 
+def sha256_bytes(data: bytes) -> str:
+    """The sha256 of ``data`` as hex (how bundles, the hub cache and the server name content)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes as hex, read in ``chunk``-sized blocks (:func:`sha256_bytes` for bytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

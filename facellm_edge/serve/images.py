@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from dataclasses import dataclass
 from email.parser import BytesParser
@@ -18,6 +17,7 @@ from email.policy import HTTP
 from typing import TYPE_CHECKING
 
 from facellm_edge.errors import InputError
+from facellm_edge.io import sha256_bytes
 from facellm_edge.serve.errors import APIError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class ImageBytes:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        return sha256_bytes(self.data)
 
 
 def _bad(what: str, why: str) -> APIError:
