@@ -41,11 +41,15 @@ class Face:
     def height(self) -> float:
         return float(self.box[3] - self.box[1])
 
+    def box_json(self) -> list[float]:
+        """The box in JSON: x1, y1, x2, y2 to a tenth of a pixel (in :meth:`to_dict` and the live tracks' events)."""
+        return [round(float(v), 1) for v in self.box]
+
     def to_dict(self) -> dict:
         """The one JSON form of a face (``ask --json``, ``run --jsonl``, the server): no pixels, no embeddings."""
         return {
             "track_id": self.track_id,
-            "box": [round(float(v), 1) for v in self.box],
+            "box": self.box_json(),
             "score": round(self.score, 4),
             "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
             "timings_ms": rounded(self.timings),

@@ -80,8 +80,8 @@ class LiveControl:
             worker = self._worker
         if worker is None:
             return []
-        return [{"track_id": tid, "box": [round(float(v), 1) for v in a.face.box], "question": a.question,
-                 "answer": a.text, "done": a.done} for tid, a in sorted(worker.tracks().items())]
+        return [{"track_id": tid, "box": a.face.box_json(), "question": a.question, "answer": a.text, "done": a.done}
+                for tid, a in sorted(worker.tracks().items())]
 
     # -- used by the loop ---------------------------------------------------------------------------------------
     def attach(self, worker: "VlmWorker | None") -> None:

@@ -217,8 +217,7 @@ def _emit_tracks(control: LiveControl, source: str, frame: int, faces: list, end
     """This frame's track events: lost tracks, new tracks (ids above the ones started before), every box."""
     for tid in ended:
         control.emit("track_lost", {"source": source, "frame": frame, "track_id": tid})
-    boxes = [{"track_id": f.track_id, "box": [round(float(v), 1) for v in f.box], "score": round(f.score, 4)}
-             for f in faces]
+    boxes = [{"track_id": f.track_id, "box": f.box_json(), "score": round(f.score, 4)} for f in faces]
     for b in boxes:
         if b["track_id"] > started_before:
             control.emit("track_appeared", {"source": source, "frame": frame, "track_id": b["track_id"],
