@@ -165,6 +165,18 @@ def _quality(c: dict[str, Any]) -> str:
     return ", ".join(parts) or "–"
 
 
+def fidelity_note(random_weights: bool) -> str:
+    """What the fidelity column is, and where quality is measured instead."""
+    what = ("Fidelity: what the export's verification measured for these files against transformers (the vision "
+            "encoder's worst token cosine; the GGUF's top-1 agreement and max relative logit difference on the real "
+            "prompt). ")
+    if random_weights:
+        return what + ("**Numerical fidelity on random weights**: their logits are nearly flat, so top-1 agreement "
+                       "falls fast with quantisation noise. It ranks the quants' noise; it is not answer quality. "
+                       "For quality, run `facellm-edge eval compare` on a real checkpoint and its bundle.")
+    return what + "For answer quality on a benchmark, run `facellm-edge eval compare`."
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     m, s = r["machine"], r["settings"]
     flags = ", ".join(k for k, v in m.get("cpu_flags", {}).items() if v) or "none"
@@ -183,7 +195,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         "+ encode + image prefill + ttft (a new face), TTFT warm = a follow-up's ttft; end-to-end = detect + align + "
         "TTFT cold + decode.",
         "",
-        "| config | " + " | ".join(h for _, h in TABLE_COLUMNS) + " | peak RSS MB | LLM bits/w | quality |",
+        "| config | " + " | ".join(h for _, h in TABLE_COLUMNS) + " | peak RSS MB | LLM bits/w | fidelity to transformers |",
         "|---|" + "---|" * (len(TABLE_COLUMNS) + 3),
     ]
     for c in r["configs"]:
@@ -193,6 +205,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         bpw = c.get("bits_per_weight")
         lines.append(f"| {c['name']} | " + " | ".join(_cell(c, k) for k, _ in TABLE_COLUMNS)
                      + f" | {mem} | {_fmt(bpw, 2) if bpw else '–'} | {_quality(c)} |")
+    if any(c.get("quality") for c in r["configs"]):
+        lines += ["", fidelity_note(bool(s.get("random_weights")))]
     if r["ratios"]:
         lines += ["", "## Edge / naive (medians; < 1 is better except decode)", "",
                   "| edge | baseline | TTFT cold | TTFT warm | decode | end-to-end | peak RSS |",

@@ -263,7 +263,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
     results = {
         "schema": report.SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"model": model, "runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
+        "settings": {"model": model, "random_weights": cfg.synthetic is not None, "runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
                      "threads": threads, "question": cfg.question, "followup": cfg.followup,
                      "image": image.name, "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
                      "naive": list(naive),
