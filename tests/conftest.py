@@ -1,3 +1,4 @@
+# Length (~440 lines): short fixtures, one per shared artefact (tests/llm/conftest.py has the generator tests').
 """Shared fixtures (the only place a fixture used by more than one test file is defined): tiny InternVL checkpoints
 built offline with the real architectures, the tiny bundle, a real small GGUF, real photos, a face dataset.
 

@@ -1,3 +1,4 @@
+# Length (~410 lines): each deploy/ artefact's small parser sits beside the checks that use it.
 """deploy/ checked as far as a machine without systemd as PID 1 or a container engine allows (docs/deploy.md,
 "How this was checked"): the units' keys, `systemd-analyze verify` / `security`, the unit's command line and the
 example config parsed by the real `serve`; slow: that command run as the unit runs it in a network namespace

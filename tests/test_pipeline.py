@@ -1,3 +1,4 @@
+# Length (~430 lines): 19 end-to-end tests share one module-scoped model; split, each part loads it again.
 """The Python API end to end on the tiny bundle: real YuNet, real ONNX Runtime, real llama.cpp."""
 
 from __future__ import annotations
