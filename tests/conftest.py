@@ -1,5 +1,6 @@
 # Length (~440 lines): short fixtures, one per shared artefact (tests/llm/conftest.py has the generator tests').
-"""Shared fixtures (the only place a fixture used by more than one test file is defined): tiny InternVL checkpoints
+"""Shared fixtures (the only place a fixture used by more than one test file is defined, but for tests/llm/conftest.py,
+which holds the generator tests' own): tiny InternVL checkpoints
 built offline with the real architectures, the tiny bundle, a real small GGUF, real photos, a face dataset.
 
 Everything is built once per pytest run into a session temp dir. Token ids are read from the tokenizer, never

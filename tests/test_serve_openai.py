@@ -111,8 +111,8 @@ def test_face_all_is_answered_together(client, live_model, t1_bgr, user, monkeyp
     interleave), each choice the same text as ``ask``'s."""
     expected = live_model.ask(t1_bgr, QUESTION, max_tokens=3)
     calls = []
-    real = live_model.generator.stream_many
-    monkeypatch.setattr(live_model.generator, "stream_many",
+    real = live_model.generator.stream_many_checked
+    monkeypatch.setattr(live_model.generator, "stream_many_checked",
                         lambda keys, *a, **k: (calls.append(len(keys)), real(keys, *a, **k))[1])
     stream = client.chat.completions.create(model="facellm-edge", messages=[user(t1_bgr)], max_tokens=3,
                                             stream=True, extra_body={"face": "all"})

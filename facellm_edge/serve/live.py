@@ -88,7 +88,8 @@ class LiveService:
 
     def _run(self) -> None:
         # a file source that ends waits for its last answers, as long as a request may take
-        cfg = LiveConfig(question=self.feed.question, display=False, drain_timeout_s=self.config.request_timeout_s)
+        cfg = LiveConfig(question=self.feed.question, display=False, drain_timeout_s=self.config.request_timeout_s,
+                         detect_every=self.config.detect_every)
         try:
             self.stats = run_live(self.model, self.source, cfg, control=self.control)
             log.info("live source %s ended: %d frames, %d answers", self.source.description, self.stats.frames,
@@ -225,10 +226,11 @@ class LiveService:
 
 
 async def _question(request: Request) -> str:
-    """The ``question`` of a JSON body ``{"question": "..."}``; a 400 otherwise (a blank one: UsageError, which the
-    app answers with a 400 too)."""
+    """The ``question`` of a JSON body ``{"question": "..."}``; a 400 otherwise. The question itself is checked once,
+    by :class:`~facellm_edge.runtime.live.control.LiveControl` (set_question / ask_track: a blank one is a
+    UsageError, which the app answers with a 400 too)."""
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, 'the body must be JSON: {"question": "..."}', code="invalid_json") from exc
-    return check_question(body.get("question") if isinstance(body, dict) else None)
+    return body.get("question") if isinstance(body, dict) else None
