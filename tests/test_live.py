@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facellm_edge.errors import InputError, OutputError
+from facellm_edge.errors import InputError, OutputError, UsageError
 from facellm_edge.runtime.faces import Face
 from facellm_edge.runtime.live.loop import LiveConfig, run_live
 from facellm_edge.runtime.live.worker import DropOldestSlot
@@ -44,6 +44,24 @@ def test_video_runs_headless_with_stable_tracks(live_model, photo_video, letterb
     cap.release()
     assert ok and np.abs(first.astype(int) - letterbox(np.zeros((8, 8, 3), np.uint8))).sum() > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated.mp4", "answers.jsonl"]  # no temp files left
+
+
+@pytest.mark.slow  # tiny_bundle
+def test_detect_every_third_frame_draws_the_last_boxes_between(live_model, photo_video, tmp_path, monkeypatch):
+    """--detect-every 3: the real detector runs on frames 0, 3, 6, 9 of the 12; every frame still shows its faces,
+    the tracks stay the same 7 people (the tracker's miss budget counts detections) and each is answered once."""
+    calls = []
+    real = live_model.detect
+    monkeypatch.setattr(live_model, "detect", lambda image: calls.append(1) or real(image))
+    jsonl = tmp_path / "answers.jsonl"
+    cfg = LiveConfig(question="How old is this person?", display=False, jsonl=jsonl, detect_every=3)
+    stats = run_live(live_model, open_source(str(photo_video)), cfg)
+    assert len(calls) == 4 and stats.frames == 12
+    assert stats.faces == 6 * 1 + 6 * 6 and stats.tracks == 7 and stats.answers == 7
+    assert sorted(json.loads(x)["track_id"] for x in jsonl.read_text().splitlines()) == list(range(1, 8))
+    assert LiveConfig(question="q", detect_every=3).tracker_config().max_missed == 5  # 15 frames = 5 detections
+    with pytest.raises(UsageError, match="detect_every 0 must be >= 1"):
+        LiveConfig(question="q", detect_every=0)
 
 
 def test_folder_and_image_sources(tmp_path, astronaut_bgr, t1_bgr):

@@ -295,3 +295,25 @@ def test_a_failing_source_is_reported_not_fatal(live_model, tmp_path):
     live.stop()  # joins the loop, which has failed on its own
     status = live.status()
     assert not live.ready and status["running"] is False and "could be read" in status["error"]
+
+
+def test_serve_detect_every_reaches_the_live_loop(live_model, photo_video, monkeypatch):
+    """serve --detect-every N: the server's live loop runs the real detector on every Nth frame only."""
+    import pytest
+
+    from facellm_edge.errors import UsageError
+    from facellm_edge.runtime.live.sources import open_source
+    from facellm_edge.serve.config import ServeConfig
+    from facellm_edge.serve.live import LiveService
+    from facellm_edge.serve.metrics import Metrics
+
+    calls = []
+    real = live_model.detect
+    monkeypatch.setattr(live_model, "detect", lambda image: calls.append(1) or real(image))
+    live = LiveService(live_model, ServeConfig(detect_every=4), Metrics(), open_source(str(photo_video)))
+    live.start()
+    live._thread.join(120)  # the file ends, its last answers come, the loop returns
+    live.stop()
+    assert live.stats is not None and live.stats.frames == 12 and len(calls) == 3  # frames 0, 4 and 8
+    with pytest.raises(UsageError, match="detect_every 0"):
+        ServeConfig(detect_every=0)

@@ -71,6 +71,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Replace an existing --output video."),
     max_frames: int = typer.Option(field_default(LiveConfig, "max_frames"), "--max-frames", min=0,
                                    help="Stop after N frames (0 = no limit)."),
+    detect_every: int = typer.Option(field_default(LiveConfig, "detect_every"), "--detect-every", min=1, help="Run the face detector on every Nth frame; the frames between show the last boxes. On a small CPU the detector is most of the frame loop's work: what it does not take goes to the answers."),
     *,
     options: RuntimeOptions,
 ) -> None:
@@ -90,7 +91,7 @@ def run(
     cfg = options.runtime_config()
     window = _window(no_display, jsonl)
     live = LiveConfig(question=question, display=window, jsonl=jsonl, output=output, append=append,
-                      overwrite=force, max_frames=max_frames)
+                      overwrite=force, max_frames=max_frames, detect_every=detect_every)
     check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads
     frames = open_sources([camera] if camera is not None else list(source), max_pixels=cfg.max_pixels)
     try:

@@ -28,6 +28,7 @@ def serve_cmd(
                                          "kiosk page sends its own camera's frames)."),
     question: str = typer.Option(_default("question"), "--question", "-q",
                                  help="The live loop's standing question (PUT /v1/live/question changes it)."),
+    detect_every: int = typer.Option(_default("detect_every"), "--detect-every", min=1, help="Run the face detector on every Nth frame; the frames between show the last boxes. On a small CPU the detector is most of the frame loop's work: what it does not take goes to the answers."),
     host: str = typer.Option(_default("host"), "--host", help="Address to listen on. Anything but loopback needs "
                              "--api-key (or --insecure)."),
     port: int = typer.Option(_default("port"), "--port", min=0, max=65535, help="TCP port."),
@@ -66,6 +67,7 @@ def serve_cmd(
     config = ServeConfig(host=host, port=port, api_key=api_key, max_queue=max_queue,
                          request_timeout_s=request_timeout, session_ttl_s=session_ttl, max_sessions=max_sessions,
                          max_body_bytes=max_body_bytes, model_name=model_name, source=source, question=question,
+                         detect_every=detect_every,
                          insecure=insecure, cors_origins=tuple(cors_origin or ()),
                          log_requests=log_requests, shutdown_grace_s=shutdown_grace)
     serve(config, options)

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -31,7 +31,7 @@ from facellm_edge.runtime.live.control import LiveControl
 from facellm_edge.runtime.live.outputs import LiveOutputs, check_output_source, check_outputs
 from facellm_edge.runtime.live.overlay import draw
 from facellm_edge.runtime.live.sources import FrameSource
-from facellm_edge.runtime.live.tracker import IouTracker, TrackerConfig
+from facellm_edge.runtime.live.tracker import DEFAULT_DETECT_EVERY, IouTracker, TrackerConfig
 from facellm_edge.runtime.live.worker import TrackAnswer, VlmWorker
 
 if TYPE_CHECKING:
@@ -61,11 +61,22 @@ class LiveConfig:
     max_frames: int = 0  # 0 = until the source ends or the user quits
     window: str = "facellm-edge"
     frame_latencies: int = 4096  # per-frame loop latencies kept for LiveStats (the most recent ones)
+    # Run the detector on every Nth frame of a source (still images: every one); the frames between are drawn with
+    # the last detection's boxes. On small CPUs the detector is most of the frame loop's work, and what it does not
+    # take goes to the answers (bench's kiosk run measures it).
+    detect_every: int = DEFAULT_DETECT_EVERY
 
     def __post_init__(self) -> None:
+        from facellm_edge.errors import UsageError
         from facellm_edge.llm.generator import check_question
 
         check_question(self.question)
+        if self.detect_every < 1:
+            raise UsageError(f"detect_every {self.detect_every} must be >= 1 (1 = detect on every frame)")
+
+    def tracker_config(self) -> TrackerConfig:
+        """The tracker counts detections, not frames: ``max_missed`` frames become that many detection rounds."""
+        return replace(self.tracker, max_missed=-(-self.tracker.max_missed // self.detect_every))
 
 
 @dataclass
@@ -148,6 +159,8 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
 
     ids = itertools.count(1)  # track ids unique across sources
     trackers: dict[str, IouTracker] = {}  # one per source (several cameras read in turn)
+    seen: dict[str, int] = {}  # per source: index of its latest frame in this run (detect_every counts these)
+    shown_faces: dict[str, list] = {}  # per source: the last detection's faces (drawn until the next one)
     stats.frame_ms = deque(maxlen=config.frame_latencies)
     t_start = time.perf_counter()
     try:
@@ -157,15 +170,19 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
                 raise worker.error
             t_frame = time.perf_counter()
             name = frame.source or getattr(source, "description", "")
-            tracker = trackers.setdefault(name, IouTracker(config.tracker, ids=ids))
+            tracker = trackers.setdefault(name, IouTracker(config.tracker_config(), ids=ids))
             still = source.still_for(frame.source) if frame.source else getattr(source, "still", False)
-            renewed = tracker.end_all() if still else []  # each still image is a new scene
-            faces = model.detect(frame.image)
-            faces, ended = tracker.update(faces, frame.index)
-            ended = renewed + ended
-            if ended:
-                worker.end_tracks(ended)
-            worker.offer(frame.index, frame.image, faces, name)
+            seen[name] = seen.get(name, -1) + 1
+            if still or seen[name] % config.detect_every == 0:
+                renewed = tracker.end_all() if still else []  # each still image is a new scene
+                faces, ended = tracker.update(model.detect(frame.image), frame.index)
+                ended = renewed + ended
+                if ended:
+                    worker.end_tracks(ended)
+                worker.offer(frame.index, frame.image, faces, name)
+                shown_faces[name] = faces
+            else:  # between detections: the last boxes, nothing new for the worker
+                faces, ended = shown_faces.get(name, []), []
             if still and faces and not worker.wait_idle(config.drain_timeout_s):  # drawn with its answers
                 log.warning("answers for %s still pending after %.0fs", frame.name or frame.index,
                             config.drain_timeout_s)

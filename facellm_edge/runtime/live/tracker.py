@@ -10,6 +10,11 @@ import numpy as np
 from facellm_edge.runtime.faces import Face
 
 
+# Detect on every frame (run/serve --detect-every; LiveConfig.detect_every). Here, beside the tracker that counts its
+# misses in detections, so the server's config can take the default without importing the live loop.
+DEFAULT_DETECT_EVERY = 1
+
+
 @dataclass(frozen=True)
 class TrackerConfig:
     iou_threshold: float = 0.3  # a detection continues a track when IoU >= this
