@@ -328,12 +328,13 @@ def no_camera(monkeypatch):
 
 @pytest.fixture(scope="module")
 def live_model(request, tiny_bundle, yunet_model):
-    """The tiny bundle loaded as `run` and `serve` load it (the live thread policy: one llama.cpp thread, one
-    detector thread), one per test module. Answers are ``MAX_TOKENS`` long: the module's own constant, else 3."""
+    """The tiny bundle loaded as `run` and `serve` load it (the live thread policy: one detector thread; llama.cpp
+    on one thread here, as the tests share 2 cores), one per test module. Answers are ``MAX_TOKENS`` long: the module's own constant, else 3."""
     from facellm_edge.runtime.config import DetectorConfig, EngineConfig, GenerationConfig, RuntimeConfig
     from facellm_edge.runtime.pipeline import FaceLLM
 
-    cfg = RuntimeConfig(detector=DetectorConfig(model_path=yunet_model), engine=EngineConfig(quant="f32"),
+    cfg = RuntimeConfig(detector=DetectorConfig(model_path=yunet_model),
+                        engine=EngineConfig(quant="f32", n_threads=1, n_threads_batch=1),  # beside other test jobs
                         generation=GenerationConfig(max_tokens=getattr(request.module, "MAX_TOKENS", 3))).for_live()
     assert (cfg.engine.n_threads, cfg.engine.n_threads_batch, cfg.detector.n_threads) == (1, 1, 1)
     with FaceLLM.load(tiny_bundle, cfg) as m:

@@ -60,8 +60,17 @@ def test_detect_every_third_frame_draws_the_last_boxes_between(live_model, photo
     assert stats.faces == 6 * 1 + 6 * 6 and stats.tracks == 7 and stats.answers == 7
     assert sorted(json.loads(x)["track_id"] for x in jsonl.read_text().splitlines()) == list(range(1, 8))
     assert LiveConfig(question="q", detect_every=3).tracker_config().max_missed == 5  # 15 frames = 5 detections
-    with pytest.raises(UsageError, match="detect_every 0 must be >= 1"):
-        LiveConfig(question="q", detect_every=0)
+    with pytest.raises(UsageError, match="detect_every -1 must be >= 0"):
+        LiveConfig(question="q", detect_every=-1)
+
+
+def test_detect_every_auto_strides_on_small_cpus_only():
+    from facellm_edge.runtime.live.tracker import resolve_detect_every, usable_cores
+
+    assert [resolve_detect_every(0, cores) for cores in (1, 2, 4, 5, 16)] == [3, 3, 3, 1, 1]
+    assert resolve_detect_every(2, cores=2) == 2 and resolve_detect_every(1, cores=2) == 1  # asked: kept
+    assert LiveConfig(question="q").detect_every == 0 and LiveConfig(question="q").stride == resolve_detect_every(
+        0, usable_cores())
 
 
 def test_folder_and_image_sources(tmp_path, astronaut_bgr, t1_bgr):

@@ -190,7 +190,8 @@ def test_ask_and_run_share_one_option_set_with_the_configs_defaults():
 
 @pytest.mark.slow  # tiny_bundle
 def test_the_options_reach_the_runtime_config(photos, tiny_bundle, yunet_model, monkeypatch, capsys):
-    """Each shared option sets its stage's field; run adds the live thread policy (threads left unset -> 1)."""
+    """Each shared option sets its stage's field; run adds the live thread policy (the detector's thread count left
+    unset -> 1; the encoder and llama.cpp keep every core)."""
     from facellm_edge.runtime.pipeline import FaceLLM
 
     seen, load = [], FaceLLM.load.__func__
@@ -217,7 +218,7 @@ def test_the_options_reach_the_runtime_config(photos, tiny_bundle, yunet_model, 
                "--max-tokens", "2"])
     assert rc == 0, capsys.readouterr().err
     cfg = seen.pop()
-    assert (cfg.engine.n_threads, cfg.detector.n_threads, cfg.encoder.n_threads) == (1, 1, 1)
+    assert (cfg.engine.n_threads, cfg.detector.n_threads, cfg.encoder.n_threads) == (None, 1, None)
     assert cfg.generation.max_tokens == 2 and cfg.system is None
 
 

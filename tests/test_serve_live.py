@@ -315,5 +315,5 @@ def test_serve_detect_every_reaches_the_live_loop(live_model, photo_video, monke
     live._thread.join(120)  # the file ends, its last answers come, the loop returns
     live.stop()
     assert live.stats is not None and live.stats.frames == 12 and len(calls) == 3  # frames 0, 4 and 8
-    with pytest.raises(UsageError, match="detect_every 0"):
-        ServeConfig(detect_every=0)
+    with pytest.raises(UsageError, match="detect_every -1"):
+        ServeConfig(detect_every=-1)

@@ -340,7 +340,11 @@ def bench_live(p: dict[str, Any]) -> dict[str, Any]:
         from facellm_edge.bench.kiosk import bench_kiosk
 
         kiosk = bench_kiosk(p, photo, int(p.get("cores") or max(p["llama_threads"])))
-    return {"name": "live", "kind": "live", "code_path": CODE_PATH, "source": clips["source"], "width": w,
+    from facellm_edge.runtime.live.loop import LiveConfig
+
+    return {"name": "live", "kind": "live", "code_path": CODE_PATH,
+            "detect_every": LiveConfig(question=p["question"]).stride,  # run's default (auto) on this machine
+            "source": clips["source"], "width": w,
             "height": h, "frames": int(p["frames"]), "vision": p["vision"], "quant": p["quant"],
             "decode_tokens": int(p["decode_tokens"]), "runs": runs, "winner": pick_winner(runs),
             "winner_rule": WINNER_RULE, "kiosk": kiosk}

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -77,7 +77,7 @@ class ServeBenchConfig:
     live_clients: int = 4
     live_window_s: float = 10.0  # the frame loop alone is measured this long
     camera_fps: float = 30.0
-    threads: int | None = None  # None: physical cores (the live phase: serve --source's policy, 1)
+    threads: int | None = None  # None: physical cores (the live phase: serve --source's policy: the detector 1)
     detector_model: Path | None = None
     request_timeout_s: float = 1800.0
     timeout_s: float = 3600.0  # the whole measurement
@@ -273,6 +273,7 @@ def _camera(model: "FaceLLM", photo: np.ndarray, p: dict[str, Any]) -> tuple[Cal
 
 def _live(p: dict[str, Any], photo: np.ndarray, body: bytes) -> dict[str, Any]:
     from facellm_edge.bench.edge import runtime_config
+    from facellm_edge.runtime.live.loop import LiveConfig
     from facellm_edge.runtime.pipeline import FaceLLM
     from facellm_edge.serve.app import create_app
     from facellm_edge.serve.config import ServeConfig
@@ -282,7 +283,10 @@ def _live(p: dict[str, Any], photo: np.ndarray, body: bytes) -> dict[str, Any]:
     timeout = float(p["request_timeout_s"])
     cfg = ServeConfig(max_queue=int(p["live_clients"]), request_timeout_s=timeout, question=p["question"],
                       max_body_bytes=max(20_000_000, 2 * len(body)))
-    with FaceLLM.load(p["bundle"], runtime_config(p, threads=1).for_live()) as model:
+    threads = int(p["threads"])
+    runtime = runtime_config(p, threads=threads)
+    runtime = replace(runtime, detector=replace(runtime.detector, n_threads=None)).for_live()  # serve --source's
+    with FaceLLM.load(p["bundle"], runtime) as model:
         draw, shows = _camera(model, photo, p)
         live = LiveService(model, cfg, Metrics(), PacedClip(draw, float(p["camera_fps"]), shows))
         with serving(create_app(model, cfg, live)) as base:
@@ -306,8 +310,8 @@ def _live(p: dict[str, Any], photo: np.ndarray, body: bytes) -> dict[str, Any]:
                                                 timeout))
             if not live.ready:
                 raise RuntimeStageError(f"the live loop stopped: {live.error}")
-    return {"source": shows, "camera_fps": float(p["camera_fps"]), "threads": "serve --source's policy: llama.cpp 1, "
-            "detector 1, ONNX Runtime 1", "alone": alone, "serving": {**busy, "load": load}}
+    return {"source": shows, "camera_fps": float(p["camera_fps"]), "threads": "serve --source's policy: detector 1, "
+            f"ONNX Runtime and llama.cpp {threads}; detector on every {LiveConfig(question='-').stride} frame(s)", "alone": alone, "serving": {**busy, "load": load}}
 
 
 def measure(p: dict[str, Any]) -> dict[str, Any]:

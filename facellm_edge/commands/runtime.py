@@ -71,7 +71,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Replace an existing --output video."),
     max_frames: int = typer.Option(field_default(LiveConfig, "max_frames"), "--max-frames", min=0,
                                    help="Stop after N frames (0 = no limit)."),
-    detect_every: int = typer.Option(field_default(LiveConfig, "detect_every"), "--detect-every", min=1, help="Run the face detector on every Nth frame; the frames between show the last boxes. On a small CPU the detector is most of the frame loop's work: what it does not take goes to the answers."),
+    detect_every: int = typer.Option(field_default(LiveConfig, "detect_every"), "--detect-every", min=0, help="Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers), every frame otherwise."),
     *,
     options: RuntimeOptions,
 ) -> None:

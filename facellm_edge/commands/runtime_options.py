@@ -239,7 +239,7 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
                "~5-13 % faster for up to ~380 MB more memory (FaceLLM-1B); auto turns it on where the CPU has int8 "
                "dot products (VNNI, AMX, ARM dotprod / i8mm) and the vision file is int8."),
         option("threads", Optional[int], _ENGINE.n_threads, "--threads",
-               "llama.cpp threads (live default 1, beside 1 detector thread)." if live
+               "llama.cpp threads (default: all cores; the live detector gets 1)." if live
                else "llama.cpp threads (default: all cores).", min=1),
         option("max_faces", int, _DETECT.max_faces, "--max-faces",
                ("Track at most N faces per frame" if live else "Answer about at most N faces") + " (0 = all).",

@@ -28,7 +28,7 @@ def serve_cmd(
                                          "kiosk page sends its own camera's frames)."),
     question: str = typer.Option(_default("question"), "--question", "-q",
                                  help="The live loop's standing question (PUT /v1/live/question changes it)."),
-    detect_every: int = typer.Option(_default("detect_every"), "--detect-every", min=1, help="Run the face detector on every Nth frame; the frames between show the last boxes. On a small CPU the detector is most of the frame loop's work: what it does not take goes to the answers."),
+    detect_every: int = typer.Option(_default("detect_every"), "--detect-every", min=0, help="Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers), every frame otherwise."),
     host: str = typer.Option(_default("host"), "--host", help="Address to listen on. Anything but loopback needs "
                              "--api-key (or --insecure)."),
     port: int = typer.Option(_default("port"), "--port", min=0, max=65535, help="TCP port."),

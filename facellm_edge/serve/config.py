@@ -39,7 +39,7 @@ class ServeConfig:
     model_name: str = "facellm-edge"  # the model id of /v1/models and of chat completion requests
     source: str | None = None  # live source spec (camera index, file, URL); None: browser camera / no live loop
     question: str = "Describe this person."  # the live loop's standing question
-    detect_every: int = DEFAULT_DETECT_EVERY  # the live loop's detector on every Nth frame (LiveConfig.detect_every)
+    detect_every: int = DEFAULT_DETECT_EVERY  # the live loop's detector on every Nth frame (LiveConfig.detect_every; 0 = auto)
     insecure: bool = False  # allow a non-loopback host without an API key (the user said so explicitly)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API from other pages; none by default
     log_requests: bool = False  # log each request (method, path, status, time) and its questions and answers
@@ -69,8 +69,8 @@ class ServeConfig:
             raise UsageError("the model name is empty")
         if not self.question.strip():
             raise UsageError("the live question is empty; ask something")
-        if self.detect_every < 1:
-            raise UsageError(f"detect_every {self.detect_every} must be >= 1 (1 = detect on every frame)")
+        if self.detect_every < 0:
+            raise UsageError(f"detect_every {self.detect_every} must be >= 0 (0 = auto, 1 = every frame)")
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise UsageError(f"CORS origin {origin!r} must be like http://host:port (or *)")

@@ -31,7 +31,7 @@ from facellm_edge.runtime.live.control import LiveControl
 from facellm_edge.runtime.live.outputs import LiveOutputs, check_output_source, check_outputs
 from facellm_edge.runtime.live.overlay import draw
 from facellm_edge.runtime.live.sources import FrameSource
-from facellm_edge.runtime.live.tracker import DEFAULT_DETECT_EVERY, IouTracker, TrackerConfig
+from facellm_edge.runtime.live.tracker import DEFAULT_DETECT_EVERY, IouTracker, TrackerConfig, resolve_detect_every
 from facellm_edge.runtime.live.worker import TrackAnswer, VlmWorker
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class LiveConfig:
     frame_latencies: int = 4096  # per-frame loop latencies kept for LiveStats (the most recent ones)
     # Run the detector on every Nth frame of a source (still images: every one); the frames between are drawn with
     # the last detection's boxes. On small CPUs the detector is most of the frame loop's work, and what it does not
-    # take goes to the answers (bench's kiosk run measures it).
+    # take goes to the answers (bench's kiosk run measures it). 0 = auto (tracker.resolve_detect_every).
     detect_every: int = DEFAULT_DETECT_EVERY
 
     def __post_init__(self) -> None:
@@ -71,12 +71,17 @@ class LiveConfig:
         from facellm_edge.llm.generator import check_question
 
         check_question(self.question)
-        if self.detect_every < 1:
-            raise UsageError(f"detect_every {self.detect_every} must be >= 1 (1 = detect on every frame)")
+        if self.detect_every < 0:
+            raise UsageError(f"detect_every {self.detect_every} must be >= 0 (0 = auto, 1 = every frame)")
+
+    @property
+    def stride(self) -> int:
+        """Frames per detection: ``detect_every``, auto resolved for this machine."""
+        return resolve_detect_every(self.detect_every)
 
     def tracker_config(self) -> TrackerConfig:
         """The tracker counts detections, not frames: ``max_missed`` frames become that many detection rounds."""
-        return replace(self.tracker, max_missed=-(-self.tracker.max_missed // self.detect_every))
+        return replace(self.tracker, max_missed=-(-self.tracker.max_missed // self.stride))
 
 
 @dataclass
@@ -160,6 +165,10 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
     ids = itertools.count(1)  # track ids unique across sources
     trackers: dict[str, IouTracker] = {}  # one per source (several cameras read in turn)
     seen: dict[str, int] = {}  # per source: index of its latest frame in this run (detect_every counts these)
+    stride = config.stride
+    if stride > 1:
+        log.info("face detection on every %s frame%s", {2: "2nd", 3: "3rd"}.get(stride, f"{stride}th"),
+                 " (auto on this small CPU; --detect-every 1 for every frame)" if not config.detect_every else "")
     shown_faces: dict[str, list] = {}  # per source: the last detection's faces (drawn until the next one)
     stats.frame_ms = deque(maxlen=config.frame_latencies)
     t_start = time.perf_counter()
@@ -173,7 +182,7 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             tracker = trackers.setdefault(name, IouTracker(config.tracker_config(), ids=ids))
             still = source.still_for(frame.source) if frame.source else getattr(source, "still", False)
             seen[name] = seen.get(name, -1) + 1
-            if still or seen[name] % config.detect_every == 0:
+            if still or seen[name] % stride == 0:
                 renewed = tracker.end_all() if still else []  # each still image is a new scene
                 faces, ended = tracker.update(model.detect(frame.image), frame.index)
                 ended = renewed + ended
