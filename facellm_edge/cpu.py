@@ -1,11 +1,29 @@
 """The CPU's model name and feature flags, read once here for everyone who needs them: the vision encoder's
-pre-packing rule (:mod:`facellm_edge.runtime.encode`), ``doctor``'s CPU check and the benchmark's machine record.
-Standard library only: the runtime imports it."""
+pre-packing rule (:mod:`facellm_edge.runtime.encode`), ``doctor``'s CPU check and the benchmark's machine record;
+and how many cores this process may use (the live loop's small-CPU policy). Standard library only: the runtime
+imports it."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+# At or below this many usable cores the live loop's detector runs on every 3rd frame by default
+# (runtime.live.tracker.resolve_detect_every).
+SMALL_CPU_CORES = 4
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one: a container's cpuset counts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def small_cpu(cores: int | None = None) -> bool:
+    return (cores or usable_cores()) <= SMALL_CPU_CORES
 
 
 def cpuinfo() -> tuple[str, set[str]]:

@@ -156,8 +156,8 @@ def test_live_runs_the_real_loop_idle_and_busy(results):
         assert seen["first_token"]["n"] == seen["answer"]["n"] == r["answers"]
         assert all(f <= a for f, a in zip(seen["first_token"]["samples"], seen["answer"]["samples"]))
     kiosk = live["kiosk"]  # one visitor per thread policy (--threads 1: one encoder thread), same real loop
-    assert [(r["llama_threads"], r["encoder_threads"], r["detect_every"]) for r in kiosk["runs"]] == [
-        (1, 1, 1), (1, 1, 3), (2, 1, 1), (2, 1, 3)]
+    assert [(r["llama_threads"], r["encoder_threads"], r["detect_every"], r["detect_size"]) for r in kiosk["runs"]] == [
+        (1, 1, 1, 640), (1, 1, 3, 640), (2, 1, 1, 640), (2, 1, 3, 640), (2, 1, 3, 320)]
     assert all(r["answered"] and r["since_seen_ms"]["first_token"] <= r["since_seen_ms"]["answer"]
                for r in kiosk["runs"])
     assert kiosk["best"] in {r["name"] for r in kiosk["runs"]} and kiosk["clip"] == "the largest face of t1.jpg arriving"

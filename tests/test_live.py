@@ -65,7 +65,8 @@ def test_detect_every_third_frame_draws_the_last_boxes_between(live_model, photo
 
 
 def test_detect_every_auto_strides_on_small_cpus_only():
-    from facellm_edge.runtime.live.tracker import resolve_detect_every, usable_cores
+    from facellm_edge.cpu import usable_cores
+    from facellm_edge.runtime.live.tracker import resolve_detect_every
 
     assert [resolve_detect_every(0, cores) for cores in (1, 2, 4, 5, 16)] == [3, 3, 3, 1, 1]
     assert resolve_detect_every(2, cores=2) == 2 and resolve_detect_every(1, cores=2) == 1  # asked: kept
@@ -391,3 +392,22 @@ def test_several_sources_share_one_worker_and_name_themselves(live_model, astron
     with pytest.raises(OutputError, match="records one source"):
         run_live(live_model, open_sources([str(a), str(b)]), LiveConfig(question="Age?", display=False,
                                                                    output=tmp_path / "x.mp4"))
+
+
+def test_live_policy_on_small_and_large_cpus(monkeypatch):
+    """for_live: the detector gets 1 thread (unless given), its resolution is kept; the encoder and llama.cpp keep
+    every core; the detector's stride is auto: every 3rd frame on <= 4 usable cores."""
+    import facellm_edge.cpu
+    from facellm_edge.runtime.config import DetectorConfig, RuntimeConfig
+
+    monkeypatch.setattr(facellm_edge.cpu, "usable_cores", lambda: 2)
+    small = RuntimeConfig().for_live()
+    assert (small.detector.n_threads, small.detector.input_size, small.detector.size) == (1, None, 640)
+    assert (small.engine.n_threads, small.encoder.n_threads) == (None, None)
+    given = RuntimeConfig(detector=DetectorConfig(input_size=320, n_threads=2)).for_live().detector
+    assert (given.input_size, given.size, given.n_threads) == (320, 320, 2)  # what the user asked for is kept
+    assert LiveConfig(question="q").stride == 3
+    monkeypatch.setattr(facellm_edge.cpu, "usable_cores", lambda: 16)
+    assert LiveConfig(question="q").stride == 1
+    with pytest.raises(UsageError, match="multiple of 32"):
+        DetectorConfig(input_size=300)

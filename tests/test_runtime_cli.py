@@ -180,6 +180,7 @@ def test_ask_and_run_share_one_option_set_with_the_configs_defaults():
                 "gpu_layers": EngineConfig().n_gpu_layers,
                 "quant": EngineConfig().quant, "threads": EngineConfig().n_threads,
                 "detector": DetectorConfig().name, "detector_model": DetectorConfig().model_path,
+                "detect_size": DetectorConfig().input_size,
                 "max_faces": DetectorConfig().max_faces, "device": EncoderConfig().device,
                 "precision": EncoderConfig().precision, "vision_prepack": EncoderConfig().prepack, "max_pixels": DEFAULT_MAX_PIXELS, "system": None,
                 "bundle": None, "schema": None}

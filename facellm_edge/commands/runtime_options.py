@@ -57,6 +57,7 @@ class RuntimeOptions:
     temperature: float
     detector: str
     detector_model: Path | None
+    detect_size: int | None
     device: str
     quant: str | None
     precision: str | None
@@ -75,7 +76,8 @@ class RuntimeOptions:
         from facellm_edge.runtime.config import RuntimeConfig
 
         config = RuntimeConfig(
-            detector=DetectorConfig(name=self.detector, model_path=self.detector_model, max_faces=self.max_faces),
+            detector=DetectorConfig(name=self.detector, model_path=self.detector_model, max_faces=self.max_faces,
+                                    input_size=self.detect_size),
             encoder=EncoderConfig(device=self.device, precision=self.precision, prepack=self.vision_prepack),
             engine=EngineConfig(quant=self.quant, n_ctx=self.ctx, n_gpu_layers=self.gpu_layers,
                                 n_threads=self.threads, n_threads_batch=self.threads),
@@ -230,6 +232,10 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
         option("temperature", float, _GEN.temperature, "--temperature", "0 = greedy.", min=0.0),
         option("detector", str, _DETECT.name, "--detector", "Face detector: yunet (MIT) or scrfd (non-commercial)."),
         option("detector_model", Optional[Path], _DETECT.model_path, "--detector-model", "Local detector model file."),
+        option("detect_size", Optional[int], _DETECT.input_size, "--detect-size",
+               "Longest side (px, a multiple of 32) the face detector works at; larger images are scaled down to it. "
+               "Default 640. 320 frees CPU for the answers on a small CPU (a kiosk with near faces) but misses faces "
+               "under ~32 px in a 640 x 480 frame.", min=64),
         option("device", str, _ENCODER.device, "--device", f"Vision encoder: {' | '.join(DEVICES)}."),
         option("quant", Optional[str], _ENGINE.quant, "--quant", "LLM quant in the bundle (default: its best)."),
         option("precision", Optional[str], _ENCODER.precision, "--precision",

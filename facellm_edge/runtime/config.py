@@ -80,6 +80,8 @@ class RuntimeConfig:
         llama.cpp keep every core. Measured on 2 cores (bench's kiosk run, FaceLLM-1B int8 + q4_0): with the
         detector on every 3rd frame (``LiveConfig.detect_every`` auto on small CPUs), encoder and llama.cpp on both
         cores brought a new person's first token from 10.5 s (the former policy: 1 llama.cpp + 1 encoder thread,
-        the detector on every frame) to 7.2 s (medians of 3) while the frame loop held 30 FPS, p99 < 65 ms."""
+        the detector on every frame) to 7.2 s (medians of 3) while the frame loop held 30 FPS, p99 < 65 ms.
+        The detector's resolution is not changed: at 320 px (``--detect-size 320``) the same run gave the first token
+        in 6.0 s, but YuNet then misses faces under ~32 px and found a false face in t1.jpg that 640 px does not."""
         d = self.detector
         return replace(self, detector=replace(d, n_threads=1 if d.n_threads is None else d.n_threads))

@@ -22,6 +22,11 @@ BACKENDS: dict[str, str] = {
     "scrfd": "facellm_edge.runtime.detect.scrfd:ScrfdDetector",
 }
 DEFAULT_DETECTOR = "yunet"
+# --detect-size's default. 320 measured on 2 cores (bench's kiosk run, FaceLLM-1B, the detector on every 3rd frame):
+# a new person's first token 7.5 -> 6.0 s and frame p99 60 -> 17 ms, but YuNet then finds faces only down to ~32 px
+# wide in a 640 x 480 frame (~20 px at 640) and reported a false 25 px face in letterboxed t1.jpg that 640 does not:
+# a choice for the user (a kiosk with near faces), not a default.
+DEFAULT_INPUT_SIZE = 640
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,18 @@ class DetectorConfig:
     model_path: Path | None = None  # local model file; None = the backend's default (YuNet: shipped in the package)
     score_threshold: float = 0.6
     nms_threshold: float = 0.3
-    input_size: int = 640  # longest side the detector works at
+    input_size: int | None = None  # longest side the detector works at (larger images scaled down); None: 640
     max_faces: int = 0  # 0 = all
     n_threads: int | None = None  # OpenCV / ORT threads for the detector; None = library default
 
+    @property
+    def size(self) -> int:
+        return self.input_size or DEFAULT_INPUT_SIZE
+
     def __post_init__(self) -> None:  # checked when the configuration is made, before any model loads
         check_name(self.name)
+        if self.input_size is not None and not (64 <= self.input_size <= 4096 and self.input_size % 32 == 0):
+            raise UsageError(f"detector input size {self.input_size} must be a multiple of 32 in 64..4096")
         if not 0.0 < self.score_threshold < 1.0:
             raise UsageError(f"detector score threshold {self.score_threshold} must be in (0, 1)")
         if self.max_faces < 0:

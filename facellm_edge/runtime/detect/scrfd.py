@@ -62,7 +62,7 @@ class ScrfdDetector:
             raise InputError(f"cannot load SCRFD model {self.model_path}: {exc}") from exc
         if model is None or getattr(model, "taskname", None) != "detection":
             raise InputError(f"{self.model_path} is not an InsightFace detection model; pass an SCRFD .onnx")
-        size = (config.input_size, config.input_size)
+        size = (config.size, config.size)
         model.prepare(ctx_id=-1, input_size=size, det_thresh=config.score_threshold)
         self._model = model
         self._size = size

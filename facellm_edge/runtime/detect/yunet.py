@@ -65,7 +65,7 @@ class YuNetDetector:
             if quiet:
                 quiet.setLogLevel(quiet.LOG_LEVEL_ERROR)
             self._net = cv2.FaceDetectorYN.create(
-                str(path), "", (config.input_size, config.input_size),
+                str(path), "", (config.size, config.size),
                 config.score_threshold, config.nms_threshold, 5000,
             )
         except cv2.error as exc:
@@ -82,7 +82,7 @@ class YuNetDetector:
     def detect_checked(self, image: np.ndarray) -> list[Face]:
         """:meth:`detect` for an image its caller has already checked."""
         h, w = image.shape[:2]
-        scale = min(1.0, self.config.input_size / max(h, w))
+        scale = min(1.0, self.config.size / max(h, w))
         if scale < 1.0:
             image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         size = (image.shape[1], image.shape[0])

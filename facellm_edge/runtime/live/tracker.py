@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from facellm_edge.cpu import small_cpu
 from facellm_edge.runtime.faces import Face
 
 
-# run/serve --detect-every (LiveConfig.detect_every): 0 = auto, the detector on every AUTO_STRIDE-th frame on a CPU
-# with at most SMALL_CPU_CORES usable cores, on every frame otherwise. Measured on 2 cores (bench's kiosk run): the
-# frames the detector skips go to the answers (first token 10.5 -> 7.2 s with the live thread policy) while the loop
-# holds 30 FPS. Here, beside the tracker that counts its misses in detections, so the server's config takes the
-# default without importing the live loop.
+# run/serve --detect-every (LiveConfig.detect_every): 0 = auto, the detector on every AUTO_STRIDE-th frame on a small
+# CPU (facellm_edge.cpu.small_cpu), on every frame otherwise. Measured on 2 cores (bench's kiosk run): the frames the
+# detector skips go to the answers (first token 10.5 -> 7.2 s with the live thread policy) while the loop holds
+# 30 FPS. Here, beside the tracker that counts its misses in detections, so the server's config takes the default
+# without importing the live loop.
 DEFAULT_DETECT_EVERY = 0
 AUTO_STRIDE = 3
-SMALL_CPU_CORES = 4
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one: a container's cpuset counts)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def resolve_detect_every(value: int, cores: int | None = None) -> int:
     """``value`` itself, or for 0 (auto) :data:`AUTO_STRIDE` on small CPUs and 1 elsewhere."""
     if value:
         return value
-    return AUTO_STRIDE if (cores or usable_cores()) <= SMALL_CPU_CORES else 1
+    return AUTO_STRIDE if small_cpu(cores) else 1
 
 
 @dataclass(frozen=True)
