@@ -329,6 +329,7 @@ def test_bar_segments_split_each_path_by_its_own_stages():
     assert naive == {"detect": 0, "align": 0, "preprocess": 3, "encode": 4, NAIVE_PREFILL: 13, "decode": 7}
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_kiosk_bench_times_one_visitor_through_the_real_loop(tiny_bundle, t1_bgr, yunet_model):
     """The kiosk run: run_live on a paced camera stand-in, an empty scene then one person; the answer's since-seen
     times come from the loop's own record, the frame loop's numbers from LiveStats."""

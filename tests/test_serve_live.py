@@ -297,6 +297,7 @@ def test_a_failing_source_is_reported_not_fatal(live_model, tmp_path):
     assert not live.ready and status["running"] is False and "could be read" in status["error"]
 
 
+@pytest.mark.slow  # tiny_bundle
 def test_serve_detect_every_reaches_the_live_loop(live_model, photo_video, monkeypatch):
     """serve --detect-every N: the server's live loop runs the real detector on every Nth frame only."""
     import pytest

@@ -44,6 +44,7 @@ def near_greedy(ref: LlamaEngine, replay: Replay, segment: list[int], answer: An
         replay.pending = ids[-1]
 
 
+@pytest.mark.slow  # ~4 s: three faces decoded together and one by one
 def test_batched_faces_answer_as_one_by_one(gen, ref, specs, three_images, monkeypatch):
     """prefill_many + answer_many: every face's rows share the llama_decode calls (far fewer calls), the stream
     interleaves the faces, and each face's answer and follow-up are what decoding that conversation alone gives."""
