@@ -351,6 +351,8 @@ def test_kiosk_bench_times_one_visitor_through_the_real_loop(tiny_bundle, t1_bgr
     assert "every 3 frames at 640 px" in strided["name"] and small["name"].endswith("at 320 px")
     assert k["default"] == strided["name"]  # 1 core: the detector on every 3rd frame at 640 px
     seen = run["since_seen_ms"]
+    assert run["visits"] == 1 and run["since_seen_samples"]["first_token"] == [pytest.approx(seen["first_token"],
+                                                                                               abs=0.1)]
     assert 0 < seen["first_token"] <= seen["answer"]
     # the person arrives after the empty second: at least that many frames went through the loop before the answer
     assert run["frames"] >= 30 and run["frame_ms"]["n"] == run["frames"] and run["dropped_frames"] >= 0

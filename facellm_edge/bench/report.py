@@ -11,8 +11,9 @@
            fps, frames, frame_ms{median, p90, p99, ...}, faces_per_frame, tracks, answers, answers_in_loop,
            dropped_jobs, decode_tok_s, since_seen_ms{first_token{...}, answer{...}} | null, ...} ],
            winner, winner_rule, kiosk: {camera_fps, empty_s, clip, runs: [ {name, llama_threads, encoder_threads,
-           detect_every, detect_size, answered, fps, frames, dropped_frames, frame_ms{...}, since_seen_ms{first_token,
-           answer}, timings_ms{...}, n_tokens, decode_tok_s} ], best, default} | null (bench/kiosk.py)} | null,
+           detect_every, detect_size, answered, visits, fps, frames, dropped_frames, frame_ms{...}, since_seen_ms{first_token,
+           answer} (medians), since_seen_samples, timings_ms{...}, n_tokens, decode_tok_s} ], best,
+           default} | null (bench/kiosk.py)} | null,
     roofline: {ceilings{mem_read_gb_s, fp32_gflop_s, int8_gop_s, ...}, vision{PREC: work}, llm{QUANT: work},
                image_tokens, question_tokens} | null   (edge configs then carry bounds{encode_ms, image_prefill_ms,
                question_prefill_ms, ttft_cold_ms, decode_tok_s}: the best this machine allows; bench/roofline.py)

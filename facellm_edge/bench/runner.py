@@ -248,7 +248,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                 live_payload(bundle_dir, best["vision"], best["quant"], image, cfg.live.video,
                                              cfg.live.frames, cfg.live.width, cfg.live.height,
                                              cfg.live.llama_threads, cfg.decode_tokens, cfg.question,
-                                             cfg.detector_model, threads),
+                                             cfg.detector_model, threads, runs=cfg.runs),
                                 timeout_s=cfg.config_timeout_s, label="live")
 
         faces = None
