@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -259,10 +260,24 @@ def atomic_directory(dest: Path, *, force: bool = False, kind: OutputKind = OUTP
             check_replaceable(dest, force=force, kind=kind)
         replace_directory(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     finally:
         os.close(lock_fd)
+
+
+def remove_tree(path: Path, attempts: int = 30, pause_s: float = 0.1) -> bool:
+    """Remove a temporary folder of ours even while a library's writer threads are still finishing files in it (an
+    interrupted ONNX save): one pass of rmtree can lose that race and leave the folder; retry for up to
+    ``attempts * pause_s`` seconds. Returns whether it is gone."""
+    for i in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return True
+        if i + 1 < attempts:
+            time.sleep(pause_s)
+    log.warning("could not remove the temporary folder %s", path)
+    return False
 
 
 # -- atomic files -----------------------------------------------------------------------------------------------
