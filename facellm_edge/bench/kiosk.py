@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from facellm_edge.bench.config import TARGETS
-from facellm_edge.bench.live import PacedClip, Records, person_crops, person_side, place, since_seen, warm_up
+from facellm_edge.bench.live import (PacedClip, Records, decode_rate, meets_loop_targets, person_crops, person_side,
+                                     place, since_seen, warm_up)
 from facellm_edge.bench.stages import summarize
 from facellm_edge.runtime.detect import DEFAULT_INPUT_SIZE
 
@@ -88,8 +88,7 @@ def kiosk_run(model: "FaceLLM", person: np.ndarray, question: str, width: int, h
             "dropped_frames": source.dropped, "frame_ms": summarize(list(stats.frame_ms)),
             "since_seen_ms": {k: v["median"] for k, v in since_seen(recs).items()},
             "timings_ms": {k: round(v, 1) for k, v in rec["timings_ms"].items()}, "n_tokens": rec["n_tokens"],
-            "decode_tok_s": round((rec["n_tokens"] - 1) / rec["timings_ms"]["decode"] * 1e3, 2)
-            if rec["n_tokens"] > 1 and rec["timings_ms"].get("decode") else None}
+            "decode_tok_s": decode_rate(recs)}
 
 
 def combine(visits: list[dict[str, Any]]) -> dict[str, Any]:
@@ -142,16 +141,10 @@ def bench_kiosk(p: dict[str, Any], photo: np.ndarray, cores: int) -> dict[str, A
             "runs": runs, "best": best_policy(runs), "default": default}
 
 
-def loop_ok(run: dict[str, Any]) -> bool:
-    _, fps_min, _ = TARGETS["live_fps_busy"]
-    _, p99_max, _ = TARGETS["live_p99_busy_ms"]
-    return run["fps"] >= fps_min and run["frame_ms"]["p99"] < p99_max
-
-
 def best_policy(runs: list[dict[str, Any]]) -> str | None:
     """The earliest first token among the runs whose frame loop met its targets (else among all answered)."""
     answered = [r for r in runs if r.get("answered")]
-    good = [r for r in answered if loop_ok(r)] or answered
+    good = [r for r in answered if meets_loop_targets(r)] or answered
     return min(good, key=lambda r: r["since_seen_ms"]["first_token"])["name"] if good else None
 
 
@@ -187,5 +180,5 @@ def kiosk_lines(kiosk: dict[str, Any] | None, cold_ttft_ms: float | None) -> lis
                      f"frame = cold TTFT {cold_ttft_ms:,.0f} ms + {first - cold_ttft_ms:,.0f} ms "
                      f"({first / cold_ttft_ms:.2f}×; goal ≤ cold TTFT + {GOAL_MARGIN_MS:.0f} ms: "
                      f"{'met' if first <= cold_ttft_ms + GOAL_MARGIN_MS else 'missed'}); frame loop "
-                     f"{'met' if loop_ok(r) else 'missed'} ≥ 25 FPS, p99 < 80 ms.")
+                     f"{'met' if meets_loop_targets(r) else 'missed'} ≥ 25 FPS, p99 < 80 ms.")
     return lines

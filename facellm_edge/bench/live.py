@@ -280,7 +280,7 @@ def warm_up(model: "FaceLLM", photo: np.ndarray, question: str, image_name: str)
         session.ask(question, max_tokens=2)
 
 
-def _meets_loop_targets(run: dict[str, Any]) -> bool:
+def meets_loop_targets(run: dict[str, Any]) -> bool:
     _, fps_min, _ = TARGETS["live_fps_busy"]
     _, p99_max, _ = TARGETS["live_p99_busy_ms"]
     return run["fps"] >= fps_min and run["frame_ms"]["p99"] < p99_max
@@ -288,7 +288,7 @@ def _meets_loop_targets(run: dict[str, Any]) -> bool:
 
 def pick_winner(runs: list[dict[str, Any]]) -> str:
     busy = [r for r in runs if r["vlm_busy"]]
-    good = [r for r in busy if _meets_loop_targets(r)]
+    good = [r for r in busy if meets_loop_targets(r)]
     if good:
         return max(good, key=lambda r: r["decode_tok_s"] or 0.0)["name"]
     return (max(busy, key=lambda r: r["fps"]) if busy else runs[0])["name"]

@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from facellm_edge.cpu import cpuinfo
+from facellm_edge.cpu import cpuinfo, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,7 @@ def torch_cpu_capability() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     model, flags = cpuinfo()
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        affinity = os.cpu_count() or 1
+    affinity = usable_cores()
     return {
         "hostname": socket.gethostname(),
         "os": f"{platform.system()} {platform.release()}",

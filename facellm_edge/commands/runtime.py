@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from facellm_edge.commands.defaults import field_default
-from facellm_edge.commands.runtime_options import RuntimeOptions, runtime_options
+from facellm_edge.commands.runtime_options import DETECT_EVERY_HELP, RuntimeOptions, runtime_options
 from facellm_edge.runtime.live.loop import LiveConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Replace an existing --output video."),
     max_frames: int = typer.Option(field_default(LiveConfig, "max_frames"), "--max-frames", min=0,
                                    help="Stop after N frames (0 = no limit)."),
-    detect_every: int = typer.Option(field_default(LiveConfig, "detect_every"), "--detect-every", min=0, help="Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers), every frame otherwise."),
+    detect_every: int = typer.Option(field_default(LiveConfig, "detect_every"), "--detect-every", min=0, help=DETECT_EVERY_HELP),
     *,
     options: RuntimeOptions,
 ) -> None:

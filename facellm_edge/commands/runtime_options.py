@@ -262,6 +262,12 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
     ]
 
 
+# --detect-every's help (run and serve: the live loop's option).
+DETECT_EVERY_HELP = (
+    "Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers), every frame otherwise."
+)
+
+
 # The option names ask, run and serve share: the top-level keys of a --config file.
 SHARED = frozenset(f.name for f in fields(RuntimeOptions) if f.name != "live")
 

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from facellm_edge.commands.defaults import field_default
-from facellm_edge.commands.runtime_options import RuntimeOptions, runtime_options
+from facellm_edge.commands.runtime_options import DETECT_EVERY_HELP, RuntimeOptions, runtime_options
 from facellm_edge.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def serve_cmd(
                                          "kiosk page sends its own camera's frames)."),
     question: str = typer.Option(_default("question"), "--question", "-q",
                                  help="The live loop's standing question (PUT /v1/live/question changes it)."),
-    detect_every: int = typer.Option(_default("detect_every"), "--detect-every", min=0, help="Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers), every frame otherwise."),
+    detect_every: int = typer.Option(_default("detect_every"), "--detect-every", min=0, help=DETECT_EVERY_HELP),
     host: str = typer.Option(_default("host"), "--host", help="Address to listen on. Anything but loopback needs "
                              "--api-key (or --insecure)."),
     port: int = typer.Option(_default("port"), "--port", min=0, max=65535, help="TCP port."),

@@ -96,17 +96,14 @@ def cpu_features(arch: str, flags: set[str]) -> dict[str, bool]:
 
 def check_cpu() -> Check:
     from facellm_edge.bench.system import physical_cores
-    from facellm_edge.cpu import cpuinfo
+    from facellm_edge.cpu import cpuinfo, usable_cores
 
     model, flags = cpuinfo()
     arch = platform.machine()
     features = cpu_features(arch, flags)
     table = {**X86_FEATURES, **ARM_FEATURES}
     notes = tuple(f"{name}: {'yes' if have else 'no '} - {table[name][1]}" for name, have in features.items())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
+    usable = usable_cores()
     summary = f"{model} ({arch}), {physical_cores()} physical cores, {usable} usable"
     status = OK
     if not features:
