@@ -64,6 +64,16 @@ def test_json_schema(results):
         assert c["memory"]["peak_rss_mb"] >= c["memory"]["rss_loaded_mb"] > 0
 
 
+def test_configurations_run_round_robin(results):
+    """Each configuration's rounds are fresh processes interleaved with the others' (naive, edge, peer, naive, ...):
+    a machine that drifts during the run shifts them all alike."""
+    configs = results["configs"]
+    assert [c["rounds"] for c in configs] == [2] * len(configs)
+    starts = sorted((t, r, c["name"]) for c in configs for r, t in enumerate(c["round_starts"]))
+    assert [r for _, r, _ in starts] == [0] * len(configs) + [1] * len(configs)
+    assert [n for _, _, n in starts[:len(configs)]] == [n for _, _, n in starts[len(configs):]]
+
+
 def test_edge_answer_is_the_real_pipeline(results):
     edge = next(c for c in results["configs"] if c["kind"] == "edge")
     # prefix = template tokens + <img> + 256 image embeddings + </img> + ...: more than the image tokens alone
@@ -100,13 +110,15 @@ def test_quality_comes_from_the_verified_synthetic_export(results, bench_run):
     assert "eval compare" in md
 
 
-def test_peer_is_llama_cpp_vision_with_the_same_llm(results):
+def test_peer_is_llama_cpp_own_chat_path_on_the_same_files(results):
     edge = next(c for c in results["configs"] if c["kind"] == "edge")
     peer = next(c for c in results["configs"] if c["kind"] == "peer")
     assert peer["vision"] == "mmproj" and peer["quant"] == edge["quant"]
     assert peer["providers"] == ["llama.cpp libmtmd (CPU)"] and peer["imports_torch"] is False
-    # same prompt through the same llama.cpp LLM: only the image embeddings' source differs
-    assert (peer["image_prefix_tokens"], peer["question_tokens"]) == (edge["image_prefix_tokens"], edge["question_tokens"])
+    assert "MtmdChat" in peer["code_path"]  # llama.cpp's own chat path, not the runtime's Generator
+    # the same first turn (libmtmd splits it at the image: its question chunk starts with </img>)
+    assert peer["image_prefix_tokens"] + peer["question_tokens"] == edge["image_prefix_tokens"] + edge["question_tokens"]
+    assert peer["followup_tokens"] == edge["followup_tokens"]
     assert peer["stages"]["encode_ms"]["median"] > 0 and peer["files_mb"]["vision"] > 0
     assert "bounds" not in peer  # not an edge configuration: no targets, ratios or roofline rows
     assert all(r["edge"] != peer["name"] for r in results["ratios"])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from facellm_edge.bench.config import BenchConfig, LiveBenchConfig, parse_csv, resolve_naive
-from facellm_edge.bench.stages import RssSampler, StageTimer, percentile, repeat, run_isolated, summarize
+from facellm_edge.bench.stages import (RssSampler, StageTimer, merge_rounds, percentile, repeat, run_isolated,
+                                       summarize)
 from facellm_edge.bench.system import machine_info, machine_slug, versions
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 
@@ -40,6 +41,23 @@ def test_repeat_discards_warmup_runs():
     with timer.time("sleepless"):
         sum(range(1000))
     assert timer.summary()["sleepless"]["n"] == 1
+
+
+def test_rounds_of_one_configuration_pool_their_samples_and_keep_the_worst_memory():
+    def part(samples, peak, started):
+        return {"name": "edge int8+q4_0", "kind": "edge", "stages": {"encode_ms": summarize(samples),
+                                                                     "decode_tok_s": summarize([30.0])},
+                "memory": {"peak_rss_mb": peak, "rss_loaded_mb": peak - 100}, "wall_s": 10.0, "load_ms": started,
+                "started": started}
+
+    m = merge_rounds([part([100.0], 900.0, 1.0), part([300.0], 950.0, 5.0), part([200.0], 920.0, 9.0)])
+    assert m["stages"]["encode_ms"]["samples"] == [100.0, 300.0, 200.0] and m["stages"]["encode_ms"]["median"] == 200.0
+    assert m["stages"]["decode_tok_s"]["n"] == 3
+    assert m["memory"] == {"peak_rss_mb": 950.0, "rss_loaded_mb": 850.0}
+    assert (m["wall_s"], m["load_ms"], m["rounds"], m["round_starts"]) == (30.0, 5.0, 3, [1.0, 5.0, 9.0])
+    assert "started" not in m and m["name"] == "edge int8+q4_0"
+    with pytest.raises(ValueError):
+        merge_rounds([])
 
 
 def test_rss_sampler_sees_an_allocation():

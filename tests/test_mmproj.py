@@ -186,3 +186,40 @@ def test_libmtmd_refusal_is_a_runtime_stage_error(mmproj_bundle):
     llm = mmproj_bundle / "llm" / "f32.gguf"
     with pytest.raises(RuntimeStageError, match="libmtmd refused f32.gguf"):
         MtmdVision(llm, llm)  # an LLM GGUF is no clip model
+
+
+def test_llama_cpp_chat_peer_answers_like_the_runtime(mmproj_bundle, face_tile):
+    """The bench's llama.cpp peer (llama.cpp's own multimodal chat path: mtmd_tokenize, its prefill helpers, default
+    context, greedy sampler) and the runtime's Generator, given the same image embeddings (libmtmd's), read the same
+    first turn and answer with the same greedy tokens: the peer rows compare two implementations of one job."""
+    from facellm_edge.bench.peer import MtmdChat
+    from facellm_edge.export.mtmd_peer import MtmdVision
+    from facellm_edge.llm.engine import EngineConfig
+    from facellm_edge.llm.generator import Generator
+    from facellm_edge.llm.sampling import GenerationConfig
+
+    b = load_bundle(mmproj_bundle)
+    mmproj, gguf = b.path(b.manifest.mmproj), b.llm_file("f32")[1]
+    chat = MtmdChat(mmproj, gguf, b.manifest.prompt, threads=1, n_ctx=1024)
+    try:
+        t: dict[str, float] = {}
+        ans = chat.first_turn(face_tile, "What is the apparent age?", 6, t)
+        warm = chat.followup("And the expression?", 3)
+        n_first = chat.n_image_prefix + ans.n_prefilled
+    finally:
+        chat.close()
+    assert t["encode"] > 0 and t["image_prefill"] > 0 and ans.timings["ttft"] >= ans.timings["question_prefill"]
+    assert ans.n_generated == 6 and warm.n_generated == 3 and ans.tokens_per_s > 0
+
+    with MtmdVision(mmproj, gguf) as vision:
+        embeds = vision.encode(face_tile)
+    gen = Generator.from_bundle(b, EngineConfig(quant="f32", n_ctx=1024, n_threads=1))
+    try:
+        n_prefix = gen.prefill_image("face", embeds)
+        ours = gen.ask("face", "What is the apparent age?", GenerationConfig(max_tokens=6, stop_at_eos=False))
+        ours_warm = gen.ask("face", "And the expression?", GenerationConfig(max_tokens=3, stop_at_eos=False))
+    finally:
+        gen.close()
+    assert n_prefix + ours.n_prefilled == n_first  # the same first turn, token for token in count
+    assert warm.n_prefilled == ours_warm.n_prefilled  # the answer's last token, then the follow-up turn
+    assert ans.token_ids == ours.token_ids and warm.token_ids == ours_warm.token_ids

@@ -9,15 +9,15 @@ cached image prefix (warm TTFT) -> ``FaceSession.close``. Stages are reported un
 (:mod:`facellm_edge.timings`, ``<stage>_ms``) plus what is derived from them (:func:`add_answer`). Runs in a fresh
 subprocess (``stages.run_isolated``), so the peak RSS is the runtime's alone: no torch, no transformers imported.
 
-Vision ``mmproj`` is the peer, llama.cpp's own path: llama.cpp's InternVL encoder (libmtmd, the bundle's
-``--vision mmproj`` GGUF) in place of ONNX Runtime, composed here from the runtime's detector, aligner and
-generator. It preprocesses the aligned crop itself, so it has no ``preprocess`` stage: that time is in its
-``encode``.
+Vision ``mmproj`` is the peer, llama.cpp's own path end to end: the runtime's detector and aligner (llama.cpp has
+none), then :class:`~facellm_edge.bench.peer.MtmdChat` — llama.cpp's InternVL encoder (libmtmd, the bundle's
+``--vision mmproj`` GGUF), its prefill helpers, context defaults and sampler, as ``llama-mtmd-cli`` runs a chat; none
+of the runtime's LLM code. It preprocesses the aligned crop itself, so it has no ``preprocess`` stage: that time is in
+its ``encode``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import time
@@ -154,12 +154,12 @@ def _run_edge_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: in
 
 
 def _run_peer_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: int, info: dict[str, Any]):
-    """The llama.cpp peer: the runtime's detector, aligner and generator around libmtmd's vision encoder."""
+    """The llama.cpp peer: the runtime's detector and aligner (llama.cpp has none) in front of llama.cpp's own
+    multimodal chat path (:class:`facellm_edge.bench.peer.MtmdChat`: libmtmd vision, llama.cpp's helpers, context
+    defaults and sampler; none of the runtime's LLM code)."""
+    from facellm_edge.bench.peer import MtmdChat
     from facellm_edge.bundle import load_bundle
-    from facellm_edge.export.mtmd_peer import MtmdConfig, MtmdVision
-    from facellm_edge.llm.generator import Generator
     from facellm_edge.runtime.align import CropConfig, align_face
-    from facellm_edge.runtime.config import GenerationConfig
     from facellm_edge.runtime.detect import create_detector
 
     cfg = runtime_config(p, threads=threads)
@@ -168,43 +168,24 @@ def _run_peer_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: in
         raise InputError(f"bundle {bundle.root} has no mmproj; export it with --vision ...,mmproj")
     detector = create_detector(cfg.detector)
     crop_cfg = CropConfig(size=bundle.manifest.image.size)
-    gen = Generator.from_bundle(bundle, cfg.engine)
-    try:
-        peer = MtmdVision(bundle.path(bundle.manifest.mmproj), bundle.llm_file(p["quant"])[1],
-                          MtmdConfig(n_threads=threads))
-    except BaseException:
-        gen.close()
-        raise
-    answer_cfg = GenerationConfig(max_tokens=n_new, stop_at_eos=False)
-    warm_cfg = GenerationConfig(max_tokens=1, stop_at_eos=False)
-    keys = (f"bench-{i}" for i in itertools.count())
+    chat = MtmdChat(bundle.path(bundle.manifest.mmproj), bundle.llm_file(p["quant"])[1], bundle.manifest.prompt,
+                    threads=threads, n_ctx=cfg.engine.n_ctx)
 
     def one(timer: StageTimer) -> None:
         t: dict[str, float] = {}
-        key = next(keys)
         with timed(t, "detect"):
             faces = detector.detect(image)
         face = largest_face(faces, p["image"])
         with timed(t, "align"):
             crop = align_face(image, face.landmarks, crop_cfg)
-        with timed(t, "encode"):  # libmtmd preprocesses the crop itself: no separate preprocess stage
-            embeds = peer.encode(np.ascontiguousarray(crop[..., ::-1]))
-        with timed(t, "image_prefill"):
-            info["image_prefix_tokens"] = gen.prefill_image(key, embeds)
-        try:
-            ans = gen.ask(key, p["question"], answer_cfg)
-            check_length(ans, n_new)
-            warm = gen.ask(key, p["followup"], warm_cfg)
-        finally:
-            gen.drop(key)
-        info.update(question_tokens=ans.n_prefilled, followup_tokens=warm.n_prefilled)
+        ans = chat.first_turn(np.ascontiguousarray(crop[..., ::-1]), p["question"], n_new, t)
+        check_length(ans, n_new)
+        warm = chat.followup(p["followup"], 1)
+        info.update(image_prefix_tokens=chat.n_image_prefix, question_tokens=ans.n_prefilled,
+                    followup_tokens=warm.n_prefilled)
         add_answer(timer, {**t, **ans.timings}, ans, warm)
 
-    def close() -> None:
-        peer.close()
-        gen.close()
-
-    return one, close, ["llama.cpp libmtmd (CPU)"]
+    return one, chat.close, ["llama.cpp libmtmd (CPU)"]
 
 
 def run_edge(p: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +212,8 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": f"peer llama.cpp mtmd+{p['quant']}" if peer else f"edge {p['vision']}+{p['quant']}",
         "kind": "peer" if peer else "edge",
-        "code_path": ("runtime detector + aligner + Generator around llama.cpp's libmtmd vision (MtmdVision)" if peer
+        "code_path": ("runtime detector + aligner, then llama.cpp's own multimodal chat path (libmtmd + helpers, "
+                      "default context, greedy sampler: bench.peer.MtmdChat)" if peer
                       else "FaceLLM.detect -> encode_faces -> open_face -> FaceSession.ask (+ follow-up ask)"),
         "vision": p["vision"],
         "quant": p["quant"],

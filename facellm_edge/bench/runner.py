@@ -4,7 +4,8 @@ Order: machine info -> (``--synthetic``: build a random-weight checkpoint + expo
 directory) -> naive baselines -> edge configurations (vision precision x GGUF quant, through ``FaceLLM``) -> the
 llama.cpp peer -> roofline -> profiles and the live loop (``run_live``) on the fastest edge configuration -> ratios
 and targets -> results.json / results.md / stages.png (atomically).
-Each configuration runs in its own fresh subprocess (``stages.run_isolated``). Temporary files (checkpoint,
+Each configuration runs ``--runs`` rounds, each in its own fresh subprocess (``stages.run_isolated``), round-robin
+with the other configurations so that a drifting machine shifts them all alike (``stages.merge_rounds`` pools them). Temporary files (checkpoint,
 bundle, the aligned face crop given to the naive path) live in a temporary directory removed at the end: nothing
 but the results is written, and the results hold no pixels.
 """
@@ -24,7 +25,7 @@ from facellm_edge.bench.edge import PEER, aligned_face_crop, edge_payload
 from facellm_edge.bench.faces import faces_payload
 from facellm_edge.bench.live import live_payload
 from facellm_edge.bench.naive import naive_payload
-from facellm_edge.bench.stages import run_isolated
+from facellm_edge.bench.stages import merge_rounds, run_isolated
 from facellm_edge.bench.system import machine_info, machine_slug, physical_cores, versions
 from facellm_edge.errors import BundleError, InputError, UsageError
 from facellm_edge.io import check_replaceable
@@ -196,33 +197,47 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         common = dict(question=cfg.question, followup=cfg.followup, runs=cfg.runs, warmup=cfg.warmup,
                       decode_tokens=cfg.decode_tokens, threads=threads)
 
-        configs: list[dict[str, Any]] = []
+        # Every configuration runs --runs rounds, one fresh process per round, round-robin with the others
+        # (naive, edge..., peer; naive, edge..., peer; ...): a machine whose speed drifts over the minutes of a run
+        # (shared hosts, thermals) shifts every configuration alike, so the ratios compare like with like.
+        one_round = {**common, "runs": 1}
+        jobs: list[tuple[str, str, dict[str, Any]]] = []  # (label, subprocess entry, payload)
         if naive:
             crop_path = work / "face.png"  # the aligned face both paths see; deleted with the temporary dir
             import cv2
 
             cv2.imwrite(str(crop_path), aligned_face_crop(image, cfg.detector_model, bundle.manifest.image.size))
-            for target in naive:
-                progress(f"naive {target}")
-                configs.append(run_isolated("facellm_edge.bench.naive:run_naive",
-                                            naive_payload(ckpt_ref, target, crop_path, **common),
-                                            timeout_s=cfg.config_timeout_s, label=f"naive {target}"))
-                progress(_summary(configs[-1]))
+            jobs += [(f"naive {t}", "facellm_edge.bench.naive:run_naive", naive_payload(ckpt_ref, t, crop_path,
+                                                                                        **one_round)) for t in naive]
 
-        def edge_config(vision: str, quant: str, label: str) -> dict[str, Any]:
-            progress(label)
-            c = run_isolated("facellm_edge.bench.edge:run_edge",
-                             edge_payload(bundle_dir, vision, quant, image, **common, detector_model=cfg.detector_model,
-                                          vision_prepack=cfg.vision_prepack),
-                             timeout_s=cfg.config_timeout_s, label=label)
+        def edge_job(vision: str, quant: str, label: str) -> tuple[str, str, dict[str, Any]]:
+            return label, "facellm_edge.bench.edge:run_edge", edge_payload(
+                bundle_dir, vision, quant, image, **one_round, detector_model=cfg.detector_model,
+                vision_prepack=cfg.vision_prepack)
+
+        jobs += [edge_job(v, q, f"edge {v}+{q}") for v in visions for q in quants]
+        rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in jobs}
+
+        def run_job(job: tuple[str, str, dict[str, Any]], r: int) -> None:
+            label, target, payload = job
+            progress(f"{label} (round {r + 1} of {cfg.runs})")
+            started = round(time.time(), 3)
+            rounds[label].append({**run_isolated(target, payload, timeout_s=cfg.config_timeout_s, label=label),
+                                  "started": started})
+
+        for r in range(cfg.runs):
+            for job in list(jobs):
+                run_job(job, r)
+            if r == 0 and peer:  # same LLM quant as the fastest edge configuration: only the implementation differs
+                first = [parts[0] for parts in rounds.values() if parts[0]["kind"] == "edge"]
+                q = min(first, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))["quant"]
+                jobs.append(edge_job(PEER, q, f"peer: llama.cpp's own path + {q}"))
+                rounds[jobs[-1][0]] = []
+                run_job(jobs[-1], r)
+        configs = [merge_rounds(rounds[label]) for label, _, _ in jobs]
+        for c in configs:
             progress(_summary(c))
-            return c
-
-        configs += [edge_config(v, q, f"edge {v}+{q}") for v in visions for q in quants]
         edge = [c for c in configs if c["kind"] == "edge"]
-        if peer:  # same LLM quant as the fastest edge configuration: only the vision encoder differs
-            q = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))["quant"]
-            configs.append(edge_config(PEER, q, f"peer: llama.cpp libmtmd vision + {q}"))
         roof = None
         if cfg.roofline:
             progress("roofline: this machine's ceilings and the model's work")

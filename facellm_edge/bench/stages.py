@@ -5,7 +5,8 @@
 * :class:`RssSampler` samples the process RSS on a background thread (stopped by an event) so the report can show
   the resident memory after loading and while running.
 * :func:`run_isolated` runs one benchmark configuration in a fresh Python subprocess, so its peak RSS
-  (``VmHWM``) belongs to that configuration alone and no library state leaks between configurations.
+  (``VmHWM``) belongs to that configuration alone and no library state leaks between configurations;
+  :func:`merge_rounds` pools the rounds of one configuration that the runner interleaved with the others'.
 """
 
 from __future__ import annotations
@@ -83,6 +84,27 @@ def repeat(fn: Callable[[StageTimer], None], runs: int, warmup: int) -> StageTim
     for _ in range(runs):
         fn(timer)
     return timer
+
+
+def merge_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's result from its rounds (one fresh process each, see ``runner``): the stage samples of
+    every round pooled and summarised again, the memory figures' maxima (each round's peak is a peak of the same
+    configuration), the wall times summed, the load time's median; everything else from the first round."""
+    if not parts:
+        raise ValueError("no rounds to merge")
+    merged = dict(parts[0])
+    keys = [k for k in parts[0]["stages"] if all(k in p["stages"] for p in parts)]
+    merged["stages"] = {k: summarize([x for p in parts for x in p["stages"][k]["samples"]]) for k in keys}
+    merged["memory"] = {k: max(p["memory"][k] for p in parts) for k in parts[0]["memory"]
+                        if all(isinstance(p["memory"].get(k), (int, float)) for p in parts)}
+    merged["wall_s"] = round(sum(p.get("wall_s", 0.0) for p in parts), 2)
+    if all("load_ms" in p for p in parts):
+        merged["load_ms"] = round(statistics.median(p["load_ms"] for p in parts), 1)
+    merged["rounds"] = len(parts)
+    merged.pop("started", None)
+    if all("started" in p for p in parts):
+        merged["round_starts"] = [p["started"] for p in parts]  # epoch seconds: the interleaving, for the record
+    return merged
 
 
 def rss_reader() -> Callable[[], float]:
