@@ -355,19 +355,22 @@ def test_kiosk_bench_times_one_visitor_through_the_real_loop(tiny_bundle, t1_bgr
 
     from facellm_edge.bench.kiosk import bench_kiosk, kiosk_lines, policies
 
-    assert policies((1, 2), 2) == [(k, e, d, 640) for k in (1, 2) for e in (1, 2) for d in (1, 3)] + [(2, 2, 3, 320)]
-    assert policies((1,), 1) == [(1, 1, 1, 640), (1, 1, 3, 640), (1, 1, 3, 320)]
+    assert policies((1, 2), 2) == [(k, e, d, 640) for k in (1, 2) for e in (1, 2) for d in (1, 3)] + [
+        (2, 2, 0, 640), (2, 2, 3, 320)]  # 0: run's auto pace (every 3rd frame, every 6th while answering)
+    assert policies((1,), 1) == [(1, 1, 1, 640), (1, 1, 3, 640), (1, 1, 0, 640), (1, 1, 3, 320)]
+    assert policies((4,), 16) == [(4, e, d, 640) for e in (1, 16) for d in (1, 3)] + [(4, 16, 3, 320)]  # auto = 1
     photo = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
     p = {"bundle": str(tiny_bundle), "vision": "fp32", "quant": "f32", "image": str(photo), "width": 320,
          "height": 240, "llama_threads": [1], "decode_tokens": 3, "question": "Who is it?",
          "detector_model": str(yunet_model)}
     k = bench_kiosk(p, t1_bgr, cores=1)
-    run, strided, small = k["runs"]
+    run, strided, auto, small = k["runs"]
     assert [(r["llama_threads"], r["encoder_threads"], r["detect_every"], r["detect_size"]) for r in k["runs"]] == [
-        (1, 1, 1, 640), (1, 1, 3, 640), (1, 1, 3, 320)]
+        (1, 1, 1, 640), (1, 1, 3, 640), (1, 1, 0, 640), (1, 1, 3, 320)]
     assert all(r["answered"] for r in k["runs"]) and k["best"] in {r["name"] for r in k["runs"]}
     assert "every 3 frames at 640 px" in strided["name"] and small["name"].endswith("at 320 px")
-    assert k["default"] == strided["name"]  # 1 core: the detector on every 3rd frame at 640 px
+    assert "auto: every 3 frames, 6 while answering at 640 px" in auto["name"]
+    assert k["default"] == auto["name"]  # 1 core: run's auto pace at 640 px
     seen = run["since_seen_ms"]
     assert run["visits"] == 1 and run["since_seen_samples"]["first_token"] == [pytest.approx(seen["first_token"],
                                                                                                abs=0.1)]

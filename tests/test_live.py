@@ -69,9 +69,42 @@ def test_detect_every_auto_strides_on_small_cpus_only():
     from facellm_edge.runtime.live.tracker import resolve_detect_every
 
     assert [resolve_detect_every(0, cores) for cores in (1, 2, 4, 5, 16)] == [3, 3, 3, 1, 1]
+    assert [resolve_detect_every(0, cores, busy=True) for cores in (1, 2, 4, 5, 16)] == [6, 6, 6, 1, 1]
     assert resolve_detect_every(2, cores=2) == 2 and resolve_detect_every(1, cores=2) == 1  # asked: kept
+    assert resolve_detect_every(3, cores=2, busy=True) == 3 and resolve_detect_every(1, cores=2, busy=True) == 1
     assert LiveConfig(question="q").detect_every == 0 and LiveConfig(question="q").stride == resolve_detect_every(
         0, usable_cores())
+
+
+@pytest.mark.slow  # tiny_bundle
+@pytest.mark.parametrize("busy, frames", [(False, [0, 3, 6, 9]), (True, [0, 6])])
+def test_auto_detection_pace_follows_the_worker_on_a_small_cpu(live_model, photo_video, monkeypatch, busy, frames):
+    """Auto on a small CPU: the detector on every 3rd frame, every 6th while the VLM worker answers (the worker's
+    state is pinned here so that the frames are known; it still answers the tracks for real)."""
+    from facellm_edge.runtime.live import tracker
+    from facellm_edge.runtime.live.worker import VlmWorker
+
+    monkeypatch.setattr(tracker, "small_cpu", lambda cores=None: True)
+    monkeypatch.setattr(VlmWorker, "busy", property(lambda self: busy))
+    taken: list[int] = []  # frames the loop has taken from the video so far
+    detected: list[int] = []  # which of them the real detector ran on
+    real = live_model.detect
+    monkeypatch.setattr(live_model, "detect", lambda image: detected.append(len(taken) - 1) or real(image))
+
+    class Numbered:  # the real video source, counting the frames the loop takes
+        def __init__(self, src):
+            self.src = src
+
+        def __iter__(self):
+            for frame in self.src:
+                taken.append(1)
+                yield frame
+
+        def __getattr__(self, name):
+            return getattr(self.src, name)
+
+    stats = run_live(live_model, Numbered(open_source(str(photo_video))), LiveConfig(question="Age?", display=False))
+    assert stats.frames == 12 and detected == frames and stats.answers >= 1
 
 
 def test_folder_and_image_sources(tmp_path, astronaut_bgr, t1_bgr):

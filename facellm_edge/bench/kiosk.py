@@ -9,7 +9,8 @@ first token / the whole answer), its stage timings, and the frame loop over the 
 camera frames dropped) — the answer is made while those frames are processed.
 
 One run per policy: llama.cpp threads (``--live-llama-threads``) x ONNX Runtime encoder threads (1, and every core)
-x the detector (1 thread) on every frame or on every third (``run --detect-every``) at 640 px; and one run of the
+x the detector (1 thread) on every frame or on every third (``run --detect-every``) at 640 px; on a small CPU one run
+of the most threads at run's auto pace (every third frame, every sixth while the worker answers); and one run of the
 most threads, every third frame, at 320 px (``run --detect-size 320``). The goal (issue 15, goal 4): first token since seen <= the same run's cold TTFT (the stage bench,
 nothing else running) + :data:`GOAL_MARGIN_MS`, with the frame loop at >= 25 FPS and p99 < 80 ms.
 """
@@ -52,9 +53,25 @@ def policies(llama_threads: tuple[int, ...] | list[int], cores: int) -> list[tup
     encoder thread and with every core, the detector on every frame and on every third at 640 px; then the most
     threads with the detector on every third frame at 320 px (``--detect-size 320``: sooner, but it misses small
     faces)."""
+    from facellm_edge.runtime.live.tracker import resolve_detect_every
+
     runs = [(k, e, d, DEFAULT_INPUT_SIZE) for k in llama_threads for e in sorted({1, max(1, cores)})
             for d in DETECT_EVERY]
-    return runs + [(max(llama_threads), max(1, cores), DETECT_EVERY[-1], SMALL_DETECT_SIZE)]
+    most = (max(llama_threads), max(1, cores))
+    if resolve_detect_every(0, cores, busy=True) != resolve_detect_every(0, cores):  # auto paces by the worker
+        runs.append((*most, 0, DEFAULT_INPUT_SIZE))
+    return runs + [(*most, DETECT_EVERY[-1], SMALL_DETECT_SIZE)]
+
+
+def detection_label(d: int, cores: int) -> str:
+    """How often a policy runs the detector, in words (0: run's auto pace on this machine)."""
+    from facellm_edge.runtime.live.tracker import resolve_detect_every
+
+    every = lambda n: "every frame" if n == 1 else f"every {n} frames"  # noqa: E731
+    if d:
+        return every(d)
+    calm, busy = resolve_detect_every(0, cores), resolve_detect_every(0, cores, busy=True)
+    return f"auto: {every(calm)}, {busy} while answering" if busy != calm else f"auto: {every(calm)}"
 
 
 def kiosk_run(model: "FaceLLM", person: np.ndarray, question: str, width: int, height: int,
@@ -127,16 +144,15 @@ def bench_kiosk(p: dict[str, Any], photo: np.ndarray, cores: int) -> dict[str, A
                                          person_side(w, h))
             warm_up(model, photo, p["question"], p["image"])
             run = combine([kiosk_run(model, person, p["question"], w, h, d) for _ in range(int(p.get("runs", 1)))])
-        every = "every frame" if d == 1 else f"every {d} frames"
-        runs.append({"name": f"llama.cpp {k} + encoder {e} + detector 1 on {every} at {size} px", "llama_threads": k,
-                     "encoder_threads": e, "detect_every": d, "detect_size": size, **run})
+        runs.append({"name": f"llama.cpp {k} + encoder {e} + detector 1 on {detection_label(d, cores)} at {size} px",
+                     "llama_threads": k, "encoder_threads": e, "detect_every": d, "detect_size": size, **run})
     from facellm_edge.runtime.live.tracker import resolve_detect_every
 
-    # run's defaults on this machine: llama.cpp and the encoder on every core, auto stride, 640 px
-    default = next((r["name"] for r in runs if (r["llama_threads"], r["encoder_threads"], r["detect_every"],
-                                                 r["detect_size"]) == (max(p["llama_threads"]), cores,
-                                                                       resolve_detect_every(0, cores),
-                                                                       DEFAULT_INPUT_SIZE)), None)
+    # run's defaults on this machine: llama.cpp and the encoder on every core, auto detection pace, 640 px (the
+    # explicit stride auto equals where auto does not depend on the worker)
+    default = next((r["name"] for d in (0, resolve_detect_every(0, cores)) for r in runs
+                    if (r["llama_threads"], r["encoder_threads"], r["detect_every"], r["detect_size"])
+                    == (max(p["llama_threads"]), cores, d, DEFAULT_INPUT_SIZE)), None)
     return {"camera_fps": CAMERA_FPS, "empty_s": EMPTY_S, "clip": f"the largest face of {Path(p['image']).name} arriving",
             "runs": runs, "best": best_policy(runs), "default": default}
 

@@ -264,7 +264,7 @@ def _parameters(live: bool) -> list[inspect.Parameter]:
 
 # --detect-every's help (run and serve: the live loop's option).
 DETECT_EVERY_HELP = (
-    "Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers), every frame otherwise."
+    "Run the face detector on every Nth frame; the frames between show the last boxes. 0 = auto: every 3rd frame on a CPU with 4 usable cores or fewer (where the detector is most of the frame loop's work and what it does not take goes to the answers; every 6th while an answer is being made), every frame otherwise."
 )
 
 

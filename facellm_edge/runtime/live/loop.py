@@ -79,8 +79,14 @@ class LiveConfig:
         """Frames per detection: ``detect_every``, auto resolved for this machine."""
         return resolve_detect_every(self.detect_every)
 
+    @property
+    def busy_stride(self) -> int:
+        """Frames per detection while the VLM worker is answering (auto on a small CPU: sparser; else ``stride``)."""
+        return resolve_detect_every(self.detect_every, busy=True)
+
     def tracker_config(self) -> TrackerConfig:
-        """The tracker counts detections, not frames: ``max_missed`` frames become that many detection rounds."""
+        """The tracker counts detections, not frames: ``max_missed`` frames become that many detection rounds (at
+        ``stride``; while the worker answers, detections are sparser and a lost face's track lives longer)."""
         return replace(self.tracker, max_missed=-(-self.tracker.max_missed // self.stride))
 
 
@@ -165,10 +171,12 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
     ids = itertools.count(1)  # track ids unique across sources
     trackers: dict[str, IouTracker] = {}  # one per source (several cameras read in turn)
     seen: dict[str, int] = {}  # per source: index of its latest frame in this run (detect_every counts these)
-    stride = config.stride
+    stride, busy_stride = config.stride, config.busy_stride
     if stride > 1:
-        log.info("face detection on every %s frame%s", {2: "2nd", 3: "3rd"}.get(stride, f"{stride}th"),
-                 " (auto on this small CPU; --detect-every 1 for every frame)" if not config.detect_every else "")
+        nth = lambda n: {2: "2nd", 3: "3rd"}.get(n, f"{n}th")  # noqa: E731
+        log.info("face detection on every %s frame%s", nth(stride),
+                 f" (every {nth(busy_stride)} while answering; auto on this small CPU: --detect-every 1 for every "
+                 "frame)" if not config.detect_every else "")
     shown_faces: dict[str, list] = {}  # per source: the last detection's faces (drawn until the next one)
     stats.frame_ms = deque(maxlen=config.frame_latencies)
     t_start = time.perf_counter()
@@ -182,7 +190,7 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             tracker = trackers.setdefault(name, IouTracker(config.tracker_config(), ids=ids))
             still = source.still_for(frame.source) if frame.source else getattr(source, "still", False)
             seen[name] = seen.get(name, -1) + 1
-            if still or seen[name] % stride == 0:
+            if still or seen[name] % (busy_stride if worker.busy else stride) == 0:
                 renewed = tracker.end_all() if still else []  # each still image is a new scene
                 faces, ended = tracker.update(model.detect(frame.image), frame.index)
                 ended = renewed + ended

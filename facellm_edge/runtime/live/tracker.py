@@ -18,13 +18,19 @@ from facellm_edge.runtime.faces import Face
 # without importing the live loop.
 DEFAULT_DETECT_EVERY = 0
 AUTO_STRIDE = 3
+# Auto on a small CPU also spaces detections out while the VLM worker is answering: the frames between show the last
+# boxes, and a new face found sooner would wait for the worker anyway (its job slot keeps the newest offer).
+AUTO_BUSY_STRIDE = 6
 
 
-def resolve_detect_every(value: int, cores: int | None = None) -> int:
-    """``value`` itself, or for 0 (auto) :data:`AUTO_STRIDE` on small CPUs and 1 elsewhere."""
+def resolve_detect_every(value: int, cores: int | None = None, *, busy: bool = False) -> int:
+    """``value`` itself, or for 0 (auto) on small CPUs :data:`AUTO_STRIDE` (:data:`AUTO_BUSY_STRIDE` while the VLM
+    worker is answering, ``busy``), and 1 elsewhere."""
     if value:
         return value
-    return AUTO_STRIDE if small_cpu(cores) else 1
+    if not small_cpu(cores):
+        return 1
+    return AUTO_BUSY_STRIDE if busy else AUTO_STRIDE
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,11 @@ class VlmWorker(threading.Thread):
                 self._seen.pop(tid, None)
             self._cond.notify_all()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the worker is answering now (a plain read for the frame loop's detection pace; no lock)."""
+        return self._busy
+
     def texts(self) -> dict[int, str]:
         with self._cond:
             return {tid: a.text for tid, a in self._answers.items()}
