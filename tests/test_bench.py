@@ -183,6 +183,9 @@ def test_markdown_and_png(bench_run, results):
     assert "## Targets" in md and "## Profiles" in md and "## Live loop" in md and "## Kiosk" in md and "Edge / naive" in md
     assert "issue" not in md.lower()  # no tracker words in shipped results
     assert "run_live" in md and "facellm_edge.timings" in md
+    live = results["live"]  # run's auto detection pace on this machine, as the live runs used it
+    if live["detect_every_busy"] != live["detect_every"]:
+        assert f"every {live['detect_every_busy']} while the worker answers" in md
     assert md.count("**met**") + md.count("**missed**") == len(results["targets"])
     import matplotlib.image
 

@@ -59,7 +59,6 @@ def test_detect_every_third_frame_draws_the_last_boxes_between(live_model, photo
     assert len(calls) == 4 and stats.frames == 12
     assert stats.faces == 6 * 1 + 6 * 6 and stats.tracks == 7 and stats.answers == 7
     assert sorted(json.loads(x)["track_id"] for x in jsonl.read_text().splitlines()) == list(range(1, 8))
-    assert LiveConfig(question="q", detect_every=3).tracker_config().max_missed == 5  # 15 frames = 5 detections
     with pytest.raises(UsageError, match="detect_every -1 must be >= 0"):
         LiveConfig(question="q", detect_every=-1)
 
@@ -173,6 +172,21 @@ def test_tracker_ids():
     assert faces[0].track_id == ids[0] and ended == []
     faces, ended = tr.update([face(9), face(400)], 3)
     assert ended == [ids[1]] and faces[1].track_id not in ids
+
+
+def test_a_lost_track_ends_after_the_same_frames_at_any_detection_pace():
+    """max_missed counts frames of the source, not detections: at every 3rd or every 6th frame a face that left ends
+    its track after 15 frames, and a person stepping into the same spot later is a new track."""
+    def face(x):
+        return Face(box=np.array([x, 10, x + 50, 60]), score=0.9, landmarks=np.zeros((5, 2)))
+
+    for stride in (1, 3, 6):
+        tr = IouTracker(TrackerConfig(max_missed=15))
+        (first,), _ = tr.update([face(0)], 0)
+        ends = [k for k in range(stride, 60, stride) if tr.update([], k)[1]]
+        assert ends[0] == next(k for k in range(stride, 60, stride) if k > 15), stride  # the first detection after 15
+        (newcomer,), _ = tr.update([face(2)], ends[0] + stride)
+        assert newcomer.track_id != first.track_id
 
 
 def test_drop_oldest_slot():

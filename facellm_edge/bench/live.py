@@ -345,6 +345,7 @@ def bench_live(p: dict[str, Any]) -> dict[str, Any]:
 
     return {"name": "live", "kind": "live", "code_path": CODE_PATH,
             "detect_every": LiveConfig(question=p["question"]).stride,  # run's default (auto) on this machine
+            "detect_every_busy": LiveConfig(question=p["question"]).busy_stride,  # ... while the worker answers
             "source": clips["source"], "width": w,
             "height": h, "frames": int(p["frames"]), "vision": p["vision"], "quant": p["quant"],
             "decode_tokens": int(p["decode_tokens"]), "runs": runs, "winner": pick_winner(runs),

@@ -7,7 +7,7 @@
                 samples}}, memory: {peak_rss_mb, rss_loaded_mb, ...}, load_ms, ...} ],
     ratios: [ {edge, baseline, ttft_cold, ttft_warm, decode, end_to_end, peak_rss} ]   (edge / naive, medians),
     profiles: [ {setting, metric, better: "lower" | "higher", options: {VALUE: {median, p90, ...}}, winner} ],
-    live: {code_path, detect_every, source, width, height, frames, decode_tokens, runs: [ {name, llama_threads, vlm_busy, clip,
+    live: {code_path, detect_every, detect_every_busy, source, width, height, frames, decode_tokens, runs: [ {name, llama_threads, vlm_busy, clip,
            fps, frames, frame_ms{median, p90, p99, ...}, faces_per_frame, tracks, answers, answers_in_loop,
            dropped_jobs, decode_tok_s, since_seen_ms{first_token{...}, answer{...}} | null, ...} ],
            winner, winner_rule, kiosk: {camera_fps, empty_s, clip, runs: [ {name, llama_threads, encoder_threads,
@@ -300,8 +300,10 @@ def _live_lines(live: dict[str, Any] | None) -> list[str]:
     lines = ["", f"## Live loop ({live['source']}, {live['width']}x{live['height']}, {live['frames']} measured "
              f"frames per run)", "",
              f"Every run is `{live['code_path']}`"
-             + (f", the detector on every {live['detect_every']} frames (run's default here)"
-                if live.get("detect_every", 1) > 1 else "")
+             + (f", the detector on every {live['detect_every']} frames"
+                + (f" and every {live['detect_every_busy']} while the worker answers"
+                   if live.get("detect_every_busy", live["detect_every"]) != live["detect_every"] else "")
+                + " (run's default here)" if live.get("detect_every", 1) > 1 else "")
              + f". Answers: {live['decode_tokens']} tokens each; in loop = complete "
              "before the clip ended. Since seen: ms from a person's first frame to the answer's first token / to the "
              "whole answer (p50 / p90).", "",

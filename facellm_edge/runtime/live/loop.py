@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -85,9 +85,9 @@ class LiveConfig:
         return resolve_detect_every(self.detect_every, busy=True)
 
     def tracker_config(self) -> TrackerConfig:
-        """The tracker counts detections, not frames: ``max_missed`` frames become that many detection rounds (at
-        ``stride``; while the worker answers, detections are sparser and a lost face's track lives longer)."""
-        return replace(self.tracker, max_missed=-(-self.tracker.max_missed // self.stride))
+        """The tracker's settings (its ``max_missed`` counts frames, so a lost face's track ends after the same time
+        at any detection pace)."""
+        return self.tracker
 
 
 @dataclass

@@ -38,7 +38,10 @@ def resolve_detect_every(value: int, cores: int | None = None, *, busy: bool = F
 @dataclass(frozen=True)
 class TrackerConfig:
     iou_threshold: float = 0.3  # a detection continues a track when IoU >= this
-    max_missed: int = 15  # frames a track survives without a detection
+    # frames (of the source's frame index, not detections) a track survives without a detection: the same half a
+    # second at 30 FPS whatever the detector's pace, so a person who steps into the spot of one who left later than
+    # that is a new track, never the previous person's
+    max_missed: int = 15
 
 
 @dataclass
@@ -116,8 +119,8 @@ class IouTracker:
         for t, tid in enumerate(ids):
             if t not in matched_tracks:
                 track = self.tracks[tid]
-                track.missed += 1
-                if track.missed > self.config.max_missed:
+                track.missed += 1  # detections missed in a row
+                if frame_index - track.last_frame > self.config.max_missed:
                     ended.append(tid)
                     del self.tracks[tid]
         return faces, ended
