@@ -199,15 +199,9 @@ class MtmdChat:
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
         L, M = self._L, self._M
-        if self._smpl:
-            L.llama_sampler_free(self._smpl)
-            self._smpl = None
-        if self._mtmd:
-            M.mtmd_free(self._mtmd)
-            self._mtmd = None
-        if self._ctx:
-            L.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            L.llama_model_free(self._model)
-            self._model = None
+        for attr, free in (("_smpl", L.llama_sampler_free), ("_mtmd", M.mtmd_free), ("_ctx", L.llama_free),
+                           ("_model", L.llama_model_free)):  # the order they depend on each other in
+            handle = getattr(self, attr)
+            if handle:
+                free(handle)
+                setattr(self, attr, None)
