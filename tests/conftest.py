@@ -191,8 +191,9 @@ def bundle_args(tiny_bundle, yunet_model) -> list[str]:
 
 @pytest.fixture(scope="session")
 def long_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
-    """600 frames at 25 FPS (24 s) alternating every 15 frames between the astronaut and t1: new faces keep coming,
-    so a `run` over it is still answering when a test stops it."""
+    """1,200 frames at 25 FPS (48 s) alternating every 15 frames between the astronaut and t1: new faces keep coming,
+    so a `run` over it is still answering when a test stops it (a file is read as fast as the loop goes: with the
+    detector on every 6th frame while answering, 600 frames were sometimes all read before the stop)."""
     import cv2
 
     path = tmp_path_factory.mktemp("long_video") / "clip.mp4"
@@ -201,7 +202,7 @@ def long_video(tmp_path_factory, astronaut_bgr, t1_bgr) -> Path:
     t = cv2.copyMakeBorder(t, 0, 320 - t.shape[0], 0, 0, cv2.BORDER_CONSTANT)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (320, 320))
     assert writer.isOpened()
-    for i in range(600):
+    for i in range(1200):
         writer.write(a if (i // 15) % 2 == 0 else t)
     writer.release()
     return path

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 
+from facellm_edge.llm.native import call_holding_signals
 from facellm_edge.runtime.live.control import LiveControl
 from facellm_edge.runtime.live.outputs import LiveOutputs, check_output_source, check_outputs
 from facellm_edge.runtime.live.overlay import draw
@@ -152,6 +153,9 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
         control.attach(worker)
         try:
             _loop(model, source, config, stats, worker, outputs, control)
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM as the loop was shutting down (the source had ended)
+            log.info("interrupted while shutting down")
+            stats.interrupted = True
         finally:
             control.attach(None)
         finished = True  # the source ended, the user quit, or Ctrl-C / SIGTERM: keep what was made
@@ -186,6 +190,7 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             if worker.error is not None:
                 raise worker.error
             t_frame = time.perf_counter()
+            quit_key = False
             name = frame.source or getattr(source, "description", "")
             tracker = trackers.setdefault(name, IouTracker(config.tracker_config(), ids=ids))
             still = source.still_for(frame.source) if frame.source else getattr(source, "still", False)
@@ -203,14 +208,13 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             if still and faces and not worker.wait_idle(config.drain_timeout_s):  # drawn with its answers
                 log.warning("answers for %s still pending after %.0fs", frame.name or frame.index,
                             config.drain_timeout_s)
-            stats.frames += 1
             stats.faces += len(faces)
             if control.on_event is not None:
                 _emit_tracks(control, name, frame.index, faces, ended, stats.tracks)
             stats.tracks = sum(t.started for t in trackers.values())
             if outputs.video is not None or config.display or control.on_frame is not None:
                 shown = draw(frame.image, faces, worker.texts(),
-                             status=f"{stats.frames / max(time.perf_counter() - t_start, 1e-6):.1f} FPS")
+                             status=f"{(stats.frames + 1) / max(time.perf_counter() - t_start, 1e-6):.1f} FPS")
                 if outputs.video is not None:
                     outputs.write_frame(shown)
                 if control.on_frame is not None:
@@ -218,10 +222,10 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
                 if config.display:
                     cv2.imshow(f"{config.window}: {name}" if len(trackers) > 1 or frame.source else config.window,
                                shown)
-                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
-                        break
+                    quit_key = cv2.waitKey(1) & 0xFF in (ord("q"), 27)
+            stats.frames += 1  # done: drawn and written (a stop inside this frame leaves it out of both)
             stats.frame_ms.append((time.perf_counter() - t_frame) * 1e3)
-            if (config.max_frames and stats.frames >= config.max_frames) or control.stopped:
+            if quit_key or (config.max_frames and stats.frames >= config.max_frames) or control.stopped:
                 break
         else:
             if not source.live:  # a file ended: let the worker finish what it has
@@ -232,18 +236,26 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
         stats.interrupted = True
     finally:
         stats.seconds = time.perf_counter() - t_start
-        worker.stop()
-        if worker.ident is not None:  # started
-            worker.join(timeout=config.join_timeout_s)
-        if worker.is_alive():
-            log.warning("VLM worker did not stop within %.1fs", config.join_timeout_s)
-        source.close()
-        stats.dropped_jobs = worker.jobs.dropped
-        stats.skipped = getattr(source, "skipped", 0)
-        if config.display:
-            cv2.destroyAllWindows()
+        # A stop request that comes now (the source just ended) waits until the worker is stopped and the source
+        # closed, then is raised (run_live keeps what was made).
+        call_holding_signals(lambda: _shut_down(worker, source, config, stats))
     if worker.error is not None:
         raise worker.error
+
+
+def _shut_down(worker: VlmWorker, source: FrameSource, config: LiveConfig, stats: LiveStats) -> None:
+    import cv2
+
+    worker.stop()
+    if worker.ident is not None:  # started
+        worker.join(timeout=config.join_timeout_s)
+    if worker.is_alive():
+        log.warning("VLM worker did not stop within %.1fs", config.join_timeout_s)
+    source.close()
+    stats.dropped_jobs = worker.jobs.dropped
+    stats.skipped = getattr(source, "skipped", 0)
+    if config.display:
+        cv2.destroyAllWindows()
 
 
 def _emit_tracks(control: LiveControl, source: str, frame: int, faces: list, ended: list[int],

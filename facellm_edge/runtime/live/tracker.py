@@ -89,6 +89,11 @@ class IouTracker:
 
     def update(self, faces: list[Face], frame_index: int) -> tuple[list[Face], list[int]]:
         """Assign ``track_id`` to each face (in place). Returns (faces, ids of tracks that ended this frame)."""
+        # Tracks unseen for more than max_missed frames end first: a face in their spot now is someone new (with the
+        # detector on every Nth frame the first detection after the gap may be the next person already).
+        ended = [tid for tid, t in self.tracks.items() if frame_index - t.last_frame > self.config.max_missed]
+        for tid in ended:
+            del self.tracks[tid]
         ids = list(self.tracks)
         boxes = np.array([self.tracks[i].box for i in ids], dtype=np.float32).reshape(-1, 4)
         dets = np.array([f.box for f in faces], dtype=np.float32).reshape(-1, 4)
@@ -115,12 +120,7 @@ class IouTracker:
                 face.track_id = track.track_id
                 self._next_id += 1
                 self._started += 1
-        ended = []
         for t, tid in enumerate(ids):
             if t not in matched_tracks:
-                track = self.tracks[tid]
-                track.missed += 1  # detections missed in a row
-                if frame_index - track.last_frame > self.config.max_missed:
-                    ended.append(tid)
-                    del self.tracks[tid]
+                self.tracks[tid].missed += 1  # detections missed in a row
         return faces, ended
