@@ -343,9 +343,9 @@ def bench_live(p: dict[str, Any]) -> dict[str, Any]:
         kiosk = bench_kiosk(p, photo, int(p.get("cores") or max(p["llama_threads"])))
     from facellm_edge.runtime.live.loop import LiveConfig
 
+    defaults = LiveConfig(question=p["question"])  # run's auto detection pace on this machine
     return {"name": "live", "kind": "live", "code_path": CODE_PATH,
-            "detect_every": LiveConfig(question=p["question"]).stride,  # run's default (auto) on this machine
-            "detect_every_busy": LiveConfig(question=p["question"]).busy_stride,  # ... while the worker answers
+            "detect_every": defaults.stride, "detect_every_busy": defaults.busy_stride,  # ... while the worker answers
             "source": clips["source"], "width": w,
             "height": h, "frames": int(p["frames"]), "vision": p["vision"], "quant": p["quant"],
             "decode_tokens": int(p["decode_tokens"]), "runs": runs, "winner": pick_winner(runs),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.export.mtmd_peer import require_files, tokenized
 from facellm_edge.llm.decoding import Answer
 from facellm_edge.llm.native import call_holding_signals, install_log_hook, load_model
 
@@ -49,11 +50,8 @@ class MtmdChat:
 
         self._L, self._M = L, M
         self._model = self._ctx = self._mtmd = self._smpl = None
-        for path, what in ((mmproj, "mmproj GGUF"), (gguf, "LLM GGUF")):
-            if not Path(path).is_file():
-                raise InputError(f"{what} not found: {path} (export a bundle with `--vision mmproj`)")
-        install_log_hook(L)
-        M.mtmd_log_set(install_log_hook(L), ctypes.c_void_p(0))
+        require_files(mmproj, gguf)
+        M.mtmd_log_set(install_log_hook(L), ctypes.c_void_p(0))  # llama.cpp's and libmtmd's logs, one routing
         try:
             self._model = load_model(L, Path(gguf), L.llama_model_default_params())
             if not self._model:
@@ -99,17 +97,8 @@ class MtmdChat:
         L.llama_memory_clear(self._mem, True)
         L.llama_sampler_reset(self._smpl)
         self.n_past, self._pending = 0, None
-        img = np.ascontiguousarray(rgb, dtype=np.uint8)
-        h, w = img.shape[:2]
-        text_bytes = self._first.replace(self._question_marker, question).encode("utf-8")
-        bitmap = M.mtmd_bitmap_init(w, h, img.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-        chunks = M.mtmd_input_chunks_init()
-        try:
-            text = M.mtmd_input_text(text_bytes, len(text_bytes), True, True)
-            rc = M.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
-            if rc != 0:
-                raise RuntimeStageError(f"mtmd_tokenize failed (code {rc})")
-            items = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
+        text = self._first.replace(self._question_marker, question).encode("utf-8")
+        with tokenized(M, self._mtmd, np.ascontiguousarray(rgb, dtype=np.uint8), text, add_special=True) as items:
             kinds = [M.mtmd_input_chunk_get_type(c) for c in items]
             if kinds.count(M.MTMD_INPUT_CHUNK_TYPE_IMAGE) != 1 or kinds[-1] == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 raise RuntimeStageError(f"expected one image chunk inside the first turn, got chunk kinds {kinds}")
@@ -134,9 +123,6 @@ class MtmdChat:
             for k, chunk in enumerate(items[at + 1:], start=at + 1):
                 n_question += self._eval_text(chunk, logits_last=k == len(items) - 1)
             return self._generate(t2, n_new, n_question)
-        finally:
-            M.mtmd_input_chunks_free(chunks)
-            M.mtmd_bitmap_free(bitmap)
 
     def followup(self, question: str, n_new: int) -> Answer:
         """The template's follow-up turn on the kept KV cache, after the previous answer's last token (sampled, not

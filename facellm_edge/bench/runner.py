@@ -111,6 +111,11 @@ def naive_checkpoint(cfg: BenchConfig, source: dict[str, Any]) -> str:
     raise UsageError("the bundle does not record its checkpoint; pass --checkpoint DIR|HUB_ID or --naive none")
 
 
+def fastest(edge: list[dict[str, Any]]) -> dict[str, Any]:
+    """The edge configuration with the lowest median end-to-end time (the one profiles, live and faces run)."""
+    return min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))
+
+
 def _summary(c: dict[str, Any]) -> str:
     m = report.median
     return (f"  {c['name']}: TTFT cold {m(c, 'ttft_cold_ms'):.0f} ms, warm {m(c, 'ttft_warm_ms'):.0f} ms, decode "
@@ -229,8 +234,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             for job in list(jobs):
                 run_job(job, r)
             if r == 0 and peer:  # same LLM quant as the fastest edge configuration: only the implementation differs
-                first = [parts[0] for parts in rounds.values() if parts[0]["kind"] == "edge"]
-                q = min(first, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))["quant"]
+                q = fastest([parts[0] for parts in rounds.values() if parts[0]["kind"] == "edge"])["quant"]
                 jobs.append(edge_job(PEER, q, f"peer: llama.cpp's own path + {q}"))
                 rounds[jobs[-1][0]] = []
                 run_job(jobs[-1], r)
@@ -247,7 +251,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                  "question_tokens": edge[0]["question_tokens"]},
                                 timeout_s=cfg.config_timeout_s, label="roofline")
             roofline.attach_bounds(roof, configs)
-        best = min(edge, key=lambda c: report.median(c, "end_to_end_ms") or float("inf"))
+        best = fastest(edge)
         profiles: list[dict[str, Any]] = []
         if cfg.profiles:
             progress(f"profiles on {best['name']}")

@@ -19,14 +19,46 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 
 log = logging.getLogger(__name__)
+
+
+def require_files(mmproj: Path, text_gguf: Path) -> None:
+    """Both GGUFs libmtmd needs exist (one clear line otherwise)."""
+    for p, what in ((Path(mmproj), "mmproj GGUF"), (Path(text_gguf), "LLM GGUF")):
+        if not p.is_file():
+            raise InputError(f"{what} not found: {p} (export a bundle with `--vision mmproj`)")
+
+
+@contextmanager
+def tokenized(M: Any, ctx: Any, rgb: np.ndarray, text: bytes, *, add_special: bool) -> Iterator[list[Any]]:
+    """``mtmd_tokenize`` of ``text`` (holding libmtmd's media marker) with ``rgb`` (uint8 HxWx3, RGB) as its image:
+    yields the input chunks (valid inside the block); the bitmap and chunks are freed on leaving it."""
+    img = np.ascontiguousarray(rgb)
+    h, w = img.shape[:2]
+    bitmap = M.mtmd_bitmap_init(w, h, img.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+    chunks = M.mtmd_input_chunks_init()
+    try:
+        if not bitmap or not chunks:
+            raise RuntimeStageError("libmtmd could not allocate the image bitmap")
+        inp = M.mtmd_input_text(text, len(text), add_special, True)
+        rc = M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+        if rc != 0:
+            raise RuntimeStageError(f"libmtmd could not preprocess a {w}x{h} image (mtmd_tokenize code {rc})")
+        yield [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
+    finally:
+        if chunks:
+            M.mtmd_input_chunks_free(chunks)
+        if bitmap:
+            M.mtmd_bitmap_free(bitmap)
 
 
 @dataclass(frozen=True)
@@ -60,9 +92,7 @@ class MtmdVision:
         self._model = None
         self._ctx = None
         mmproj, text_gguf = Path(mmproj), Path(text_gguf)
-        for p, what in ((mmproj, "mmproj GGUF"), (text_gguf, "LLM GGUF")):
-            if not p.is_file():
-                raise InputError(f"{what} not found: {p} (export a bundle with `--vision mmproj`)")
+        require_files(mmproj, text_gguf)
         M.mtmd_log_set(engine.install_log_hook(L), ctypes.c_void_p(0))  # same routing as the LLM's logs
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = 0  # only hparams + vocabulary are used: the weights stay in the mapped file
@@ -106,21 +136,9 @@ class MtmdVision:
             raise InputError(f"expected an RGB uint8 image HxWx3, got {getattr(rgb, 'dtype', type(rgb))} "
                              f"{getattr(rgb, 'shape', '')}")
         M = self._M
-        img = np.ascontiguousarray(rgb)
-        h, w = img.shape[:2]
-        bitmap = M.mtmd_bitmap_init(w, h, img.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-        chunks = M.mtmd_input_chunks_init()
-        try:
-            if not bitmap or not chunks:
-                raise RuntimeStageError("libmtmd could not allocate the image bitmap")
-            text = M.mtmd_input_text(self._marker, len(self._marker), False, True)
-            bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text), bitmaps, 1)
-            if rc != 0:
-                raise RuntimeStageError(f"libmtmd could not preprocess a {w}x{h} image (mtmd_tokenize code {rc})")
+        with tokenized(M, self._ctx, rgb, self._marker, add_special=False) as chunks:
             out = []
-            for i in range(M.mtmd_input_chunks_size(chunks)):
-                chunk = M.mtmd_input_chunks_get(chunks, i)
+            for chunk in chunks:
                 if M.mtmd_input_chunk_get_type(chunk) != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     continue  # the <img> / </img> text around the image
                 n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
@@ -129,14 +147,9 @@ class MtmdVision:
                     raise RuntimeStageError(f"libmtmd failed to encode the image (mtmd_encode_chunk code {rc})")
                 ptr = M.mtmd_get_output_embd(self._ctx)
                 out.append(np.ctypeslib.as_array(ptr, shape=(n, self.text_hidden)).copy())
-            if not out:
-                raise RuntimeStageError("libmtmd produced no image chunk for the image")
-            return np.concatenate(out, axis=0)
-        finally:
-            if chunks:
-                M.mtmd_input_chunks_free(chunks)
-            if bitmap:
-                M.mtmd_bitmap_free(bitmap)
+        if not out:
+            raise RuntimeStageError("libmtmd produced no image chunk for the image")
+        return np.concatenate(out, axis=0)
 
     def close(self) -> None:
         if self._ctx is not None:

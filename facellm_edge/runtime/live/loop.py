@@ -85,11 +85,6 @@ class LiveConfig:
         """Frames per detection while the VLM worker is answering (auto on a small CPU: sparser; else ``stride``)."""
         return resolve_detect_every(self.detect_every, busy=True)
 
-    def tracker_config(self) -> TrackerConfig:
-        """The tracker's settings (its ``max_missed`` counts frames, so a lost face's track ends after the same time
-        at any detection pace)."""
-        return self.tracker
-
 
 @dataclass
 class LiveStats:
@@ -192,7 +187,7 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
             t_frame = time.perf_counter()
             quit_key = False
             name = frame.source or getattr(source, "description", "")
-            tracker = trackers.setdefault(name, IouTracker(config.tracker_config(), ids=ids))
+            tracker = trackers.setdefault(name, IouTracker(config.tracker, ids=ids))
             still = source.still_for(frame.source) if frame.source else getattr(source, "still", False)
             seen[name] = seen.get(name, -1) + 1
             if still or seen[name] % (busy_stride if worker.busy else stride) == 0:

@@ -50,7 +50,6 @@ class Track:
     box: np.ndarray
     first_frame: int
     last_frame: int
-    missed: int = 0
     hits: int = 1
 
 
@@ -109,7 +108,7 @@ class IouTracker:
             matched_tracks.add(int(t))
             matched_faces.add(int(d))
             track = self.tracks[ids[t]]
-            track.box, track.last_frame, track.missed = dets[d].copy(), frame_index, 0
+            track.box, track.last_frame = dets[d].copy(), frame_index
             track.hits += 1
             faces[d].track_id = track.track_id
         for d, face in enumerate(faces):
@@ -120,7 +119,4 @@ class IouTracker:
                 face.track_id = track.track_id
                 self._next_id += 1
                 self._started += 1
-        for t, tid in enumerate(ids):
-            if t not in matched_tracks:
-                self.tracks[tid].missed += 1  # detections missed in a row
         return faces, ended
