@@ -169,6 +169,8 @@ def test_live_runs_the_real_loop_idle_and_busy(results):
         assert all(f <= a for f, a in zip(seen["first_token"]["samples"], seen["answer"]["samples"]))
     kiosk = live["kiosk"]  # --runs visitors per thread policy (--threads 1: one encoder thread), same real loop
     assert all(r["visits"] == 2 and len(r["since_seen_samples"]["first_token"]) == 2 for r in kiosk["runs"])
+    assert all(len(r["alone_samples"]) == 2 and r["alone_first_token_ms"] > 0 for r in kiosk["runs"])  # a baseline
+    # per visit
     assert [(r["llama_threads"], r["encoder_threads"], r["detect_every"], r["detect_size"]) for r in kiosk["runs"]] == [
         (1, 1, 1, 640), (1, 1, 3, 640), (2, 1, 1, 640), (2, 1, 3, 640), (2, 1, 0, 640), (2, 1, 3, 320)]
     assert all(r["answered"] and r["since_seen_ms"]["first_token"] <= r["since_seen_ms"]["answer"]

@@ -11,8 +11,9 @@ camera frames dropped) — the answer is made while those frames are processed.
 One run per policy: llama.cpp threads (``--live-llama-threads``) x ONNX Runtime encoder threads (1, and every core)
 x the detector (1 thread) on every frame or on every third (``run --detect-every``) at 640 px; on a small CPU one run
 of the most threads at run's auto pace (every third frame, every sixth while the worker answers); and one run of the
-most threads, every third frame, at 320 px (``run --detect-size 320``). The goal (issue 15, goal 4): first token since seen <= the same run's cold TTFT (the stage bench,
-nothing else running) + :data:`GOAL_MARGIN_MS`, with the frame loop at >= 25 FPS and p99 < 80 ms.
+most threads, every third frame, at 320 px (``run --detect-size 320``). The goal (issue 15, goal 4): first token since seen <= the same frame answered alone (alternated with the
+visits) + :data:`GOAL_MARGIN_MS`, with the frame loop at >= 25 FPS and p99 < 80 ms; the stage bench's cold TTFT
+(another process) is shown beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import statistics
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,13 +110,29 @@ def kiosk_run(model: "FaceLLM", person: np.ndarray, question: str, width: int, h
             "decode_tok_s": decode_rate(recs)}
 
 
-def combine(visits: list[dict[str, Any]]) -> dict[str, Any]:
-    """One policy's visits: medians of the answers' times and rates, the frame loop's latencies pooled."""
+def alone_first_token(model: "FaceLLM", person: np.ndarray, question: str, width: int, height: int) -> float:
+    """ms to the first token of the person's first frame answered with nothing else running (``FaceLLM.stream``:
+    detect, align, encode, image prefill, first token; the stream is closed there): a visit's baseline."""
+    frame = place(person, width, height, 0, int(round(EMPTY_S * CAMERA_FPS)))
+    t0 = time.perf_counter()
+    stream = model.stream(frame, question)
+    try:
+        next(stream)
+        return round((time.perf_counter() - t0) * 1e3, 1)
+    finally:
+        stream.close()
+
+
+def combine(visits: list[dict[str, Any]], alone: list[float] | None = None) -> dict[str, Any]:
+    """One policy's visits (and the baselines answered alone between them): medians of the answers' times and
+    rates, the frame loop's latencies pooled."""
     med = statistics.median
     ok = [v for v in visits if v["answered"]]
     pooled = summarize([x for v in visits for x in v["frame_ms"]["samples"]])
     out = {"answered": bool(ok) and len(ok) == len(visits), "visits": len(visits),
            "fps": round(med([v["fps"] for v in visits]), 2), "frame_ms": pooled}
+    if alone:
+        out |= {"alone_first_token_ms": round(med(alone), 1), "alone_samples": list(alone)}
     if not ok:
         return out
     rates = [v["decode_tok_s"] for v in ok if v["decode_tok_s"] is not None]
@@ -143,7 +161,11 @@ def bench_kiosk(p: dict[str, Any], photo: np.ndarray, cores: int) -> dict[str, A
                 (person,) = person_crops(photo, [largest_face(model.detect(photo), p["image"]).box],
                                          person_side(w, h))
             warm_up(model, photo, p["question"], p["image"])
-            run = combine([kiosk_run(model, person, p["question"], w, h, d) for _ in range(int(p.get("runs", 1)))])
+            alone, visits = [], []
+            for _ in range(int(p.get("runs", 1))):  # alternated: each visit beside a baseline of the same minute
+                alone.append(alone_first_token(model, person, p["question"], w, h))
+                visits.append(kiosk_run(model, person, p["question"], w, h, d))
+            run = combine(visits, alone)
         runs.append({"name": f"llama.cpp {k} + encoder {e} + detector 1 on {detection_label(d, cores)} at {size} px",
                      "llama_threads": k, "encoder_threads": e, "detect_every": d, "detect_size": size, **run})
     from facellm_edge.runtime.live.tracker import resolve_detect_every
@@ -165,7 +187,8 @@ def best_policy(runs: list[dict[str, Any]]) -> str | None:
 
 
 def kiosk_lines(kiosk: dict[str, Any] | None, cold_ttft_ms: float | None) -> list[str]:
-    """The Markdown section: one row per policy, the goal against the same run's cold TTFT."""
+    """The Markdown section: one row per policy; the goal against the same frame answered alone between the visits
+    (results without that baseline: against the stage bench's cold TTFT, ``cold_ttft_ms``)."""
     if not kiosk:
         return []
     f0 = lambda v: "–" if v is None else f"{v:,.0f}"  # noqa: E731
@@ -174,27 +197,38 @@ def kiosk_lines(kiosk: dict[str, Any] | None, cold_ttft_ms: float | None) -> lis
              f"{kiosk['empty_s']:.0f} s of empty scene first; medians of {visits} visit{'s' if visits > 1 else ''} "
              "per policy)", "",
              "The real `run_live` (headless) and its VLM worker; the person stays until the answer is complete. "
-             "Since seen: ms from the person's first frame. Frame loop over the whole run.", "",
-             "| policy | first token since seen | answer since seen | encode | image prefill | ttft | decode tok/s | "
-             "FPS | frame p50 / p99 ms | dropped frames |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Since seen: ms from the person's first frame. Frame loop over the whole run. Alone: the person's first "
+             "frame answered with no loop running (`FaceLLM.stream`: detect, align, TTFT cold), before each visit in "
+             "the same process.", "",
+             "| policy | first token since seen | alone | answer since seen | encode | image prefill | ttft | "
+             "decode tok/s | FPS | frame p50 / p99 ms | dropped frames |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in kiosk["runs"]:
         if not r.get("answered"):
-            lines.append(f"| {r['name']} | no answer | – | – | – | – | – | {r['fps']} | – | – |")
+            lines.append(f"| {r['name']} | no answer | {f0(r.get('alone_first_token_ms'))} | – | – | – | – | – | "
+                         f"{r['fps']} | – | – |")
             continue
         s, t, fm = r["since_seen_ms"], r["timings_ms"], r["frame_ms"]
-        lines.append(f"| {r['name']} | {f0(s['first_token'])} | {f0(s['answer'])} | {f0(t.get('encode'))} | "
-                     f"{f0(t.get('image_prefill'))} | {f0(t.get('ttft'))} | {r['decode_tok_s']} | {r['fps']} | "
-                     f"{fm['median']:.1f} / {fm['p99']:.1f} | {r['dropped_frames']} |")
-    if not cold_ttft_ms:
-        return lines
+        lines.append(f"| {r['name']} | {f0(s['first_token'])} | {f0(r.get('alone_first_token_ms'))} | "
+                     f"{f0(s['answer'])} | {f0(t.get('encode'))} | {f0(t.get('image_prefill'))} | {f0(t.get('ttft'))} | "
+                     f"{r['decode_tok_s']} | {r['fps']} | {fm['median']:.1f} / {fm['p99']:.1f} | {r['dropped_frames']} |")
     for label, key in (("Run's defaults here", "default"), ("Best policy", "best")):
-        r = next((r for r in kiosk["runs"] if r["name"] == kiosk.get(key)), None)
-        if r is None:
-            continue
-        first = r["since_seen_ms"]["first_token"]
-        lines.append(f"\n{label}: **{r['name']}** — first token {first:,.0f} ms after the person's first "
-                     f"frame = cold TTFT {cold_ttft_ms:,.0f} ms + {first - cold_ttft_ms:,.0f} ms "
-                     f"({first / cold_ttft_ms:.2f}×; goal ≤ cold TTFT + {GOAL_MARGIN_MS:.0f} ms: "
-                     f"{'met' if first <= cold_ttft_ms + GOAL_MARGIN_MS else 'missed'}); frame loop "
-                     f"{'met' if meets_loop_targets(r) else 'missed'} ≥ 25 FPS, p99 < 80 ms.")
+        r = next((r for r in kiosk["runs"] if r["name"] == kiosk.get(key) and r.get("answered")), None)
+        if r is not None:
+            lines.append(f"\n{label}: **{r['name']}** — {goal_sentence(r, cold_ttft_ms)}")
     return lines
+
+
+def goal_sentence(run: dict[str, Any], cold_ttft_ms: float | None) -> str:
+    """The goal for one answered policy: its first token since seen against its baseline."""
+    first = run["since_seen_ms"]["first_token"]
+    alone = run.get("alone_first_token_ms")
+    base, what = (alone, "the same frame answered alone") if alone else (cold_ttft_ms, "cold TTFT")
+    loop = f"frame loop {'met' if meets_loop_targets(run) else 'missed'} ≥ 25 FPS, p99 < 80 ms."
+    if not base:
+        return f"first token {first:,.0f} ms after the person's first frame; {loop}"
+    text = (f"first token {first:,.0f} ms after the person's first frame = {what} {base:,.0f} ms + "
+            f"{first - base:,.0f} ms ({first / base:.2f}×; goal ≤ {what} + {GOAL_MARGIN_MS:.0f} ms: "
+            f"{'met' if first <= base + GOAL_MARGIN_MS else 'missed'})")
+    if alone and cold_ttft_ms:
+        text += f"; the stage bench's cold TTFT (another process): {cold_ttft_ms:,.0f} ms"
+    return f"{text}; {loop}"
