@@ -31,6 +31,7 @@ import numpy as np
 from facellm_edge.bench.live import (PacedClip, Records, decode_rate, meets_loop_targets, person_crops, person_side,
                                      place, since_seen, warm_up)
 from facellm_edge.bench.stages import summarize
+from facellm_edge.errors import RuntimeStageError
 from facellm_edge.runtime.detect import DEFAULT_INPUT_SIZE
 
 if TYPE_CHECKING:
@@ -111,16 +112,24 @@ def kiosk_run(model: "FaceLLM", person: np.ndarray, question: str, width: int, h
 
 
 def alone_first_token(model: "FaceLLM", person: np.ndarray, question: str, width: int, height: int) -> float:
-    """ms to the first token of the person's first frame answered with nothing else running (``FaceLLM.stream``:
-    detect, align, encode, image prefill, first token; the stream is closed there): a visit's baseline."""
+    """ms to the first token of the person's first frame answered with nothing else running (``FaceLLM.open_faces``
+    then the session's stream: detect, align, encode, image prefill, first token): a visit's baseline. Its
+    conversation is closed after the first token, so its KV cells do not stay in the cache the visit uses."""
     frame = place(person, width, height, 0, int(round(EMPTY_S * CAMERA_FPS)))
     t0 = time.perf_counter()
-    stream = model.stream(frame, question)
+    sessions = model.open_faces(frame)
     try:
-        next(stream)
+        if not sessions:
+            raise RuntimeStageError("kiosk: the detector found no face in the person's frame")
+        stream = sessions[0].stream(question)
+        try:
+            next(stream)
+        finally:
+            stream.close()
         return round((time.perf_counter() - t0) * 1e3, 1)
     finally:
-        stream.close()
+        for s in sessions:
+            s.close()
 
 
 def combine(visits: list[dict[str, Any]], alone: list[float] | None = None) -> dict[str, Any]:
