@@ -207,8 +207,8 @@ def kiosk_lines(kiosk: dict[str, Any] | None, cold_ttft_ms: float | None) -> lis
              "per policy)", "",
              "The real `run_live` (headless) and its VLM worker; the person stays until the answer is complete. "
              "Since seen: ms from the person's first frame. Frame loop over the whole run. Alone: the person's first "
-             "frame answered with no loop running (`FaceLLM.stream`: detect, align, TTFT cold), before each visit in "
-             "the same process.", "",
+             "frame answered with no loop running (`FaceLLM.open_faces` and the session's stream: detect, align, TTFT "
+             "cold), before each visit in the same process.", "",
              "| policy | first token since seen | alone | answer since seen | encode | image prefill | ttft | "
              "decode tok/s | FPS | frame p50 / p99 ms | dropped frames |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in kiosk["runs"]:
