@@ -13,7 +13,6 @@ but the results is written, and the results hold no pixels.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +27,7 @@ from facellm_edge.bench.naive import naive_payload
 from facellm_edge.bench.stages import merge_rounds, run_isolated
 from facellm_edge.bench.system import machine_info, machine_slug, physical_cores, versions
 from facellm_edge.errors import BundleError, InputError, UsageError
-from facellm_edge.io import check_replaceable
+from facellm_edge.io import check_replaceable, temporary_directory
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
     for s in skipped:
         log.warning("naive %s skipped: %s", s["name"], s["reason"])
 
-    with tempfile.TemporaryDirectory(prefix="facellm-bench-") as tmp:
+    with temporary_directory(prefix="facellm-bench-") as tmp:
         work = Path(tmp)
         export_info = None
         if cfg.synthetic is not None:

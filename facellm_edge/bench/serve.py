@@ -18,7 +18,6 @@ import base64
 import http.client
 import json
 import logging
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from facellm_edge.bench.edge import PEER
 from facellm_edge.bench.live import PacedClip
 from facellm_edge.bench.stages import run_isolated, rss_mb, summarize
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError, require
-from facellm_edge.io import OutputKind, atomic_directory, check_replaceable
+from facellm_edge.io import OutputKind, atomic_directory, check_replaceable, temporary_directory
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -367,7 +366,7 @@ def run_serve_bench(cfg: ServeBenchConfig, progress: Callable[[str], None] = lam
             raise InputError(f"{what} not found: {path}")
     info = info or machine_info()  # the load average at the start
     threads = cfg.threads or physical_cores()
-    with tempfile.TemporaryDirectory(prefix="facellm-bench-serve-") as tmp:
+    with temporary_directory(prefix="facellm-bench-serve-") as tmp:
         if cfg.synthetic is not None:
             progress(f"building a random-weight '{cfg.synthetic}' checkpoint and exporting it ({vision} + {quant})")
             _, bundle_dir, _ = synthetic_bundle(cfg.synthetic, tokenizer_dir(cfg.tokenizer), Path(tmp), (quant,),

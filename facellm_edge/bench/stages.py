@@ -213,11 +213,11 @@ def run_isolated(target: str, payload: dict[str, Any], *, timeout_s: float, labe
     import json
     import subprocess
     import sys
-    import tempfile
 
     import facellm_edge.errors as errors
+    from facellm_edge.io import temporary_directory
 
-    with tempfile.TemporaryDirectory(prefix="facellm-bench-") as tmp:
+    with temporary_directory(prefix="facellm-bench-") as tmp:
         in_path, out_path = Path(tmp) / "in.json", Path(tmp) / "out.json"
         in_path.write_text(json.dumps({**payload, "_log_level": logging.getLogger().getEffectiveLevel()}),
                            encoding="utf-8")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from facellm_edge.errors import ExportError, OutputError, UsageError, require
-from facellm_edge.io import atomic_file
+from facellm_edge.io import atomic_file, temporary_directory
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _vocab(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
 def _special_vocab(tokenizer: Any, text: Any, n_vocab: int) -> Any:
     gguf = require("gguf", "export")
     # gguf-py's SpecialVocab reads a tokenizer folder: give it a temporary copy of the loaded tokenizer.
-    with tempfile.TemporaryDirectory(prefix="facellm-tok-") as tmp:
+    with temporary_directory(prefix="facellm-tok-") as tmp:
         try:
             tokenizer.save_pretrained(tmp)
         except Exception as exc:  # the Rust tokenizers library raises a bare Exception for I/O errors

@@ -28,10 +28,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from facellm_edge.errors import FaceLLMEdgeError, OutputError
 from facellm_edge.io.ownership import MARKER, OUTPUT, TOOL, OutputKind, check_replaceable, files_under
+from facellm_edge.signals import call_holding_signals
 
 log = logging.getLogger(__name__)
 
@@ -239,14 +240,18 @@ def atomic_directory(dest: Path, *, force: bool = False, kind: OutputKind = OUTP
     dest = Path(dest)
     check_replaceable(dest, force=force, kind=kind)
     parent = dest.parent if str(dest.parent) else Path(".")
+    made: list[Path] = []  # the temporary, recorded with signals held (see _make_temporary)
+    lock_fd: int | None = None
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
-    lock_fd = os.open(tmp, os.O_RDONLY)
-    try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(dest)
+            _make_temporary(made, lambda: Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-",
+                                                                 dir=parent)))
+        except OSError as exc:
+            raise OutputError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+        tmp = made[0]
+        lock_fd = os.open(tmp, os.O_RDONLY)
         _lock(lock_fd, blocking=True)  # a concurrent clean_stale_temps sees a live writer
         yield tmp
         if kind.marker:
@@ -260,10 +265,27 @@ def atomic_directory(dest: Path, *, force: bool = False, kind: OutputKind = OUTP
             check_replaceable(dest, force=force, kind=kind)
         replace_directory(tmp, dest)
     except BaseException:
-        remove_tree(tmp)
+        for tmp in made:
+            remove_tree(tmp)
         raise
     finally:
-        os.close(lock_fd)
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def temporary_directory(prefix: str) -> "tempfile.TemporaryDirectory[str]":
+    """``tempfile.TemporaryDirectory(prefix=...)`` in the system temp dir, made with Ctrl-C / SIGTERM held: once it
+    exists its finalizer removes it whatever happens next, and a stop cannot land inside its constructor between
+    the folder's creation and that finalizer's registration (a stop held meanwhile removes it, then stops)."""
+    return call_holding_signals(lambda: tempfile.TemporaryDirectory(prefix=prefix), lambda t: t.cleanup())
+
+
+def _make_temporary(made: list[Path], make: Callable[[], Path]) -> None:
+    """Create a temporary (``make``) and record it in ``made`` with Ctrl-C / SIGTERM held: a stop that lands
+    between the creation and the record would leave a temporary the caller's cleanup does not know of (seen: an
+    export stopped just as its bundle folder was created). The held signal is delivered right after, and the
+    caller's cleanup removes what ``made`` holds."""
+    call_holding_signals(lambda: made.append(make()))
 
 
 def remove_tree(path: Path, attempts: int = 30, pause_s: float = 0.1) -> bool:
@@ -318,13 +340,16 @@ def atomic_file(dest: Path, *, replace: bool = True, mode: int | None = None) ->
     ``dest`` are removed first."""
     dest = Path(dest)
     clean_stale_temp_files(dest)
-    tmp = temp_file_beside(dest)
+    made: list[Path] = []
     try:
+        _make_temporary(made, lambda: temp_file_beside(dest))
+        tmp = made[0]
         yield tmp
         commit_temp_file(tmp, dest, replace=replace, mode=mode)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp in made:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 

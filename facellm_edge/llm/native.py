@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
+
+from facellm_edge.signals import call_holding_signals, signal_held
 
 __all__ = ["call_holding_signals", "install_log_hook", "load_model", "progress_callback"]
 
@@ -64,11 +65,10 @@ def install_log_hook(llama_cpp) -> Any:
 # -- Ctrl-C / SIGTERM during long llama.cpp calls --------------------------------------------------------
 # Python runs a signal's handler at the next bytecode of the main thread. During a model load that is inside
 # llama.cpp's ctypes log callback: the KeyboardInterrupt is raised there, ctypes prints "Exception ignored on calling
-# ctypes callback function" and the load carries on. So while llama.cpp works, SIGINT/SIGTERM only note the signal;
-# the load's progress callback then returns false (llama.cpp cancels the load), and once the C call has returned the
-# signal's own handler runs (KeyboardInterrupt, or the CLI's SIGTERM handling).
-T = TypeVar("T")
-_held_signal: list[int | None] = [None]
+# ctypes callback function" and the load carries on. So while llama.cpp works, SIGINT/SIGTERM only note the signal
+# (facellm_edge.signals.call_holding_signals); the load's progress callback then returns false (llama.cpp cancels
+# the load), and once the C call has returned the signal's own handler runs (KeyboardInterrupt, or the CLI's SIGTERM
+# handling).
 _progress_installed: list[object] = []  # keeps the ctypes progress callback alive
 
 
@@ -78,42 +78,10 @@ def progress_callback(llama_cpp) -> Any:
 
         @llama_cpp.llama_progress_callback
         def _progress(_progress: float, _user: ctypes.c_void_p) -> bool:
-            return _held_signal[0] is None
+            return not signal_held()
 
         _progress_installed.append(_progress)
     return _progress_installed[0]
-
-
-def call_holding_signals(fn: Callable[[], T], release: Callable[[T], None] | None = None) -> T:
-    """Run ``fn`` (a long llama.cpp call) with SIGINT/SIGTERM held; a signal that arrived meanwhile is delivered to
-    its own handler (KeyboardInterrupt) once ``fn`` has returned, after ``release(result)`` frees what it made.
-    Signals whose handler is not a Python function (ignored, default) and calls outside the main thread are left
-    alone."""
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-
-    def hold(signum: int, _frame: object) -> None:
-        if _held_signal[0] is None:
-            _held_signal[0] = signum
-
-    saved = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            saved[sig] = handler
-            signal.signal(sig, hold)
-    result = None
-    try:
-        result = fn()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)  # runs a still-pending signal's handler (``hold``) first
-        signum, _held_signal[0] = _held_signal[0], None
-        if signum is not None:
-            if result and release is not None:
-                release(result)
-            saved[signum](signum, None)
-    return result
 
 
 def load_model(llama_cpp, path: Path, mparams) -> Any:

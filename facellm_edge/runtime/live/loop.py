@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 
-from facellm_edge.llm.native import call_holding_signals
+from facellm_edge.signals import call_holding_signals
 from facellm_edge.runtime.live.control import LiveControl
 from facellm_edge.runtime.live.outputs import LiveOutputs, check_output_source, check_outputs
 from facellm_edge.runtime.live.overlay import draw
