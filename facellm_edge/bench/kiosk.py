@@ -11,9 +11,9 @@ camera frames dropped) — the answer is made while those frames are processed.
 One run per policy: llama.cpp threads (``--live-llama-threads``) x ONNX Runtime encoder threads (1, and every core)
 x the detector (1 thread) on every frame or on every third (``run --detect-every``) at 640 px; on a small CPU one run
 of the most threads at run's auto pace (every third frame, every sixth while the worker answers); and one run of the
-most threads, every third frame, at 320 px (``run --detect-size 320``). The goal (issue 15, goal 4): first token since seen <= the same frame answered alone (alternated with the
-visits) + :data:`GOAL_MARGIN_MS`, with the frame loop at >= 25 FPS and p99 < 80 ms; the stage bench's cold TTFT
-(another process) is shown beside it.
+most threads, every third frame, at 320 px (``run --detect-size 320``). The goal (issue 15, goal 4): first token
+since seen <= the same frame answered alone (alternated with the visits) + :data:`GOAL_MARGIN_MS`, with the frame
+loop at >= 25 FPS and p99 < 80 ms; the stage bench's cold TTFT (another process) is shown beside it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ import numpy as np
 from facellm_edge.errors import InputError, RuntimeStageError
 from facellm_edge.export.mtmd_peer import require_files, tokenized
 from facellm_edge.llm.decoding import Answer
-from facellm_edge.llm.native import call_holding_signals, install_log_hook, load_model
+from facellm_edge.llm.native import install_log_hook, load_model
+from facellm_edge.signals import call_holding_signals
 
 if TYPE_CHECKING:
     from facellm_edge.bundle import PromptSpec

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from facellm_edge.bench.stages import StageTimer, repeat, summarize
-from facellm_edge.llm.native import call_holding_signals
+from facellm_edge.signals import call_holding_signals
 
 log = logging.getLogger(__name__)
 

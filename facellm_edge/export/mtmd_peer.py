@@ -86,6 +86,7 @@ class MtmdVision:
         import llama_cpp.mtmd_cpp as M
 
         from facellm_edge.llm import engine
+        from facellm_edge.signals import call_holding_signals
 
         self._L, self._M = L, M
         self.config = config
@@ -113,7 +114,7 @@ class MtmdVision:
         self._marker = M.mtmd_default_marker()
         cparams.media_marker = self._marker
         try:
-            self._ctx = engine.call_holding_signals(
+            self._ctx = call_holding_signals(
                 lambda: M.mtmd_init_from_file(str(mmproj).encode(), self._model, cparams), M.mtmd_free)
         except BaseException:  # Ctrl-C / SIGTERM while libmtmd loaded: free the text model now
             self.close()

@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
-from facellm_edge.llm.native import call_holding_signals, install_log_hook, load_model
+from facellm_edge.llm.native import install_log_hook, load_model
+from facellm_edge.signals import call_holding_signals
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from facellm_edge.signals import call_holding_signals, signal_held
 
-__all__ = ["call_holding_signals", "install_log_hook", "load_model", "progress_callback"]
+__all__ = ["install_log_hook", "load_model", "progress_callback"]
 
 
 # -- llama.cpp log routing ------------------------------------------------------------------------------

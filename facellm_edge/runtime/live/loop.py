@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 
-from facellm_edge.signals import call_holding_signals
 from facellm_edge.runtime.live.control import LiveControl
 from facellm_edge.runtime.live.outputs import LiveOutputs, check_output_source, check_outputs
 from facellm_edge.runtime.live.overlay import draw
 from facellm_edge.runtime.live.sources import FrameSource
 from facellm_edge.runtime.live.tracker import DEFAULT_DETECT_EVERY, IouTracker, TrackerConfig, resolve_detect_every
 from facellm_edge.runtime.live.worker import TrackAnswer, VlmWorker
+from facellm_edge.signals import call_holding_signals
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.pipeline import FaceLLM
