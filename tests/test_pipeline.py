@@ -326,7 +326,7 @@ def test_onnx_width_must_match_gguf(tiny_bundle, tmp_path):
 def test_encoder_batches_and_providers(tmp_path):
     import onnxruntime as ort
 
-    from facellm_edge.runtime.encode import EncoderConfig, VisionEncoder, select_providers
+    from facellm_edge.runtime.encode import EncoderConfig, VisionEncoder, check_session_providers, select_providers
     from facellm_edge.errors import RuntimeStageError
 
     path = tmp_path / "enc.onnx"
@@ -348,6 +348,15 @@ def test_encoder_batches_and_providers(tmp_path):
     assert select_providers("auto", available)[-1] == "CPUExecutionProvider"
     with pytest.raises(UsageError, match="unknown device 'npu'"):
         select_providers("npu", available)
+    # ORT lists TensorRT whenever its provider library ships, then runs the session on CUDA when libnvinfer is
+    # missing: what the session really runs on is checked, never a silent fallback
+    check_session_providers("tensorrt", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    check_session_providers("auto", ["CPUExecutionProvider"])
+    check_session_providers("cpu", enc.providers)
+    with pytest.raises(RuntimeStageError, match="--device tensorrt: onnxruntime could not start its Tensorrt"):
+        check_session_providers("tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeStageError, match="--device cuda: .* runs on CPUExecutionProvider"):
+        check_session_providers("cuda", ["CPUExecutionProvider"])
 
 
 @pytest.mark.slow  # tiny_bundle

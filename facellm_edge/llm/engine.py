@@ -103,6 +103,13 @@ class LlamaEngine:
             raise UsageError(
                 f"max_slots {config.slots} exceeds llama.cpp's limit of {L.llama_max_parallel_sequences()}"
             )
+        if config.n_gpu_layers > 0 and not L.llama_supports_gpu_offload():
+            # llama.cpp itself would load every layer on the CPU and say nothing: not what was asked for
+            raise UsageError(
+                f"--gpu-layers {config.n_gpu_layers} needs llama-cpp-python built with a GPU backend, and this one "
+                'runs on the CPU only: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" (README "GPU"), or use '
+                "--gpu-layers 0"
+            )
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.mmap else L.LLAMA_LOAD_MODE_NONE

@@ -73,6 +73,21 @@ def select_providers(device: str, available: list[str]) -> list[str]:
     return [p for p in DEVICES[device] if p in available]
 
 
+def check_session_providers(device: str, used: list[str]) -> None:
+    """ONNX Runtime lists a provider as available when its library ships, yet a session falls back to the next one
+    (and only logs) when the provider cannot start (TensorRT without libnvinfer, CUDA without cuDNN). ``device``
+    named a provider: the session must run on it, else a one-line :class:`RuntimeStageError`."""
+    if device == "auto":
+        return
+    wanted = DEVICES[device][0]
+    if not used or used[0] != wanted:
+        raise RuntimeStageError(
+            f"--device {device}: onnxruntime could not start its {wanted} (the session runs on "
+            f"{', '.join(used) or 'nothing'}); check the GPU libraries it needs (onnxruntime's log above says "
+            f"which), or choose another --device"
+        )
+
+
 def auto_prepack(flags: set[str] | frozenset[str], precision: str) -> tuple[bool, str]:
     """``prepack="auto"`` on a CPU-only session: (pre-packing + memory arena on?, why), from the CPU's flags.
 
@@ -171,6 +186,7 @@ class VisionEncoder:
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleError(f"cannot load vision encoder {self.path}: {str(exc).splitlines()[0]}") from exc
         self.providers = list(self._session.get_providers())
+        check_session_providers(config.device, self.providers)
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name: o for o in self._session.get_outputs()}
         if "pixel_values" not in inputs or "image_embeds" not in outputs:

@@ -114,6 +114,11 @@ def test_bad_inputs(gen, smollm2_gguf, specs, image, embed_rows, tmp_path):
         Generator(smollm2_gguf, tokens, PromptSpec(first="{question}{image}", followup=FOLLOWUP, chat_template=""), CFG)
     with pytest.raises(InputError, match="GGUF not found"):
         Generator(tmp_path / "missing.gguf", tokens, prompt, CFG)
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():  # the CPU build CI installs: layers asked on a GPU are refused
+        with pytest.raises(UsageError, match="--gpu-layers 99 needs llama-cpp-python built with a GPU backend"):
+            LlamaEngine(smollm2_gguf, EngineConfig(n_gpu_layers=99, max_slots=1))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(InputError, match="cannot load"):
