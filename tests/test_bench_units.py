@@ -124,6 +124,68 @@ def test_config_rejects_bad_values(tmp_path):
             LiveBenchConfig(**kw)
     with pytest.raises(UsageError):
         parse_csv(" , ", "quant")
+    for devices in (("npu",), ("cpu", "gpu"), ()):
+        with pytest.raises(UsageError, match="--device"):
+            BenchConfig(out=tmp_path, synthetic="tiny", devices=devices)
+
+
+def test_devices_reach_the_runtime_and_name_the_rows(tmp_path):
+    from facellm_edge.bench.config import GPU_LAYERS
+    from facellm_edge.bench.edge import config_name, edge_payload, runtime_config
+
+    def payload(device):
+        return edge_payload(tmp_path, "fp32", "q4_0", tmp_path / "a.jpg", "q?", "f?", 1, 0, 4, 2, None,
+                            device=device)
+
+    cpu, cuda, trt = (runtime_config(payload(d), threads=2) for d in ("cpu", "cuda", "tensorrt"))
+    assert (cpu.encoder.device, cpu.engine.n_gpu_layers) == ("cpu", 0)
+    assert (cuda.encoder.device, cuda.engine.n_gpu_layers) == ("cuda", GPU_LAYERS)
+    assert (trt.encoder.device, trt.engine.n_gpu_layers) == ("tensorrt", GPU_LAYERS)
+    # older payloads (no device) and the CPU rows keep the names of the results measured before --device
+    assert runtime_config({k: v for k, v in payload("cpu").items() if k != "device"}, threads=2) == cpu
+    assert config_name("edge", "int8", "q4_0", "cpu") == "edge int8+q4_0"
+    assert config_name("edge", "fp32", "q4_0", "tensorrt") == "edge tensorrt fp32+q4_0"
+    assert config_name("peer", "mmproj", "q4_0", "cpu") == "peer llama.cpp mtmd+q4_0"
+    assert config_name("peer", "mmproj", "q4_0", "cuda") == "peer cuda llama.cpp mtmd+q4_0"
+
+
+def test_gpu_devices_need_the_gpu_builds_before_any_work(tmp_path, capsys):
+    """On a CPU-only install (CI's) a GPU --device fails in one line before the export, with nothing written."""
+    import llama_cpp
+
+    from facellm_edge.cli import main
+    from facellm_edge.onnxrt import onnxruntime_module
+
+    providers = onnxruntime_module().get_available_providers()
+    for device, provider in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        rc = main(["bench", "--synthetic", "tiny", "--device", f"cpu,{device}", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        if provider not in providers:
+            assert rc != 0 and f"needs onnxruntime's {provider}" in err and len(err.strip().splitlines()) == 1
+        elif not llama_cpp.llama_supports_gpu_offload():
+            assert rc == UsageError.exit_code and "llama-cpp-python built with a GPU backend" in err
+    rc = main(["bench", "--serve", "--synthetic", "tiny", "--device", "cuda", "--out", str(tmp_path / "o")])
+    assert rc == UsageError.exit_code and "drop --device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpu_rows_report_gpu_memory_and_get_no_cpu_bounds():
+    from facellm_edge.bench import roofline
+    from facellm_edge.bench.stages import gpu_peak
+
+    readings = iter([1000.0, 1800.0, 1500.0] + [1500.0] * 1000)  # MB in use on the GPU, as NVML reads it
+    with RssSampler(interval_s=0.001, gpu=lambda: next(readings)) as s:
+        s._stop.wait(0.05)
+    assert s.gpu_peak_mb == 1800.0 and gpu_peak(s, 1000.0) == {"gpu_peak_mb": 800.0}
+    assert gpu_peak(RssSampler(), None) == {}
+    roof = {"ceilings": {"fp32_gflop_s": 100.0, "int8_gop_s": 200.0, "mem_read_gb_s": 10.0},
+            "vision": {"fp32": {"weight_gmac": 300.0, "attention_gmac": 50.0}},
+            "llm": {"q4_0": {"image_prefill_gflop": 160.0, "question_prefill_gflop": 40.0,
+                             "decode_mb_per_token": 100.0}}}
+    cpu = {"kind": "edge", "device": "cpu", "vision": "fp32", "quant": "q4_0"}
+    gpu = {**cpu, "device": "cuda"}
+    roofline.attach_bounds(roof, [cpu, gpu])
+    assert "bounds" in cpu and "bounds" not in gpu  # this CPU's ceilings do not bound a GPU's run
 
 
 def test_resolve_naive_records_what_auto_leaves_out():

@@ -15,6 +15,12 @@ NAIVE_TARGETS: dict[str, tuple[str, str]] = {
 }
 AUTO = "auto"  # cpu-fp32, cpu-bf16, and cuda-bf16 when a CUDA device is visible
 
+# Where the edge path and the llama.cpp peer run (bench --device): cpu = ONNX Runtime's CPU provider + llama.cpp on
+# the CPU; cuda / tensorrt = that ONNX Runtime provider (TensorRT: fp16 kernels, engine cache) + every LLM layer on
+# the GPU (the peer: libmtmd and every layer on the GPU; llama.cpp has no TensorRT, so one GPU peer for both).
+EDGE_DEVICES = ("cpu", "cuda", "tensorrt")
+GPU_LAYERS = 999  # llama.cpp n_gpu_layers: every layer
+
 SYNTHETIC_QUANTS = ("f16", "q8_0", "q4_0", "q4_0_pure", "q4_k_m")
 SYNTHETIC_VISION = ("fp32", "int8", "mmproj")  # mmproj: the llama.cpp peer's vision encoder
 TINY = "tiny"  # --synthetic tiny: facellm_edge.export.synthetic.SyntheticSpec() defaults (test size, not in the registry)
@@ -74,6 +80,7 @@ class BenchConfig:
     decode_tokens: int = 32
     threads: int | None = None  # llama.cpp / ORT / torch threads; None: physical cores
     vision_prepack: str = "auto"  # ONNX vision encoder's weight pre-packing + arena: auto | on | off (EncoderConfig)
+    devices: tuple[str, ...] = ("cpu",)  # where the edge path and the peer run: EDGE_DEVICES
     detector_model: Path | None = None  # YuNet .onnx; None: the detector's cached default
     profiles: bool = True
     faces: bool = True  # the photo's faces answered one after another vs together (facellm_edge.bench.faces)
@@ -98,6 +105,9 @@ class BenchConfig:
         from facellm_edge.runtime.encode import check_prepack
 
         check_prepack(self.vision_prepack)
+        bad = [d for d in self.devices if d not in EDGE_DEVICES]
+        if bad or not self.devices:
+            raise UsageError(f"unknown --device '{bad[0] if bad else ''}'; choose from {', '.join(EDGE_DEVICES)}")
         for n in self.naive:
             if n not in NAIVE_TARGETS and n not in (AUTO, "none"):
                 raise UsageError(f"unknown naive baseline '{n}'; choose from {AUTO}, none, {', '.join(NAIVE_TARGETS)}")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from facellm_edge.bench.stages import RssSampler, StageTimer, repeat, rss_mb
+from facellm_edge.bench.stages import RssSampler, StageTimer, gpu_memory_reader, gpu_peak, repeat, rss_mb
 from facellm_edge.errors import InputError, RuntimeStageError
 from facellm_edge.timings import STAGES, cold_ttft, timed
 
@@ -45,11 +45,18 @@ NOTES = ("stages are facellm_edge.timings' (ms); ttft_cold = preprocess + encode
 
 def edge_payload(bundle: Path, vision: str, quant: str, image: Path, question: str, followup: str, runs: int,
                  warmup: int, decode_tokens: int, threads: int, detector_model: Path | None,
-                 vision_prepack: str = "auto") -> dict[str, Any]:
+                 vision_prepack: str = "auto", device: str = "cpu") -> dict[str, Any]:
     return {"bundle": str(bundle), "vision": vision, "quant": quant, "image": str(image), "question": question,
             "followup": followup, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
             "threads": threads, "detector_model": str(detector_model) if detector_model else None,
-            "vision_prepack": vision_prepack}
+            "vision_prepack": vision_prepack, "device": device}
+
+
+def config_name(kind: str, vision: str, quant: str, device: str) -> str:
+    """A configuration's row name: ``edge int8+q4_0``, ``edge cuda fp32+q4_0``, ``peer llama.cpp mtmd+q4_0``,
+    ``peer cuda llama.cpp mtmd+q4_0`` (CPU rows keep the names of the results measured before --device)."""
+    where = "" if device == "cpu" else f"{device} "
+    return f"peer {where}llama.cpp mtmd+{quant}" if kind == "peer" else f"edge {where}{vision}+{quant}"
 
 
 def read_bgr(path: str | Path) -> np.ndarray:
@@ -82,18 +89,22 @@ def aligned_face_crop(image_path: Path, detector_model: Path | None, size: int) 
 
 def runtime_config(p: Mapping[str, Any], *, threads: int, llama_threads: int | None = None,
                    max_tokens: int | None = None) -> "RuntimeConfig":
-    """The :class:`RuntimeConfig` of a benchmark payload: its vision precision (ONNX, on the CPU) and pre-packing
-    setting, quant, detector model and threads; answers of ``max_tokens`` (default: the payload's
+    """The :class:`RuntimeConfig` of a benchmark payload: its vision precision and pre-packing setting, its device
+    (``cpu``: ONNX Runtime's CPU provider and llama.cpp on the CPU; ``cuda`` / ``tensorrt``: that provider and every
+    LLM layer on the GPU), quant, detector model and threads; answers of ``max_tokens`` (default: the payload's
     ``decode_tokens``) whatever the model samples (``stop_at_eos=False``, so every run decodes as many tokens).
     Hashes are not re-checked: the parent checked them once."""
+    from facellm_edge.bench.config import GPU_LAYERS
     from facellm_edge.runtime.config import EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
 
     k = llama_threads or threads
+    device = p.get("device", "cpu")
     return RuntimeConfig(
         detector=detector_config(p["detector_model"], threads),
-        encoder=EncoderConfig(device="cpu", precision=p["vision"], n_threads=threads,
+        encoder=EncoderConfig(device=device, precision=p["vision"], n_threads=threads,
                               prepack=p.get("vision_prepack", "auto")),
-        engine=EngineConfig(quant=p["quant"], n_threads=k, n_threads_batch=k),
+        engine=EngineConfig(quant=p["quant"], n_threads=k, n_threads_batch=k,
+                            n_gpu_layers=0 if device == "cpu" else GPU_LAYERS),
         generation=GenerationConfig(max_tokens=max_tokens or int(p["decode_tokens"]), stop_at_eos=False),
         check_hashes=False)
 
@@ -168,8 +179,9 @@ def _run_peer_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: in
         raise InputError(f"bundle {bundle.root} has no mmproj; export it with --vision ...,mmproj")
     detector = create_detector(cfg.detector)
     crop_cfg = CropConfig(size=bundle.manifest.image.size)
+    gpu = p.get("device", "cpu") != "cpu"
     chat = MtmdChat(bundle.path(bundle.manifest.mmproj), bundle.llm_file(p["quant"])[1], bundle.manifest.prompt,
-                    threads=threads, n_ctx=cfg.engine.n_ctx)
+                    threads=threads, n_ctx=cfg.engine.n_ctx, gpu=gpu)
 
     def one(timer: StageTimer) -> None:
         t: dict[str, float] = {}
@@ -185,7 +197,7 @@ def _run_peer_path(p: dict[str, Any], image: np.ndarray, threads: int, n_new: in
                     followup_tokens=warm.n_prefilled)
         add_answer(timer, {**t, **ans.timings}, ans, warm)
 
-    return one, chat.close, ["llama.cpp libmtmd (CPU)"]
+    return one, chat.close, [f"llama.cpp libmtmd ({'GPU' if gpu else 'CPU'})"]
 
 
 def run_edge(p: dict[str, Any]) -> dict[str, Any]:
@@ -194,15 +206,18 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
 
     n_new, threads = int(p["decode_tokens"]), int(p["threads"])
     peer = p["vision"] == PEER
+    device = p.get("device", "cpu")
     image = read_bgr(p["image"])
     rss_start = rss_mb()
+    gpu_used = gpu_memory_reader() if device != "cpu" else None  # before loading: the GPU memory this run takes
+    gpu_start = gpu_used() if gpu_used else None
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     one, close, providers = (_run_peer_path if peer else _run_edge_path)(p, image, threads, n_new, info)
     load_ms = (time.perf_counter() - t0) * 1000.0
     rss_loaded = rss_mb()
     try:
-        with RssSampler() as sampler:
+        with RssSampler(gpu=gpu_used) as sampler:
             timer = repeat(one, int(p["runs"]), int(p["warmup"]))
     finally:
         close()
@@ -210,14 +225,14 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
     llm_entry = manifest.llm[p["quant"]]
     vision_entry = manifest.mmproj if peer else manifest.vision[p["vision"]]
     return {
-        "name": f"peer llama.cpp mtmd+{p['quant']}" if peer else f"edge {p['vision']}+{p['quant']}",
+        "name": config_name("peer" if peer else "edge", p["vision"], p["quant"], device),
         "kind": "peer" if peer else "edge",
         "code_path": ("runtime detector + aligner, then llama.cpp's own multimodal chat path (libmtmd + helpers, "
                       "default context, greedy sampler: bench.peer.MtmdChat)" if peer
                       else "FaceLLM.detect -> encode_faces -> open_face -> FaceSession.ask (+ follow-up ask)"),
         "vision": p["vision"],
         "quant": p["quant"],
-        "device": "cpu",
+        "device": device,
         "threads": threads,
         "providers": providers,
         # ORT weight pre-packing + CPU arena as resolved on this machine (EncoderConfig.prepack); None: the peer
@@ -232,6 +247,7 @@ def run_edge(p: dict[str, Any]) -> dict[str, Any]:
         "quality": quality(manifest.verification, p["vision"], p["quant"]),
         "stages": timer.summary(),
         "memory": {"rss_start_mb": round(rss_start, 1), "rss_loaded_mb": round(rss_loaded, 1),
-                   "rss_sampled_peak_mb": round(sampler.peak_mb, 1)},
+                   "rss_sampled_peak_mb": round(sampler.peak_mb, 1),
+                   **gpu_peak(sampler, gpu_start)},
         "notes": NOTES,
     }

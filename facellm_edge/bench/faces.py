@@ -33,10 +33,11 @@ FACE_COUNTS = (1, 2, 4, 6)
 
 def faces_payload(bundle: Path, vision: str, quant: str, image: Path, question: str, runs: int, warmup: int,
                   decode_tokens: int, threads: int, detector_model: Path | None,
-                  vision_prepack: str = "auto") -> dict[str, Any]:
+                  vision_prepack: str = "auto", device: str = "cpu") -> dict[str, Any]:
     return {"bundle": str(bundle), "vision": vision, "quant": quant, "image": str(image), "question": question,
             "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens, "threads": threads,
-            "detector_model": str(detector_model) if detector_model else None, "vision_prepack": vision_prepack}
+            "detector_model": str(detector_model) if detector_model else None, "vision_prepack": vision_prepack,
+            "device": device}
 
 
 def run_faces(p: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +112,8 @@ def faces_lines(faces: dict[str, Any] | None) -> list[str]:
     if not faces or not faces.get("counts"):
         return []
     lines = ["", f"## Many faces at once ({faces['faces_in_photo']} faces in the photo, {faces['decode_tokens']} "
-             f"tokens each, medians of {faces['runs']})", "",
+             f"tokens each, medians of {faces['runs']}" + (f"; {faces['config']}" if faces.get("config") else "")
+             + ")", "",
              "One after another = per face: encode, image prefill, answer (the runtime before batching). Together = "
              "the faces encoded together (one encoder call on a GPU, face by face on the CPU), their image prefixes "
              "and every decoding step in shared llama_decode calls (`FaceLLM.open_encoded` + `answer_together`: "

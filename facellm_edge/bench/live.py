@@ -54,12 +54,13 @@ WINNER_RULE = ("highest VLM decode rate among busy policies meeting >= 25 FPS an
 
 def live_payload(bundle: Path, vision: str, quant: str, image: Path, video: Path | None, frames: int, width: int,
                  height: int, llama_threads: tuple[int, ...], decode_tokens: int, question: str,
-                 detector_model: Path | None, cores: int, kiosk: bool = True, runs: int = 1) -> dict[str, Any]:
+                 detector_model: Path | None, cores: int, kiosk: bool = True, runs: int = 1,
+                 device: str = "cpu") -> dict[str, Any]:
     return {"bundle": str(bundle), "vision": vision, "quant": quant, "image": str(image),
             "video": str(video) if video else None, "frames": frames, "width": width, "height": height,
             "llama_threads": list(llama_threads), "decode_tokens": decode_tokens, "question": question,
             "detector_model": str(detector_model) if detector_model else None, "cores": cores, "kiosk": kiosk,
-            "runs": runs}
+            "runs": runs, "device": device}
 
 
 # -- clips -----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from facellm_edge.bench.config import NAIVE_TARGETS
-from facellm_edge.bench.stages import RssSampler, StageTimer, repeat, rss_mb
+from facellm_edge.bench.stages import RssSampler, StageTimer, gpu_memory_reader, gpu_peak, repeat, rss_mb
 from facellm_edge.errors import CheckpointError, RuntimeStageError, require
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def run_naive(p: dict[str, Any]) -> dict[str, Any]:
     image = _load_rgb(p["image"])
     n_new = int(p["decode_tokens"])
     rss_start = rss_mb()
+    gpu_used = gpu_memory_reader() if device == "cuda" else None  # the same count as the edge path's GPU rows
+    gpu_start = gpu_used() if gpu_used else None
 
     t0 = time.perf_counter()
     try:
@@ -140,10 +142,10 @@ def run_naive(p: dict[str, Any]) -> dict[str, Any]:
             sync()
             timer.add("ttft_warm_ms", (time.perf_counter() - t) * 1000.0)
 
-    with RssSampler() as sampler:
+    with RssSampler(gpu=gpu_used) as sampler:
         timer = repeat(one, int(p["runs"]), int(p["warmup"]))
     memory: dict[str, Any] = {"rss_start_mb": round(rss_start, 1), "rss_loaded_mb": round(rss_loaded, 1),
-                              "rss_sampled_peak_mb": round(sampler.peak_mb, 1)}
+                              "rss_sampled_peak_mb": round(sampler.peak_mb, 1), **gpu_peak(sampler, gpu_start)}
     if device == "cuda":
         memory["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 from facellm_edge.export.mtmd_peer import require_files, tokenized
 from facellm_edge.llm.decoding import Answer
 from facellm_edge.llm.native import install_log_hook, load_model
@@ -43,9 +43,11 @@ N_UBATCH = 512  # common_params.n_ubatch
 
 
 class MtmdChat:
-    """One LLM GGUF + its mmproj, loaded and run the way llama.cpp's multimodal CLI does; one conversation at a time."""
+    """One LLM GGUF + its mmproj, loaded and run the way llama.cpp's multimodal CLI does; one conversation at a time.
+    ``gpu``: every LLM layer and libmtmd's encoder on the GPU (``llama-mtmd-cli -ngl 999``; needs a GPU build)."""
 
-    def __init__(self, mmproj: Path, gguf: Path, prompt: "PromptSpec", *, threads: int, n_ctx: int) -> None:
+    def __init__(self, mmproj: Path, gguf: Path, prompt: "PromptSpec", *, threads: int, n_ctx: int,
+                 gpu: bool = False) -> None:
         import llama_cpp as L
         import llama_cpp.mtmd_cpp as M
 
@@ -54,7 +56,14 @@ class MtmdChat:
         require_files(mmproj, gguf)
         M.mtmd_log_set(install_log_hook(L), ctypes.c_void_p(0))  # llama.cpp's and libmtmd's logs, one routing
         try:
-            self._model = load_model(L, Path(gguf), L.llama_model_default_params())
+            from facellm_edge.bench.config import GPU_LAYERS
+
+            if gpu and not L.llama_supports_gpu_offload():
+                raise UsageError("the GPU peer needs llama-cpp-python built with a GPU backend; this one runs on the "
+                                 'CPU only (reinstall it with CMAKE_ARGS="-DGGML_CUDA=on")')
+            params = L.llama_model_default_params()
+            params.n_gpu_layers = GPU_LAYERS if gpu else 0
+            self._model = load_model(L, Path(gguf), params)
             if not self._model:
                 raise InputError(f"llama.cpp cannot load {gguf}")
             self._vocab = L.llama_model_get_vocab(self._model)
@@ -66,7 +75,7 @@ class MtmdChat:
             if not self._ctx:
                 raise RuntimeStageError(f"llama.cpp cannot create a {n_ctx}-token context for {Path(gguf).name}")
             mparams = M.mtmd_context_params_default()
-            mparams.use_gpu = False
+            mparams.use_gpu = gpu
             mparams.n_threads = threads
             mparams.print_timings = False
             self._marker = M.mtmd_default_marker()

@@ -202,8 +202,9 @@ def to_markdown(r: dict[str, Any]) -> str:
     ]
     for c in r["configs"]:
         peak = c["memory"].get("peak_rss_mb")
-        cuda = c["memory"].get("cuda_peak_allocated_mb")
-        mem = _fmt(peak, 0) + (f" (+{_fmt(cuda, 0)} GPU)" if cuda is not None else "")
+        # GPU memory: NVML's count (every configuration on a GPU alike); older results: torch's allocated peak
+        gpu = c["memory"].get("gpu_peak_mb", c["memory"].get("cuda_peak_allocated_mb"))
+        mem = _fmt(peak, 0) + (f" (+{_fmt(gpu, 0)} GPU)" if gpu is not None else "")
         bpw = c.get("bits_per_weight")
         lines.append(f"| {c['name']} | " + " | ".join(_cell(c, k) for k, _ in TABLE_COLUMNS)
                      + f" | {mem} | {_fmt(bpw, 2) if bpw else '–'} | {_quality(c)} |")
@@ -299,7 +300,7 @@ def _live_lines(live: dict[str, Any] | None) -> list[str]:
     if not live:
         return []
     lines = ["", f"## Live loop ({live['source']}, {live['width']}x{live['height']}, {live['frames']} measured "
-             f"frames per run)", "",
+             f"frames per run" + (f"; {live['config']}" if live.get("config") else "") + ")", "",
              f"Every run is `{live['code_path']}`"
              + (f", the detector on every {live['detect_every']} frames"
                 + (f" and every {live['detect_every_busy']} while the worker answers"

@@ -218,9 +218,10 @@ def run_roofline(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def attach_bounds(roof: dict[str, Any], configs: list[dict[str, Any]]) -> None:
-    """Add ``bounds`` (best possible here) to every edge configuration, in place."""
+    """Add ``bounds`` (best possible here) to every edge configuration on the CPU, in place (the ceilings are this
+    CPU's: a GPU configuration gets none)."""
     for c in configs:
-        if c.get("kind") != "edge":
+        if c.get("kind") != "edge" or c.get("device", "cpu") != "cpu":
             continue
         v, q = roof["vision"].get(c["vision"]), roof["llm"].get(c["quant"])
         if v is not None and q is not None:

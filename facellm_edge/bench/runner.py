@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from facellm_edge.bench import report, roofline
 from facellm_edge.bench.config import SYNTHETIC_QUANTS, SYNTHETIC_VISION, TINY, BenchConfig, resolve_naive
-from facellm_edge.bench.edge import PEER, aligned_face_crop, edge_payload
+from facellm_edge.bench.edge import PEER, aligned_face_crop, config_name, edge_payload
 from facellm_edge.bench.faces import faces_payload
 from facellm_edge.bench.live import live_payload
 from facellm_edge.bench.naive import naive_payload
@@ -139,8 +139,28 @@ def _cuda_available(requested: tuple[str, ...]) -> bool:
     return bool(require("torch", "bench").cuda.is_available())
 
 
+def check_devices(devices: tuple[str, ...]) -> None:
+    """A GPU ``--device`` needs ONNX Runtime's provider for it and a llama.cpp built with a GPU backend: checked
+    before minutes of export, never a row measured on the CPU under a GPU's name."""
+    gpu = [d for d in devices if d != "cpu"]
+    if not gpu:
+        return
+    import llama_cpp
+
+    from facellm_edge.onnxrt import onnxruntime_module
+    from facellm_edge.runtime.encode import select_providers
+
+    available = onnxruntime_module().get_available_providers()
+    for d in gpu:
+        select_providers(d, available)  # RuntimeStageError naming the GPU build to install
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise UsageError(f"--device {gpu[0]} needs llama-cpp-python built with a GPU backend, and this one runs on "
+                         'the CPU only: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" (README "GPU")')
+
+
 def _validate_early(cfg: BenchConfig) -> None:
-    """Catch bad names before minutes of checkpoint building and export."""
+    """Catch bad names and missing GPU builds before minutes of checkpoint building and export."""
+    check_devices(cfg.devices)
     if cfg.synthetic is not None:
         from facellm_edge.export.exporter import VISION_TARGETS
         from facellm_edge.export.quantize import validate_quants
@@ -214,12 +234,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             jobs += [(f"naive {t}", "facellm_edge.bench.naive:run_naive", naive_payload(ckpt_ref, t, crop_path,
                                                                                         **one_round)) for t in naive]
 
-        def edge_job(vision: str, quant: str, label: str) -> tuple[str, str, dict[str, Any]]:
+        def edge_job(vision: str, quant: str, device: str) -> tuple[str, str, dict[str, Any]]:
+            kind = "peer" if vision == PEER else "edge"
+            label = config_name(kind, vision, quant, device)
             return label, "facellm_edge.bench.edge:run_edge", edge_payload(
                 bundle_dir, vision, quant, image, **one_round, detector_model=cfg.detector_model,
-                vision_prepack=cfg.vision_prepack)
+                vision_prepack=cfg.vision_prepack, device=device)
 
-        jobs += [edge_job(v, q, f"edge {v}+{q}") for v in visions for q in quants]
+        jobs += [edge_job(v, q, d) for d in cfg.devices for v in visions for q in quants]
         rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in jobs}
 
         def run_job(job: tuple[str, str, dict[str, Any]], r: int) -> None:
@@ -233,10 +255,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             for job in list(jobs):
                 run_job(job, r)
             if r == 0 and peer:  # same LLM quant as the fastest edge configuration: only the implementation differs
-                q = fastest([parts[0] for parts in rounds.values() if parts[0]["kind"] == "edge"])["quant"]
-                jobs.append(edge_job(PEER, q, f"peer: llama.cpp's own path + {q}"))
-                rounds[jobs[-1][0]] = []
-                run_job(jobs[-1], r)
+                # one peer on the CPU, one on the GPU (llama.cpp has no TensorRT: its GPU path is CUDA for both)
+                for where in dict.fromkeys("cpu" if d == "cpu" else "cuda" for d in cfg.devices):
+                    same = [parts[0] for parts in rounds.values() if parts[0]["kind"] == "edge"
+                            and (parts[0]["device"] == "cpu") == (where == "cpu")]
+                    jobs.append(edge_job(PEER, fastest(same)["quant"], where))
+                    rounds[jobs[-1][0]] = []
+                    run_job(jobs[-1], r)
         configs = [merge_rounds(rounds[label]) for label, _, _ in jobs]
         for c in configs:
             progress(_summary(c))
@@ -252,9 +277,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             roofline.attach_bounds(roof, configs)
         best = fastest(edge)
         profiles: list[dict[str, Any]] = []
-        if cfg.profiles:
-            progress(f"profiles on {best['name']}")
-            payload = {**edge_payload(bundle_dir, best["vision"], best["quant"], image, **common,
+        on_cpu = [c for c in edge if c["device"] == "cpu"]
+        if cfg.profiles and not on_cpu:
+            log.warning("profiles skipped: they compare CPU threads and ONNX Runtime CPU settings, and no "
+                        "configuration ran on the CPU (add cpu to --device)")
+        elif cfg.profiles:
+            cpu_best = fastest(on_cpu)
+            progress(f"profiles on {cpu_best['name']}")
+            payload = {**edge_payload(bundle_dir, cpu_best["vision"], cpu_best["quant"], image, **common,
                                       detector_model=cfg.detector_model, vision_prepack=cfg.vision_prepack),
                        "max_threads": max(threads, physical_cores())}
             profiles = run_isolated("facellm_edge.bench.profiles:run_profiles", payload,
@@ -266,8 +296,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                 live_payload(bundle_dir, best["vision"], best["quant"], image, cfg.live.video,
                                              cfg.live.frames, cfg.live.width, cfg.live.height,
                                              cfg.live.llama_threads, cfg.decode_tokens, cfg.question,
-                                             cfg.detector_model, threads, runs=cfg.runs),
+                                             cfg.detector_model, threads, runs=cfg.runs, device=best["device"]),
                                 timeout_s=cfg.config_timeout_s, label="live")
+            live["config"] = best["name"]
 
         faces = None
         if cfg.faces:
@@ -275,8 +306,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             faces = run_isolated("facellm_edge.bench.faces:run_faces",
                                  faces_payload(bundle_dir, best["vision"], best["quant"], image, cfg.question,
                                                cfg.runs, cfg.warmup, cfg.decode_tokens, threads, cfg.detector_model,
-                                               cfg.vision_prepack),
+                                               cfg.vision_prepack, device=best["device"]),
                                  timeout_s=cfg.config_timeout_s, label="faces")
+            faces["config"] = best["name"]
 
     results = {
         "schema": report.SCHEMA,
@@ -285,7 +317,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                      "threads": threads, "question": cfg.question, "followup": cfg.followup,
                      "image": image.name, "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
                      "naive": list(naive),
-                     "naive_skipped": skipped, "best_edge": best["name"], "vision_prepack": cfg.vision_prepack},
+                     "naive_skipped": skipped, "best_edge": best["name"], "vision_prepack": cfg.vision_prepack,
+                     "devices": list(cfg.devices)},
         "machine": info,
         "versions": vers,
         "export": export_info,

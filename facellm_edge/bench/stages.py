@@ -147,12 +147,42 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-class RssSampler:
-    """Samples this process's RSS every ``interval_s`` on a daemon thread until :meth:`stop`."""
+def gpu_memory_reader() -> Callable[[], float] | None:
+    """A function returning the MB in use on GPU 0 (NVML, the driver's own count: CUDA context, allocator pools and
+    TensorRT's workspace included, which a framework's own counter leaves out), or None where NVML is missing
+    (``nvidia-ml-py`` not installed, no NVIDIA driver). Device-wide: the bench runs one configuration at a time, so
+    what it reads above the figure before loading is that configuration's."""
+    try:
+        import pynvml
+    except ImportError:
+        log.info("nvidia-ml-py is not installed: GPU memory is not measured (pip install nvidia-ml-py)")
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except pynvml.NVMLError as exc:
+        log.info("NVML unavailable (%s): GPU memory is not measured", exc)
+        return None
+    return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
 
-    def __init__(self, interval_s: float = 0.02) -> None:
+
+def gpu_peak(sampler: "RssSampler", start_mb: float | None) -> dict[str, float]:
+    """``{"gpu_peak_mb": ...}``: the sampled peak of GPU memory in use above ``start_mb`` (read before loading), or
+    nothing where GPU memory was not sampled."""
+    if start_mb is None or sampler.gpu_peak_mb is None:
+        return {}
+    return {"gpu_peak_mb": round(sampler.gpu_peak_mb - start_mb, 1)}
+
+
+class RssSampler:
+    """Samples this process's RSS (and, given ``gpu``, GPU memory in use: :func:`gpu_memory_reader`) every
+    ``interval_s`` on a daemon thread until :meth:`stop`."""
+
+    def __init__(self, interval_s: float = 0.02, *, gpu: Callable[[], float] | None = None) -> None:
         self.interval_s = interval_s
         self.peak_mb = 0.0
+        self.gpu_peak_mb: float | None = None
+        self._gpu = gpu
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
@@ -160,6 +190,8 @@ class RssSampler:
         rss = rss_reader()
         while True:
             self.peak_mb = max(self.peak_mb, rss())
+            if self._gpu is not None:
+                self.gpu_peak_mb = max(self.gpu_peak_mb or 0.0, self._gpu())
             if self._stop.wait(self.interval_s):
                 return
 

@@ -54,6 +54,11 @@ def bench_cmd(
                                        "weight pre-packing + memory arena: auto | on | off (as ask/run/serve); the "
                                        "resolved setting is recorded per configuration. Run once with on and once "
                                        "with off to compare."),
+    device: str = typer.Option(",".join(_default("devices")), "--device", help="Where the edge path and the "
+                               "llama.cpp peer run, comma-separated: cpu; cuda (ONNX Runtime's CUDA provider + every "
+                               "LLM layer on the GPU); tensorrt (ONNX Runtime's TensorRT provider, fp16, engine "
+                               "cache + every LLM layer on the GPU). GPUs need the GPU builds (README \"GPU\"); "
+                               "use --vision fp32 there."),
     detector_model: Optional[Path] = typer.Option(None, "--detector-model", help="Local YuNet .onnx."),
     profiles: bool = typer.Option(_default("profiles"), "--profiles/--no-profiles", help="Compare threads, ORT "
                                   "optimisation, KV-cache type and face batching."),
@@ -83,6 +88,10 @@ def bench_cmd(
 
     console = Console(stderr=True)
     if serve:
+        if parse_csv(device, "device") != ("cpu",):
+            from facellm_edge.errors import UsageError
+
+            raise UsageError("--serve measures the service on the CPU; drop --device")
         from facellm_edge.bench.serve import ServeBenchConfig, run_serve_bench
 
         result = run_serve_bench(ServeBenchConfig(
@@ -105,7 +114,8 @@ def bench_cmd(
         checkpoint=checkpoint, quants=parse_csv(quant, "quant") if quant else None,
         vision=parse_csv(vision, "vision precision") if vision else None, naive=parse_csv(naive, "naive baseline"),
         image=image, runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads,
-        vision_prepack=vision_prepack, detector_model=detector_model, profiles=profiles, faces=faces,
+        vision_prepack=vision_prepack, devices=parse_csv(device, "device"), detector_model=detector_model,
+        profiles=profiles, faces=faces,
         roofline=roofline,
         verify=verify, force=force,
         live=LiveBenchConfig(enabled=live, video=video, frames=live_frames,
