@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Run THERE, on the lent GPU machine, from the repository root, in the device call that carries the last pieces of
+# .devcarry/ (made here by prepare.sh; README.md beside this file gives the calls). It installs what the machine's
+# image lacks into /tmp/site, builds llama-cpp-python with CUDA for this GPU unless a built wheel was carried, checks
+# that ONNX Runtime's CUDA provider and llama.cpp's GPU offload really work, then runs the bench:
+#   naive transformers cuda-bf16 | edge cuda fp32+q4_0 (ORT CUDA + all layers on the GPU) | peer cuda (libmtmd)
+#   [+ edge tensorrt fp32+q4_0 where libnvinfer is present], FaceLLM-1B dimensions, many faces on t1.jpg.
+# Usage: bash benchmarks/gpu/device.sh [1b|8b] [extra bench options...]; results and the log go to $OUT/gpu-<size>.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+size=${1:-1b}; shift || true
+C=.devcarry SITE=/tmp/site OUT=${OUT:-/tmp/out}
+dest="$OUT/gpu-$size"
+mkdir -p "$dest" "$SITE"
+exec > >(tee "$dest/device.log") 2>&1
+say() { echo "[$(date +%T)] $*"; }
+fail() { say "STOP: $*"; exit 3; }
+
+say "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || say "no nvidia-smi"
+nproc; grep -m1 "model name" /proc/cpuinfo; grep -o -w -E "avx512_vnni|avx512_bf16|amx_bf16|avx2" /proc/cpuinfo | sort | uniq -c
+python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
+    || say "no torch in this python3: no naive baseline and no export possible"
+
+say "onnxruntime-gpu from the carried pieces"
+ls $C/ort/part-* >/dev/null 2>&1 || fail "no .devcarry/ort/part-* here: carry them (README.md)"
+cat $C/ort/part-* > /tmp/ort.tar.xz
+echo "$(cat $C/ort/SHA256)  /tmp/ort.tar.xz" | sha256sum -c --quiet \
+    || fail "the onnxruntime-gpu pieces do not add up (have: $(ls $C/ort | tr '\n' ' ')): carry every part"
+tar -xJf /tmp/ort.tar.xz -C "$SITE" && rm /tmp/ort.tar.xz
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $C/wheels/*.whl
+export PYTHONPATH="$SITE:$PWD"
+# The CUDA 13 libraries (cuBLAS, cuDNN, cudart, ...) of the image's pip packages, for ORT's and llama.cpp's libraries
+nv=$(python3 -c "import os, site; print(*[os.path.join(p, 'nvidia') for p in site.getsitepackages() if os.path.isdir(os.path.join(p, 'nvidia'))][:1])")
+[ -n "$nv" ] || say "no pip nvidia-* packages beside this python3: the CUDA libraries must be on the loader's path"
+[ -z "$nv" ] || export LD_LIBRARY_PATH="$(find "$nv" -maxdepth 3 -type d -name lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+
+say "llama-cpp-python with CUDA"
+if ls $C/llama/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $C/llama/*.whl
+else
+    # nvcc from the image; cuBLAS headers and libraries wherever the image has them (its toolkit or its pip packages)
+    root=/tmp/cudaroot; rm -rf $root; mkdir -p $root/include $root/lib64
+    cuda=$(dirname "$(dirname "$(command -v nvcc)")")
+    ln -s "$cuda/bin" $root/bin; [ -d "$cuda/nvvm" ] && ln -s "$cuda/nvvm" $root/nvvm
+    for d in "$cuda/include" "$cuda"/targets/x86_64-linux/include $([ -z "$nv" ] || find "$nv" -maxdepth 3 -type d -name include); do
+        for f in "$d"/*; do [ -e "$root/include/$(basename "$f")" ] || ln -s "$f" "$root/include/"; done
+    done
+    for d in "$cuda/lib64" "$cuda"/targets/x86_64-linux/lib $([ -z "$nv" ] || find "$nv" -maxdepth 3 -type d -name lib); do
+        for f in "$d"/*; do [ -e "$root/lib64/$(basename "$f")" ] || ln -s "$f" "$root/lib64/"; done
+    done
+    for n in cudart cublas cublasLt; do
+        [ -e $root/lib64/lib$n.so ] || ln -s "$(ls $root/lib64/lib$n.so.* | head -1)" $root/lib64/lib$n.so
+    done
+    t0=$(date +%s)
+    CUDACXX="$cuda/bin/nvcc" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DCUDAToolkit_ROOT=$root" \
+        python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" \
+        $C/llama/*.tar.gz || fail "llama-cpp-python did not build with CUDA (the pip log above says why)"
+    say "built in $(( $(date +%s) - t0 )) s"
+fi
+
+say "the GPU paths work before anything is measured"
+python3 - <<'PY' || fail "a GPU path does not start (above)"
+import numpy as np, onnxruntime as ort, llama_cpp
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+print("llama_cpp", llama_cpp.__version__, "gpu offload", bool(llama_cpp.llama_supports_gpu_offload()))
+assert llama_cpp.llama_supports_gpu_offload(), "llama.cpp has no GPU offload"
+from onnx import TensorProto, helper
+g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g",
+                      [helper.make_tensor_value_info("a", TensorProto.FLOAT, [64, 64]),
+                       helper.make_tensor_value_info("b", TensorProto.FLOAT, [64, 64])],
+                      [helper.make_tensor_value_info("c", TensorProto.FLOAT, [64, 64])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
+assert s.get_providers()[0] == "CUDAExecutionProvider", s.get_providers()
+a = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+assert np.allclose(s.run(None, {"a": a, "b": a})[0], a @ a, atol=1e-3)
+print("ORT CUDA MatMul matches numpy")
+PY
+devices=cuda
+if python3 -c "import ctypes; ctypes.CDLL('libnvinfer.so.10')" 2>/dev/null; then devices=cuda,tensorrt
+else say "no libnvinfer.so.10 here: no TensorRT rows (TensorRT's wheels are over the carry limit)"; fi
+
+say "bench: facellm-$size dimensions on $devices"
+facellm() { python3 -c "import sys; from facellm_edge.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+t0=$(date +%s)
+facellm bench --synthetic "facellm-$size" --tokenizer $C/tokenizer --image $C/t1.jpg \
+    --detector-model facellm_edge/runtime/detect/models/face_detection_yunet_2023mar.onnx \
+    --quant q4_0 --vision fp32,mmproj --device "$devices" --naive cuda-bf16 \
+    --no-profiles --no-live --no-verify --out "$dest/results" "$@"
+say "bench took $(( $(date +%s) - t0 )) s"
+tail -n +1 "$dest/results/results.md" | head -40
