@@ -69,6 +69,43 @@ def test_runner_bounds_the_queue_cancels_abandoned_streams_and_times_out():
     asyncio.run(main())
 
 
+def test_a_stream_ends_once_the_model_is_free():
+    """The end of a stream (and an error) reaches the client only after the worker closed the iterator (the model's
+    generation freed) and let the request go: a client that asks again at once is not refused as busy."""
+    import asyncio
+
+    from facellm_edge.serve.runner import ModelRunner
+
+    class SlowToClose:  # an answer whose close() (the generation's cleanup) takes a while
+        def __init__(self) -> None:
+            self.closed, self.n = threading.Event(), 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self) -> int:
+            if self.n:
+                raise StopIteration("done")
+            self.n += 1
+            return 1
+
+        def close(self) -> None:
+            time.sleep(0.3)
+            self.closed.set()
+
+    async def main() -> None:
+        runner = ModelRunner(max_queue=0, timeout_s=5.0)
+        answer = SlowToClose()
+        stream = runner.stream(lambda: answer)
+        assert [x async for x in stream] == [1] and stream.result == "done"
+        assert answer.closed.is_set() and runner.busy == 0
+        again = SlowToClose()
+        assert [x async for x in runner.stream(lambda: again)] == [1]  # admitted: max_queue 0, nothing running
+        runner.close()
+
+    asyncio.run(main())
+
+
 def test_chat_messages_make_one_image_the_turns_and_the_question(astronaut_bgr, png, data_url):
     from facellm_edge.serve.errors import APIError
     from facellm_edge.serve.openai_schema import ChatRequest, conversation

@@ -154,8 +154,10 @@ class ModelRunner:
                 with self._lock:
                     self._running -= 1
                     self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0)
+                    self._jobs.discard(job)  # here, before the future is done: whoever awaits it sees it gone
+                self._gauge()
 
-        def finished(future: "cf.Future[T]") -> None:
+        def finished(future: "cf.Future[T]") -> None:  # also for a job cancelled before it started
             with self._lock:
                 self._jobs.discard(job)
             self._gauge()
@@ -235,13 +237,19 @@ class ModelStream(Generic[T]):
         except BaseException:  # cancelled: the client went away
             self._abandon()
             raise
-        if item is _END:
+        if item is _END or isinstance(item, _Failure):
             self._done = True
-            raise StopAsyncIteration
-        if isinstance(item, _Failure):
-            self._done = True
+            await self._worker_done()
+            if item is _END:
+                raise StopAsyncIteration
             raise item.exc
         return item
+
+    async def _worker_done(self) -> None:
+        """Wait (within the deadline) for the worker to close the iterator and let the request go, so that when the
+        stream ends the model is free and the request no longer counts as busy."""
+        if not self._future.done():
+            await asyncio.wait([asyncio.wrap_future(self._future)], timeout=self._job.remaining())
 
     async def aclose(self) -> None:
         self._abandon()
