@@ -126,6 +126,7 @@ class MtmdChat:
             if rc != 0:
                 raise RuntimeStageError(f"mtmd_helper_decode_image_chunk failed (code {rc})")
             self.n_past = int(new_n_past.value)
+            L.llama_synchronize(self._ctx)  # on a GPU the image prefill is queued, not done, when the call returns
             t2 = time.perf_counter()
             t["encode"], t["image_prefill"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
             self.n_image_prefix = self.n_past

@@ -280,6 +280,11 @@ class LlamaEngine:
         if rc != 0:
             raise RuntimeStageError(f"llama_decode failed with code {rc} while decoding {n} positions")
 
+    def synchronize(self) -> None:
+        """Wait until the backend has finished every decode queued so far (a no-op on the CPU, where decoding is
+        synchronous; on a GPU ``llama_decode`` returns once the work is queued)."""
+        self._L.llama_synchronize(self._ctx)
+
     # -- sampling -------------------------------------------------------------------------------------
     def sample_at(self, chain, index: int) -> int:
         """Sample from the logits of row ``index`` of the last decode (see :meth:`decode_packed`); accepts it."""

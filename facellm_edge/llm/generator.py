@@ -224,6 +224,9 @@ class Generator:
                     self._engine.decode_packed([(segs[j], s.seq, p) for segs, s, p in zip(segments, slots, pos)],
                                                logits_last=False)
                     pos = [p + len(segs[j]) for segs, p in zip(segments, pos)]
+                # a GPU backend returns before the work is done: the prefill's time (and a failure) is its own,
+                # not the first question's
+                self._engine.synchronize()
             for s, n in zip(slots, lengths):
                 s.n_past = n
             return lengths
