@@ -59,8 +59,9 @@ class MtmdChat:
             from facellm_edge.bench.config import GPU_LAYERS
 
             if gpu and not L.llama_supports_gpu_offload():
-                raise UsageError("the GPU peer needs llama-cpp-python built with a GPU backend; this one runs on the "
-                                 'CPU only (reinstall it with CMAKE_ARGS="-DGGML_CUDA=on")')
+                from facellm_edge.llm.engine import NO_GPU_OFFLOAD
+
+                raise UsageError(f"the GPU peer needs a GPU, and {NO_GPU_OFFLOAD}")
             params = L.llama_model_default_params()
             params.n_gpu_layers = GPU_LAYERS if gpu else 0
             self._model = load_model(L, Path(gguf), params)

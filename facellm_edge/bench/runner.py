@@ -140,7 +140,7 @@ def _cuda_available(requested: tuple[str, ...]) -> bool:
 
 
 def check_devices(devices: tuple[str, ...]) -> None:
-    """A GPU ``--device`` needs ONNX Runtime's provider for it and a llama.cpp built with a GPU backend: checked
+    """A GPU ``--device`` needs ONNX Runtime's provider for it and a llama.cpp that offloads to a GPU: checked
     before minutes of export, never a row measured on the CPU under a GPU's name."""
     gpu = [d for d in devices if d != "cpu"]
     if not gpu:
@@ -154,8 +154,9 @@ def check_devices(devices: tuple[str, ...]) -> None:
     for d in gpu:
         select_providers(d, available)  # RuntimeStageError naming the GPU build to install
     if not llama_cpp.llama_supports_gpu_offload():
-        raise UsageError(f"--device {gpu[0]} needs llama-cpp-python built with a GPU backend, and this one runs on "
-                         'the CPU only: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" (README "GPU")')
+        from facellm_edge.llm.engine import NO_GPU_OFFLOAD
+
+        raise UsageError(f"--device {gpu[0]} runs the LLM on the GPU, and {NO_GPU_OFFLOAD}")
 
 
 def _validate_early(cfg: BenchConfig) -> None:

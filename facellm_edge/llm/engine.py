@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 DEFAULT_SLOTS = 4
 
 
+# Why llama.cpp cannot offload (llama_supports_gpu_offload() is false): its build has no GPU backend, or the backend
+# found no device (llama.cpp's log, routed to logging, says which)
+NO_GPU_OFFLOAD = ("llama.cpp sees no GPU: this llama-cpp-python has no GPU backend (reinstall it with "
+                  'CMAKE_ARGS="-DGGML_CUDA=on", README "GPU") or its backend finds no GPU device')
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How llama.cpp runs the language model. One source of defaults for the runtime and the CLI."""
@@ -105,11 +111,8 @@ class LlamaEngine:
             )
         if config.n_gpu_layers > 0 and not L.llama_supports_gpu_offload():
             # llama.cpp itself would load every layer on the CPU and say nothing: not what was asked for
-            raise UsageError(
-                f"--gpu-layers {config.n_gpu_layers} needs llama-cpp-python built with a GPU backend, and this one "
-                'runs on the CPU only: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" (README "GPU"), or use '
-                "--gpu-layers 0"
-            )
+            raise UsageError(f"--gpu-layers {config.n_gpu_layers} needs a GPU, and {NO_GPU_OFFLOAD}; or use "
+                             "--gpu-layers 0")
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.mmap else L.LLAMA_LOAD_MODE_NONE

@@ -117,7 +117,7 @@ def test_bad_inputs(gen, smollm2_gguf, specs, image, embed_rows, tmp_path):
     import llama_cpp
 
     if not llama_cpp.llama_supports_gpu_offload():  # the CPU build CI installs: layers asked on a GPU are refused
-        with pytest.raises(UsageError, match="--gpu-layers 99 needs llama-cpp-python built with a GPU backend"):
+        with pytest.raises(UsageError, match="--gpu-layers 99 needs a GPU, and llama.cpp sees no GPU"):
             LlamaEngine(smollm2_gguf, EngineConfig(n_gpu_layers=99, max_slots=1))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\0" * 64)
