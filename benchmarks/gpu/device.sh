@@ -2,7 +2,8 @@
 # Run THERE, on the lent GPU machine, from the repository root, in the device call that carries the last pieces of
 # .devcarry/ (made here by prepare.sh; README.md beside this file gives the calls). It installs what the machine's
 # image lacks into /tmp/site, builds llama-cpp-python with CUDA for this GPU unless a built wheel was carried, checks
-# that ONNX Runtime's CUDA provider and llama.cpp's GPU offload really work, then runs the bench:
+# with `facellm-edge doctor --device cuda` that ONNX Runtime's CUDA provider initialises and computes, and that
+# llama.cpp offloads, then runs the bench:
 #   naive transformers cuda-bf16 | edge cuda fp32+q4_0 (ORT CUDA + all layers on the GPU) | peer cuda (libmtmd)
 #   [+ edge tensorrt fp32+q4_0 where libnvinfer is present], FaceLLM-1B dimensions, many faces on t1.jpg.
 # Usage: bash benchmarks/gpu/device.sh [1b|8b] [extra bench options...]; results and the log go to $OUT/gpu-<size>.
@@ -60,34 +61,20 @@ else
     say "built in $(( $(date +%s) - t0 )) s"
 fi
 
-say "the GPU paths work before anything is measured"
-python3 - <<'PY' || fail "a GPU path does not start (above)"
-import numpy as np, onnxruntime as ort, llama_cpp
-print("onnxruntime", ort.__version__, ort.get_available_providers())
-print("llama_cpp", llama_cpp.__version__, "gpu offload", bool(llama_cpp.llama_supports_gpu_offload()))
-assert llama_cpp.llama_supports_gpu_offload(), "llama.cpp has no GPU offload"
-from onnx import TensorProto, helper
-g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g",
-                      [helper.make_tensor_value_info("a", TensorProto.FLOAT, [64, 64]),
-                       helper.make_tensor_value_info("b", TensorProto.FLOAT, [64, 64])],
-                      [helper.make_tensor_value_info("c", TensorProto.FLOAT, [64, 64])])
-m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
-assert s.get_providers()[0] == "CUDAExecutionProvider", s.get_providers()
-a = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
-assert np.allclose(s.run(None, {"a": a, "b": a})[0], a @ a, atol=1e-3)
-print("ORT CUDA MatMul matches numpy")
-PY
+say "the GPU paths work before anything is measured (the product's own doctor, then llama.cpp's offload)"
+facellm() { python3 -c "import sys; from facellm_edge.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+facellm doctor --device cuda || fail "ONNX Runtime's CUDA provider does not start (doctor, above)"
+python3 -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" \
+    || fail "llama.cpp does not offload to the GPU (doctor's llama.cpp line above)"
 devices=cuda
 if python3 -c "import ctypes; ctypes.CDLL('libnvinfer.so.10')" 2>/dev/null; then devices=cuda,tensorrt
 else say "no libnvinfer.so.10 here: no TensorRT rows (TensorRT's wheels are over the carry limit)"; fi
 
 say "bench: facellm-$size dimensions on $devices"
-facellm() { python3 -c "import sys; from facellm_edge.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 t0=$(date +%s)
 facellm bench --synthetic "facellm-$size" --tokenizer $C/tokenizer --image $C/t1.jpg \
     --detector-model facellm_edge/runtime/detect/models/face_detection_yunet_2023mar.onnx \
     --quant q4_0 --vision fp32,mmproj --device "$devices" --naive cuda-bf16 \
     --no-profiles --no-live --no-verify --out "$dest/results" "$@"
 say "bench took $(( $(date +%s) - t0 )) s"
-tail -n +1 "$dest/results/results.md" | head -40
+head -60 "$dest/results/results.md"
