@@ -75,6 +75,6 @@ t0=$(date +%s)
 facellm bench --synthetic "facellm-$size" --tokenizer $C/tokenizer --image $C/t1.jpg \
     --detector-model facellm_edge/runtime/detect/models/face_detection_yunet_2023mar.onnx \
     --quant q4_0 --vision fp32,mmproj --device "$devices" --naive cuda-bf16 \
-    --no-profiles --no-live --no-verify --out "$dest/results" "$@"
+    --no-profiles --no-live --no-roofline --no-verify --out "$dest/results" "$@"
 say "bench took $(( $(date +%s) - t0 )) s"
 head -60 "$dest/results/results.md"
