@@ -37,29 +37,11 @@ nv=$(python3 -c "import os, site; print(*[os.path.join(p, 'nvidia') for p in sit
 [ -z "$nv" ] || export LD_LIBRARY_PATH="$(find "$nv" -maxdepth 3 -type d -name lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 
 say "llama-cpp-python with CUDA"
-if ls $C/llama/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $C/llama/*.whl
-else
-    # nvcc from the image; cuBLAS headers and libraries wherever the image has them (its toolkit or its pip packages)
-    root=/tmp/cudaroot; rm -rf $root; mkdir -p $root/include $root/lib64
-    cuda=$(dirname "$(dirname "$(command -v nvcc)")")
-    ln -s "$cuda/bin" $root/bin; [ -d "$cuda/nvvm" ] && ln -s "$cuda/nvvm" $root/nvvm
-    for d in "$cuda/include" "$cuda"/targets/x86_64-linux/include $([ -z "$nv" ] || find "$nv" -maxdepth 3 -type d -name include); do
-        for f in "$d"/*; do [ -e "$root/include/$(basename "$f")" ] || ln -s "$f" "$root/include/"; done
-    done
-    for d in "$cuda/lib64" "$cuda"/targets/x86_64-linux/lib $([ -z "$nv" ] || find "$nv" -maxdepth 3 -type d -name lib); do
-        for f in "$d"/*; do [ -e "$root/lib64/$(basename "$f")" ] || ln -s "$f" "$root/lib64/"; done
-    done
-    for n in cudart cublas cublasLt; do
-        [ -e $root/lib64/lib$n.so ] || ln -s "$(ls $root/lib64/lib$n.so.* | head -1)" $root/lib64/lib$n.so
-    done
-    t0=$(date +%s)
-    CUDACXX="$cuda/bin/nvcc" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DCUDAToolkit_ROOT=$root" \
-        python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" \
-        $C/llama/*.tar.gz || fail "llama-cpp-python did not build with CUDA (the pip log above says why)"
-    say "built in $(( $(date +%s) - t0 )) s"
+if ! ls $C/llama/*.whl >/dev/null 2>&1; then
+    OFFLINE=1 bash benchmarks/gpu/llama-cuda.sh python3 "$(ls $C/llama/*.tar.gz)" $C/llama \
+        || fail "llama-cpp-python did not build with CUDA (the pip log above says why)"
 fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $C/llama/*.whl
 
 say "the GPU paths work before anything is measured (the product's own doctor, then llama.cpp's offload)"
 facellm() { python3 -c "import sys; from facellm_edge.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }

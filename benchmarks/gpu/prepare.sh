@@ -5,7 +5,8 @@
 #
 #   .devcarry/ort/part-*          onnxruntime-gpu (CUDA 13 build, cp312: the machine's Python), unpacked, xz, split
 #   .devcarry/wheels/             small pure wheels the machine's image lacks (gguf, diskcache)
-#   .devcarry/llama/              llama-cpp-python: a CUDA wheel built here if one is given (LLAMA_WHEEL=path), else
+#   .devcarry/llama/              llama-cpp-python: a CUDA wheel (LLAMA_WHEEL=path, else .devcarry/cuda-wheel/'s
+#                                 of the pinned version, which llama-cuda.sh makes here: about 2 h on 2 cores), else
 #                                 its sdist without the files a CUDA build never reads (models, docs, other backends)
 #   .devcarry/tokenizer/, t1.jpg  the Qwen2 tokenizer files and insightface's t1.jpg from this .venv (no hub there)
 set -euo pipefail
@@ -14,7 +15,10 @@ ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
 LLAMA=${LLAMA:-llama-cpp-python==0.3.36}  # pyproject.toml's pin
 PY=.venv/bin/python
 C=.devcarry
-rm -rf "$C" && mkdir -p "$C/ort" "$C/wheels" "$C/llama" "$C/tokenizer"
+rm -rf "$C/ort" "$C/wheels" "$C/llama" "$C/tokenizer" "$C/t1.jpg"  # not cuda-wheel/: a build of hours
+mkdir -p "$C/ort" "$C/wheels" "$C/llama" "$C/tokenizer"
+built=$(ls "$C"/cuda-wheel/llama_cpp_python-"${LLAMA#*==}"-*.whl 2>/dev/null | head -1 || true)
+LLAMA_WHEEL=${LLAMA_WHEEL:-$built}
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
