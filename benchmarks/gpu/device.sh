@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run THERE, on the lent GPU machine, from the repository root, in the device call that carries the last pieces of
-# .devcarry/ (made here by prepare.sh; README.md beside this file gives the calls). It installs what the machine's
-# image lacks into /tmp/site, builds llama-cpp-python with CUDA for this GPU unless a built wheel was carried, checks
+# Run THERE, on the lent GPU machine, from the repository root, in the device call that carries the last piece of
+# .devcarry/ (made here by prepare.sh; README.md beside this file gives the calls). It unpacks what the machine's
+# image lacks into /tmp/payload, builds llama-cpp-python with CUDA for this GPU unless it came built, checks
 # with `facellm-edge doctor --device cuda` that ONNX Runtime's CUDA provider initialises and computes, and that
 # llama.cpp offloads, then runs the bench:
 #   naive transformers cuda-bf16 | edge cuda fp32+q4_0 (ORT CUDA + all layers on the GPU) | peer cuda (libmtmd)
@@ -10,9 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size=${1:-1b}; shift || true
-C=.devcarry SITE=/tmp/site OUT=${OUT:-/tmp/out}
+C=.devcarry OUT=${OUT:-/tmp/out}
 dest="$OUT/gpu-$size"
-mkdir -p "$dest" "$SITE"
+mkdir -p "$dest"
 exec > >(tee "$dest/device.log") 2>&1
 say() { echo "[$(date +%T)] $*"; }
 fail() { say "STOP: $*"; exit 3; }
@@ -23,13 +23,13 @@ nproc; grep -m1 "model name" /proc/cpuinfo; grep -o -w -E "avx512_vnni|avx512_bf
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
     || say "no torch in this python3: no naive baseline and no export possible"
 
-say "onnxruntime-gpu from the carried pieces"
-ls $C/ort/part-* >/dev/null 2>&1 || fail "no .devcarry/ort/part-* here: carry them (README.md)"
-cat $C/ort/part-* > /tmp/ort.tar.xz
-echo "$(cat $C/ort/SHA256)  /tmp/ort.tar.xz" | sha256sum -c --quiet \
-    || fail "the onnxruntime-gpu pieces do not add up (have: $(ls $C/ort | tr '\n' ' ')): carry every part"
-tar -xJf /tmp/ort.tar.xz -C "$SITE" && rm /tmp/ort.tar.xz
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $C/wheels/*.whl
+say "the carried pieces: one archive (prepare.sh)"
+ls $C/part-* >/dev/null 2>&1 || fail "no .devcarry/part-* here: carry them (README.md)"
+cat $C/part-* > /tmp/payload.tar.xz
+echo "$(cat $C/SHA256)  /tmp/payload.tar.xz" | sha256sum -c --quiet \
+    || fail "the pieces do not add up (have: $(ls $C | tr '\n' ' ')): carry every part-NN and SHA256"
+P=/tmp/payload && rm -rf $P && mkdir -p $P && tar -xJf /tmp/payload.tar.xz -C $P && rm /tmp/payload.tar.xz
+SITE=$P/site
 export PYTHONPATH="$SITE:$PWD"
 # The CUDA 13 libraries (cuBLAS, cuDNN, cudart, ...) of the image's pip packages, for ORT's and llama.cpp's libraries
 nv=$(python3 -c "import os, site; print(*[os.path.join(p, 'nvidia') for p in site.getsitepackages() if os.path.isdir(os.path.join(p, 'nvidia'))][:1])")
@@ -37,11 +37,11 @@ nv=$(python3 -c "import os, site; print(*[os.path.join(p, 'nvidia') for p in sit
 [ -z "$nv" ] || export LD_LIBRARY_PATH="$(find "$nv" -maxdepth 3 -type d -name lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 
 say "llama-cpp-python with CUDA"
-if ! ls $C/llama/*.whl >/dev/null 2>&1; then
-    OFFLINE=1 bash benchmarks/gpu/llama-cuda.sh python3 "$(ls $C/llama/*.tar.gz)" $C/llama \
+if [ ! -d "$SITE/llama_cpp" ]; then
+    OFFLINE=1 bash benchmarks/gpu/llama-cuda.sh python3 "$(ls $P/llama/*.tar.gz)" $P/llama \
         || fail "llama-cpp-python did not build with CUDA (the pip log above says why)"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $P/llama/*.whl
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $C/llama/*.whl
 
 say "the GPU paths work before anything is measured (the product's own doctor, then llama.cpp's offload)"
 facellm() { python3 -c "import sys; from facellm_edge.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
@@ -54,7 +54,7 @@ else say "no libnvinfer.so.10 here: no TensorRT rows (TensorRT's wheels are over
 
 say "bench: facellm-$size dimensions on $devices"
 t0=$(date +%s)
-facellm bench --synthetic "facellm-$size" --tokenizer $C/tokenizer --image $C/t1.jpg \
+facellm bench --synthetic "facellm-$size" --tokenizer $P/tokenizer --image $P/t1.jpg \
     --detector-model facellm_edge/runtime/detect/models/face_detection_yunet_2023mar.onnx \
     --quant q4_0 --vision fp32,mmproj --device "$devices" --naive cuda-bf16 \
     --no-profiles --no-live --no-roofline --no-verify --out "$dest/results" "$@"
