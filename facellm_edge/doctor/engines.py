@@ -147,9 +147,13 @@ def check_llama(device: str | None, cpu_features: dict[str, bool]) -> Check:
                      "llama-cpp-python==0.3.36)")
         status = INFO
     if device in ("cuda", "tensorrt") and not gpu:
-        notes.append("--device only moves the vision encoder: the LLM stays on the CPU unless llama-cpp-python is "
-                     "built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir "
-                     "llama-cpp-python==0.3.36)")
+        if "CUDA" in info:  # built with CUDA, but its backend found no device (llama.cpp's ggml_cuda_init line says why)
+            notes.append("llama.cpp is built with CUDA but finds no GPU (no NVIDIA driver, or no device visible): "
+                         "the LLM stays on the CPU")
+        else:
+            notes.append("--device only moves the vision encoder: the LLM stays on the CPU unless llama-cpp-python "
+                         "is built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir "
+                         "llama-cpp-python==0.3.36)")
         status = WARN
     return Check("llama.cpp", status, summary, tuple(notes),
                  {"version": llama_cpp.__version__, "gpu_offload": gpu, "system_info": info})
