@@ -5,7 +5,7 @@
 # Each device call carries one piece; the last one runs device.sh (README.md beside this file). The archive holds:
 #   site/       onnxruntime-gpu (CUDA 13, cp312: the machine's Python), gguf and diskcache, unpacked as installed;
 #               llama-cpp-python with CUDA too when a built wheel is at hand (LLAMA_WHEEL=path, else the pinned
-#               version's wheel in .devcarry/cuda-wheel/, which llama-cuda.sh makes here in about two hours)
+#               version's wheel in .devcarry/cuda-wheel/, which llama-cuda.sh makes here in about an hour)
 #   llama/      else llama-cpp-python's source without the files a CUDA build never reads, built there
 #   tokenizer/  the Qwen2 tokenizer files (no hub there); t1.jpg, insightface's 6-face photo
 set -euo pipefail
@@ -16,6 +16,7 @@ PY=.venv/bin/python
 C=.devcarry
 built=$(ls "$C"/cuda-wheel/llama_cpp_python-"${LLAMA#*==}"-*.whl 2>/dev/null | head -1 || true)
 LLAMA_WHEEL=${LLAMA_WHEEL:-$built}
+[ "$LLAMA_WHEEL" != none ] || LLAMA_WHEEL=  # LLAMA_WHEEL=none: the source, built on the GPU machine
 rm -f "$C"/part-* "$C"/SHA256 "$C"/CONTENTS  # not cuda-wheel/: a build of hours
 mkdir -p "$C"
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
