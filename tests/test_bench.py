@@ -275,3 +275,18 @@ def test_many_faces_one_after_another_and_together(results, bench_run):
         assert r["ratio_llm"] == pytest.approx(t["llm_ms"] / s["llm_ms"])
         assert t["decode_tok_s"] > 0 and t["all_first_token_ms"] > t["vision_ms"] > 0
     assert "## Many faces at once (6 faces in the photo" in (bench_run / "results.md").read_text()
+
+
+def test_gpu_rows_render_their_gpu_memory(results):
+    """A GPU row (bench --device cuda) shows NVML's GPU memory beside its RSS; CPU rows show none."""
+    import copy
+
+    edge = next(c for c in results["configs"] if c["kind"] == "edge")
+    gpu = copy.deepcopy(edge)
+    gpu.update(name="edge cuda fp32+f32", device="cuda")
+    gpu["memory"]["gpu_peak_mb"] = 812.4
+    md = report.to_markdown({**results, "configs": [edge, gpu]})
+    row = next(line for line in md.splitlines() if line.startswith("| edge cuda fp32+f32 |"))
+    assert "(+812 GPU)" in row
+    cpu_row = next(line for line in md.splitlines() if line.startswith(f"| {edge['name']} |"))
+    assert "GPU)" not in cpu_row
