@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facellm_edge.errors import InputError, RuntimeStageError, UsageError
+from facellm_edge.errors import InputError, RuntimeStageError
 from facellm_edge.export.mtmd_peer import require_files, tokenized
 from facellm_edge.llm.decoding import Answer
 from facellm_edge.llm.native import install_log_hook, load_model
@@ -58,10 +58,10 @@ class MtmdChat:
         try:
             from facellm_edge.bench.config import GPU_LAYERS
 
-            if gpu and not L.llama_supports_gpu_offload():
-                from facellm_edge.llm.engine import NO_GPU_OFFLOAD
+            if gpu:
+                from facellm_edge.llm.engine import require_gpu_offload
 
-                raise UsageError(f"the GPU peer needs a GPU, and {NO_GPU_OFFLOAD}")
+                require_gpu_offload(L, "the GPU peer")
             params = L.llama_model_default_params()
             params.n_gpu_layers = GPU_LAYERS if gpu else 0
             self._model = load_model(L, Path(gguf), params)

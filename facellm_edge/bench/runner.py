@@ -153,10 +153,9 @@ def check_devices(devices: tuple[str, ...]) -> None:
     available = onnxruntime_module().get_available_providers()
     for d in gpu:
         select_providers(d, available)  # RuntimeStageError naming the GPU build to install
-    if not llama_cpp.llama_supports_gpu_offload():
-        from facellm_edge.llm.engine import NO_GPU_OFFLOAD
+    from facellm_edge.llm.engine import require_gpu_offload
 
-        raise UsageError(f"--device {gpu[0]} runs the LLM on the GPU, and {NO_GPU_OFFLOAD}")
+    require_gpu_offload(llama_cpp, f"--device {gpu[0]} (the LLM on the GPU)")
 
 
 def _validate_early(cfg: BenchConfig) -> None:

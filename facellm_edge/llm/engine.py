@@ -43,6 +43,14 @@ NO_GPU_OFFLOAD = ("llama.cpp sees no GPU: this llama-cpp-python has no GPU backe
                   'CMAKE_ARGS="-DGGML_CUDA=on", README "GPU") or its backend finds no GPU device')
 
 
+def require_gpu_offload(llama_cpp, asked: str, instead: str = "") -> None:
+    """A one-line :class:`UsageError` unless llama.cpp can offload to a GPU: ``asked`` is what needed it (an option,
+    a bench row), ``instead`` what to do otherwise. Left to itself llama.cpp would run every layer on the CPU and
+    say nothing: not what was asked for."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise UsageError(f"{asked} needs a GPU, and {NO_GPU_OFFLOAD}{'; ' + instead if instead else ''}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How llama.cpp runs the language model. One source of defaults for the runtime and the CLI."""
@@ -109,10 +117,8 @@ class LlamaEngine:
             raise UsageError(
                 f"max_slots {config.slots} exceeds llama.cpp's limit of {L.llama_max_parallel_sequences()}"
             )
-        if config.n_gpu_layers > 0 and not L.llama_supports_gpu_offload():
-            # llama.cpp itself would load every layer on the CPU and say nothing: not what was asked for
-            raise UsageError(f"--gpu-layers {config.n_gpu_layers} needs a GPU, and {NO_GPU_OFFLOAD}; or use "
-                             "--gpu-layers 0")
+        if config.n_gpu_layers > 0:
+            require_gpu_offload(L, f"--gpu-layers {config.n_gpu_layers}", "or use --gpu-layers 0")
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.mmap else L.LLAMA_LOAD_MODE_NONE
