@@ -213,3 +213,64 @@ def test_facexbench_native_task_files(tmp_path, astronaut_bgr):
     (root / "fairface_single_mcq_gender_test.json").write_text(json.dumps(task))
     with pytest.raises(InputError, match=r"gender_test.json item 0 \(id fairface_single_mcq_gender_test/1\): answer"):
         load_bench(root)
+
+
+@pytest.mark.slow  # tiny_bundle
+def test_a_stopped_run_keeps_its_answers_and_resumes(tiny_bundle, bench, tmp_path, capsys, monkeypatch):
+    """An image that cannot be decoded at question 3 stops the run (exit 3) but keeps the two answers before it;
+    `--resume` answers only the two missing ones and writes the whole run; a Ctrl-C keeps its answers the same way."""
+    import os
+    import signal
+
+    from facellm_edge.eval.backends import BundleBackend
+
+    path, images = bench
+    items = json.loads(path.read_text())
+    items[2]["images"] = ["broken.jpg"]
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    path.write_text(json.dumps(items))
+    out = tmp_path / "run"
+    args = ["eval", "run", "--bench", str(path), "--images", str(images), "--bundle", str(tiny_bundle), "--out",
+            str(out), "--max-new-tokens", "3", "--bootstrap", "50"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err.splitlines()[-1] and "kept 2 of 4 answers" in err
+    doc = json.loads((out / "results.json").read_text())
+    assert [it["id"] for it in doc["items"]] == ["q1", "q2"]
+    assert doc["meta"]["partial"]["answered"] == 2 and doc["meta"]["partial"]["questions"] == 4
+    assert "broken.jpg" in doc["meta"]["partial"]["stopped"] and "partial run" in (out / "results.md").read_text()
+    before = (out / "predictions.jsonl").read_text().splitlines()
+
+    # the same out without --resume is refused; --resume with other settings or with --force too
+    assert main(args) == 4
+    assert main([*args, "--resume", "--max-new-tokens", "5"]) == 2
+    assert "max_new_tokens 3, this one 5" in capsys.readouterr().err
+    assert main([*args, "--resume", "--force"]) == 2
+    assert main([*args[:-2], "--resume", "--bundle", str(tiny_bundle), "--llm-quant", "f32"]) == 2
+    assert "was made with model" in capsys.readouterr().err
+
+    cv2.imwrite(str(images / "broken.jpg"), cv2.imread(str(images / "astronaut.jpg")))
+    asked = []
+    real = BundleBackend.answer
+    monkeypatch.setattr(BundleBackend, "answer", lambda self, item: asked.append(item.id) or real(self, item))
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert asked == ["q3", "q4"]
+    doc = json.loads((out / "results.json").read_text())
+    assert [it["id"] for it in doc["items"]] == ["q1", "q2", "q3", "q4"]
+    assert "partial" not in doc["meta"] and doc["meta"]["resumed"] == 2 and doc["summary"]["overall"]["n"] == 4
+    assert (out / "predictions.jsonl").read_text().splitlines()[:2] == before  # the kept answers, as they were
+    assert main([*args, "--resume"]) == 2  # complete: nothing to resume
+    assert "is complete" in capsys.readouterr().err
+
+    # Ctrl-C at the second question (a real SIGINT through the CLI's handler): exit 130, the first answer kept
+    def interrupt(self, item):
+        if item.id == "q2":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, item)
+
+    monkeypatch.setattr(BundleBackend, "answer", interrupt)
+    out2 = tmp_path / "run2"
+    assert main([str(out2) if a == str(out) else a for a in args]) == 130
+    doc = json.loads((out2 / "results.json").read_text())
+    assert [it["id"] for it in doc["items"]] == ["q1"] and "Ctrl-C" in doc["meta"]["partial"]["stopped"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no temporary folder left

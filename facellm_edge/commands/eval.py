@@ -6,6 +6,7 @@ of ``eval run --bench ...``: :class:`_EvalGroup` puts ``run`` in front of them."
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ from facellm_edge.eval.backends import TransformersConfig
 from facellm_edge.eval.scoring import ScoreConfig
 from facellm_edge.eval.settings import EvalSettings
 from facellm_edge.llm.system_prompt import DEFAULT as SYSTEM_DEFAULT, HELP as SYSTEM_HELP
+
+log = logging.getLogger(__name__)
 
 
 class _EvalGroup(TyperGroup):
@@ -67,6 +70,8 @@ def run(
     out: Path = typer.Option(Path("eval_results"), "--out", help="Output folder (results.json/.md/.png, "
                              "predictions.jsonl)."),
     force: bool = _FORCE,
+    resume: bool = typer.Option(False, "--resume", help="Go on from the partial run in --out (one that was stopped: "
+                                "its answers are kept) with the same options: answer only the questions it lacks."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
     prepend_text: bool = typer.Option(_D.prepend_text, "--prepend-text", help="Put each task's prepend_text (its "
                                       "task description) into the prompt, like FaceXBench's --prepend_text. Off by "
@@ -95,6 +100,8 @@ def run(
         raise UsageError("eval needs exactly one of --model PATH_OR_ID (transformers) or --bundle DIR (edge runtime)")
     if bundle is None and (llm_quant or vision_precision):
         raise UsageError("--llm-quant and --vision-precision choose files of a --bundle; they do not apply to --model")
+    if resume and force:
+        raise UsageError("--resume goes on from the run in --out, --force replaces it: choose one")
 
     import time
 
@@ -108,6 +115,9 @@ def run(
     from facellm_edge.eval.mcq import load_bench
     from facellm_edge.eval.predictions import predictions_jsonl
     from facellm_edge.eval.report import check_out, write_results
+    from facellm_edge.eval.resume import (
+        MODEL_KEYS, answered_before, check_same, in_bench_order, partial_meta, previous_run,
+    )
     from facellm_edge.eval.runner import results_document, run_eval
     from facellm_edge.eval.scoring import ScoreConfig
     from facellm_edge.llm.system_prompt import resolve_system
@@ -116,10 +126,15 @@ def run(
     get_rules(settings.letter_rules)  # an unknown name fails before any work
     if system is not None:
         resolve_system(system)
-    check_out(out, force)
+    before = previous_run(out, settings.to_json()) if resume else None
+    if not resume:
+        check_out(out, force)
     items = load_bench(bench, images, prepend_text=settings.prepend_text)
     if limit:
         items = items[:limit]
+    done = answered_before(out, items, settings.letter_rules) if before is not None else []
+    kept = len(done)
+    todo = [it for it in items if it.id not in {r.id for r in done}]
     if bundle is not None:
         backend = BundleBackend(BundleConfig(bundle=bundle, max_new_tokens=settings.max_new_tokens,
                                              llm_quant=llm_quant, vision_precision=vision_precision, system=system))
@@ -127,33 +142,62 @@ def run(
         backend = TransformersBackend(TransformersConfig(model=model, max_new_tokens=settings.max_new_tokens,
                                                          dtype=dtype, revision=revision, device=device,
                                                          system=system if system is not None else SYSTEM_DEFAULT))
+    meta = {"bench": str(bench), "backend": backend.name, "model": backend.model, **settings.to_json(),
+            "system": backend.system}
     try:  # a bundle whose template shows one image refuses multi-image questions before the first answer
-        check_supported(items, backend.name, backend.max_images)
+        if before is not None:
+            check_same(out, before, meta, MODEL_KEYS)
+        check_supported(todo, backend.name, backend.max_images)
     except BaseException:
         backend.close()
         raise
     console = Console(stderr=True)
+    score_config = ScoreConfig(n_bootstrap=n_bootstrap, seed=seed)
+    wall_before = before.get("wall_s", 0.0) if before is not None else 0.0
     t0 = time.perf_counter()
+
+    def document(extra: dict) -> tuple[dict, list]:
+        results = in_bench_order(items, done)
+        wall = time.perf_counter() - t0 + (wall_before if isinstance(wall_before, (int, float)) else 0.0)
+        return results_document(results, {**meta, "wall_s": wall, **extra}, score_config), results
+
     try:
         with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       TextColumn("{task.fields[acc]}"), console=console) as progress:
-            task = progress.add_task("eval", total=len(items), acc="")
+            task = progress.add_task("eval", total=len(items), completed=kept, acc="")
             state = {"n": 0, "ok": 0}
 
             def on_item(r) -> None:
+                done.append(r)
                 state["n"] += 1
                 state["ok"] += r.correct
                 progress.update(task, advance=1, acc=f"acc {state['ok'] / state['n']:.3f}")
 
-            results = run_eval(items, backend, on_item, letter_rules=settings.letter_rules)
-    finally:
+            run_eval(todo, backend, on_item, letter_rules=settings.letter_rules)
+    except BaseException as exc:
         backend.close()
-    meta = {"bench": str(bench), "backend": backend.name, "model": backend.model, "wall_s": time.perf_counter() - t0,
-            **settings.to_json(), "system": backend.system}
-    doc = results_document(results, meta, ScoreConfig(n_bootstrap=n_bootstrap, seed=seed))
-    write_results(out, doc, force=force, predictions=predictions_jsonl(items, results))
+        if len(done) > kept:  # keep what was answered; the error (or Ctrl-C) is still what the user sees
+            _keep_partial(console, out, items, *document(partial_meta(len(done), len(items), exc)),
+                          replace=force or before is not None)
+        raise
+    backend.close()
+    doc, results = document({"resumed": kept} if before is not None else {})
+    write_results(out, doc, force=force or before is not None, predictions=predictions_jsonl(items, results))
     _summary(console, out, doc)
 
+
+def _keep_partial(console, out: Path, items, doc: dict, results, *, replace: bool) -> None:
+    """Write the answers of a run that stopped; a failure here is logged, never put in place of the stop's own."""
+    from facellm_edge.eval.predictions import predictions_jsonl
+    from facellm_edge.eval.report import write_results
+
+    try:
+        write_results(out, doc, force=replace, predictions=predictions_jsonl(items, results))
+    except Exception as exc:  # noqa: BLE001 - the stop's error is the one to report
+        log.warning("could not keep the %d answers so far in %s: %s", len(results), out, exc)
+        return
+    console.print(f"{out}: kept {len(results)} of {len(items)} answers (partial run; `eval run --resume` with the "
+                  "same options answers the rest)", soft_wrap=True)
 
 
 def _summary(console, out: Path, doc: dict) -> None:

@@ -52,6 +52,12 @@ def _settings_lines(m: dict, s: dict) -> list[str]:
     if "max_new_tokens" in m:
         parts.append(f"answers capped at {m['max_new_tokens']} new tokens")
     lines = [f"- {'; '.join(parts)}"] if parts else []
+    part = m.get("partial")
+    if isinstance(part, dict):
+        lines.append(f"- **partial run**: {part.get('answered')} of {part.get('questions')} questions answered, then "
+                     f"stopped: {part.get('stopped')} (`eval run --resume` with the same options answers the rest)")
+    if m.get("resumed"):
+        lines.append(f"- resumed: {m['resumed']} answers kept from the sitting(s) before")
     if m.get("rescored_from"):
         lines.append(f"- re-scored from `{m['rescored_from']}` (no model run)")
     cap = s.get("hit_max_new_tokens")
@@ -135,15 +141,23 @@ def load_results(path: Path) -> tuple[dict, list[ItemResult]]:
     return doc.get("meta", {}), items
 
 
+# What ``eval score`` carries over from the run that made the predictions, and the type each must have there (the
+# file beside the predictions is untrusted: a value of another type is dropped, not formatted).
+RUN_META = {"model": str, "backend": str, "system": str, "prepend_text": bool, "max_new_tokens": int,
+            "wall_s": (int, float), "partial": dict, "resumed": int}
+
+
 def run_meta(folder: Path) -> dict:
     """The meta of the ``results.json`` in ``folder`` (the run a ``predictions.jsonl`` beside it came from: model,
-    backend, prompt settings), or {} when there is none of ours."""
+    backend, prompt settings: the :data:`RUN_META` keys of the right type), or {} when there is none of ours."""
     try:
         meta, _ = load_results(Path(folder) / "results.json")
     except InputError:
         return {}
-    return {k: v for k, v in meta.items() if k not in ("rescored_from", "bench_questions")} \
-        if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if k in RUN_META and isinstance(v, RUN_META[k])
+            and not (isinstance(v, bool) and RUN_META[k] is not bool)}
 
 
 def compare_markdown(cmp: dict) -> str:
