@@ -220,6 +220,15 @@ def test_eval_score_takes_the_run_settings_from_the_results_beside(facexbench_di
         "Idiap/FaceLLM-1B", "transformers", 2048, "robust")
     md = (tmp_path / "s" / "results.md").read_text()
     assert "`Idiap/FaceLLM-1B` (transformers)" in md and "prepend_text off" in md and "capped at 2048" in md
+    # the results beside are untrusted: a value of the wrong type is left behind, not formatted (wall_s "soon"
+    # crashed the report), and keys eval does not write are not carried
+    doc = json.loads((run / "results.json").read_text())
+    doc["meta"].update(wall_s="soon", max_new_tokens=True, model=["x"], note="hello")
+    (run / "results.json").write_text(json.dumps(doc))
+    assert main(["eval", "score", "--bench", str(facexbench_dir), "--predictions", str(run / "predictions.jsonl"),
+                 "--out", str(tmp_path / "s2"), "--bootstrap", "50"]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "s2" / "results.json").read_text())["meta"]
+    assert not {"wall_s", "max_new_tokens", "model", "note"} & set(meta) and meta["backend"] == "transformers"
 
 
 @pytest.mark.parametrize("edit, expected", [
