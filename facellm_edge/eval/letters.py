@@ -37,6 +37,20 @@ def _lower_letter_is_label(match: re.Match, text: str) -> bool:
     return before in "([" and before != "" or after in (")", "]", ".", ":", ",", "") or not text[end:].strip(" .!")
 
 
+# Words after a capital "A" that make it a label, not the article: "A or B", "A is right", "either A and C".
+_AFTER_A_LABEL = frozenset("or and nor vs versus is was seems looks would could might may appears then because since "
+                           "but fits matches".split())
+
+
+def _is_article(match: re.Match, text: str) -> bool:
+    """A bare capital "A" followed by a lowercase word ("A man", "A person who ...") is the article, not option A;
+    "A or B" and "A is correct" name the option."""
+    if match.group(0) != "A":
+        return False
+    word = re.match(r"\s+([a-z]+)", text[match.end():])
+    return word is not None and word.group(1) not in _AFTER_A_LABEL
+
+
 def _names_an_option(text: str, options: Mapping[str, str]) -> bool:
     low = text.lower()
     return any(re.search(rf"(?<!\w){re.escape(v.lower().strip(' .'))}(?!\w)", low) for v in options.values())
@@ -67,7 +81,9 @@ def extract_letter(text: str, options: Mapping[str, str]) -> str | None:
         if m and (m.group("l").isupper() or _lower_letter_is_label(m, t)):
             return m.group("l").upper()
 
-    # 2. leading letter: "B", "(B)", "B)", "B.", "B:", "[B]", "B - text"
+    # 2. leading letter: "B", "(B)", "B)", "B.", "B:", "[B]", "B - text"; "C, D" or "(B) or (D)" names two
+    if re.match(rf"^[\(\[]?{cls}[\)\]]?\s*(?:,|/|&|\bor\b|\band\b)\s*[\(\[]?{cls}[\)\]]?(?![\w'])", t):
+        return None
     m = re.match(rf"^[\(\[]?{L}(?:[\)\]\.:,]|\s*-|\s*$|\s+(?=[A-Z]))", t)
     # an option whose own text reads like a refusal ("Cannot determine") is an answer, not a refusal
     refuses = bool(_REFUSAL.search(t)) and not _names_an_option(t, options)
@@ -79,8 +95,8 @@ def extract_letter(text: str, options: Mapping[str, str]) -> str | None:
         return None
 
     # 3. a lone capital option letter somewhere ("I think it's B", "It is C because ...")
-    found = set(re.findall(rf"(?<![\w'])[\(\[]?([{re.escape(letters)}])[\)\]]?(?![\w'])", t))
-    found.discard("A") if "A" in found and re.search(r"(?<![\w'])A\s+[a-z]", t) else None  # the article "A man"
+    found = {m.group(1) for m in re.finditer(rf"(?<![\w'])[\(\[]?([{re.escape(letters)}])[\)\]]?(?![\w'])", t)
+             if not _is_article(m, t)}
     if len(found) == 1:
         return found.pop()
     if len(found) > 1:
