@@ -241,3 +241,22 @@ def test_sweep_every_command_fails_with_one_line(argv, code, names, photos, tmp_
     assert fill(names) in r.stderr, r.stderr
     assert "unexpected" not in r.stderr and "Traceback" not in r.stderr
     assert _tree(work) == before  # no user file changed, nothing (temporary or not) left behind
+
+
+def test_json_nested_too_deeply_is_one_line_input_error(tmp_path, capsys):
+    """JSON nested deeper than Python's recursion limit (a hostile bench, predictions file, dataset or bundle
+    manifest) is malformed input like any other: exit 3 and one line, not "unexpected RecursionError"."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text(deep)
+    for argv in (["eval", "score", "--bench", str(tmp_path / "deep.json"), "--predictions", str(tmp_path / "deep.jsonl"),
+                  "--out", str(tmp_path / "o")],
+                 ["eval", "compare", str(tmp_path / "deep.json"), str(tmp_path / "deep.json"), "--out",
+                  str(tmp_path / "o")],
+                 ["data", "import-fairfacegpt", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "q.jsonl")],
+                 ["inspect", str(tmp_path / "bundle")]):
+        assert main(argv) == 3, argv
+        assert "nested too deeply" in _err_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "deep.json", "deep.jsonl"]

@@ -3,7 +3,6 @@ resolving what ``--bundle`` names (a local folder, or a hub repo id)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from facellm_edge.bundle.manifest import EXTERNAL_DATA, MANIFEST, FileEntry, Man
 from facellm_edge.errors import BundleError
 from facellm_edge.io import OutputKind, read_json_object, sha256_file
 from facellm_edge.typed import check_value
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def bundle_files(root: Path) -> set[str] | None:
     if mpath.is_symlink() or not mpath.is_file():
         return None
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
+        data = loads_json(mpath.read_text(encoding="utf-8"))
         bundle = Bundle(root=Path(root), manifest=Manifest.from_dict(data))
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, BundleError):
         return None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from facellm_edge.errors import InputError, UsageError, require
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class OpenAIBackend:
             reason = getattr(exc, "reason", exc)
             raise TransientBackendError(f"cannot reach {self._url}: {reason}") from exc
         try:
-            obj = json.loads(raw)
+            obj = loads_json(raw)
             text = obj["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             # A 200 with a body that is not a chat completion: a broken proxy or a wrong URL.

@@ -24,6 +24,7 @@ from facellm_edge.data.backends import (
 from facellm_edge.data.labels import FaceLabels
 from facellm_edge.data.prompts import SYSTEM_PROMPT, Family, InvalidResponse, build_prompt, parse_response
 from facellm_edge.errors import InputError, OutputError, RuntimeStageError, UsageError
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
@@ -121,7 +122,7 @@ class JsonlStore:
                     break
                 if line.strip():
                     try:
-                        obj = json.loads(line)
+                        obj = loads_json(line)
                     except ValueError:
                         obj = None
                     if not is_record(obj):
@@ -133,7 +134,7 @@ class JsonlStore:
         if not tail.startswith(RECORD_START):
             raise not_ours("its last line is not one of its records")
         try:
-            obj = json.loads(tail)
+            obj = loads_json(tail)
         except ValueError:
             obj = None
         if obj is not None and not is_record(obj):

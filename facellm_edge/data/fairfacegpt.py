@@ -20,6 +20,7 @@ from facellm_edge.data.sharegpt import (
 )
 from facellm_edge.io import atomic_write_text, check_replaceable_file
 from facellm_edge.errors import InputError, OutputError
+from facellm_edge.io import loads_json
 
 _EXTRA_IMAGE_KEYS = ("image_path", "file")
 _LIST_KEYS = ("data", "annotations", "samples")
@@ -47,7 +48,7 @@ def _read_entries(path: Path) -> list[tuple[str, object]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
     try:
-        return [(f"{path} entry {i}", e) for i, e in enumerate(_entries(json.loads(text), path))]
+        return [(f"{path} entry {i}", e) for i, e in enumerate(_entries(loads_json(text), path))]
     except json.JSONDecodeError as exc:
         if not text.lstrip().startswith("{"):
             raise InputError(f"{path} is not valid JSON: {exc}") from exc
@@ -56,7 +57,7 @@ def _read_entries(path: Path) -> list[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            out.append((f"{path} line {n}", json.loads(line)))
+            out.append((f"{path} line {n}", loads_json(line)))
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} line {n} is not valid JSON ({exc.msg}); JSONL needs one record a line") from exc
     return out
@@ -99,7 +100,7 @@ def is_sharegpt_jsonl(path: Path) -> bool:
         with open(path, "rb") as f:
             for line in f:
                 if line.strip():
-                    obj = json.loads(line)
+                    obj = loads_json(line)
                     if not (is_record(obj) or _is_imported_record(obj)):
                         return False
     except (OSError, ValueError):

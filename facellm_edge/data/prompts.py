@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from facellm_edge.data.labels import FaceLabels
+from facellm_edge.io import loads_json
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def parse_response(text: str, labels: FaceLabels, family: Family) -> tuple[str, 
     if fence:
         body = fence.group(1)
     try:
-        obj = json.loads(body)
+        obj = loads_json(body)
     except json.JSONDecodeError as exc:
         raise InvalidResponse(f"reply is not JSON ({exc.msg})") from exc
     if not isinstance(obj, dict):

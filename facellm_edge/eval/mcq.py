@@ -12,12 +12,12 @@ Image paths are relative to ``--images`` (default: the bench file's folder); abs
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from facellm_edge.errors import InputError
+from facellm_edge.io import loads_json
 
 LETTERS = string.ascii_uppercase
 PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -156,7 +156,7 @@ def _from_facexbench(raw: dict, path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise InputError(f"bench file {path} does not exist") from exc
     except (ValueError, UnicodeDecodeError) as exc:

@@ -15,6 +15,7 @@ from facellm_edge.errors import InputError
 from facellm_edge.eval.letters import DEFAULT_RULES, get_rules
 from facellm_edge.eval.mcq import MCQItem
 from facellm_edge.eval.scoring import ItemResult
+from facellm_edge.io import loads_json
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -48,7 +49,7 @@ def read_predictions(path: Path) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = loads_json(line)
         except ValueError as exc:
             raise InputError(f"predictions {path} line {n} is not valid JSON ({exc})") from exc
         if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("raw"), str)):

@@ -11,6 +11,7 @@ from facellm_edge.io import OutputKind, atomic_directory, check_replaceable, kno
 from facellm_edge.errors import InputError, require
 from facellm_edge.eval.predictions import PREDICTIONS
 from facellm_edge.eval.scoring import ItemResult
+from facellm_edge.io import loads_json
 
 RESULTS_SCHEMA = "facellm-edge/eval-results/1"
 COMPARE_SCHEMA = "facellm-edge/eval-compare/1"
@@ -127,7 +128,7 @@ def write_results(out: Path, doc: dict, *, force: bool = False, predictions: str
 def load_results(path: Path) -> tuple[dict, list[ItemResult]]:
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = loads_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise InputError(f"results file {path} does not exist") from exc
     except (ValueError, UnicodeDecodeError) as exc:

@@ -30,6 +30,7 @@ from typing import Any
 from facellm_edge.bundle import BUNDLE, MANIFEST, Bundle, Manifest
 from facellm_edge.errors import BundleError, FaceLLMEdgeError, InputError, OutputError
 from facellm_edge.io import atomic_directory, atomic_file, atomic_write_text, sha256_bytes, user_cache_dir
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class CachedBundle:
 def describe(root: Path) -> CachedBundle:
     """What the cached bundle folder ``root`` holds (never raises: an unreadable one says why in ``problem``)."""
     try:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        data = loads_json((root / MANIFEST).read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"{MANIFEST} is not a JSON object")
         manifest = Manifest.from_dict(data)
@@ -216,7 +217,7 @@ def write_view(repo_id: str, snapshot: Bundle, pulled: dict[str, Any]) -> Path:
             except OSError:  # no hard links here (or across these folders): a copy
                 shutil.copyfile(src, dst)
                 copied += e.bytes
-        doc = json.loads(snapshot.manifest.to_json())
+        doc = loads_json(snapshot.manifest.to_json())
         doc[PULLED] = pulled
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if copied:

@@ -7,7 +7,6 @@ measurement does not record.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from facellm_edge.bundle import MANIFEST, Manifest
 from facellm_edge.errors import InputError, UsageError
 from facellm_edge.hub.pull import MMPROJ, select
 from facellm_edge.hub.sources import is_hub_id
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def verification_rows(v: dict[str, Any]) -> list[tuple[str, str, str]]:
 def read_bench_results(path: Path) -> dict[str, Any]:
     """A ``facellm-edge bench`` results.json (any schema version of ours); InputError for anything else."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = loads_json(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"cannot read the bench results {path}: {exc}") from exc
     if not isinstance(data, dict) or not BENCH_SCHEMA.match(str(data.get("schema", ""))):

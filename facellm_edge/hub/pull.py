@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from facellm_edge.bundle import MANIFEST, Bundle, FileEntry, Manifest, resolve_i
 from facellm_edge.errors import BundleError, UsageError
 from facellm_edge.hub import cache, remote
 from facellm_edge.hub.sources import Source, check_alias, parse_source
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _keys(wanted: tuple[str, ...], table: dict[str, FileEntry], preferred: Calla
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """The manifest of a bundle to pull (untrusted: schema-checked, paths relative and normalised)."""
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = loads_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):

@@ -18,6 +18,7 @@ from facellm_edge.hub import remote
 from facellm_edge.hub.cache import PULLED
 from facellm_edge.hub.card import CARD, read_bench_results, render_card
 from facellm_edge.hub.sources import is_hub_id
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def upload_plan(config: PushConfig) -> Upload:
 def _published_manifest(bundle: Bundle) -> bytes:
     """The manifest as published: the file's own bytes, less the local ``pulled`` record of a pulled bundle."""
     raw = (bundle.root / MANIFEST).read_bytes()
-    doc = json.loads(raw)
+    doc = loads_json(raw)
     if PULLED not in doc:
         return raw
     doc.pop(PULLED)

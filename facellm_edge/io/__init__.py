@@ -13,8 +13,8 @@ Import the names from here (``from facellm_edge.io import atomic_file``): the sp
 
 from facellm_edge.io.files import (
     apply_default_modes, atomic_directory, atomic_file, atomic_write_text, clean_stale_temp_files, clean_stale_temps,
-    commit_temp_file, current_umask, dir_mode, file_mode, read_json_object, replace_directory, sha256_bytes,
-    sha256_file, temp_file_beside, temporary_directory, user_cache_dir,
+    commit_temp_file, current_umask, dir_mode, file_mode, loads_json, read_json_object, replace_directory,
+    sha256_bytes, sha256_file, temp_file_beside, temporary_directory, user_cache_dir,
 )
 from facellm_edge.io.images import DEFAULT_MAX_PIXELS, decode_image, image_size, read_image, read_image_rgb
 from facellm_edge.io.outputs import check_output_file, open_line_log, write_line
@@ -24,10 +24,10 @@ from facellm_edge.io.ownership import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "MARKER", "OUTPUT", "TOOL", "OutputKind", "Recogniser", "apply_default_modes",
-    "atomic_directory", "atomic_file", "atomic_write_text", "check_output_file", "check_replaceable", "decode_image",
+    "DEFAULT_MAX_PIXELS", "MARKER", "OUTPUT", "OutputKind", "Recogniser", "TOOL", "apply_default_modes",
+    "atomic_directory", "atomic_file", "atomic_write_text", "check_output_file", "check_replaceable",
     "check_replaceable_file", "clean_stale_temp_files", "clean_stale_temps", "commit_temp_file", "current_umask",
-    "dir_mode", "file_mode", "files_under", "image_size", "known_file_set", "marker_files", "open_line_log",
-    "read_image", "read_image_rgb", "read_json_object", "replace_directory", "sha256_bytes", "sha256_file",
-    "temp_file_beside", "temporary_directory", "user_cache_dir", "write_line",
+    "decode_image", "dir_mode", "file_mode", "files_under", "image_size", "known_file_set", "loads_json",
+    "marker_files", "open_line_log", "read_image", "read_image_rgb", "read_json_object", "replace_directory",
+    "sha256_bytes", "sha256_file", "temp_file_beside", "temporary_directory", "user_cache_dir", "write_line",
 ]

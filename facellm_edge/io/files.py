@@ -51,13 +51,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def loads_json(text: str | bytes) -> object:
+    """``json.loads`` for untrusted text: JSON nested deeper than Python's recursion limit (``[[[[...`` a hundred
+    thousand deep) raises :class:`json.JSONDecodeError` like any other malformed JSON, not RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def read_json_object(path: Path, error: type[FaceLLMEdgeError], fix: str = "") -> dict:
     """Read a JSON object from ``path``; anything else (unreadable, not JSON, not an object) raises ``error``
     with a one-line message ending in ``fix``."""
     path = Path(path)
     suffix = f"; {fix}" if fix else ""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"))
     except PermissionError as exc:  # the file is fine: re-exporting or re-downloading would not help
         raise error(f"cannot read {path}: permission denied; run as a user who may read it, or change its "
                     "permissions") from exc

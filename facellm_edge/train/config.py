@@ -15,6 +15,7 @@ from typing import Any
 
 from facellm_edge.errors import UsageError
 from facellm_edge.llm.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
+from facellm_edge.io import loads_json
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -100,7 +101,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        d: dict[str, Any] = json.loads(text)
+        d: dict[str, Any] = loads_json(text)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

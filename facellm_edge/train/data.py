@@ -19,6 +19,7 @@ from typing import Any
 
 from facellm_edge.data.sharegpt import IMAGE_TAG, USER, LayoutError, read_conversation
 from facellm_edge.errors import InputError
+from facellm_edge.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            items = json.loads(text)
+            items = loads_json(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
                              "expected a list of ShareGPT records or JSONL") from exc
@@ -81,7 +82,7 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append((f"line {n}", json.loads(line)))
+            records.append((f"line {n}", loads_json(line)))
         except json.JSONDecodeError as exc:
             records.append((f"line {n}", _Malformed(f"invalid JSON ({exc.msg})")))
     return records
