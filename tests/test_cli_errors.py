@@ -260,3 +260,15 @@ def test_json_nested_too_deeply_is_one_line_input_error(tmp_path, capsys):
         assert main(argv) == 3, argv
         assert "nested too deeply" in _err_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "deep.json", "deep.jsonl"]
+
+
+def test_half_a_surrogate_pair_in_a_bench_is_refused_before_the_run(tmp_path, capsys):
+    """"\\udc80" is valid JSON syntax but no text: it used to fail only when the results were written, after every
+    question was answered. Now the bench is refused when it is read, before the model loads."""
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.json").write_text('[{"id": "x", "question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "A", '
+                                     '"images": ["a.jpg"], "category": "c", "task": "t", "group": {"g": "\\udc80"}}]')
+    assert main(["eval", "run", "--bench", str(tmp_path / "b.json"), "--model", "unused", "--out",
+                 str(tmp_path / "o")]) == 3
+    assert "holds \\udc80, half of a surrogate pair" in _err_line(capsys)
+    assert not (tmp_path / "o").exists()

@@ -42,6 +42,8 @@ def test_families_cover_the_paper():
     ('{"question": "q?"}', "pose", "no non-empty 'answer'"),
     ('["q", "a"]', "pose", "not a JSON object"),
     ("Sure! Here is a question: ...", "pose", "not JSON"),
+    # half a surrogate pair is no text: a bad reply (asked again), not a dataset that fails when it is written
+    ('{"question": "How is the head turned?", "answer": "Left \\ud800."}', "pose", "not JSON .*surrogate"),
 ])
 def test_parse_response(reply, family, error):
     if error is None:

@@ -51,13 +51,40 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800"..."\udfff" in JSON text
+
+
 def loads_json(text: str | bytes) -> object:
-    """``json.loads`` for untrusted text: JSON nested deeper than Python's recursion limit (``[[[[...`` a hundred
-    thousand deep) raises :class:`json.JSONDecodeError` like any other malformed JSON, not RecursionError."""
+    """``json.loads`` for untrusted text, where two more things are malformed JSON (:class:`json.JSONDecodeError`,
+    which every reader already turns into its one-line error): nesting deeper than Python's recursion limit
+    (``[[[[...`` a hundred thousand deep: RecursionError otherwise), and a string holding a lone surrogate escape
+    (``"\udc80"``: valid JSON syntax, but no text — it fails only when written out as UTF-8, after the work)."""
+    doc = text if isinstance(text, str) else bytes(text).decode("utf-8", "replace")
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+        raise json.JSONDecodeError("nested too deeply", doc, 0) from None
+    if _SURROGATE_ESCAPE.search(doc):
+        _check_text(obj, doc)
+    return obj
+
+
+def _check_text(obj: object, doc: str) -> None:
+    stack = [obj]
+    while stack:  # iterative: the document may be nested as deep as json accepted
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = item[exc.start:exc.end].encode("unicode_escape").decode("ascii")
+                raise json.JSONDecodeError(f"a string holds {bad}, half of a surrogate pair (not text)", doc,
+                                           0) from None
 
 
 def read_json_object(path: Path, error: type[FaceLLMEdgeError], fix: str = "") -> dict:
