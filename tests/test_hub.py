@@ -214,10 +214,25 @@ def test_list_and_rm(tmp_path, published, cache, capsys):
     # rm: nothing removed when one name is not in the cache; a folder of the user's is never removed
     assert main(["rm", "face", str(mine)]) == 3
     assert "never a folder of yours" in capsys.readouterr().err and mine.is_dir() and find_cached("face")
-    assert main(["rm", "face"]) == 0
+    assert main(["rm", "face", repo]) == 0  # its alias and its id: one bundle, removed once
+    assert capsys.readouterr().out.count("removed") == 1
     assert [b.name for b in cached_bundles()] == ["local/mine"]
     assert not (hub_dir() / "models--alice--face-tiny").exists()  # its downloads went too
     assert main(["rm", "local/mine"]) == 0 and cached_bundles() == [] and mine.is_dir()
+
+
+def test_two_folders_of_one_name_are_two_cached_bundles(tmp_path, cache, capsys):
+    """Two USB sticks that both hold ``bundle/``: the second pull is cached beside the first (it replaced it, and
+    the first one's alias with it); pulling a folder again updates its own entry."""
+    one = _fake_bundle(tmp_path / "usb1" / "bundle", llm=("q4_0",))
+    two = _fake_bundle(tmp_path / "usb2" / "bundle", llm=("q8_0",))
+    assert main(["pull", str(one), "--as", "one"]) == 0
+    assert main(["pull", str(two), "--as", "two"]) == 0
+    assert main(["pull", str(one), "--as", "one"]) == 0  # again: the same entry
+    assert [(b.name, b.alias, b.source, b.quants) for b in cached_bundles()] == [
+        ("local/bundle", "one", str(one.resolve()), ("q4_0",)),
+        ("local/bundle-2", "two", str(two.resolve()), ("q8_0",))]
+    assert find_cached("one").name == "local/bundle" and find_cached("two").name == "local/bundle-2"
 
 
 # -- --bundle NAME and the no-bundle default -------------------------------------------------------------------------

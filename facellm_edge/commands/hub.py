@@ -78,11 +78,13 @@ def rm_cmd(
     from facellm_edge.hub import find_cached, remove_cached
     from facellm_edge.errors import InputError
 
-    unknown = [n for n in names if find_cached(n) is None]
+    found = {n: find_cached(n) for n in names}
+    unknown = [n for n, b in found.items() if b is None]
     if unknown:  # nothing is removed when one name is wrong
         raise InputError(f"no bundle named {unknown[0]} in the cache (see `facellm-edge list`); rm removes cached "
                          "bundles only, never a folder of yours")
-    for n in names:
+    once = {b.root: n for n, b in reversed(found.items())}  # a bundle named twice (its id and its alias) goes once
+    for n in dict.fromkeys(once[b.root] for b in found.values()):
         b = remove_cached(n)
         typer.echo(f"removed {b.name} ({_size(b.bytes)})")
 

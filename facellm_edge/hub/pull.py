@@ -123,6 +123,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 def pull(config: PullConfig) -> cache.CachedBundle:
     """Pull ``config.source`` into the cache; returns the runnable bundle (``.root`` is the folder to load)."""
     source = parse_source(config.source, config.revision)
+    if source.is_local:
+        source = _local_name(source)
     if config.alias is not None:
         taken = cache.find_cached(config.alias)
         if taken is not None and taken.name != source.repo_id:
@@ -142,6 +144,21 @@ def pull(config: PullConfig) -> cache.CachedBundle:
     root = cache.write_view(source.repo_id, bundle, record)
     log.info("pulled %s@%s (%s) -> %s", source.repo_id, revision[:12], selection.label(), root)
     return cache.describe(root)
+
+
+def _local_name(source: Source) -> Source:
+    """``local/<folder name>``, or ``local/<folder name>-2``, ``-3``, ... when another folder of that name was
+    pulled before: two USB sticks that both hold ``bundle/`` are two cached bundles, not one replacing the other.
+    Pulling the same folder again updates its own entry."""
+    where = str(source.folder.resolve())
+    for n in range(1, 100):
+        name = source.repo_id if n == 1 else f"{source.repo_id}-{n}"
+        view = cache.view_dir(name)
+        if not view.is_dir() or cache.describe(view).source == where:
+            if n > 1:
+                log.info("%s in the cache came from another folder; caching %s as %s", source.repo_id, where, name)
+            return replace(source, repo_id=name)
+    raise UsageError(f"{source.repo_id}: 99 other folders of this name are in the cache; `facellm-edge rm` some")
 
 
 def _paths(bundle: Bundle) -> list[str]:
