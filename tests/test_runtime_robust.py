@@ -223,9 +223,26 @@ def test_huge_png_is_refused_before_decoding(yunet_model, tmp_path):
                         str(tmp_path / "no-bundle"), "--detector-model", str(yunet_model)], capture_output=True,
                        text=True, timeout=300, cwd=REPO)
     assert r.returncode == 3, r.stderr[-2000:]
-    _one_error_line(r.stderr, "bomb.png", "more than 179 MP", "40 MP limit", "--max-pixels")
+    _one_error_line(r.stderr, "bomb.png", "is 400 MP", "40 MP limit", "--max-pixels")
     peak_mb = int(r.stdout.split()[-1])
     assert peak_mb < 600, peak_mb  # decoding it first took 2.5 GB
+
+
+def test_max_pixels_above_pillows_own_cap_still_holds(tmp_path):
+    """Pillow refuses headers above ~179 MP as decompression bombs without giving their size to the caller; a limit
+    raised above that must still be the limit (it was switched off: a 400 MP image under --max-pixels 200e6 was
+    decoded), and OpenCV's own bound is a one-line input error, not "unexpected error"."""
+    from facellm_edge.errors import InputError
+    from facellm_edge.io import decode_image, read_image
+
+    big = _huge_png(tmp_path / "bomb.png")  # 20000 x 20000: 400 MP
+    with pytest.raises(InputError, match=r"bomb.png is 400 MP, above the 200 MP limit"):
+        read_image(big, 200_000_000)
+    with pytest.raises(InputError, match=r"is 400 MP, above the 300 MP limit"):
+        decode_image(big.read_bytes(), 300_000_000)
+    huge = _huge_png(tmp_path / "huge.png", 40000, 40000)  # 1.6 GP: above OpenCV's 2^30
+    with pytest.raises(InputError, match=r"huge.png: larger than OpenCV decodes \(2\^30 pixels\)"):
+        read_image(huge, 0)
 
 
 @pytest.mark.slow  # tiny_bundle

@@ -4,6 +4,7 @@ decoded-size bound, refused from the header before any pixel is decoded."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -30,7 +31,9 @@ def image_size(path: "Path | BinaryIO", what: str | None = None) -> tuple[int, i
             with Image.open(path) as im:
                 return im.size
         except Image.DecompressionBombError as exc:  # Pillow's own cap (2 x MAX_IMAGE_PIXELS) refused the header
-            raise _TooLarge(2 * (Image.MAX_IMAGE_PIXELS or 0)) from exc
+            found = re.search(r"Image size \((\d+) pixels\)", str(exc))  # Pillow names the header's size
+            raise _TooLarge(int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0),
+                            exact=found is not None) from exc
         except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:  # the file system's error, not the decoder's
                 raise InputError(f"cannot read {what}: {exc.strerror or exc}") from exc
@@ -42,9 +45,15 @@ def _mp(pixels: int) -> str:
 
 
 class _TooLarge(Exception):
-    def __init__(self, at_least: int) -> None:
-        super().__init__(at_least)
-        self.at_least = at_least
+    """Pillow refused the header as a decompression bomb: ``pixels`` is its size (``exact``) or a lower bound."""
+
+    def __init__(self, pixels: int, exact: bool = False) -> None:
+        super().__init__(pixels)
+        self.pixels, self.exact = pixels, exact
+
+
+def _too_large(what: str, size: str, max_pixels: int) -> InputError:
+    return InputError(f"{what} is {size}, above the {_mp(max_pixels)} limit; downscale it or raise --max-pixels")
 
 
 def _check_size(source: "Path | BinaryIO", what: str, max_pixels: int) -> None:
@@ -52,21 +61,28 @@ def _check_size(source: "Path | BinaryIO", what: str, max_pixels: int) -> None:
     try:
         w, h = image_size(source, what)
     except _TooLarge as big:
-        if max_pixels and max_pixels <= big.at_least:
-            raise InputError(f"{what} has more than {_mp(big.at_least)}, above the {_mp(max_pixels)} limit; "
-                             "downscale it or raise --max-pixels") from None
-        return  # the caller allowed more than Pillow's cap: OpenCV decodes it
+        if max_pixels and (big.pixels > max_pixels if big.exact else big.pixels >= max_pixels):
+            raise _too_large(what, f"{_mp(big.pixels)}" if big.exact else f"more than {_mp(big.pixels)}",
+                             max_pixels) from None
+        return  # the caller allowed more than this: OpenCV decodes it (and _decode checks what it decoded)
     if max_pixels and w * h > max_pixels:
-        raise InputError(f"{what} is {w}x{h} ({_mp(w * h)}), above the {_mp(max_pixels)} limit; "
-                         "downscale it or raise --max-pixels")
+        raise _too_large(what, f"{w}x{h} ({_mp(w * h)})", max_pixels)
 
 
-def _decode(data: "np.ndarray", what: str) -> "np.ndarray":
+def _decode(data: "np.ndarray", what: str, max_pixels: int = 0) -> "np.ndarray":
     import cv2
 
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as exc:  # OpenCV's own bound (CV_IO_MAX_IMAGE_PIXELS, 2^30) or a decoder's failure
+        why = "larger than OpenCV decodes (2^30 pixels)" if "MAX_IMAGE_PIXELS" in str(exc) else \
+            " ".join(str(exc).split())[-160:]
+        raise InputError(f"cannot decode {what}: {why}") from exc
     if image is None or image.size == 0:
         raise InputError(f"cannot decode {what} (empty, damaged or not an image file)")
+    h, w = image.shape[:2]
+    if max_pixels and w * h > max_pixels:  # a header Pillow could not size exactly: the decoded size decides
+        raise _too_large(what, f"{w}x{h} ({_mp(w * h)})", max_pixels)
     return image
 
 
@@ -84,7 +100,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray"
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise InputError(f"cannot read {what}: {exc.strerror or exc}") from exc
-    return _decode(data, what)
+    return _decode(data, what, max_pixels)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "the image") -> "np.ndarray":
@@ -94,7 +110,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = 
     import numpy as np
 
     _check_size(io.BytesIO(data), what, max_pixels)
-    return _decode(np.frombuffer(data, dtype=np.uint8), what)
+    return _decode(np.frombuffer(data, dtype=np.uint8), what, max_pixels)
 
 
 def read_image_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PIL.Image.Image":
