@@ -35,10 +35,11 @@ class SchemaError(ValueError):
 
 
 def rule(*, default: Any = _MISSING, default_factory: Any = _MISSING, min: float | None = None,
-         pattern: str | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
-    """A dataclass field with validation rules: ``min`` (numbers), ``pattern`` (full match, strings), ``check``
-    (returns an error message or None)."""
-    meta = {"rules": {"min": min, "pattern": pattern, "check": check}}
+         max: float | None = None, pattern: str | None = None,
+         check: Callable[[Any], str | None] | None = None) -> Any:
+    """A dataclass field with validation rules: ``min`` / ``max`` (numbers), ``pattern`` (full match, strings),
+    ``check`` (returns an error message or None)."""
+    meta = {"rules": {"min": min, "max": max, "pattern": pattern, "check": check}}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -125,6 +126,8 @@ def _apply_rules(value: Any, rules: dict[str, Any], key: str) -> None:
         return
     if rules.get("min") is not None and value < rules["min"]:
         raise SchemaError(key, f"must be >= {rules['min']}, got {value!r}")
+    if rules.get("max") is not None and value > rules["max"]:
+        raise SchemaError(key, f"must be <= {rules['max']}, got {value!r}")
     if rules.get("pattern") is not None and not re.fullmatch(rules["pattern"], value):
         raise SchemaError(key, f"must match {rules['pattern']}, got {_got(value)}")
     if rules.get("check") is not None:

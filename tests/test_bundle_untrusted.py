@@ -214,6 +214,12 @@ def test_manifest_symlinked_out_is_damage(tmp_path, secret):
      "'vision.fp32.extra.external_data' must be a list of objects, got a string ('w.bin')"),
     (lambda d: d.update(schema_version="1"), "'schema_version' must be an integer, got \"1\""),
     (lambda d: d.update(mmproj=[]), "'mmproj' must be an object or null, got a list"),
+    # bounded: each tile is size^2 x 3 floats before the encoder sees it (60000 took 21 GB, then MemoryError)
+    (lambda d: d["image"].update(size=60000), "'image.size' must be <= 2048, got 60000"),
+    (lambda d: d["image"].update(max_tiles=10**6), "'image.max_tiles' must be <= 64, got 1000000"),
+    # a bundle with no LLM (or no vision file) runs nothing: inspect passed it, ask refused it
+    (lambda d: d.update(llm={}), "'llm' must name at least one file"),
+    (lambda d: d.update(vision={}), "'vision' must name at least one file"),
 ])
 def test_manifest_schema_errors_name_the_key(tmp_path, capsys, tamper, message):
     root = tmp_path / "b"
@@ -273,3 +279,21 @@ def test_plausible_hub_id_goes_to_the_hub(tmp_path, monkeypatch, no_network):
                                           r"set, and nobody/no-such-bundle is not in the cache .*\)$"):
         resolve_bundle_spec("nobody/no-such-bundle")
     assert "huggingface_hub" in sys.modules
+
+
+@pytest.mark.slow  # tiny_bundle
+def test_manifest_tile_size_must_be_the_encoders(tiny_bundle, tmp_path, capsys, astronaut_bgr):
+    """The manifest's image.size drives preprocessing; an ONNX graph taking another tile size is two models mixed,
+    said in one line when the encoder loads (not an ONNX Runtime shape error on the first face)."""
+    import shutil
+
+    import cv2
+
+    root = shutil.copytree(tiny_bundle, tmp_path / "b")
+    d = json.loads((root / "manifest.json").read_text())
+    d["image"]["size"] = 224
+    _write(root, d)
+    cv2.imwrite(str(tmp_path / "a.png"), astronaut_bgr)
+    assert main(["ask", str(tmp_path / "a.png"), "Age?", "--bundle", str(root), "--max-tokens", "1"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes [448, 448] px tiles but the manifest says image.size 224" in err

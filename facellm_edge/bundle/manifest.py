@@ -36,6 +36,10 @@ class FileEntry:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. bits_per_weight, fallback tensors, opset
 
 
+MAX_TILE_SIZE = 2048
+MAX_TILES = 64
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """How a whole image becomes tiles, as the checkpoint's processor does it (read from it at export).
@@ -46,11 +50,13 @@ class ImageSpec:
     written before the field existed default to it too.
     """
 
-    size: int = rule(min=1)  # tile side in pixels (448 for InternVL3)
+    # Upper bounds: a manifest is untrusted, and each tile costs size^2 x 3 floats before the encoder sees it (a
+    # tampered size of 60000 took 21 GB). InternVL3 uses 448 px and at most 12 tiles; the bounds leave room.
+    size: int = rule(min=1, max=MAX_TILE_SIZE)  # tile side in pixels (448 for InternVL3)
     mean: tuple[float, float, float] = rule()
     std: tuple[float, float, float] = rule(min=1e-12)
-    min_tiles: int = rule(default=1, min=1)
-    max_tiles: int = rule(default=12, min=1)
+    min_tiles: int = rule(default=1, min=1, max=MAX_TILES)
+    max_tiles: int = rule(default=12, min=1, max=MAX_TILES)
     use_thumbnail: bool = True
     crop_to_patches: bool = True
 
@@ -164,6 +170,9 @@ class Manifest:
             m = load_typed(cls, d)
             for k, e in m.vision.items():  # the external weight files of large ONNX graphs are files too
                 check_value(e.extra.get("external_data", []), EXTERNAL_DATA, f"vision.{k}.extra.external_data")
+            for key in ("vision", "llm"):  # a bundle without either runs nothing (inspect passed it, ask refused)
+                if not getattr(m, key):
+                    raise SchemaError(key, "must name at least one file")
         except SchemaError as exc:
             raise ManifestError(f"manifest.json is malformed: {exc}; re-export the bundle") from exc
         unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__})

@@ -194,6 +194,10 @@ class VisionEncoder:
                 f"{self.path} must map 'pixel_values' -> 'image_embeds' (has inputs {list(inputs)}, "
                 f"outputs {list(outputs)}); re-export the bundle"
             )
+        side = [d for d in inputs["pixel_values"].shape[2:] if isinstance(d, int)]
+        if image_size and side and set(side) != {image_size}:  # the manifest's tile size drives preprocessing
+            raise BundleError(f"vision encoder {self.path.name} takes {side} px tiles but the manifest says "
+                              f"image.size {image_size}; the bundle mixes two models: re-export it")
         out_shape = outputs["image_embeds"].shape
         onnx_width = out_shape[-1] if isinstance(out_shape[-1], int) else None
         self.num_image_tokens = num_image_tokens
