@@ -58,6 +58,8 @@ def test_usage_errors_name_the_option_and_exit_2(argv, names, tmp_path, capsys, 
     (["ask", "{photo}", "Age?", "--detector", "haar"], "unknown detector 'haar'; choose one of"),
     (["train", "--base", "b", "--data", "d.json", "--images", ".", "--out", "o", "--lr-scheduler", "zigzag"],
      "--lr-scheduler must be one of"),
+    # --whole-image cuts no face out: --save-crops would silently write nothing
+    (["ask", "{photo}", "Age?", "--whole-image", "--save-crops", "crops"], "with --whole-image there are none"),
 ])
 def test_bad_choices_are_usage_errors(argv, message, photos, tmp_path, capsys, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
@@ -272,3 +274,30 @@ def test_half_a_surrogate_pair_in_a_bench_is_refused_before_the_run(tmp_path, ca
                  str(tmp_path / "o")]) == 3
     assert "holds \\udc80, half of a surrogate pair" in _err_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("max_tokens = 4\n".encode("utf-16"), "not UTF-8 text"),
+    ("[ask]\nsystem = 'caf\xe9'\n".encode("latin-1"), "not UTF-8 text"),
+    (b"x = " + b"[" * 50_000 + b"]" * 50_000 + b"\n", "nested too deeply"),
+])
+def test_config_file_that_is_no_toml_text_is_an_input_error(content, message, photos, tmp_path, capsys):
+    (tmp_path / "c.toml").write_bytes(content)
+    rc = main(["ask", str(photos["astronaut"]), "Age?", "--config", str(tmp_path / "c.toml")])
+    line = _err_line(capsys)
+    assert rc == 3 and "is not valid TOML" in line and message in line, line
+
+
+def test_deeply_nested_schema_is_a_usage_error(photos, tmp_path, capsys):
+    from facellm_edge.errors import UsageError
+    from facellm_edge.llm.sampling import schema_to_grammar
+
+    deep = {"type": "object", "properties": {}}
+    inner = deep
+    for _ in range(5000):
+        inner["properties"]["x"] = {"type": "object", "properties": {}}
+        inner = inner["properties"]["x"]
+    with pytest.raises(UsageError, match="nested too deeply"):
+        schema_to_grammar(deep)
+    with pytest.raises(UsageError, match="not valid JSON: nested too deeply"):
+        schema_to_grammar("[" * 100_000 + "]" * 100_000)

@@ -42,6 +42,11 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"--config {path}: cannot read it: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"--config {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself: UTF-16 or Latin-1 files end here
+        raise InputError(f"--config {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") \
+            from exc
+    except RecursionError:
+        raise InputError(f"--config {path} is not valid TOML: nested too deeply") from None
 
 
 def option_keys(command: Any) -> dict[str, str]:

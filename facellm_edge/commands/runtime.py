@@ -30,9 +30,12 @@ def ask(
     *,
     options: RuntimeOptions,
 ) -> None:
+    from facellm_edge.errors import UsageError
     from facellm_edge.io import read_image
     from facellm_edge.runtime.pipeline import FaceLLM
 
+    if whole_image and save_crops is not None:  # no face is cut out: there would be nothing to write
+        raise UsageError("--save-crops writes the aligned face crops; with --whole-image there are none")
     cfg = options.runtime_config()
     img = read_image(image, cfg.max_pixels)  # before the bundle loads: a bad photo fails at once
     with FaceLLM.load(options.bundle_dir(), cfg) as model:
@@ -66,8 +69,9 @@ def run(
     jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write one JSON line per answered face, each flushed "
                                          "to disk as it is made. An existing file is refused unless --append."),
     append: bool = typer.Option(False, "--append", help="Add to an existing --jsonl file."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write the annotated video (mp4). An existing file "
-                                          "is refused unless --force."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the annotated video (.mp4 .m4v .mov .avi "
+                                          ".mkv), or one image (.png .jpg .jpeg .bmp .webp .tif .tiff) for a one-image "
+                                          "--source. An existing file is refused unless --force."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output video."),
     max_frames: int = typer.Option(field_default(LiveConfig, "max_frames"), "--max-frames", min=0,
                                    help="Stop after N frames (0 = no limit)."),
@@ -79,7 +83,7 @@ def run(
     from facellm_edge.errors import UsageError
     from facellm_edge.runtime.live.loop import check_outputs, run_live
     from facellm_edge.runtime.live.outputs import check_output_source
-    from facellm_edge.runtime.live.sources import open_sources
+    from facellm_edge.runtime.live.sources import open_sources, source_files
     from facellm_edge.runtime.pipeline import FaceLLM
 
     if (not source) == (camera is None):
@@ -92,8 +96,10 @@ def run(
     window = _window(no_display, jsonl)
     live = LiveConfig(question=question, display=window, jsonl=jsonl, output=output, append=append,
                       overwrite=force, max_frames=max_frames, detect_every=detect_every)
-    check_outputs(live)  # a bad output path fails now, before the source opens and the bundle loads
-    frames = open_sources([camera] if camera is not None else list(source), max_pixels=cfg.max_pixels)
+    specs = [camera] if camera is not None else list(source)
+    # a bad output path (or one the sources read) fails now, before the source opens and the bundle loads
+    check_outputs(live, source_files(specs))
+    frames = open_sources(specs, max_pixels=cfg.max_pixels)
     try:
         check_output_source(live, frames)  # --output x.jpg needs one still image: said before the bundle loads
         with FaceLLM.load(options.bundle_dir(), cfg) as model:

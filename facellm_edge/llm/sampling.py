@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from facellm_edge.errors import UsageError
+from facellm_edge.io import loads_json
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,15 @@ def schema_to_grammar(schema: dict[str, Any] | str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        parsed = json.loads(schema) if isinstance(schema, str) else schema
+        parsed = loads_json(schema) if isinstance(schema, str) else schema
     except ValueError as exc:
         raise UsageError(f"the JSON schema is not valid JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise UsageError(f"a JSON schema must be a JSON object, got {type(parsed).__name__}")
     try:
         grammar = json_schema_to_gbnf(json.dumps(parsed))
+    except RecursionError:  # a schema nested deeper than the converter (or json.dumps) recurses
+        raise UsageError("cannot turn the JSON schema into a grammar: it is nested too deeply") from None
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
         # the converter reports unsupported or broken schemas with assertions
         raise UsageError(f"cannot turn the JSON schema into a grammar: {exc}") from exc
