@@ -231,6 +231,8 @@ def test_build_missing_image(fairface, tmp_path, monkeypatch, capsys):
     ("file,age,gender,race\nval/1.jpg,20-29,Male\n", "row 2 has fewer fields"),
     ("file,age,gender,race\nval/1.jpg,20-29,Male,White,extra\n", "row 2 has more fields"),
     ("file,age,gender,race\nval/1.jpg,20-29,Male,White\nval/1.jpg,3-9,Female,Black\n", "already appears in row 2"),
+    # one image spelled two ways is one image (it gave two records of one id, and two paid requests)
+    ("file,age,gender,race\nval/1.jpg,20-29,Male,White\n./val//1.jpg,3-9,Female,Black\n", "already appears in row 2"),
 ])
 def test_malformed_label_csv(tmp_path, text, expected, monkeypatch, capsys):
     csv = tmp_path / "labels.csv"

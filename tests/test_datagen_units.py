@@ -122,3 +122,23 @@ def test_import_fairfacegpt(tmp_path, astronaut_bgr, capsys):
         with pytest.raises(InputError, match=msg):
             import_fairfacegpt(src, images, tmp_path / "o.jsonl")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_import_ids_are_strings_or_integers_and_generated_ones_never_clash(tmp_path, astronaut_bgr):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "1.jpg"), astronaut_bgr)
+    turn = {"question": "Pose?", "answer": "Frontal."}
+    src, out = tmp_path / "d.json", tmp_path / "o.jsonl"
+    # a record named "1.jpg#1" and an unnamed second record (whose default id that is): both kept, ids unique
+    src.write_text(json.dumps([{"id": "1.jpg#1", "image": "1.jpg", **turn}, {"image": "1.jpg", **turn},
+                               {"id": 7, "image": "1.jpg", **turn}]))
+    assert import_fairfacegpt(src, images, out) == 3
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["1.jpg#1", "1.jpg#1+", "7"]
+    for bad in (None, True, {"a": 1}, [1], " "):  # no id: refused, not written as "None" or "{'a': 1}"
+        src.write_text(json.dumps([{"id": bad, "image": "1.jpg", **turn}]))
+        with pytest.raises(InputError, match="entry 0: 'id' must be a non-empty string or an integer"):
+            import_fairfacegpt(src, images, tmp_path / "o2.jsonl")
+    src.write_text(json.dumps([{"id": "k", "image": "1.jpg", **turn}, {"id": "k", "image": "1.jpg", **turn}]))
+    with pytest.raises(InputError, match="entry 1: duplicate id 'k'"):
+        import_fairfacegpt(src, images, tmp_path / "o2.jsonl")

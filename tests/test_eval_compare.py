@@ -92,5 +92,8 @@ def test_eval_compare_partial_overlap_and_errors(tmp_path, capsys):
     assert RESULTS_SCHEMA in capsys.readouterr().err
     assert main(["eval", "compare", str(a), str(tmp_path / "nope.json"), "--out", str(tmp_path / "c4")]) == 3
     assert "does not exist" in capsys.readouterr().err
-    for d in ("c2", "c3", "c4"):
+    twice = _write(tmp_path / "twice.json", [*_run(PRED_B), _run(PRED_A)[3]])  # q3 a second time
+    assert main(["eval", "compare", str(a), str(twice), "--out", str(tmp_path / "c5")]) == 3
+    assert "question 'q3' appears twice" in capsys.readouterr().err
+    for d in ("c2", "c3", "c4", "c5"):
         assert not (tmp_path / d).exists()

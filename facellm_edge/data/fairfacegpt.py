@@ -63,6 +63,19 @@ def _read_entries(path: Path) -> list[tuple[str, object]]:
     return out
 
 
+def _explicit_ids(entries: list[tuple[str, object]]) -> dict[str, str]:
+    """where -> the id a record names for itself: a non-empty string or an integer (null, a boolean, an object or
+    a list is no id: refused in one line rather than written as its Python text)."""
+    out = {}
+    for where, entry in entries:
+        if isinstance(entry, dict) and "id" in entry:
+            rid = entry["id"]
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+                raise InputError(f"{where}: 'id' must be a non-empty string or an integer, got {json.dumps(rid)[:40]}")
+            out[where] = str(rid)
+    return out
+
+
 def _turns(entry: dict, where: str) -> tuple[list[dict], str | None]:
     has_turns = any(k in entry for k in TURN_KEYS)
     if not has_turns and not ("question" in entry and "answer" in entry):
@@ -113,7 +126,9 @@ def import_fairfacegpt(dataset_json: Path, images_dir: Path | None, out: Path, *
     dataset_json, out = Path(dataset_json), Path(out)
     check_replaceable_file(out, force=force, kind="a ShareGPT JSONL", recognise=is_sharegpt_jsonl)
     lines, ids, missing = [], set(), []
-    for i, (where, entry) in enumerate(_read_entries(dataset_json)):
+    entries = _read_entries(dataset_json)
+    explicit = _explicit_ids(entries)  # a generated id never takes one a record names for itself
+    for i, (where, entry) in enumerate(entries):
         if not isinstance(entry, dict):
             raise InputError(f"{where} is not an object")
         try:
@@ -124,9 +139,14 @@ def import_fairfacegpt(dataset_json: Path, images_dir: Path | None, out: Path, *
             raise InputError(f"{where}: image path must be relative to --images, got {image!r}")
         if images_dir is not None and not (Path(images_dir) / image).is_file():
             missing.append(image)
-        rid = str(entry.get("id", f"{Path(image).as_posix()}#{i}"))
-        if rid in ids:
-            raise InputError(f"{where}: duplicate id {rid!r}")
+        if "id" in entry:
+            rid = explicit[where]
+            if rid in ids:
+                raise InputError(f"{where}: duplicate id {rid!r}")
+        else:
+            rid = f"{Path(image).as_posix()}#{i}"
+            while rid in ids or rid in explicit.values():
+                rid += "+"
         ids.add(rid)
         turns, system = _turns(entry, where)
         record = {"id": rid, "image": Path(image).as_posix()}

@@ -64,7 +64,7 @@ def read_labels(csv_path: Path) -> list[FaceLabels]:
         for col in REQUIRED_COLUMNS:
             if not row[col]:
                 raise InputError(f"label CSV {csv_path} row {i}: column '{col}' is empty")
-        file = row["file"]
+        file = Path(row["file"]).as_posix()  # "./a.jpg" and "a.jpg" are one image (one record id, one request)
         if Path(file).is_absolute() or ".." in Path(file).parts:
             raise InputError(f"label CSV {csv_path} row {i}: column 'file' must be a path relative to --images, got {file!r}")
         if not _AGE.match(row["age"]):

@@ -139,6 +139,11 @@ def load_results(path: Path) -> tuple[dict, list[ItemResult]]:
         items = [ItemResult.from_json(d) for d in doc["items"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: an item is malformed ({exc})") from exc
+    seen: set[str] = set()
+    for r in items:  # a question twice would be counted (compare: silently one of the two) as if asked once
+        if r.id in seen:
+            raise InputError(f"{path}: question {r.id!r} appears twice; not a results.json as eval writes it")
+        seen.add(r.id)
     return doc.get("meta", {}), items
 
 
