@@ -290,7 +290,11 @@ def test_model_card_and_upload_plan(tmp_path, cache, capsys):
     plan = upload_plan(PushConfig(bundle=src, repo="alice/face", results=results_path))
     assert plan.paths() == ["README.md", MANIFEST, "vision/int8.onnx", "vision/fp32.onnx", "llm/q4_0.gguf",
                             "llm/q4_k_m.gguf", "vision/mmproj-f16.gguf"]  # never notes.txt
-    assert plan.files[1][1] == (src / MANIFEST).read_bytes()
+    published = json.loads(plan.files[1][1])  # the manifest as it is, but for this machine's paths
+    local = json.loads((src / MANIFEST).read_bytes())
+    assert published["source"] == {k: v for k, v in local["source"].items() if k != "path"}
+    assert {k: v for k, v in published.items() if k != "source"} == {k: v for k, v in local.items() if k != "source"}
+    assert not any(b"/home/someone" in (data if isinstance(data, bytes) else b"") for _, data in plan.files)
     card = plan.card
     assert card == render_card(load_bundle(src).manifest, "alice/face", results)
     assert card.startswith("---\nlicense: other\n") and "base_model:\n- Idiap/FaceLLM-1B\n" in card
@@ -311,6 +315,23 @@ def test_model_card_and_upload_plan(tmp_path, cache, capsys):
         upload_plan(PushConfig(bundle=src, repo="alice/face"))  # a damaged bundle is never published
     with pytest.raises(InputError, match="is not a results.json written by `facellm-edge bench`"):
         read_bench_results(src / MANIFEST)
+
+
+def test_a_local_checkpoints_paths_are_not_published(tmp_path, cache):
+    """A bundle exported from /home/alice/work/ckpt + a LoRA adapter: the card and the published manifest name the
+    folders, never the paths (user names, project folders); the local bundle is left as it is."""
+    from facellm_edge.hub.push import PushConfig, upload_plan
+
+    src = _fake_bundle(tmp_path / "b")
+    d = json.loads((src / MANIFEST).read_text())
+    d["source"] = {"model": "/home/alice/work/FaceLLM-ft", "path": "/home/alice/work/FaceLLM-ft",
+                   "adapter": "/home/alice/runs/lora-7/adapter", "revision": None, "commit": None}
+    (src / MANIFEST).write_text(json.dumps(d))
+    plan = upload_plan(PushConfig(bundle=src, repo="alice/face"))
+    assert json.loads(plan.files[1][1])["source"] == {"model": "FaceLLM-ft", "adapter": "adapter", "revision": None,
+                                                     "commit": None}
+    assert "/home/alice" not in plan.card and "a local checkpoint (FaceLLM-ft)" in plan.card
+    assert "/home/alice" in (src / MANIFEST).read_text()
 
 
 def test_push_of_a_pulled_bundle_and_offline(tmp_path, published, cache, capsys):

@@ -117,11 +117,24 @@ def _front_matter(base: str | None, licence_link: str | None) -> list[str]:
     return lines
 
 
+def public_source(source: dict[str, Any]) -> dict[str, Any]:
+    """What a published bundle says of where it came from: the hub id, revision and commit; a local checkpoint or
+    adapter by its folder name only — never this machine's paths (``source.path``, ``/home/<user>/...``)."""
+    out = {k: v for k, v in source.items() if k != "path"}
+    for key in ("model", "adapter"):
+        value = out.get(key)
+        if isinstance(value, str) and not (key == "model" and is_hub_id(value)):
+            out[key] = Path(value).name or value
+    return out
+
+
 def render_card(manifest: Manifest, repo_id: str, results: dict[str, Any] | None = None) -> str:
     """The model card of ``manifest``'s bundle published as ``repo_id``."""
-    src = manifest.source
+    src = public_source(manifest.source)
     model = src.get("model") if isinstance(src.get("model"), str) else None
     base = model if model and is_hub_id(model) else None
+    if model and base is None:
+        model = f"a local checkpoint ({model})"
     at = src.get("commit") or src.get("revision")
     adapter = Path(str(src["adapter"])).name if src.get("adapter") else None
     origin = f"{model or 'a local checkpoint'}" + (f" at {at}" if at else "") + (f" + LoRA adapter {adapter}"

@@ -16,7 +16,7 @@ from facellm_edge.bundle import MANIFEST, Bundle, load_bundle
 from facellm_edge.errors import UsageError
 from facellm_edge.hub import remote
 from facellm_edge.hub.cache import PULLED
-from facellm_edge.hub.card import CARD, read_bench_results, render_card
+from facellm_edge.hub.card import CARD, public_source, read_bench_results, render_card
 from facellm_edge.hub.sources import is_hub_id
 from facellm_edge.io import loads_json
 
@@ -61,12 +61,15 @@ def upload_plan(config: PushConfig) -> Upload:
 
 
 def _published_manifest(bundle: Bundle) -> bytes:
-    """The manifest as published: the file's own bytes, less the local ``pulled`` record of a pulled bundle."""
+    """The manifest as published: the file's own bytes, less the local ``pulled`` record of a pulled bundle and
+    this machine's paths in ``source`` (:func:`~facellm_edge.hub.card.public_source`)."""
     raw = (bundle.root / MANIFEST).read_bytes()
     doc = loads_json(raw)
-    if PULLED not in doc:
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
+    if PULLED not in doc and public_source(source) == source:
         return raw
-    doc.pop(PULLED)
+    doc.pop(PULLED, None)
+    doc["source"] = public_source(source)
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
