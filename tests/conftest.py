@@ -54,7 +54,13 @@ def yunet_model() -> Path:
 
 
 def _build(tmp_path_factory, qwen_tokenizer_dir: Path, name: str, **spec) -> Path:
+    from transformers.utils import logging as hf_logging
+
     from facellm_edge.export.synthetic import SyntheticSpec, build_checkpoint
+
+    # transformers' "Writing model shards" bar would land in the stderr of whichever test first asks for a fixture
+    # built on it (a test that checks for one error line then fails when run alone)
+    hf_logging.disable_progress_bar()
 
     out = tmp_path_factory.mktemp(name)
     return build_checkpoint(out, qwen_tokenizer_dir, SyntheticSpec(**spec))

@@ -54,6 +54,8 @@ def test_ask_no_face_is_a_record(photos, bundle_args, capsys):
     [
         pytest.param(["ask", "{empty}", "Age?"], 3, "cannot decode image", marks=pytest.mark.slow),
         pytest.param(["ask", "{missing}", "Age?"], 3, "image not found", marks=pytest.mark.slow),
+        pytest.param(["ask", "{folder}", "Age?"], 3, "is a folder, not an image (`run --source",
+                     marks=pytest.mark.slow),
         pytest.param(["ask", "{astronaut}", "Age?", "--detector", "haar"], 2,
                      "unknown detector 'haar'; choose one of: scrfd, yunet", marks=pytest.mark.slow),
         (["ask", "{astronaut}", "Age?", "--bundle", "{nobundle}"], 3, "bundle not found"),
@@ -68,7 +70,8 @@ def test_errors_are_one_line(photos, yunet_model, tmp_path, capsys, no_camera, r
     """Slow: the cases on the exported tiny bundle (exported only when a case uses it). No camera opens: camera 9
     is asked for and is not there, whatever this machine has."""
     subst = {"{empty}": str(photos["empty"]), "{missing}": str(tmp_path / "missing.onnx"),
-             "{astronaut}": str(photos["astronaut"]), "{nobundle}": str(tmp_path / "nobundle")}
+             "{astronaut}": str(photos["astronaut"]), "{nobundle}": str(tmp_path / "nobundle"),
+             "{folder}": str(tmp_path)}
     argv = [subst.get(a, a) for a in args]
     if "--bundle" not in argv:
         argv += ["--bundle", str(request.getfixturevalue("tiny_bundle"))]

@@ -92,6 +92,8 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray"
     import numpy as np
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image (`run --source {path}` answers every image in a folder)")
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     what = f"image {path}"
