@@ -30,6 +30,7 @@ from facellm_edge.serve.config import ServeConfig
 
 QUESTION = "How old is this person?"
 MAX_TOKENS = 3
+LOCAL = "http://127.0.0.1:8080"  # TestClient's own host, testserver, is not one the server answers to
 
 
 @pytest.fixture()
@@ -58,7 +59,7 @@ def _error(r: httpx.Response, status: int) -> dict:
 @pytest.mark.slow  # tiny_bundle
 def test_faces_api_answers_follow_ups_and_deletes(live_model, astronaut_bgr, png, data_url):
     expected = live_model.ask(astronaut_bgr, QUESTION)
-    with TestClient(create_app(live_model, ServeConfig())) as c:
+    with TestClient(create_app(live_model, ServeConfig()), base_url=LOCAL) as c:
         r = c.post("/v1/faces", files={"image": ("me.png", png(astronaut_bgr), "image/png")},
                    data={"question": QUESTION})
         assert r.status_code == 200, r.text
@@ -98,7 +99,7 @@ def test_faces_api_answers_follow_ups_and_deletes(live_model, astronaut_bgr, png
 @pytest.mark.slow  # tiny_bundle
 def test_sessions_expire_by_ttl_and_lru_with_a_clear_404(live_model, astronaut_bgr, png):
     photo = base64.b64encode(png(astronaut_bgr)).decode()
-    with TestClient(create_app(live_model, ServeConfig(session_ttl_s=1.0, max_sessions=1))) as c:
+    with TestClient(create_app(live_model, ServeConfig(session_ttl_s=1.0, max_sessions=1)), base_url=LOCAL) as c:
         first = c.post("/v1/faces", json={"image": photo, "question": QUESTION, "max_tokens": 1}).json()
         second = c.post("/v1/faces", json={"image": photo, "question": QUESTION, "max_tokens": 1}).json()
         old, new = first["faces"][0]["session"], second["faces"][0]["session"]
@@ -178,7 +179,7 @@ def test_junk_input_gets_a_4xx_in_openai_error_shape(live_model, astronaut_bgr, 
         ("longer than the context", _chat([{"type": "text", "text": "age " * 5000}, _img(good)]), 400,
          "context_length_exceeded"),
     ]
-    with TestClient(create_app(live_model, ServeConfig()), raise_server_exceptions=False) as c:
+    with TestClient(create_app(live_model, ServeConfig()), base_url=LOCAL, raise_server_exceptions=False) as c:
         for name, body, status, code in cases:
             r = c.post("/v1/chat/completions", content=body if isinstance(body, bytes) else json.dumps(body),
                        headers={"content-type": "application/json"})
@@ -216,7 +217,7 @@ def test_body_limits_from_content_length_and_from_the_bytes_sent(live_model, ser
 
         _error(httpx.post(f"{url}/v1/faces", content=chunks(), headers={"content-type": "application/json"}), 413)
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:  # a bogus Content-Length
-            s.sendall(b"POST /v1/faces HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
+            s.sendall(b"POST /v1/faces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999999\r\n\r\n")
             assert s.recv(4096).startswith(b"HTTP/1.1 413")
 
 
@@ -278,7 +279,8 @@ def test_client_disconnect_mid_stream_cancels_the_generation(live_model, astrona
 
 @pytest.mark.slow  # tiny_bundle
 def test_api_key_cors_health_and_metrics(live_model):
-    with TestClient(create_app(live_model, ServeConfig(api_key="s3cret", cors_origins=("http://kiosk:3000",)))) as c:
+    config = ServeConfig(api_key="s3cret", cors_origins=("http://kiosk:3000",))
+    with TestClient(create_app(live_model, config), base_url=LOCAL) as c:
         assert c.get("/health").json()["status"] == "ok"  # open: for supervisors and load balancers
         err = _error(c.get("/v1/models"), 401)
         assert "missing API key" in err["message"]
@@ -296,7 +298,7 @@ def test_api_key_cors_health_and_metrics(live_model):
         assert pre.headers["access-control-allow-origin"] == "http://kiosk:3000"
         other = c.get("/health", headers={"Origin": "http://evil:1"})
         assert "access-control-allow-origin" not in other.headers
-    with TestClient(create_app(live_model, ServeConfig())) as c:  # CORS off by default
+    with TestClient(create_app(live_model, ServeConfig()), base_url=LOCAL) as c:  # CORS off by default
         r = c.get("/v1/models", headers={"Origin": "http://kiosk:3000"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert c.app.state.serve.ready is False  # the lifespan ended: /health would say 503
@@ -322,14 +324,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # tiny_bundle, a server process
-def test_cli_serves_until_sigterm_then_exits_0(tiny_bundle, yunet_model, astronaut_bgr, png):
+def test_cli_serves_until_sigterm_then_exits_0(tiny_bundle, yunet_model, astronaut_bgr, png, data_url):
+    """The URL is logged without -v; SIGTERM ends an open stream with an error event and [DONE] when the grace
+    ends (not a cut connection), then exits 0."""
     exe = Path(sys.executable).with_name("facellm-edge")
     bad = subprocess.run([str(exe), "serve", "--host", "0.0.0.0", "--bundle", str(tiny_bundle)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--api-key" in bad.stderr
     port = _free_port()
     proc = subprocess.Popen([str(exe), "serve", "--bundle", str(tiny_bundle), "--port", str(port), "--max-tokens",
-                             "2", "--detector-model", str(yunet_model), "--quant", "f32"],
+                             "2", "--detector-model", str(yunet_model), "--quant", "f32", "--shutdown-grace", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "FACELLM_EDGE_API_KEY": "k"})
     try:
@@ -347,9 +351,19 @@ def test_cli_serves_until_sigterm_then_exits_0(tiny_bundle, yunet_model, astrona
         r = httpx.post(f"{url}/v1/faces", headers={"Authorization": "Bearer k"}, timeout=60,
                        json={"image": base64.b64encode(png(astronaut_bgr)).decode(), "question": QUESTION})
         assert r.status_code == 200 and r.json()["faces"][0]["n_tokens"] == 2
-        proc.send_signal(signal.SIGTERM)
+        body = _chat([{"type": "text", "text": QUESTION}, _img(data_url(astronaut_bgr))], stream=True,
+                     max_tokens=4096)  # the whole context: still running when the grace ends
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"},
+                          timeout=30) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data:"))
+            assert '"content": ""' in next(lines) and next(lines)  # the role chunk, then the first token
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][5:])["error"]["code"] == "shutting_down"
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
+        assert f"serving facellm-edge on {url}" in err  # where it listens, without -v
         assert QUESTION not in err and "astronaut" not in err  # nothing about the request is logged by default
     finally:
         if proc.poll() is None:

@@ -19,6 +19,8 @@ from facellm_edge.serve import streams
 from facellm_edge.serve.pushed import PushedSource
 from facellm_edge.serve.streams import LiveFeed
 
+JSON = {"Content-Type": "application/json"}
+
 
 def sse(response: httpx.Response) -> Iterator[tuple[int, str, dict]]:
     """(id, event, data) of a text/event-stream response, as they arrive."""
@@ -223,7 +225,11 @@ def test_video_source_events_frames_and_question(live_model, photo_video, live_a
         assert tracks and all(t["done"] and t["text"] == answers[t["track_id"]]["answer"] for t in tracks)
         bad = client.put("/v1/live/question", json={"question": "  "})
         assert bad.status_code == 400 and "empty" in bad.json()["error"]["message"]
-        assert client.put("/v1/live/question", content=b"{nope").status_code == 400
+        assert client.put("/v1/live/question", content=b"{nope", headers=JSON).status_code == 400
+        deep = client.put("/v1/live/question", content=b"[" * 50_000 + b"]" * 50_000, headers=JSON)
+        assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
+        plain = client.put("/v1/live/question", content=b'{"question": "Hi?"}', headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415  # what a cross-site page could send without a preflight
         assert client.put("/v1/live/question", json={"question": "Mood?"}).json() == {"question": "Mood?"}
         assert client.get("/v1/live/question").json() == {"question": "Mood?"}
         gone = client.post("/v1/live/tracks/2/ask", json={"question": "Hair?"})  # the loop has ended

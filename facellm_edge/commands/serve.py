@@ -39,6 +39,10 @@ def serve_cmd(
     cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", help="Allow browser pages of this origin "
                                                     "(http://host:port) to call the API; repeat for several. "
                                                     "Off by default."),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests sent to "
+                                                     "this host name (e.g. the kiosk's own name); repeat for several. "
+                                                     "By default: localhost, 127.0.0.1, [::1] and the --host address "
+                                                     "(any name on 0.0.0.0 / ::)."),
     max_queue: int = typer.Option(_default("max_queue"), "--max-queue", min=0, help="Requests that may wait for "
                                   "the model beside the running one; more get 503 with Retry-After."),
     request_timeout: float = typer.Option(_default("request_timeout_s"), "--request-timeout", min=0.001,
@@ -69,6 +73,7 @@ def serve_cmd(
                          max_body_bytes=max_body_bytes, model_name=model_name, source=source, question=question,
                          detect_every=detect_every,
                          insecure=insecure, cors_origins=tuple(cors_origin or ()),
+                         allowed_hosts=tuple(allowed_host or ()),
                          log_requests=log_requests, shutdown_grace_s=shutdown_grace)
     serve(config, options)
 

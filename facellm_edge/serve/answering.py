@@ -115,7 +115,8 @@ class Task:
 
 class StopScanner:
     """Cuts streamed text at the first of ``stops``: text that may be the start of a stop string is held back until
-    the next piece shows it is not."""
+    the next piece shows it is not. Only the end of the text that can still start a stop string is held (shorter
+    than the longest stop), so the work per piece is bounded by the stops' lengths, not the answer's."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
@@ -133,13 +134,24 @@ class StopScanner:
         if cuts:
             self.hit, self._held = True, ""
             return text[:min(cuts)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        keep = max(_partial(text, s) for s in self.stops)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+
+def _partial(text: str, stop: str) -> int:
+    """The length of the longest end of ``text`` that ``stop`` starts with (and is shorter than ``stop``; a whole
+    stop was looked for already): the text that must be held back."""
+    i = text.find(stop[0], max(0, len(text) - len(stop) + 1))  # only the last len(stop) - 1 characters can start it
+    while i >= 0:
+        if stop.startswith(text[i:]):  # the first such position is the longest end
+            return len(text) - i
+        i = text.find(stop[0], i + 1)
+    return 0
 
 
 def answer(sessions: list[FaceSession], question: str, gen: GenerationConfig, stops: tuple[str, ...],

@@ -9,6 +9,8 @@ anything from the network, and no interactive API docs are served (they would lo
 One model per process: the model is loaded before the app is made and closed by whoever loaded it, after
 :func:`run_server` returns. The app's lifespan starts and stops the live service, expires sessions, and on shutdown
 cancels what is still running, closes the kept sessions and stops taking requests (``/health`` answers 503).
+Towards the end of the shutdown grace, what is still running is interrupted (:meth:`ModelRunner.interrupt`): an
+open chat stream gets a ``shutting_down`` error event and ``data: [DONE]`` before its connection closes.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facellm_edge.errors import FaceLLMEdgeError
 from facellm_edge.serve import faces_api, openai_api
-from facellm_edge.serve.errors import APIError, from_library, not_found
+from facellm_edge.serve.errors import APIError, Busy, from_library, not_found
 from facellm_edge.serve.guards import ApiKey, BodyLimit, RequestMetrics
 from facellm_edge.serve.metrics import CONTENT_TYPE, Metrics
 from facellm_edge.serve.runner import ModelRunner
 from facellm_edge.serve.sessions import SessionStore
 from facellm_edge.serve.state import ServerState, server_state
+from facellm_edge.serve.trust import TrustedRequests, trusted_hosts
 
 if TYPE_CHECKING:
     import socket
@@ -43,11 +46,13 @@ if TYPE_CHECKING:
     from facellm_edge.serve.config import ServeConfig
     from facellm_edge.serve.live import LiveService
 
-__all__ = ["STATIC_DIR", "create_app", "listen", "run_server"]
+__all__ = ["STARTUP_LOG", "STATIC_DIR", "create_app", "listen", "log_levels", "run_server", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
+STARTUP_LOG = "facellm_edge.serve.startup"  # the "serving ... on http://..." line, shown without -v (log_levels)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+_FLUSH_S = 1.0  # the end of the shutdown grace (at most half of it) left to streams to send their error and end
 
 
 def create_app(model: "FaceLLM", config: "ServeConfig", live: "LiveService | None" = None, *,
@@ -68,7 +73,6 @@ def create_app(model: "FaceLLM", config: "ServeConfig", live: "LiveService | Non
         if live is not None:
             await asyncio.to_thread(live.start)
         state.ready = True
-        log.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
         try:
             yield
         finally:
@@ -89,7 +93,11 @@ def create_app(model: "FaceLLM", config: "ServeConfig", live: "LiveService | Non
         if live is not None:
             live.close_streams()
 
+    def interrupt() -> None:  # the shutdown grace is ending: streams still open get an error event and their end
+        state.runner.interrupt(Busy("the server is shutting down", 1, code="shutting_down"))
+
     app.state.stopping = stopping
+    app.state.interrupt = interrupt
     _add_error_handlers(app)
     routers = [openai_api.router, faces_api.router] + ([live.router()] if live is not None else [])
     for router in routers:
@@ -104,6 +112,8 @@ def create_app(model: "FaceLLM", config: "ServeConfig", live: "LiveService | Non
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
+    # Host and Origin checks (DNS rebinding, cross-site requests) before anything else answers, counted by metrics
+    app.add_middleware(TrustedRequests, hosts=trusted_hosts(config), cors_origins=config.cors_origins)
     app.add_middleware(RequestMetrics, metrics=metrics, log_requests=config.log_requests, routes=routes)
     return app
 
@@ -119,7 +129,8 @@ def _max_sessions(model: "FaceLLM", config: "ServeConfig") -> int:
 
 
 def _add_service_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    # HEAD too on the plain GET routes (FastAPI does not add it): monitoring probes use it
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request) -> JSONResponse:
         state = server_state(request)
         if not state.ready:
@@ -129,11 +140,11 @@ def _add_service_routes(app: FastAPI) -> None:
                              "queue_depth": state.runner.depth,
                              "live": None if live is None else bool(live.ready)})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics(request: Request) -> Response:
         return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def index() -> FileResponse:
         page = STATIC_DIR / "index.html"
         if not page.is_file():
@@ -163,7 +174,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"{request.url.path} does not take {request.method}"
         else:
             message = str(exc.detail)
-        return respond(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+        return respond(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
+                                headers=exc.headers))  # a 405's Allow
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -210,9 +222,21 @@ def run_server(app: FastAPI, config: "ServeConfig", sock: "socket.socket | None"
     import uvicorn
 
     class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                logging.getLogger(STARTUP_LOG).info("serving %s on %s", config.model_name, _url(sock))
+
         async def shutdown(self, sockets: Any = None) -> None:
             app.state.stopping()
-            await super().shutdown(sockets)
+            # uvicorn cancels the requests still running when the grace ends, cutting a stream mid-body; interrupt
+            # them a little before, so that each ends as the API says (an error event, then data: [DONE])
+            grace = config.shutdown_grace_s
+            ending = asyncio.get_running_loop().call_later(max(grace / 2, grace - _FLUSH_S), app.state.interrupt)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ending.cancel()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
@@ -220,14 +244,37 @@ def run_server(app: FastAPI, config: "ServeConfig", sock: "socket.socket | None"
                 yield
                 self._captured_signals.clear()  # handled here: uvicorn would re-raise it to the CLI after exiting
 
+    log_levels(config)
     sock = sock or listen(config.host, config.port)
-    server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                    access_log=config.log_requests, lifespan="on",
-                                    timeout_graceful_shutdown=config.shutdown_grace_s, server_header=False))
+    server = _Server(uvicorn_config(app, config))
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def uvicorn_config(app: FastAPI, config: "ServeConfig") -> Any:
+    """uvicorn's settings for ``app``. No access log, even with ``--log-requests``: it would write raw query strings
+    (the ``?api_key=`` of EventSource and <img> clients); :class:`RequestMetrics` logs the route template."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False, lifespan="on",
+                          timeout_graceful_shutdown=config.shutdown_grace_s, server_header=False)
+
+
+def log_levels(config: "ServeConfig") -> None:
+    """The startup line (where the server listens) at INFO, and with ``--log-requests`` every ``facellm_edge.serve``
+    logger: the CLI's root logger is at WARNING without ``-v``, which would hide them. A lower level (``--debug``)
+    is kept."""
+    for name in ("facellm_edge.serve",) if config.log_requests else (STARTUP_LOG,):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+def _url(sock: "socket.socket") -> str:
+    host, port = sock.getsockname()[:2]  # the bound port (--port 0 picks one)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def listen(host: str, port: int) -> "socket.socket":

@@ -42,6 +42,7 @@ class ServeConfig:
     detect_every: int = DEFAULT_DETECT_EVERY  # the live loop's detector on every Nth frame (LiveConfig.detect_every; 0 = auto)
     insecure: bool = False  # allow a non-loopback host without an API key (the user said so explicitly)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API from other pages; none by default
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered beside the default ones (serve/trust.py); none
     log_requests: bool = False  # log each request (method, path, status, time) and its questions and answers
     shutdown_grace_s: float = 10.0  # on SIGTERM / Ctrl-C: in-flight requests get this long, then are cancelled
 
@@ -71,6 +72,10 @@ class ServeConfig:
             raise UsageError("the live question is empty; ask something")
         if self.detect_every < 0:
             raise UsageError(f"detect_every {self.detect_every} must be >= 0 (0 = auto, 1 = every frame)")
+        for name in self.allowed_hosts:
+            if not name.strip() or any(c.isspace() or c in "/@" for c in name):
+                raise UsageError(f"allowed host {name!r} must be a host name or address (kiosk.local, 10.0.0.5), "
+                                 "without a scheme or path")
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise UsageError(f"CORS origin {origin!r} must be like http://host:port (or *)")

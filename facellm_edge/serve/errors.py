@@ -5,11 +5,15 @@ Every error the server answers has the body ``{"error": {"message", "type", "par
 
 =====  ===================================================================================================
 400    the request is wrong: malformed JSON, a wrong type, a missing field, an image that does not decode, a
-       remote image URL (never fetched), a question longer than the context
+       remote image URL (never fetched), a question longer than the context, a ``Host`` the server does not
+       answer to (:mod:`~facellm_edge.serve.trust`)
 401    a missing or wrong API key (``Authorization: Bearer KEY``)
+403    a state-changing request from another site's page (its ``Origin`` is neither the server's nor a
+       ``--cors-origin``)
 404    an unknown route, model or session (sessions expire: the message says so)
-405    a known route with another method
+405    a known route with another method (``Allow`` lists the methods it takes)
 413    a body above ``--max-body-bytes`` (from ``Content-Length`` or the bytes actually sent)
+415    a JSON body not sent as ``Content-Type: application/json``
 503    busy (the bounded queue is full, or the request waited too long for the model) or shutting down;
        always with ``Retry-After``
 504    the answer took longer than ``--request-timeout`` (its generation is cancelled)
@@ -28,8 +32,9 @@ __all__ = ["APIError", "Busy", "error_body", "from_library", "not_found"]
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error",
           500: "server_error", 503: "server_busy", 504: "timeout_error"}
 
 

@@ -23,7 +23,9 @@ from facellm_edge.llm.generator import check_question
 from facellm_edge.serve.answering import Piece, Replied, Task, face_record, faces_job, followup_job, parse_face_choice
 from facellm_edge.serve.errors import APIError
 from facellm_edge.serve.images import ImageBytes, from_base64, parse_multipart
-from facellm_edge.serve.state import ServerState, parse_json, server_state, until_disconnected, validation_message
+from facellm_edge.serve.state import (ServerState, check_max_tokens, parse_json, server_state, until_disconnected,
+                                      validation_message)
+from facellm_edge.serve.trust import require_json
 
 __all__ = ["router"]
 
@@ -35,12 +37,12 @@ class _Question(BaseModel):
 
     question: str
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0.0)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)  # as chat completions
 
 
 class _Photo(_Question):
     image: Union[str, bytes]
-    face: Optional[Union[int, str]] = None
+    face: Any = None  # checked by parse_face_choice (pydantic would read a JSON true as face 1)
 
 
 def _photo_from_form(fields: dict[str, Any]) -> _Photo:
@@ -63,10 +65,12 @@ async def ask_faces(request: Request) -> dict[str, Any]:
         photo = await asyncio.to_thread(lambda: _photo_from_form(parse_multipart(body, ctype)))
         image = ImageBytes(photo.image, "image")
     else:
+        require_json(request, "multipart/form-data")
         photo, image = await parse_json(request, _Photo, lambda p: (p, from_base64(p.image, "image")))
     cfg = state.model.config
+    max_tokens = check_max_tokens(photo.max_tokens, state.model.generator.n_ctx)
     task = Task(image, check_question(photo.question), parse_face_choice(photo.face, default="all"),
-                cfg.generation.with_overrides(photo.max_tokens, photo.temperature), index=False,
+                cfg.generation.with_overrides(max_tokens, photo.temperature), index=False,
                 max_pixels=cfg.max_pixels)
     records = await _records(request, state, t0, faces_job, state.model, state.store, task)
     return {"question": photo.question, "faces": records, "no_face": not records}
@@ -77,7 +81,8 @@ async def follow_up(session_id: str, request: Request) -> dict[str, Any]:
     t0 = time.perf_counter()
     state = server_state(request)
     q = await parse_json(request, _Question)
-    gen = state.model.config.generation.with_overrides(q.max_tokens, q.temperature)
+    max_tokens = check_max_tokens(q.max_tokens, state.model.generator.n_ctx)
+    gen = state.model.config.generation.with_overrides(max_tokens, q.temperature)
     check_question(q.question)
     state.store.check(session_id)  # a fast 404 before taking a place in the model's queue
     records = await _records(request, state, t0, followup_job, state.model, state.store, session_id, q.question, gen)

@@ -118,5 +118,15 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, str | bytes]:
         if part.get_filename() is not None:
             fields[str(name)] = payload
         else:
-            fields[str(name)] = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+            fields[str(name)] = _text(payload, part.get_content_charset() or "utf-8", str(name))
     return fields
+
+
+def _text(payload: bytes, charset: str, name: str) -> str:
+    """A form field's text; a 400 for a charset Python does not know as a text encoding (``errors="replace"``
+    covers bad bytes, not an unknown codec)."""
+    try:
+        return payload.decode(charset, errors="replace")
+    except (LookupError, UnicodeError):
+        raise APIError(400, f"the form field {name[:40]!r} has an unknown charset {charset[:40]!r}; send it as "
+                            "utf-8", code="invalid_request", param=name[:40]) from None

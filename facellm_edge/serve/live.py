@@ -30,7 +30,9 @@ from facellm_edge.runtime.live.sources import FrameSource, open_source
 from facellm_edge.serve.errors import APIError, Busy, not_found
 from facellm_edge.serve.images import ImageBytes, decode
 from facellm_edge.serve.pushed import BROWSER_SOURCE, PushedSource
+from facellm_edge.serve.state import load_json
 from facellm_edge.serve.streams import FrameHub, LiveFeed
+from facellm_edge.serve.trust import require_json
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.pipeline import FaceLLM
@@ -229,8 +231,6 @@ async def _question(request: Request) -> str:
     """The ``question`` of a JSON body ``{"question": "..."}``; a 400 otherwise. The question itself is checked once,
     by :class:`~facellm_edge.runtime.live.control.LiveControl` (set_question / ask_track: a blank one is a
     UsageError, which the app answers with a 400 too)."""
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, 'the body must be JSON: {"question": "..."}', code="invalid_json") from exc
+    require_json(request)
+    body = load_json(await request.body())  # small: bounded by the --max-body-bytes layer
     return body.get("question") if isinstance(body, dict) else None

@@ -65,13 +65,14 @@ def _unknown_model(name: str, state: ServerState):
 async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
     t0 = time.perf_counter()
     state = server_state(request)
-    req, conv = await parse_json(request, ChatRequest, lambda r: (r, conversation(r)))
+    cfg, n_ctx = state.model.config, state.model.generator.n_ctx
+    # the generation settings are made in the parsing thread too: a response_format schema's grammar takes a while
+    req, conv, gen = await parse_json(request, ChatRequest, lambda r: (
+        r, conversation(r), generation_for(r, cfg.generation, cfg.engine.seed, n_ctx)))
     if req.model != state.config.model_name:
         raise _unknown_model(req.model, state)
-    cfg = state.model.config
-    task = Task(conv.image, check_question(conv.question), req.face_choice(),
-                generation_for(req, cfg.generation, cfg.engine.seed), req.stops(), conv.turns, index=True,
-                max_pixels=cfg.max_pixels)
+    task = Task(conv.image, check_question(conv.question), req.face_choice(), gen, req.stops(), conv.turns,
+                index=True, max_pixels=cfg.max_pixels)
     events = state.runner.stream(faces_job, state.model, state.store, task)
     completion = _Completion(state, req, conv.question, t0)
     if req.stream:

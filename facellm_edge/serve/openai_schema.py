@@ -11,6 +11,7 @@ unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any, Literal, Optional, Union
 
@@ -21,8 +22,13 @@ from facellm_edge.serve.answering import FaceChoice, parse_face_choice
 from facellm_edge.serve.errors import APIError
 from facellm_edge.serve.images import ImageBytes, from_url
 from facellm_edge.serve.sessions import Turns
+from facellm_edge.serve.state import check_max_tokens
 
-__all__ = ["ChatRequest", "Conversation", "conversation", "generation_for"]
+__all__ = ["MAX_SCHEMA_CHARS", "MAX_STOP_CHARS", "ChatRequest", "Conversation", "conversation", "generation_for"]
+
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # a longer stop string is refused: stop strings are short markers, and each is scanned per token
+MAX_SCHEMA_CHARS = 32_000  # response_format's JSON schema, as compact JSON; its grammar takes a while to build
 
 
 class _Open(BaseModel):
@@ -71,12 +77,17 @@ class ChatRequest(_Open):
     response_format: Optional[ResponseFormat] = None
     logprobs: Optional[bool] = None
     tools: Optional[list[Any]] = None
-    face: Optional[Union[int, str]] = None  # extension: "all" | "largest" (default) | a face index
+    # extension: "all" | "largest" (default) | a face index; Any, so that parse_face_choice sees a JSON true as
+    # true (pydantic would make it 1)
+    face: Any = None
 
     def stops(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stops) > 4:
-            raise APIError(400, "stop takes at most 4 strings", code="invalid_request", param="stop")
+        if len(stops) > MAX_STOPS:
+            raise APIError(400, f"stop takes at most {MAX_STOPS} strings", code="invalid_request", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", code="invalid_request",
+                           param="stop")
         return tuple(s for s in stops if s)
 
     def face_choice(self) -> FaceChoice:
@@ -143,8 +154,10 @@ def conversation(request: ChatRequest) -> Conversation:
     return Conversation(image=next(iter(images.values())), question=text[-1], turns=pairs)
 
 
-def generation_for(request: ChatRequest, base: GenerationConfig, server_seed: int) -> GenerationConfig:
-    """The server's generation settings with the request's (a 400 for what cannot be honoured)."""
+def generation_for(request: ChatRequest, base: GenerationConfig, server_seed: int, n_ctx: int) -> GenerationConfig:
+    """The server's generation settings with the request's (a 400 for what cannot be honoured: ``max_tokens``
+    above the model's ``n_ctx``, a JSON schema above :data:`MAX_SCHEMA_CHARS`). Blocking (a schema's grammar is
+    built here): call it off the event loop."""
     if request.n not in (None, 1):
         raise _unsupported("n", "one choice per face; ask with \"face\": \"all\" for every face instead of n > 1")
     if request.logprobs:
@@ -152,7 +165,7 @@ def generation_for(request: ChatRequest, base: GenerationConfig, server_seed: in
     if request.tools:
         raise _unsupported("tools", "tool calls are not supported by this model")
     changes: dict[str, Any] = {}
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    max_tokens = check_max_tokens(request.max_completion_tokens or request.max_tokens, n_ctx)
     if max_tokens is not None:
         changes["max_tokens"] = max_tokens
     if request.temperature is not None:
@@ -167,9 +180,23 @@ def generation_for(request: ChatRequest, base: GenerationConfig, server_seed: in
         if not isinstance(schema, dict):
             raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
                            code="invalid_request", param="response_format")
-        changes["grammar"] = schema_to_grammar(schema)
+        changes["grammar"] = _grammar(schema)
     gen = replace(base, **changes) if changes else base
     if request.seed is not None and request.seed != server_seed and gen.temperature > 0:
         raise _unsupported("seed", f"the server samples every answer with seed {server_seed}, set when the model "
                                    f"loads; send seed {server_seed}, no seed, or temperature 0 (greedy: no seed)")
     return gen
+
+
+def _grammar(schema: dict[str, Any]) -> str:
+    """The grammar of a request's ``schema``; a 400 when it is above :data:`MAX_SCHEMA_CHARS` or nests too deeply
+    for the converter."""
+    try:
+        size = len(json.dumps(schema, separators=(",", ":")))
+        if size <= MAX_SCHEMA_CHARS:
+            return schema_to_grammar(schema)
+    except RecursionError:
+        raise APIError(400, "response_format.json_schema.schema nests too deeply", code="invalid_request",
+                       param="response_format") from None
+    raise APIError(400, f"response_format.json_schema.schema is above the server's limit of {MAX_SCHEMA_CHARS} "
+                        "characters (as compact JSON)", code="invalid_request", param="response_format")

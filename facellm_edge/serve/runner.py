@@ -41,8 +41,9 @@ _RETRY_MAX_S = 60
 
 
 class _Failure:
-    def __init__(self, exc: BaseException) -> None:
+    def __init__(self, exc: BaseException, wait: bool = True) -> None:
         self.exc = exc
+        self.wait = wait  # for the worker to let the request go before the consumer sees it
 
 
 class _Job:
@@ -54,6 +55,7 @@ class _Job:
         self.started = threading.Event()
         self.cancel = threading.Event()
         self.retry_after = 1
+        self.on_interrupt: Callable[[APIError], None] | None = None  # set by a stream: ends it with the error
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -116,6 +118,17 @@ class ModelRunner:
         """An async iterator over ``factory(*args)``, which is called and iterated in the worker thread.
         Admission happens now (:class:`Busy` when the queue is full); use it as ``async with``."""
         return ModelStream(self, self._admit(), factory, args)
+
+    def interrupt(self, error: APIError) -> None:
+        """End every admitted stream now with ``error`` as its next item, whatever the worker is doing (the end of
+        the shutdown grace: a stream client still gets an error event and its end), and cancel their model work
+        (at its next piece). New requests are still admitted; :meth:`close` refuses them."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel.set()
+            if job.on_interrupt is not None:
+                job.on_interrupt(error)
 
     def close(self, wait: bool = True) -> None:
         """Refuse new requests, drop the waiting ones, cancel the running one (at its next piece), and (``wait``)
@@ -190,6 +203,7 @@ class ModelStream(Generic[T]):
         self._done = False
         self.result: Any = None
         self._future = runner._submit(job, lambda: self._produce(factory, args), on_cancel=self._dropped)
+        job.on_interrupt = lambda error: self._put(_Failure(error, wait=False))
 
     # -- worker side ----------------------------------------------------------------------------------------
     def _produce(self, factory: Callable[..., Iterable[T]], args: tuple) -> None:
@@ -239,7 +253,10 @@ class ModelStream(Generic[T]):
             raise
         if item is _END or isinstance(item, _Failure):
             self._done = True
-            await self._worker_done()
+            if item is _END or item.wait:
+                await self._worker_done()
+            else:
+                self._abandon()  # interrupted: the worker stops at its next piece, nobody waits for it
             if item is _END:
                 raise StopAsyncIteration
             raise item.exc

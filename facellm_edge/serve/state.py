@@ -1,6 +1,6 @@
 """What every route of one server shares (:class:`ServerState`, at ``app.state.serve``) and the request helpers the
-routes have in common: JSON bodies parsed off the event loop into one-line 400s, and a request that is cancelled
-when its client goes away."""
+routes have in common: JSON bodies parsed off the event loop into one-line 400s, a request's token limit checked
+against the model's context, and a request that is cancelled when its client goes away."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from facellm_edge.serve.errors import APIError
+from facellm_edge.serve.trust import require_json
 
 if TYPE_CHECKING:
     from facellm_edge.runtime.pipeline import FaceLLM
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from facellm_edge.serve.runner import ModelRunner
     from facellm_edge.serve.sessions import SessionStore
 
-__all__ = ["ServerState", "parse_json", "server_state", "until_disconnected", "validation_message"]
+__all__ = ["ServerState", "check_max_tokens", "load_json", "parse_json", "server_state", "until_disconnected",
+           "validation_message"]
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +61,34 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-def _load(body: bytes, schema: type[M]) -> M:
+def load_json(body: bytes) -> Any:
+    """The JSON value of ``body``; a 400 when it is not JSON (or nests deeper than the parser's recursion allows)."""
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})",
                        code="invalid_json") from None
+    except RecursionError:  # a small body can nest [[[[...]]]] deeper than Python's recursion limit
+        raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
+
+
+def _load(body: bytes, schema: type[M]) -> M:
+    data = load_json(body)
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise APIError(400, validation_message(exc), code="invalid_request") from None
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
 
 
 async def parse_json(request: Request, schema: type[M], then: Callable[[M], T] | None = None) -> "M | T":
-    """The JSON body as ``schema`` (and ``then(parsed)``, e.g. decoding its images), parsed in a worker thread:
-    a 20 MB body of base64 takes the event loop's time otherwise."""
+    """The JSON body as ``schema`` (and ``then(parsed)``, e.g. decoding its images or building a grammar), parsed
+    in a worker thread: a 20 MB body of base64 takes the event loop's time otherwise. 415 unless it is declared
+    ``application/json``."""
+    require_json(request)
     body = await request.body()
 
     def work() -> Any:
@@ -83,6 +96,15 @@ async def parse_json(request: Request, schema: type[M], then: Callable[[M], T] |
         return then(parsed) if then is not None else parsed
 
     return await asyncio.to_thread(work)
+
+
+def check_max_tokens(value: int | None, n_ctx: int, param: str = "max_tokens") -> int | None:
+    """``value``, or a 400 when it is above the model's context (``n_ctx`` tokens, image and question included):
+    no answer can be longer, and a huge one would hold the model until the context is full."""
+    if value is not None and value > n_ctx:
+        raise APIError(400, f"{param} is above the model's context of {n_ctx} tokens (an answer cannot be longer); "
+                            f"ask for at most {n_ctx}", code="invalid_request", param=param)
+    return value
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
