@@ -131,7 +131,8 @@ for _name, (_target, _summary) in COMMANDS.items():
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn every failure into one line on stderr + an exit code.
 
-    Codes: 0 done, 2 usage, 3 input, 4 output, 5 export, 6 runtime, 7 missing extra, 130 Ctrl-C, 143 SIGTERM."""
+    Codes: 0 done, 2 usage, 3 input, 4 output, 5 export, 6 runtime, 7 missing extra, 130 Ctrl-C, 143 SIGTERM
+    (``serve`` returns 0 after a graceful shutdown on either: a service's normal stop)."""
     args = list(sys.argv[1:] if argv is None else argv)
     with _StopSignals() as stop:
         rc, line = _run(args)
