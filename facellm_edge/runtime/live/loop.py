@@ -9,10 +9,11 @@ by token into a per-track cache that the overlay draws. A track that ends closes
 leaves the cache. Each answer's record says how long after the face's first frame its first token and its full
 answer came (``since_seen_ms``): what a person in front of the camera waits.
 
-Shutdown (q/Esc, Ctrl-C or SIGTERM — the CLI turns both into KeyboardInterrupt —, end of a file source) stops
-the worker, joins threads with a timeout, releases the source and finalises the outputs: the annotated video is
-written to a temporary file that becomes ``--output`` (a playable file of the frames so far) or is removed; JSON lines
-are appended and flushed to the disk one by one, so an interrupted run or a power cut keeps every complete line.
+Shutdown (q/Esc, Ctrl-C or SIGTERM — the CLI turns both into KeyboardInterrupt —, end of a file source, which
+first waits for the answers being made, as ``max_frames`` on a file does) stops the worker, joins threads with a
+timeout, releases the source and finalises the outputs: the annotated video is written to a temporary file that
+becomes ``--output`` (a playable file of every frame so far, checked) or is removed; JSON lines are appended and
+flushed to the disk one by one, so an interrupted run or a power cut keeps every complete line.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run_live(model: "FaceLLM", source: FrameSource, config: LiveConfig,
     ``on_record`` gets each answered face's record (the JSON line) as soon as it is complete (worker thread).
     ``control`` (:class:`~facellm_edge.runtime.live.control.LiveControl`) streams events and frames out and takes
     the standing question and follow-up questions in, from other threads."""
-    check_outputs(config)
+    check_outputs(config, getattr(source, "files", ()))
     check_output_source(config, source)
     control = control if control is not None else LiveControl()
     stats = LiveStats()
@@ -220,12 +221,13 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
                     quit_key = cv2.waitKey(1) & 0xFF in (ord("q"), 27)
             stats.frames += 1  # done: drawn and written (a stop inside this frame leaves it out of both)
             stats.frame_ms.append((time.perf_counter() - t_frame) * 1e3)
-            if quit_key or (config.max_frames and stats.frames >= config.max_frames) or control.stopped:
+            if quit_key or control.stopped:
+                break
+            if config.max_frames and stats.frames >= config.max_frames:
+                _end_of_input(source, config, worker, capped=True)
                 break
         else:
-            if not source.live:  # a file ended: let the worker finish what it has
-                if not worker.wait_idle(config.drain_timeout_s):
-                    log.warning("answers still pending after %.0fs; stopping", config.drain_timeout_s)
+            _end_of_input(source, config, worker)
     except KeyboardInterrupt:
         log.info("interrupted; shutting down")
         stats.interrupted = True
@@ -236,6 +238,16 @@ def _loop(model: "FaceLLM", source: FrameSource, config: LiveConfig, stats: Live
         call_holding_signals(lambda: _shut_down(worker, source, config, stats))
     if worker.error is not None:
         raise worker.error
+
+
+def _end_of_input(source: FrameSource, config: LiveConfig, worker: VlmWorker, capped: bool = False) -> None:
+    """The source ended, or ``--max-frames`` was reached: a file's last faces are answered before the stop (up to
+    ``drain_timeout_s``), whichever ended it; a camera or stream is cut at ``--max-frames``, and says what it drops."""
+    if not source.live:
+        if not worker.wait_idle(config.drain_timeout_s):
+            log.warning("answers still pending after %.0fs; stopping", config.drain_timeout_s)
+    elif capped and (dropped := worker.unanswered()):
+        log.warning("stopped after --max-frames %d: %d face(s) seen were not answered", config.max_frames, dropped)
 
 
 def _shut_down(worker: VlmWorker, source: FrameSource, config: LiveConfig, stats: LiveStats) -> None:

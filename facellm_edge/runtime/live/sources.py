@@ -19,7 +19,7 @@ from facellm_edge.errors import InputError
 from facellm_edge.io import DEFAULT_MAX_PIXELS, read_image
 
 __all__ = ["FrameSource", "ImageFiles", "VideoFile", "LiveCapture", "MultiSource", "open_source", "open_sources",
-           "Frame"]
+           "source_files", "Frame"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class FrameSource:
     description = ""
     skipped = 0  # images / frames that could not be read and were left out (each logged once as a warning)
     unit = "frames"
+    files: tuple[Path, ...] = ()  # the files it reads (no output may be one of them)
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -105,6 +106,7 @@ class ImageFiles(FrameSource):
         if not paths:
             raise InputError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {description}")
         self.paths = paths
+        self.files = tuple(paths)
         self.description = description
         self.max_pixels = max_pixels
         self.skipped = 0
@@ -133,6 +135,7 @@ class VideoFile(FrameSource):
 
     def __init__(self, path: Path, opener: Opener = _default_opener, max_bad_run: int = 250) -> None:
         self.description = str(path)
+        self.files = (Path(path),)
         self.max_bad_run = max_bad_run
         self.skipped = 0
         self._cap = opener(str(path))
@@ -293,11 +296,7 @@ def open_source(spec: str | int, *, opener: Opener = _default_opener,
         return LiveCapture(text, opener=opener, reconnect=reconnect, description=f"stream {text}")
     path = Path(text).expanduser()
     if path.is_dir():
-        try:
-            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        except OSError as exc:
-            raise InputError(f"cannot list folder {path}: {exc.strerror or exc}") from exc
-        return ImageFiles(paths, f"folder {path}", max_pixels)
+        return ImageFiles(_images_in(path), f"folder {path}", max_pixels)
     if not path.exists():
         raise InputError(f"source not found: {path} (pass a camera index, a file, a folder or a stream URL)")
     if path.suffix.lower() in IMAGE_EXTS:
@@ -315,6 +314,7 @@ class MultiSource(FrameSource):
         self.sources = sources
         self.live = any(s.live for s in sources)
         self.description = " + ".join(s.description for s in sources)
+        self.files = tuple(f for s in sources for f in s.files)
         self._still = {s.description: s.still for s in sources}
 
     def __iter__(self) -> Iterator[Frame]:
@@ -346,13 +346,42 @@ class MultiSource(FrameSource):
             s.close()
 
 
-def open_sources(specs: "list[str | int]", **kw: Any) -> FrameSource:
-    """One source, or several read in turn. A ``.streams`` file lists sources one per line (``#`` comments), as in
-    ultralytics. The same source twice is refused (it would be opened twice)."""
+def _images_in(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    except OSError as exc:
+        raise InputError(f"cannot list folder {folder}: {exc.strerror or exc}") from exc
+
+
+def _identity(spec: "str | int") -> "tuple[str, Any]":
+    """What a spec opens: a camera index (``0`` = ``00``), a URL, or a resolved path (``dir`` = ``dir/``)."""
+    text = str(spec).strip()
+    if isinstance(spec, int) or text.isdigit():
+        return "camera", int(text)
+    if text.lower().startswith(STREAM_SCHEMES):
+        return "url", text
+    return "path", Path(text).expanduser().resolve()
+
+
+def source_files(specs: "list[str | int]") -> list[Path]:
+    """The files ``open_sources(specs)`` reads (files, folders' images, .streams lists), none opened: for outputs."""
+    files = [Path(str(s).strip()) for s in specs if _is_streams(s)]
+    for kind, path in map(_identity, _expand(specs)):
+        if kind == "path" and path.exists():
+            files += _images_in(path) if path.is_dir() else [path]
+    return files
+
+
+def _is_streams(spec: "str | int") -> bool:
+    return str(spec).strip().lower().endswith(".streams") and Path(str(spec).strip()).is_file()
+
+
+def _expand(specs: "list[str | int]") -> "list[str | int]":
+    """The specs with each ``.streams`` file replaced by the sources it lists."""
     expanded: list[str | int] = []
     for spec in specs:
         text = str(spec).strip()
-        if text.lower().endswith(".streams") and Path(text).is_file():
+        if _is_streams(spec):
             try:
                 lines = Path(text).read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
@@ -360,10 +389,17 @@ def open_sources(specs: "list[str | int]", **kw: Any) -> FrameSource:
             expanded += [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
         else:
             expanded.append(spec)
+    return expanded
+
+
+def open_sources(specs: "list[str | int]", **kw: Any) -> FrameSource:
+    """One source, or several read in turn. A ``.streams`` file lists sources one per line (``#`` comments), as in
+    ultralytics. The same source twice (as resolved: ``_identity``) is refused (it would be opened twice)."""
+    expanded = _expand(specs)
     if not expanded:
         raise InputError("no source given (a .streams file with no entries?)")
-    seen = [str(s).strip() for s in expanded]
-    dup = next((s for i, s in enumerate(seen) if s in seen[:i]), None)
+    seen = [_identity(s) for s in expanded]
+    dup = next((str(expanded[i]).strip() for i, s in enumerate(seen) if s in seen[:i]), None)
     if dup is not None:
         raise InputError(f"source {dup} is given twice; give each camera, file or stream once")
     opened: list[FrameSource] = []

@@ -141,6 +141,11 @@ class VlmWorker(threading.Thread):
             return self._cond.wait_for(lambda: (not self._busy and not self.jobs.pending() and not self._followups)
                                        or not self.is_alive() or self._cancel_wait, timeout=timeout)
 
+    def unanswered(self) -> int:
+        """Faces seen whose answer is not complete (offered and not taken yet, or being answered)."""
+        with self._cond:
+            return len(self._seen) + sum(not a.done for a in self._answers.values())
+
     def cancel_wait(self) -> None:
         """End any :meth:`wait_idle` now (a stop request while the loop waits for the last answers)."""
         with self._cond:
@@ -196,7 +201,7 @@ class VlmWorker(threading.Thread):
             pass
         except BaseException as exc:  # surfaced by the frame loop
             self.error = exc
-            log.error("VLM worker stopped: %s", exc)
+            log.debug("VLM worker stopped: %s", exc)  # the frame loop raises it: the caller reports it once
         finally:
             with self._cond:
                 self._busy = False
