@@ -43,9 +43,9 @@ def count_image_prefills(monkeypatch):
     def install(model: FaceLLM) -> list[int]:
         real = model.generator.prefill_many  # every image prefill (one face, several together, whole images)
 
-        def counted(items):
+        def counted(items, **kwargs):
             calls.extend(len(embeds) for _, embeds in items)  # images per conversation prefilled
-            return real(items)
+            return real(items, **kwargs)
 
         monkeypatch.setattr(model.generator, "prefill_many", counted)
         return calls

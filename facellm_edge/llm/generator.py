@@ -43,9 +43,15 @@ log = logging.getLogger(__name__)
 
 
 def check_question(question: object) -> str:
-    """The question, or :class:`UsageError` when it is not a non-blank string (checked once, at the entry point)."""
+    """The question, or :class:`UsageError` when it is not a non-blank string of text (checked once, at the entry
+    point, so a bad question fails before any image work)."""
     if not isinstance(question, str) or not question.strip():
         raise UsageError("the question is empty; ask something")
+    try:
+        question.encode("utf-8")  # the tokenizer takes UTF-8: a lone surrogate would fail only after the prefill
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"the question is not valid text: it holds {question[exc.start]!r} at character "
+                         f"{exc.start}, half of a surrogate pair; send it as UTF-8") from None
     return question
 
 
@@ -58,6 +64,11 @@ class Generator:
         self.config = config
         self._lock = threading.Lock()
         self._owner: int | None = None
+        # Conversations prefilled for an answer that has not run yet, and the thread that prefilled them: not
+        # evicted meanwhile (another thread's prefill waits on _unpinned instead), or a one-shot ask on one thread
+        # lost the faces it had just opened to a prefill on another (prefill_many's ``pin``)
+        self._pins: dict[Hashable, int] = {}
+        self._unpinned = threading.Condition(self._lock)
         self._engine = LlamaEngine(Path(gguf_path), config)
         try:
             self._template = PromptTemplate.build(prompt, tokens, self._engine)
@@ -117,7 +128,7 @@ class Generator:
         self._owner = threading.get_ident()
         if self._engine.closed:
             self._release()
-            raise UsageError("this Generator is closed")
+            raise UsageError("the model is closed; load the bundle again (FaceLLM.load)")
 
     def _release(self) -> None:
         self._owner = None
@@ -146,18 +157,52 @@ class Generator:
         try:
             self._slots.clear()
             self._engine.clear()
+            self._unpin_all()
         finally:
             self._release()
 
     def _evict(self, key: Hashable) -> None:
         slot = self._slots.remove(key)
         self._engine.seq_clear(slot.seq)
+        if self._pins.pop(key, None) is not None:
+            self._unpinned.notify_all()
         log.debug("evicted KV slot of %r (%d positions)", key, slot.n_past)
 
+    def unpin(self, keys: Collection[Hashable]) -> None:
+        """End ``keys``' pins (see :meth:`prefill_many`) without an answer: a caller that pinned them and will not
+        ask in them after all."""
+        self._acquire()
+        try:
+            if any([self._pins.pop(k, None) is not None for k in keys]):
+                self._unpinned.notify_all()
+        finally:
+            self._release()
+
+    def _unpin_all(self) -> None:
+        self._pins.clear()
+        self._unpinned.notify_all()
+
+    def _wait_for_unpin(self) -> None:
+        """Wait (the lock released meanwhile) until another thread's pinned conversations are answered or dropped.
+        Pins of this thread alone cannot go while it waits: that is a usage error, not a deadlock."""
+        me = threading.get_ident()
+        if all(owner == me for owner in self._pins.values()):
+            raise UsageError(f"all {self._slots.capacity} KV slots (max_slots) hold conversations opened for an "
+                             "answer that has not run yet; answer or close them first")
+        self._owner = None
+        try:
+            self._unpinned.wait()
+        finally:
+            self._owner = me
+        if self._engine.closed:
+            raise UsageError("the model was closed while this call waited for a KV slot")
+
     def _make_room(self, keys: Collection[Hashable], n_new: int) -> None:
-        """Evict least recently used faces other than ``keys`` until ``n_new`` more cells fit in the shared cache."""
+        """Evict least recently used faces other than ``keys`` (and pinned ones) until ``n_new`` more cells fit in
+        the shared cache."""
+        keep = set(keys) | set(self._pins)
         while self._slots.cells_used() + n_new > self._engine.n_cells:
-            victim = self._slots.lru(exclude=keys)
+            victim = self._slots.lru(exclude=keep)
             if victim is None:
                 return  # only these faces are left; the callers' n_ctx checks bound them
             log.info("KV cache full: evicting face %r", victim)
@@ -168,18 +213,21 @@ class Generator:
         """Decode the prompt prefix with ``image_embeds`` into ``key``'s slot (replacing it); returns its length."""
         return self.prefill_images(key, [image_embeds])
 
-    def prefill_images(self, key: Hashable, images_embeds: Sequence[np.ndarray]) -> int:
+    def prefill_images(self, key: Hashable, images_embeds: Sequence[np.ndarray], *, pin: bool = False) -> int:
         """Decode the prompt prefix with several images (each ``[tiles * tokens, n_embd]``, in order, one
-        ``<img>…</img>`` block each) into ``key``'s slot (replacing it); returns the prefix length in tokens."""
+        ``<img>…</img>`` block each) into ``key``'s slot (replacing it); returns the prefix length in tokens.
+        ``pin``: as :meth:`prefill_many`."""
         if isinstance(images_embeds, np.ndarray) or not images_embeds:
             raise UsageError("prefill_images takes a non-empty list of image embeddings (one array per image)")
-        return self.prefill_many([(key, images_embeds)])[0]
+        return self.prefill_many([(key, images_embeds)], pin=pin)[0]
 
-    def prefill_many(self, items: Sequence[tuple[Hashable, Sequence[np.ndarray]]]) -> list[int]:
+    def prefill_many(self, items: Sequence[tuple[Hashable, Sequence[np.ndarray]]], *,
+                     pin: bool = False) -> list[int]:
         """Prefill several conversations at once (e.g. every new face of a frame): ``items`` are (key, the images'
         embeddings), each as :meth:`prefill_images` takes them. The faces' rows share each ``llama_decode`` call.
         At most ``max_slots`` keys, all different, each with the same number of images. Returns the prefix
-        lengths."""
+        lengths. ``pin``: the new conversations are not evicted until their first answer has run (or they are
+        dropped) — a prefill on another thread that needs their slots waits meanwhile."""
         keys = [k for k, _ in items]
         if not items or len(set(keys)) != len(keys) or len(keys) > self._slots.capacity:
             raise UsageError(f"prefill_many takes 1..{self._slots.capacity} (max_slots) different keys, "
@@ -213,11 +261,16 @@ class Generator:
                 if k in self._slots:
                     self._evict(k)
             while self._slots.capacity - len(self._slots) < len(keys):
-                victim = self._slots.lru()
+                victim = self._slots.lru(exclude=self._pins)
+                if victim is None:  # every slot holds a conversation another thread is about to answer
+                    self._wait_for_unpin()
+                    continue
                 log.info("%d face slots in use: evicting face %r", self._slots.capacity, victim)
                 self._evict(victim)
             self._make_room(keys, sum(lengths))
             slots = [self._slots.add(k) for k in keys]
+            if pin:
+                self._pins.update((k, threading.get_ident()) for k in keys)
             with self._evicted_on_failure(keys):
                 pos = [0] * len(slots)
                 for j in range(len(segments[0])):
@@ -334,6 +387,9 @@ class Generator:
                 remain = self.n_ctx - slot.n_past
                 if len(seg) > remain:
                     raise RuntimeStageError(
+                        f"the question needs {len(seg)} tokens but this conversation already holds {slot.n_past} of "
+                        f"its {self.n_ctx}-token context; ask in a new session (ask about the image again), with a "
+                        "shorter question, or use a larger --ctx" if slot.asked else
                         f"question needs {len(seg)} tokens but only {remain} remain in the {self.n_ctx}-token "
                         "context; use a shorter question or a larger --ctx"
                     )
@@ -369,6 +425,9 @@ class Generator:
         finally:
             for chain in chains:
                 chain.close()
+            unpinned = [self._pins.pop(key, None) for key in keys]  # answered (or failed): evictable again
+            if any(owner is not None for owner in unpinned):
+                self._unpinned.notify_all()
             self._release()
 
     @contextmanager
@@ -390,6 +449,7 @@ class Generator:
         with self._lock:
             self._slots.clear()
             self._engine.close()
+            self._unpin_all()  # threads waiting for a slot wake up and see the model closed
 
     def __enter__(self) -> "Generator":
         return self

@@ -15,6 +15,7 @@ model are served one at a time; sessions may be used from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from facellm_edge.bundle import Bundle, load_bundle
-from facellm_edge.errors import UsageError
+from facellm_edge.errors import FaceLLMEdgeError, UsageError
 from facellm_edge.llm.generator import check_question
 from facellm_edge.llm.sampling import GenerationConfig
 from facellm_edge.runtime.align import align_face
@@ -83,8 +84,20 @@ class FaceLLM:
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the model (waits for an answer being generated on another thread). Open sessions become unusable."""
+        """Free the model (waits for an answer being generated, or a detection, on another thread): the language
+        model, the vision encoder and the detector, so a closed model a program still references holds none of
+        their memory. Open sessions become unusable; later calls say the model is closed."""
         self.generator.close()
+        with self._detect_lock:  # the detector property checks _check_open under this lock: none is made after
+            detector, self._detector = self._detector, None
+            if detector is not None and hasattr(detector, "close"):
+                detector.close()
+        self.encoder.close()
+
+    def _check_open(self) -> None:
+        """A one-line :class:`UsageError` once :meth:`close` has run (the generator is closed first)."""
+        if self.generator.closed:
+            raise UsageError("this FaceLLM is closed; load the bundle again (FaceLLM.load)")
 
     def __enter__(self) -> "FaceLLM":
         return self
@@ -96,6 +109,7 @@ class FaceLLM:
     @property
     def detector(self) -> Detector:
         with self._detect_lock:
+            self._check_open()  # every image call detects (or encodes) first: a closed model fails before any work
             if self._detector is None:
                 self._detector = create_detector(self.config.detector)
             return self._detector
@@ -133,9 +147,11 @@ class FaceLLM:
         into the KV cache now (``face.timings["image_prefill"]``)."""
         return self.open_encoded([face], first_index=index)[0]
 
-    def open_encoded(self, faces: Sequence[Face], *, first_index: int = 0) -> list[FaceSession]:
+    def open_encoded(self, faces: Sequence[Face], *, first_index: int = 0, pin: bool = False) -> list[FaceSession]:
         """Sessions about several encoded faces at once (at most ``generator.max_slots``): their image prefixes
-        share each llama_decode call; each face's ``image_prefill`` is the time until all were in the cache."""
+        share each llama_decode call; each face's ``image_prefill`` is the time until all were in the cache.
+        ``pin``: they stay in the cache until their first answer has run (a prefill on another thread waits for
+        their slots meanwhile) — for a caller that asks in them at once (``ask``, the live worker, serve)."""
         if not faces or len(faces) > self.generator.max_slots:
             raise UsageError(f"open_encoded takes 1..{self.generator.max_slots} faces (max_slots), got {len(faces)}")
         if any(f.embeds is None for f in faces):
@@ -143,7 +159,7 @@ class FaceLLM:
         ids = [new_session_id() for _ in faces]
         t0 = time.perf_counter()
         lengths = self.generator.prefill_many([(sid, [f.embeds.reshape(-1, f.embeds.shape[-1])])
-                                               for sid, f in zip(ids, faces)])
+                                               for sid, f in zip(ids, faces)], pin=pin)
         prefill = ms_since(t0)
         sessions = []
         for j, (sid, n, face) in enumerate(zip(ids, lengths, faces)):
@@ -154,8 +170,10 @@ class FaceLLM:
         return sessions
 
     def open_faces(self, image_bgr: np.ndarray, *, save_crops: str | Path | None = None) -> list[FaceSession]:
-        """Detect, align and encode every face of the image and open a session for each (in detection order)."""
-        return [s for group in self._open_faces(check_image(image_bgr), save_crops) for s in group]
+        """Detect, align and encode every face of the image and open a session for each (in detection order). More
+        faces than the KV cache keeps (``max_slots``) is a :class:`UsageError` before any is encoded: the first
+        sessions would be evicted by the last ones (``ask`` answers such images group by group)."""
+        return [s for group in self._open_faces(check_image(image_bgr), save_crops, keep_all=True) for s in group]
 
     def open_images(self, images_bgr: Sequence[np.ndarray]) -> FaceSession:
         """One session about one or more whole images (no detection), as InternVL is asked with several images:
@@ -175,8 +193,9 @@ class FaceLLM:
         check_question(question)
         gen = self.config.generation.with_overrides(max_tokens, temperature)
         out = []
-        for sessions in self._open_faces(check_image(image_bgr), save_crops):
-            answers = answer_together_checked(sessions, question, gen)
+        for sessions in self._open_faces(check_image(image_bgr), save_crops, pin=True):
+            with _closed_on_failure(sessions):
+                answers = answer_together_checked(sessions, question, gen)
             out += [self._face_answer(s, a) for s, a in zip(sessions, answers)]
         return out
 
@@ -186,9 +205,14 @@ class FaceLLM:
         interleave). The model is busy (other callers wait) while the answers are being streamed."""
         check_question(question)
         gen = self.config.generation.with_overrides(max_tokens, temperature)
-        for sessions in self._open_faces(check_image(image_bgr), None):
-            for i, piece in stream_together_checked(sessions, question, gen):
-                yield sessions[i].index, piece
+        for sessions in self._open_faces(check_image(image_bgr), None, pin=True):
+            run = stream_together_checked(sessions, question, gen)
+            try:
+                for i, piece in run:
+                    yield sessions[i].index, piece
+            finally:  # no handle to these sessions leaves this call: their cells are freed, not left to the LRU
+                run.close()  # first: it holds the model until closed
+                _close_all(sessions)
 
     def chat(self, answer: "FaceAnswer | ImagesAnswer", question: str, *, max_tokens: int | None = None,
              temperature: float | None = None) -> "FaceAnswer | ImagesAnswer":
@@ -210,9 +234,10 @@ class FaceLLM:
             pixels = crop_to_pixels(image, self.bundle.manifest.image)
         with timed(face.timings, "encode"):
             face.embeds = self.encoder.encode(pixels)[0]
-        session = self.open_face(face)
-        return self._face_answer(session, session.answer_checked(
-            question, self.config.generation.with_overrides(max_tokens, temperature)))
+        session = self.open_encoded([face], pin=True)[0]
+        with _closed_on_failure([session]):
+            return self._face_answer(session, session.answer_checked(
+                question, self.config.generation.with_overrides(max_tokens, temperature)))
 
     def ask_image(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
                   temperature: float | None = None) -> FaceAnswer:
@@ -220,16 +245,20 @@ class FaceLLM:
         up to ``max_tiles`` + thumbnail, when the bundle's ``image.crop_to_patches``)."""
         check_question(question)
         image = check_image(image_bgr)
-        session = self._open_images([image], _whole_image_face(image))
-        return self._face_answer(session, session.answer_checked(
-            question, self.config.generation.with_overrides(max_tokens, temperature)))
+        session = self._open_images([image], _whole_image_face(image), pin=True)
+        with _closed_on_failure([session]):
+            return self._face_answer(session, session.answer_checked(
+                question, self.config.generation.with_overrides(max_tokens, temperature)))
 
     def ask_images(self, images_bgr: Sequence[np.ndarray], question: str, *, max_tokens: int | None = None,
                    temperature: float | None = None) -> ImagesAnswer:
         """One question about one or more whole images (see :meth:`open_images`)."""
         check_question(question)
-        session = self.open_images(images_bgr)
-        ans = session.answer_checked(question, self.config.generation.with_overrides(max_tokens, temperature))
+        if isinstance(images_bgr, np.ndarray) or not images_bgr:
+            raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
+        session = self._open_images([check_image(im) for im in images_bgr], pin=True)
+        with _closed_on_failure([session]):
+            ans = session.answer_checked(question, self.config.generation.with_overrides(max_tokens, temperature))
         return ImagesAnswer(text=ans.text, token_ids=ans.token_ids, stop_reason=ans.stop_reason, tiles=session.tiles,
                             n_prompt=session.n_prefix + ans.n_prefilled,
                             timings={**session.timings, **ans.timings}, session=session)
@@ -245,11 +274,17 @@ class FaceLLM:
             f.timings["detect"] = dt
         return faces
 
-    def _open_faces(self, image: np.ndarray, save_crops: str | Path | None) -> Iterator[list[FaceSession]]:
+    def _open_faces(self, image: np.ndarray, save_crops: str | Path | None, *, pin: bool = False,
+                    keep_all: bool = False) -> Iterator[list[FaceSession]]:
         """detect -> align + encode (together) -> lazily, per group of up to ``max_slots`` faces: open their
-        sessions together (image prefill)."""
+        sessions together (image prefill; ``pin``: see :meth:`open_encoded`). ``keep_all``: every session must
+        stay open, so more faces than slots is refused."""
         faces = self._detect(image)
         slots = self.generator.max_slots
+        if keep_all and len(faces) > slots:
+            raise UsageError(f"the image has {len(faces)} faces but the KV cache keeps {slots} sessions "
+                             "(max_slots): open_faces would lose the first ones; use ask() (answers them group by "
+                             "group) or raise EngineConfig.max_slots and n_ctx")
         if len(faces) > slots:
             log.info("%d faces but %d KV slots: answered %d at a time; only the last %d stay open for follow-ups "
                      "(raise n_ctx and max_slots to keep them all)", len(faces), slots, slots, slots)
@@ -257,9 +292,9 @@ class FaceLLM:
         if save_crops is not None:
             save_face_crops(faces, Path(save_crops))
         for start in range(0, len(faces), slots):
-            yield self.open_encoded(faces[start:start + slots], first_index=start)
+            yield self.open_encoded(faces[start:start + slots], first_index=start, pin=pin)
 
-    def _open_images(self, images: list[np.ndarray], face: Face | None = None) -> FaceSession:
+    def _open_images(self, images: list[np.ndarray], face: Face | None = None, *, pin: bool = False) -> FaceSession:
         """Tile, encode (together) and prefill whole images into one session (``face``: a whole-image record)."""
         spec, timings = self.bundle.manifest.image, {} if face is None else face.timings
         with timed(timings, "preprocess"):
@@ -270,7 +305,7 @@ class FaceLLM:
         per_image = [embeds[a:b].reshape(-1, self.encoder.width) for a, b in zip(bounds[:-1], bounds[1:])]
         sid = new_session_id()
         with timed(timings, "image_prefill"):
-            n = self.generator.prefill_images(sid, per_image)
+            n = self.generator.prefill_images(sid, per_image, pin=pin)
         opened = Opened(n_prefix=n, tiles=tuple(len(p) for p in pixels), timings=dict(timings))
         return FaceSession(self.generator, self.config.generation, face, opened, session_id=sid)
 
@@ -284,3 +319,19 @@ class FaceLLM:
             track_id=face.track_id,
         )
 
+
+def _close_all(sessions: Sequence[FaceSession]) -> None:
+    for session in sessions:
+        with contextlib.suppress(FaceLLMEdgeError):  # a closed model: its cells went with it
+            session.close()
+
+
+@contextlib.contextmanager
+def _closed_on_failure(sessions: Sequence[FaceSession]) -> Iterator[None]:
+    """Sessions a one-shot call opened are its caller's only through its answers: when answering fails they are
+    closed, not left holding KV cells that nothing can reach."""
+    try:
+        yield
+    except BaseException:
+        _close_all(sessions)
+        raise

@@ -107,15 +107,22 @@ class FaceSession:
 
     @property
     def cached(self) -> bool:
-        """Whether the conversation is still in the KV cache (False once closed or evicted)."""
-        return not self._closed and self._gen.has(self.id)
+        """Whether the conversation is still in the KV cache (False once closed, evicted, or its model closed)."""
+        if self._closed or self._gen.closed:
+            return False
+        try:
+            return self._gen.has(self.id)
+        except UsageError:
+            if self._gen.closed:  # the model was closed on another thread since the check above
+                return False
+            raise
 
     def close(self) -> None:
         """Free this conversation's KV cells (idempotent)."""
         if not self._closed:
-            self._closed = True
             if not self._gen.closed:
-                self._gen.drop(self.id)
+                self._gen.drop(self.id)  # may refuse (inside this session's own stream): then it stays open
+            self._closed = True
 
     def __enter__(self) -> "FaceSession":
         return self

@@ -244,11 +244,16 @@ class VlmWorker(threading.Thread):
         with self._cond:
             for item in items:
                 item.question = self.question
-        sessions = self.model.open_encoded([item.face for item in items])
+        # pinned: a prefill on another thread (serve's requests) waits rather than evict them before their answer
+        sessions = self.model.open_encoded([item.face for item in items], pin=True)
         for item, session in zip(items, sessions):
             item.session = session
             item.face.embeds = None
-        self._ask(items)
+        try:
+            self._ask(items)
+        finally:  # answered, or not at all (cancelled): their slots are evictable again either way
+            if not self.model.generator.closed:
+                self.model.generator.unpin([s.id for s in sessions])
 
     def _follow_up(self, track_id: int, question: str) -> None:
         """A follow-up about a live track, in its session (re-encoded never: an evicted session says so)."""
