@@ -156,3 +156,52 @@ def test_explicit_detector_model_is_used(tmp_path, astronaut_bgr):
     shutil.copy(y.PACKAGED_MODEL, mine)
     det = create_detector(DetectorConfig(name="yunet", model_path=mine))
     assert det.model_path == mine and len(det.detect(astronaut_bgr)) == 1
+
+
+@pytest.mark.parametrize("h, w", [(8, 100000), (10, 20000), (20000, 10)])
+def test_very_wide_or_tall_images_are_scaled_not_refused(yunet, h, w):
+    """Scaled to the detector's size, the short side of a strip rounds to 0 px, which cv2.resize refuses (the CLI
+    said `unexpected error`): it is kept at 1 px, and such a strip simply has no face."""
+    assert yunet.detect(np.zeros((h, w, 3), np.uint8)) == []
+
+
+def test_scrfd_gives_no_face_in_a_strip_too_thin_to_scale(astronaut_bgr):
+    """insightface's SCRFD scales the long side to its input size with int(): a strip comes out 0 px across and
+    cv2.resize refuses it (stub: that sizing step of SCRFD._detect_candidates, no network needed)."""
+    import cv2
+
+    from facellm_edge.runtime.detect.scrfd import ScrfdDetector
+
+    class InsightfaceSizing:
+        calls = 0
+
+        def detect(self, img, input_size):
+            self.calls += 1
+            ratio = img.shape[0] / img.shape[1]
+            if ratio > input_size[1] / input_size[0]:
+                size = (int(input_size[1] / ratio), input_size[1])
+            else:
+                size = (input_size[0], int(input_size[0] * ratio))
+            cv2.resize(img, size)
+            return np.empty((0, 5), np.float32), np.empty((0, 5, 2), np.float32)
+
+    det = object.__new__(ScrfdDetector)  # no insightface model to load: the stub stands in for it
+    det.config, det.model_path, det._size = DetectorConfig(name="scrfd"), Path("det_stub.onnx"), (640, 640)
+    det._model = stub = InsightfaceSizing()
+    for shape in [(8, 100000, 3), (10, 20000, 3), (20000, 10, 3)]:
+        assert det.detect(np.zeros(shape, np.uint8)) == []
+    assert det.detect(astronaut_bgr) == [] and stub.calls == 1
+    det.close()
+    with pytest.raises(UsageError, match=r"^this SCRFD detector is closed .*; load the model again$"):
+        det.detect(astronaut_bgr)
+
+
+def test_a_closed_yunet_frees_its_network_and_says_so(yunet_model, astronaut_bgr):
+    det = create_detector(DetectorConfig(name="yunet", model_path=yunet_model))
+    assert len(det.detect(astronaut_bgr)) == 1
+    det.close()
+    det.close()
+    assert det._net is None
+    with pytest.raises(UsageError, match=r"^this YuNet detector is closed \(FaceLLM.close\(\) closes its detector\); "
+                                         r"load the model again$"):
+        det.detect(astronaut_bgr)

@@ -233,6 +233,9 @@ class VisionEncoder:
         ``one_call=None`` (the default policy): on GPU providers the whole batch is one ORT call; on the CPU faces
         go one by one — measured at FaceLLM-1B size on 2 cores (benchmarks/results), 3.5 s per face one by one against
         4.5 s per face in one call of 6. ``one_call=True`` forces a single call (the benchmark's comparison)."""
+        session = self._session  # one reference per call: close() on another thread lets this run finish
+        if session is None:
+            raise UsageError("the vision encoder is closed (its FaceLLM was closed); load the bundle again")
         x = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != 3:
             raise RuntimeStageError(f"pixel_values must be [B, 3, H, W], got {list(x.shape)}")
@@ -241,7 +244,7 @@ class VisionEncoder:
         if not one_call and x.shape[0] > 1:
             return np.concatenate([self.encode(x[i:i + 1]) for i in range(x.shape[0])], axis=0)
         try:
-            (out,) = self._session.run(["image_embeds"], {"pixel_values": x})
+            (out,) = session.run(["image_embeds"], {"pixel_values": x})
         except Exception as exc:
             raise RuntimeStageError(f"vision encoder failed on {list(x.shape)}: {str(exc).splitlines()[0]}") from exc
         if out.shape[-1] != self.width or out.shape[1] != self.num_image_tokens:
@@ -251,3 +254,7 @@ class VisionEncoder:
             )
         return out
 
+    def close(self) -> None:
+        """Free the ONNX Runtime session, its weights and arena (idempotent); :meth:`encode` then raises. A closed
+        model a program still references would otherwise keep the whole graph resident."""
+        self._session = None

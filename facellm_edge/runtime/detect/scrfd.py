@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from facellm_edge.runtime.detect import DetectorConfig, check_image, top_faces
-from facellm_edge.errors import InputError, RuntimeStageError, require
+from facellm_edge.errors import InputError, RuntimeStageError, UsageError, require
 from facellm_edge.runtime.faces import Face
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,24 @@ class ScrfdDetector:
 
     def detect_checked(self, image: np.ndarray) -> list[Face]:
         """:meth:`detect` for an image its caller has already checked."""
+        model = self._model
+        if model is None:
+            raise UsageError("this SCRFD detector is closed (FaceLLM.close() closes its detector); "
+                             "load the model again")
+        h, w = image.shape[:2]
+        if max(h, w) >= min(h, w) * min(self._size):
+            # insightface scales the long side to the input size with int(): a strip this thin (8 x 100000) comes
+            # out 0 px across, which cv2.resize refuses; at under 1 px no face can be seen anyway
+            return []
         try:
-            det, kps = self._model.detect(image, input_size=self._size)
+            det, kps = model.detect(image, input_size=self._size)
         except Exception as exc:
             raise RuntimeStageError(f"SCRFD failed on a {image.shape[1]}x{image.shape[0]} image: {exc}") from exc
         if kps is None:
             raise RuntimeStageError(f"{self.model_path} gives no landmarks; use an SCRFD model with keypoints (_kps)")
         faces = [Face(box=d[:4], score=float(d[4]), landmarks=k) for d, k in zip(det, kps)]
         return top_faces(faces, self.config.max_faces)
+
+    def close(self) -> None:
+        """Free the ONNX Runtime session (idempotent); :meth:`detect` then raises. ``FaceLLM.close`` calls it."""
+        self._model = None

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from facellm_edge.runtime.detect import DetectorConfig, check_image, top_faces
-from facellm_edge.errors import InputError, RuntimeStageError
+from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 from facellm_edge.runtime.faces import Face
 from facellm_edge.io import sha256_file
 
@@ -81,21 +81,34 @@ class YuNetDetector:
 
     def detect_checked(self, image: np.ndarray) -> list[Face]:
         """:meth:`detect` for an image its caller has already checked."""
+        net = self._net
+        if net is None:
+            raise UsageError("this YuNet detector is closed (FaceLLM.close() closes its detector); "
+                             "load the model again")
         h, w = image.shape[:2]
         scale = min(1.0, self.config.size / max(h, w))
         if scale < 1.0:
-            image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+            # at least 1 px a side: a strip (8 x 100000) would round its short side to 0, which cv2.resize refuses;
+            # each axis is then mapped back by its own factor (the rounding makes them differ)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        sx, sy = image.shape[1] / w, image.shape[0] / h
         size = (image.shape[1], image.shape[0])
         if size != self._size:
-            self._net.setInputSize(size)
+            net.setInputSize(size)
             self._size = size
         try:
-            _, rows = self._net.detect(image)
+            _, rows = net.detect(image)
         except cv2.error as exc:
             raise RuntimeStageError(f"YuNet failed on a {w}x{h} image: {exc.msg.strip()}") from exc
         faces = []
         for row in rows if rows is not None else ():
-            x, y, bw, bh = (float(v) / scale for v in row[:4])
-            lm = np.asarray(row[4:14], dtype=np.float32).reshape(5, 2) / scale
+            x, bw = float(row[0]) / sx, float(row[2]) / sx
+            y, bh = float(row[1]) / sy, float(row[3]) / sy
+            lm = np.asarray(row[4:14], dtype=np.float32).reshape(5, 2) / np.array([sx, sy], np.float32)
             faces.append(Face(box=np.array([x, y, x + bw, y + bh]), score=float(row[14]), landmarks=lm))
         return top_faces(faces, self.config.max_faces)
+
+    def close(self) -> None:
+        """Free the network (idempotent); :meth:`detect` then raises. ``FaceLLM.close`` calls it."""
+        self._net = None
