@@ -19,6 +19,7 @@ question's TTFT went 321 -> 412 ms with 1 -> 4 faces resident, decode 26.5 -> 25
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -29,12 +30,26 @@ import numpy as np
 
 from facellm_edge.errors import InputError, RuntimeStageError, UsageError
 from facellm_edge.llm.native import install_log_hook, load_model
+from facellm_edge.llm.sampling import INT32_MAX, UINT32_MAX, int_field, typed_field
 from facellm_edge.signals import call_holding_signals
 
 log = logging.getLogger(__name__)
 
 
 DEFAULT_SLOTS = 4
+# llama.cpp's LLAMA_DEFAULT_SEED: llama_sampler_init_dist draws a random seed for it, so it (and -1, which ctypes
+# wraps to it) would break "same input, same answer"; seeds stop one below it.
+RANDOM_SEED = UINT32_MAX
+MAX_SEED = RANDOM_SEED - 1
+
+
+@functools.cache
+def max_parallel_sequences() -> int:
+    """llama.cpp's limit on sequences per context (LLAMA_MAX_SEQ, 256 today): a constant of the library, read
+    without loading a model (importing llama_cpp costs ~0.3 s once; the engine imports it to load anyway)."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_max_parallel_sequences())
 
 
 # Why llama.cpp cannot offload (llama_supports_gpu_offload() is false): its build has no GPU backend, or the backend
@@ -70,19 +85,33 @@ class EngineConfig:
     # buffers anyway; with mmap the file's pages stay resident too (FaceLLM-1B q4_0: 777 -> 587 MB peak RSS).
     mmap: bool = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # every field checked here: llama.cpp's ctypes would wrap or truncate at load
+        typed_field(self, "quant", str, "a quantisation name such as q4_k_m", optional=True)
+        for name in ("n_ctx", "n_batch", "n_gpu_layers", "seed"):
+            int_field(self, name)
+        for name in ("max_slots", "n_threads", "n_threads_batch"):
+            int_field(self, name, optional=True)
+        for name in ("flash_attn", "mmap"):
+            typed_field(self, name, bool, "True or False")
         if self.n_ctx < 16:
             raise UsageError(f"context size {self.n_ctx} is too small; use --ctx 512 or more")
-        if self.n_batch < 1:
-            raise UsageError(f"batch size {self.n_batch} must be >= 1")
+        if self.n_ctx > UINT32_MAX:
+            raise UsageError(f"context size {self.n_ctx} is above llama.cpp's limit of {UINT32_MAX}")
+        if not 1 <= self.n_batch <= UINT32_MAX:
+            raise UsageError(f"batch size {self.n_batch} must be in 1..{UINT32_MAX}")
         if self.max_slots is not None and self.max_slots < 1:
             raise UsageError(f"max_slots {self.max_slots} must be >= 1")
+        if self.max_slots is not None and self.max_slots > max_parallel_sequences():
+            raise UsageError(f"max_slots {self.max_slots} exceeds llama.cpp's limit of {max_parallel_sequences()}")
         for name in ("n_threads", "n_threads_batch"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and not 1 <= value <= INT32_MAX:
                 raise UsageError(f"{name} {value} must be >= 1 (or unset for all CPU cores)")
-        if self.n_gpu_layers < 0:
+        if not 0 <= self.n_gpu_layers <= INT32_MAX:
             raise UsageError(f"n_gpu_layers {self.n_gpu_layers} must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed {self.seed} must be in 0..{MAX_SEED} (llama.cpp takes {RANDOM_SEED}, and -1 "
+                             "wrapped to it, as a new random seed every answer)")
 
     @property
     def slots(self) -> int:
@@ -113,10 +142,6 @@ class LlamaEngine:
         gguf_path = Path(gguf_path)
         if not gguf_path.is_file():
             raise InputError(f"GGUF not found: {gguf_path} (export a bundle with `facellm-edge export`)")
-        if config.slots > L.llama_max_parallel_sequences():
-            raise UsageError(
-                f"max_slots {config.slots} exceeds llama.cpp's limit of {L.llama_max_parallel_sequences()}"
-            )
         if config.n_gpu_layers > 0:
             require_gpu_offload(L, f"--gpu-layers {config.n_gpu_layers}", "or use --gpu-layers 0")
         mparams = L.llama_model_default_params()

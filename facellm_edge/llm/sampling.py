@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,18 +30,76 @@ class GenerationConfig:
         return replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
+        int_field(self, "max_tokens")
+        for name in ("temperature", "top_p", "repeat_penalty"):
+            real_field(self, name)
+        int_field(self, "top_k")
+        typed_field(self, "grammar", str, "GBNF text", optional=True)
+        typed_field(self, "stop_at_eos", bool, "True or False")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens {self.max_tokens} must be >= 1")
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise UsageError(f"temperature {self.temperature} must be a finite number >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"top_p {self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise UsageError(f"top_k {self.top_k} must be >= 0 (0 disables it)")
+        if not 0 <= self.top_k <= INT32_MAX:  # llama_sampler_init_top_k takes an int32_t: ctypes would wrap more
+            raise UsageError(f"top_k {self.top_k} must be in 0..{INT32_MAX} (0 disables it)")
         if not (self.repeat_penalty > 0.0 and math.isfinite(self.repeat_penalty)):
             raise UsageError(f"repeat_penalty {self.repeat_penalty} must be > 0 (1.0 disables it)")
         if self.grammar is not None and not self.grammar.strip():
             raise UsageError("grammar is empty; pass GBNF text or leave it unset")
+        if self.grammar is not None and not is_text(self.grammar):  # llama.cpp takes it as UTF-8
+            raise UsageError("grammar is not valid text (it holds half of a surrogate pair); pass GBNF text")
+
+
+# Field checks shared by the configs handed to llama.cpp (this one and EngineConfig). A bool is no int here (True
+# would be 1 token), nor is a float (2.5 tokens, NaN, inf): ctypes truncates or refuses them only at use, after the
+# image prefill. numpy scalars are accepted and stored as Python numbers, which ctypes takes as they are.
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def int_field(config: object, name: str, *, optional: bool = False) -> None:
+    """``config.name`` must be a whole number (None too when ``optional``), else a one-line :class:`UsageError`."""
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        unset = " or None" if optional else ""
+        raise UsageError(f"{name} must be a whole number{unset}, got {_shown(value)}")
+    if type(value) is not int:
+        object.__setattr__(config, name, int(value))  # frozen dataclass: normalised once, while it is made
+
+
+def real_field(config: object, name: str) -> None:
+    """``config.name`` must be a number (not a bool: True is no temperature), else a one-line :class:`UsageError`;
+    the caller checks its range (and with it NaN and inf)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{name} must be a number, got {_shown(value)}")
+    if not isinstance(value, float):
+        object.__setattr__(config, name, float(value))
+
+
+def typed_field(config: object, name: str, kind: type, what: str, *, optional: bool = False) -> None:
+    """``config.name`` must be a ``kind`` (``what`` names it in the error; None too when ``optional``)."""
+    value = getattr(config, name)
+    if not (isinstance(value, kind) or (optional and value is None)):
+        raise UsageError(f"{name} must be {what}{' or None' if optional else ''}, got {_shown(value)}")
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8 (a lone surrogate does not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 REPEAT_LAST_N = 64  # llama.cpp's default penalty window

@@ -223,3 +223,93 @@ def test_llama_logs_go_to_logging_not_stderr(smollm2_gguf, specs, tmp_path, capl
     assert any(r.levelno == logging.ERROR for r in records)  # the failed load was reported through logging
     # llama.cpp emits ~2000 debug/info lines per load; only warnings and errors are forwarded
     assert len(records) < 50, [r.getMessage() for r in records[:5]]
+
+
+# -- configs: every field checked when the config is made --------------------------------------------------------
+@pytest.mark.parametrize("bad, why", [
+    (dict(max_tokens=float("nan")), "max_tokens must be a whole number, got float nan"),
+    (dict(max_tokens=float("inf")), "max_tokens must be a whole number, got float inf"),
+    (dict(max_tokens=2.5), "max_tokens must be a whole number, got float 2.5"),
+    (dict(max_tokens=True), "max_tokens must be a whole number, got bool True"),
+    (dict(max_tokens="5"), "max_tokens must be a whole number, got str '5'"),
+    (dict(temperature="0.5"), "temperature must be a number, got str '0.5'"),
+    (dict(temperature=True), "temperature must be a number, got bool True"),
+    (dict(top_p=None), "top_p must be a number, got NoneType None"),
+    (dict(top_k=2.5), "top_k must be a whole number, got float 2.5"),
+    (dict(top_k=2**31), "top_k 2147483648 must be in 0..2147483647"),
+    (dict(repeat_penalty="1"), "repeat_penalty must be a number"),
+    (dict(grammar=b"root ::= x"), "grammar must be GBNF text or None, got bytes"),
+    (dict(grammar="root ::= \"\ud800\""), "grammar is not valid text"),
+    (dict(stop_at_eos="no"), "stop_at_eos must be True or False, got str 'no'"),
+])
+def test_generation_config_refuses_wrong_types_when_made(bad, why):
+    """Before: NaN/inf max_tokens generated until the context was full, 2.5 and True were taken, top_k=2.5 failed
+    with ctypes.ArgumentError after the image prefill, strings with TypeError."""
+    with pytest.raises(UsageError) as e:
+        GenerationConfig(**bad)
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_per_call_overrides_are_checked_the_same_way():
+    """``session.ask(q, max_tokens="3")`` raised TypeError (the override goes through ``with_overrides``)."""
+    with pytest.raises(UsageError, match="^max_tokens must be a whole number, got str '3'$"):
+        GenerationConfig().with_overrides(max_tokens="3")
+    with pytest.raises(UsageError, match="^temperature nan must be a finite number"):
+        GenerationConfig().with_overrides(temperature=float("nan"))
+    with pytest.raises(UsageError, match="^max_tokens must be a whole number, got float nan$"):
+        GenerationConfig().with_overrides(max_tokens=float("nan"))
+
+
+def test_generation_config_takes_numpy_numbers_as_python_ones():
+    gen = GenerationConfig(max_tokens=np.int64(5), temperature=np.float32(0.5), top_k=np.int32(3), top_p=1)
+    assert (gen.max_tokens, gen.temperature, gen.top_k, gen.top_p) == (5, 0.5, 3, 1.0)
+    assert (type(gen.max_tokens), type(gen.temperature), type(gen.top_k), type(gen.top_p)) == (int, float, int, float)
+    assert GenerationConfig(temperature=1) == GenerationConfig(temperature=1.0)
+
+
+@pytest.mark.parametrize("bad, why", [
+    (dict(seed=1.5), "seed must be a whole number, got float 1.5"),
+    (dict(seed=-1), "seed -1 must be in 0..4294967294 (llama.cpp takes 4294967295"),
+    (dict(seed=2**32 - 1), "seed 4294967295 must be in 0..4294967294"),
+    (dict(seed=2**70), "must be in 0..4294967294"),
+    (dict(seed=True), "seed must be a whole number, got bool True"),
+    (dict(max_slots=1000), "max_slots 1000 exceeds llama.cpp's limit of "),
+    (dict(max_slots=2.0), "max_slots must be a whole number or None, got float 2.0"),
+    (dict(n_ctx="4096"), "n_ctx must be a whole number, got str '4096'"),
+    (dict(n_ctx=2**32 + 16), "context size 4294967312 is above llama.cpp's limit of 4294967295"),
+    (dict(n_batch=float("inf")), "n_batch must be a whole number, got float inf"),
+    (dict(n_threads=2.0), "n_threads must be a whole number or None, got float 2.0"),
+    (dict(n_threads_batch=2**31), "n_threads_batch 2147483648 must be >= 1"),
+    (dict(n_gpu_layers=float("nan")), "n_gpu_layers must be a whole number, got float nan"),
+    (dict(flash_attn=1), "flash_attn must be True or False, got int 1"),
+    (dict(mmap="yes"), "mmap must be True or False, got str 'yes'"),
+    (dict(quant=4), "quant must be a quantisation name such as q4_k_m or None, got int 4"),
+])
+def test_engine_config_refuses_wrong_types_and_ranges_when_made(bad, why):
+    """Before: seed=1.5 failed with ctypes.ArgumentError at the first sampled answer, -1 and 2**70 were wrapped or
+    truncated by ctypes (-1 to llama.cpp's "random seed"), max_slots=1000 was refused only at load."""
+    with pytest.raises(UsageError) as e:
+        EngineConfig(**bad)
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_engine_config_limits_are_llama_cpps():
+    import llama_cpp
+
+    limit = llama_cpp.llama_max_parallel_sequences()
+    assert EngineConfig(max_slots=limit, seed=2**32 - 2).slots == limit
+    assert EngineConfig(seed=np.uint32(7)).seed == 7 and type(EngineConfig(seed=np.uint32(7)).seed) is int
+    with pytest.raises(UsageError, match=f"max_slots {limit + 1} exceeds llama.cpp's limit of {limit}$"):
+        EngineConfig(max_slots=limit + 1)
+
+
+def test_a_question_that_is_not_text_is_refused_by_the_question_check():
+    """Half a surrogate pair cannot be tokenised (UTF-8): refused where the question enters, not after the image
+    prefill with a raw UnicodeEncodeError."""
+    from facellm_edge.llm.generator import check_question
+
+    with pytest.raises(UsageError) as e:
+        check_question("a\ud800b")
+    assert str(e.value) == ("the question is not valid text: it holds '\\ud800' at character 1, half of a surrogate "
+                            "pair; send it as UTF-8")
+    assert check_question("Wie alt? 😀 \u00e9") == "Wie alt? 😀 \u00e9"
