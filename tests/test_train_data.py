@@ -249,3 +249,48 @@ def test_save_adapter_writes_exactly_what_peft_writes(tiny_checkpoint, tmp_path,
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) == \
         json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+
+
+def _png_header(path: Path, w: int, h: int) -> Path:
+    """A PNG whose header says w x h (the pixel data is cut short: only the header is read up front)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_images_that_cannot_be_read_are_bad_records_found_up_front(face_dataset, tmp_path, monkeypatch):
+    """A file that is no image (or an empty one, or one above the size training decodes) is a bad record when the
+    records are read, before the model loads, not an error steps into training: listed with the others without
+    --skip-bad, dropped with it. Only headers are read (88k images for FairFaceGPT): no pixel is decoded."""
+    import shutil
+
+    import cv2
+
+    from facellm_edge.train.data import load_samples
+
+    _, images, records = face_dataset
+    mine = tmp_path / "images"
+    shutil.copytree(images, mine)  # the fixture's folder is shared: the bad files go into a copy
+    (mine / "text.jpg").write_text("notanimage\n", encoding="utf-8")
+    (mine / "empty.jpg").write_bytes(b"")
+    _png_header(mine / "wide.png", 9000, 5000)  # 45 MP: above the 40 MP training reads, below Pillow's own cap
+    _png_header(mine / "bomb.png", 20000, 20000)  # 400 MP: Pillow itself refuses the header
+    bad = ["text.jpg", "empty.jpg", "wide.png", "bomb.png"]
+    data = _write(tmp_path / "d.jsonl", [*({**records[0], "image": b} for b in bad), *records])
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("an image was decoded, not only its header read"))
+    with pytest.raises(InputError) as e:
+        load_samples(data, mine, skip_bad=False)
+    msg = str(e.value)
+    assert f"4 bad record(s) of {len(records) + 4}" in msg and "\n" not in msg and "--skip-bad" in msg
+    assert "line 1: cannot decode image text.jpg (empty, damaged or not an image file)" in msg
+    assert "line 2: cannot decode image empty.jpg" in msg
+    assert "line 3: image wide.png is 9000x5000, above the 40 MP training reads; downscale it" in msg
+    assert "line 4: image bomb.png is above the 40 MP training reads" in msg
+    kept = load_samples(data, mine, skip_bad=True)
+    assert [s.where for s in kept] == [f"line {i}" for i in range(5, len(records) + 5)]
