@@ -290,7 +290,7 @@ def test_images_that_cannot_be_read_are_bad_records_found_up_front(face_dataset,
     assert f"4 bad record(s) of {len(records) + 4}" in msg and "\n" not in msg and "--skip-bad" in msg
     assert "line 1: cannot decode image text.jpg (empty, damaged or not an image file)" in msg
     assert "line 2: cannot decode image empty.jpg" in msg
-    assert "line 3: image wide.png is 9000x5000, above the 40 MP training reads; downscale it" in msg
-    assert "line 4: image bomb.png is above the 40 MP training reads" in msg
+    assert "line 3: image wide.png is 9000x5000 (45 MP), above the 40 MP limit; downscale it (training" in msg
+    assert "line 4: image bomb.png is 400 MP, above the 40 MP limit; downscale it (training reads" in msg
     kept = load_samples(data, mine, skip_bad=True)
     assert [s.where for s in kept] == [f"line {i}" for i in range(5, len(records) + 5)]

@@ -52,21 +52,27 @@ class _TooLarge(Exception):
         self.pixels, self.exact = pixels, exact
 
 
-def _too_large(what: str, size: str, max_pixels: int) -> InputError:
-    return InputError(f"{what} is {size}, above the {_mp(max_pixels)} limit; downscale it or raise --max-pixels")
+RAISE_LIMIT = "downscale it or raise --max-pixels"
 
 
-def _check_size(source: "Path | BinaryIO", what: str, max_pixels: int) -> None:
-    """Refuse an image above ``max_pixels`` from its header (0 = no limit)."""
+def _too_large(what: str, size: str, max_pixels: int, fix: str = RAISE_LIMIT) -> InputError:
+    return InputError(f"{what} is {size}, above the {_mp(max_pixels)} limit; {fix}")
+
+
+def check_image_header(source: "Path | BinaryIO", what: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       fix: str = RAISE_LIMIT) -> None:
+    """What :func:`read_image` checks before decoding, from the header alone (Pillow reads the first few KB): an
+    unreadable file or no image, and an image above ``max_pixels`` (0 = no limit), are one-line
+    :class:`InputError`s naming ``what`` (``fix``: what to do about a large one)."""
     try:
         w, h = image_size(source, what)
     except _TooLarge as big:
         if max_pixels and (big.pixels > max_pixels if big.exact else big.pixels >= max_pixels):
             raise _too_large(what, f"{_mp(big.pixels)}" if big.exact else f"more than {_mp(big.pixels)}",
-                             max_pixels) from None
+                             max_pixels, fix) from None
         return  # the caller allowed more than this: OpenCV decodes it (and _decode checks what it decoded)
     if max_pixels and w * h > max_pixels:
-        raise _too_large(what, f"{w}x{h} ({_mp(w * h)})", max_pixels)
+        raise _too_large(what, f"{w}x{h} ({_mp(w * h)})", max_pixels, fix)
 
 
 def _decode(data: "np.ndarray", what: str, max_pixels: int = 0) -> "np.ndarray":
@@ -97,7 +103,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray"
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     what = f"image {path}"
-    _check_size(path, what, max_pixels)
+    check_image_header(path, what, max_pixels)
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
@@ -111,7 +117,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = 
 
     import numpy as np
 
-    _check_size(io.BytesIO(data), what, max_pixels)
+    check_image_header(io.BytesIO(data), what, max_pixels)
     return _decode(np.frombuffer(data, dtype=np.uint8), what, max_pixels)
 
 

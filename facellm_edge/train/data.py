@@ -19,8 +19,7 @@ from typing import Any
 
 from facellm_edge.data.sharegpt import IMAGE_TAG, USER, LayoutError, read_conversation
 from facellm_edge.errors import InputError
-from facellm_edge.io import DEFAULT_MAX_PIXELS, image_size, loads_json
-from facellm_edge.io.images import _TooLarge  # image_size's "Pillow refused the header as too large"
+from facellm_edge.io import DEFAULT_MAX_PIXELS, check_image_header, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +136,15 @@ def _check(where: str, rec: Any, images: Path, reserved: tuple[str, ...]) -> Sam
 
 
 def _image_problem(path: Path, name: str) -> str | None:
-    """Why the trainer's reader (``read_image_rgb``) would refuse the image, from its header alone (Pillow reads the
-    first few KB): a file that is no image, or is too large, fails here, before the model loads, not steps into
-    training. A full decode of every image (88k for FairFaceGPT) would cost minutes; a body damaged past its
-    header still fails there, naming its record."""
-    limit = f"above the {DEFAULT_MAX_PIXELS // 10**6} MP training reads; downscale it"
+    """Why the trainer's reader (``read_image_rgb``) would refuse the image, from its header alone: a file that is
+    no image, or is above the 40 MP it reads, fails here, before the model loads, not steps into training. A full
+    decode of every image (88k for FairFaceGPT) would cost minutes; a body damaged past its header still fails
+    there, naming its record."""
     try:
-        w, h = image_size(path, f"image {name}")
+        check_image_header(path, f"image {name}", DEFAULT_MAX_PIXELS, fix="downscale it (training reads up to that)")
     except InputError as exc:
         return str(exc)
-    except _TooLarge:  # Pillow's own cap on the header, far above the trainer's bound
-        return f"image {name} is {limit}"
-    return f"image {name} is {w}x{h}, {limit}" if w * h > DEFAULT_MAX_PIXELS else None
+    return None
 
 
 def load_samples(data: Path, images: Path, *, skip_bad: bool, reserved: tuple[str, ...] = ()) -> list[Sample]:
