@@ -115,3 +115,19 @@ def test_close_frees_the_vision_encoder_and_the_detector(tiny_bundle, yunet_mode
         with pytest.raises(UsageError, match=ENCODER_CLOSED):
             call()
     m.encoder.close()  # idempotent
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"generation": {"max_tokens": 3}}, "generation must be a GenerationConfig"),
+    ({"engine": None}, "engine must be a EngineConfig"),
+    ({"max_pixels": 2.5}, "max_pixels must be a whole number"),
+    ({"check_hashes": 1}, "check_hashes must be True or False"),
+    ({"system": 3}, "system must be a string"),
+])
+def test_runtime_config_refuses_wrong_types_when_made(kwargs, message):
+    """A dict where a stage config belongs failed at load or at ask time as an AttributeError naming no field."""
+    from facellm_edge.errors import UsageError
+    from facellm_edge.runtime.config import RuntimeConfig
+
+    with pytest.raises(UsageError, match=message):
+        RuntimeConfig(**kwargs)

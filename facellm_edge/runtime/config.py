@@ -52,11 +52,19 @@ class RuntimeConfig:
     system: str | None = None
 
     def __post_init__(self) -> None:
+        from facellm_edge.errors import UsageError
+        from facellm_edge.llm.sampling import int_field, typed_field
+
+        for name, kind in (("detector", DetectorConfig), ("crop", CropConfig), ("encoder", EncoderConfig),
+                           ("engine", EngineConfig), ("generation", GenerationConfig)):
+            # a dict here would fail later as an AttributeError naming no field
+            typed_field(self, name, kind, f"a {kind.__name__} (e.g. {kind.__name__}(...))")
+        typed_field(self, "check_hashes", bool, "True or False")
+        int_field(self, "max_pixels")
+        typed_field(self, "system", str, "a string (none, intern_vl or the message text)", optional=True)
         if self.system is not None:
             resolve_system(self.system)
         if self.max_pixels < 0:
-            from facellm_edge.errors import UsageError
-
             raise UsageError(f"max_pixels {self.max_pixels} must be >= 0 (0 = no limit)")
 
     def prompt_for(self, prompt: PromptSpec) -> PromptSpec:

@@ -137,6 +137,8 @@ class FaceSession:
     # -- internals ----------------------------------------------------------------------------------------
     def _generation(self, generation: GenerationConfig | None, max_tokens: int | None,
                     temperature: float | None) -> GenerationConfig:
+        if generation is not None and not isinstance(generation, GenerationConfig):
+            raise UsageError(f"generation must be a GenerationConfig, got {type(generation).__name__}")
         return (self._defaults if generation is None else generation).with_overrides(max_tokens, temperature)
 
     def _check_open(self) -> None:
