@@ -202,6 +202,34 @@ def test_adapter_without_weights_for_selected_modules_is_an_error(tiny_checkpoin
         checkpoint.load_model(tiny_checkpoint, other)
 
 
+def test_adapter_weights_beyond_its_target_modules_are_an_error(tiny_checkpoint, tmp_path):
+    """Trained on q_proj and v_proj, its config narrowed to q_proj: PEFT ignored the v_proj LoRA tensors silently
+    (and an adapter for a deeper base of the same widths lost its extra layers the same way)."""
+    other = _make_adapter(tiny_checkpoint, tmp_path / "narrow", seed=6, targets=r".*language_model.*\.(q_proj|v_proj)")
+    cfg = json.loads((other / checkpoint.ADAPTER_CONFIG).read_text())
+    cfg["target_modules"] = r".*language_model.*\.q_proj"
+    (other / checkpoint.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"\d+ of its LoRA tensors belong to no module .*v_proj\.lora_"):
+        checkpoint.load_model(tiny_checkpoint, other)
+
+
+def test_weights_the_config_has_no_place_for_are_an_error(tiny_checkpoint, tmp_path, capfd):
+    """A config of 1 LLM layer over weights of 2: transformers drops layer 1 without a word, and the export's
+    verification compares against the same cut-down model. Now a one-line error naming the keys."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, cut)
+    cfg = json.loads((cut / "config.json").read_text())
+    n = cfg["text_config"]["num_hidden_layers"]
+    cfg["text_config"]["num_hidden_layers"] = n - 1
+    if isinstance(cfg["text_config"].get("layer_types"), list):
+        cfg["text_config"]["layer_types"] = cfg["text_config"]["layer_types"][:n - 1]
+    (cut / "config.json").write_text(json.dumps(cfg))
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=rf"do not match its config \(unexpected_keys: .*layers\.{n - 1}\."):
+        checkpoint.load_model(cut)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table of keys: said in the one line
+
+
 def test_not_an_adapter_directory(tiny_checkpoint, adapter, tmp_path):
     with pytest.raises(CheckpointError, match="is not a PEFT adapter"):
         checkpoint.load_model(tiny_checkpoint, tmp_path)

@@ -241,12 +241,20 @@ def load_model(directory: Path, adapter: Path | None = None, dtype: Any = None) 
         for f in adapter_files:
             check_safetensors(f)
     processor = load_processor(directory)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report of odd keys: said in one line below
     try:
         model, info = transformers.InternVLForConditionalGeneration.from_pretrained(
             directory, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the weights of {directory}: {exc}") from exc
-    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    # Weights the config has no place for are dropped by transformers without a word (a config of 1 layer over
+    # weights of 2 exported, and verified against the same cut-down model); unknown tensors raise, never skip.
+    # Rotary inv_freq buffers of older conversions are recomputed from the config: not weights.
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys") or [] if not k.endswith("rotary_emb.inv_freq")]
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{' …' if len(v) > 3 else ''}"
                            for k, v in problems.items() if v)
@@ -307,4 +315,12 @@ def _check_adapter_complete(peft: Any, peft_model: Any, adapter: Path, base_dir:
         raise CheckpointError(
             f"adapter {adapter} does not fit the checkpoint {base_dir}: it has no weights for {len(missing)} of the "
             f"{len(expected)} LoRA tensors its target_modules select here (e.g. {missing[0]})"
+        )
+    # LoRA tensors for modules this base (with these target_modules) does not have: PEFT ignores them silently
+    extra = sorted(k for k in saved - expected if ".lora_" in k)
+    if extra:
+        raise CheckpointError(
+            f"adapter {adapter} does not fit the checkpoint {base_dir}: {len(extra)} of its LoRA tensors belong to "
+            f"no module its target_modules select here (e.g. {extra[0]}); it was trained for another base or with "
+            "other target_modules"
         )
