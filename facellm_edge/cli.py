@@ -192,6 +192,8 @@ def _run(args: list[str]) -> tuple[int, str]:
     except FaceLLMEdgeError as exc:
         if debug:
             raise
+        if isinstance(exc.__cause__, UnicodeEncodeError) and any(_has_surrogates(a) for a in args):
+            return _not_utf8(args, exc.__cause__)  # non-UTF-8 bytes of an argument: name the argument
         return exc.exit_code, f"error: {_one_line(str(exc))}"
     except KeyboardInterrupt:  # typer turns it into exit code 130; this is a fallback
         return _STOP[signal.SIGINT]

@@ -219,7 +219,7 @@ def test_manifest_symlinked_out_is_damage(tmp_path, secret):
     (lambda d: d["image"].update(max_tiles=10**6), "'image.max_tiles' must be <= 64, got 1000000"),
     # a bundle with no LLM (or no vision file) runs nothing: inspect passed it, ask refused it
     (lambda d: d.update(llm={}), "'llm' must name at least one file"),
-    (lambda d: d.update(vision={}), "'vision' must name at least one file"),
+    (lambda d: d.update(vision={}), "'vision' must name at least one file (or an mmproj)"),
 ])
 def test_manifest_schema_errors_name_the_key(tmp_path, capsys, tamper, message):
     root = tmp_path / "b"

@@ -90,8 +90,6 @@ def test_inspect_rechecks_hashes(verified_bundle, tmp_path, capsys):
         ("unknown_quant", "unknown quant 'q4_km'; choose from"),
         ("missing_adapter", "adapter directory not found"),
         ("bad_adapter", "adapter"),
-        # llama.cpp's projector alone: a bundle the runtime (ONNX) cannot load, that inspect then calls damaged
-        ("mmproj_only", "--vision mmproj needs an ONNX encoder beside it"),
     ],
 )
 def test_bad_input_one_line_and_no_bundle(case, expect, tiny_checkpoint, tmp_path, capsys):
@@ -114,8 +112,6 @@ def test_bad_input_one_line_and_no_bundle(case, expect, tiny_checkpoint, tmp_pat
         extra = ["--quant", "q4_km"]
     elif case == "missing_adapter":
         extra = ["--adapter", str(tmp_path / "nope")]
-    elif case == "mmproj_only":
-        extra = ["--vision", "mmproj"]
     elif case == "bad_adapter":
         d = tmp_path / "adapter"
         d.mkdir()

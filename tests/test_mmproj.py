@@ -16,7 +16,7 @@ import pytest
 from facellm_edge.bundle import load_bundle
 from facellm_edge.io import sha256_file
 from facellm_edge.cli import main
-from facellm_edge.errors import ExportError, RuntimeStageError
+from facellm_edge.errors import BundleError, ExportError, RuntimeStageError
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,10 @@ def test_mmproj_alone_without_verification_writes_no_onnx(tiny_checkpoint, tmp_p
     m = load_bundle(out).manifest
     assert m.vision == {} and m.mmproj is not None
     assert sorted(p.name for p in (out / "vision").iterdir()) == ["mmproj-f16.gguf"]
+    # a bundle for llama.cpp / ollama: the runtime says what it lacks, not "damaged"
+    assert main(["inspect", str(out)]) == 0
+    with pytest.raises(BundleError, match="has only llama.cpp's mmproj vision file .* re-export it with --vision int8"):
+        load_bundle(out).vision_file()
 
 
 def test_unmapped_tensor_raises_and_writes_nothing(loaded, tmp_path):

@@ -99,6 +99,9 @@ class Bundle:
         return p
 
     def vision_file(self, precision: str | None = None) -> tuple[str, Path]:
+        if not self.manifest.vision and self.manifest.mmproj is not None:  # export --vision mmproj alone
+            raise BundleError(f"bundle {self.root} has only llama.cpp's mmproj vision file (for llama.cpp / ollama); "
+                              "the runtime needs an ONNX encoder: re-export it with --vision int8 (or fp32)")
         return self._pick(self.manifest.vision, precision, ("int8", "fp32"), "vision")
 
     def llm_file(self, quant: str | None = None) -> tuple[str, Path]:

@@ -170,9 +170,12 @@ class Manifest:
             m = load_typed(cls, d)
             for k, e in m.vision.items():  # the external weight files of large ONNX graphs are files too
                 check_value(e.extra.get("external_data", []), EXTERNAL_DATA, f"vision.{k}.extra.external_data")
-            for key in ("vision", "llm"):  # a bundle without either runs nothing (inspect passed it, ask refused)
-                if not getattr(m, key):
-                    raise SchemaError(key, "must name at least one file")
+            # a bundle without an LLM, or without any vision file, runs nothing (inspect passed it, ask refused);
+            # llama.cpp's mmproj alone is a bundle for llama.cpp / ollama (export --vision mmproj)
+            if not m.llm:
+                raise SchemaError("llm", "must name at least one file")
+            if not m.vision and m.mmproj is None:
+                raise SchemaError("vision", "must name at least one file (or an mmproj)")
         except SchemaError as exc:
             raise ManifestError(f"manifest.json is malformed: {exc}; re-export the bundle") from exc
         unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__})

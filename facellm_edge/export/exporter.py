@@ -98,8 +98,6 @@ def validate(cfg: ExportConfig) -> ExportConfig:
     unknown = [v for v in vision if v not in VISION_TARGETS]
     if unknown:
         raise UsageError(f"unknown vision precision '{unknown[0]}'; choose from {', '.join(VISION_TARGETS)}")
-    if not [v for v in vision if v in ONNX_VISION]:  # the runtime encodes with ONNX; mmproj is llama.cpp's, beside it
-        raise UsageError("--vision mmproj needs an ONNX encoder beside it (the runtime's): e.g. --vision int8,mmproj")
     resolve_system(cfg.system)
     out = Path(cfg.out)
     check_replaceable(out, force=cfg.force, kind=BUNDLE)  # --force replaces only a bundle whose manifest parses

@@ -50,8 +50,9 @@ def check_question(question: object) -> str:
     try:
         question.encode("utf-8")  # the tokenizer takes UTF-8: a lone surrogate would fail only after the prefill
     except UnicodeEncodeError as exc:
+        # chained: the CLI turns it into its own message naming the argument whose bytes were not UTF-8
         raise UsageError(f"the question is not valid text: it holds {question[exc.start]!r} at character "
-                         f"{exc.start}, half of a surrogate pair; send it as UTF-8") from None
+                         f"{exc.start}, half of a surrogate pair; send it as UTF-8") from exc
     return question
 
 
