@@ -244,3 +244,23 @@ def test_not_an_adapter_directory(tiny_checkpoint, adapter, tmp_path):
     (other / checkpoint.ADAPTER_CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"has no \*\.safetensors weights"):
         checkpoint.load_model(tiny_checkpoint, other)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(text_config="qwen2"), r"'text_config' must be an object, got str"),
+    (lambda c: c.update(architectures="InternVLForConditionalGeneration"), r"'architectures' must be a list"),
+    # weights of another shape than the config's: one line naming the tensor and both shapes (transformers raised
+    # "look at the above report" after a multi-line table)
+    (lambda c: c["text_config"].update(vocab_size=c["text_config"]["vocab_size"] - 8),
+     r"do not match its config \(mismatched_keys: .*embed_tokens\.weight"),
+])
+def test_a_damaged_config_is_one_line_naming_the_key(tiny_checkpoint, tmp_path, capfd, edit, message):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_model(d)
+    assert "LOAD REPORT" not in capfd.readouterr().err

@@ -106,6 +106,11 @@ def inspect_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
     config = read_json_object(path, CheckpointError)
+    for key, kind, what in (("architectures", list, "a list of class names"), ("text_config", dict, "an object"),
+                            ("vision_config", dict, "an object")):
+        if key in config and not isinstance(config[key], kind):  # untrusted: say which key, not a Python error
+            raise CheckpointError(f"{path}: '{key}' must be {what}, got {type(config[key]).__name__}; the checkpoint "
+                                  "is damaged")
     archs = [str(a) for a in config.get("architectures") or []]
     model_type = config.get("model_type")
     found = ", ".join(archs) if archs else f"model_type {model_type!r}"
@@ -240,12 +245,14 @@ def load_model(directory: Path, adapter: Path | None = None, dtype: Any = None) 
             raise CheckpointError(f"adapter {adapter} has no *.safetensors weights")
         for f in adapter_files:
             check_safetensors(f)
-    processor = load_processor(directory)
     verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # its load report of odd keys: said in one line below
+    # transformers' own reports (its table of odd keys, config warnings) are said in one line below; shapes that do
+    # not fit are loaded as mismatched_keys (not raised as "look at the above report") so that line can name them
+    transformers.utils.logging.set_verbosity_error()
     try:
+        processor = load_processor(directory)
         model, info = transformers.InternVLForConditionalGeneration.from_pretrained(
-            directory, dtype=dtype, output_loading_info=True)
+            directory, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the weights of {directory}: {exc}") from exc
     finally:
@@ -289,7 +296,7 @@ def merge_adapter(model: Any, adapter: Path, base_dir: Path) -> Any:
         log.warning("adapter %s was trained on %s, applying it to %s", adapter, base_name, base_dir)
     try:
         peft_model = peft.PeftModel.from_pretrained(model, adapter)
-    except (ValueError, RuntimeError, KeyError) as exc:
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # TypeError: e.g. "r": "four" in its config
         first = str(exc).strip().splitlines()
         reason = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else repr(exc))
         raise CheckpointError(f"adapter {adapter} does not fit the checkpoint {base_dir}: {reason}") from exc
