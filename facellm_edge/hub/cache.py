@@ -129,13 +129,13 @@ def remove_cached(spec: str) -> CachedBundle:
         os.replace(entry.root, trash)  # gone from the cache at once; then deleted
         shutil.rmtree(trash)
         if entry.revision is not None:
-            _drop_hub_repo(entry.name)
+            drop_hub_repo(entry.name)
     except OSError as exc:
         raise OutputError(f"cannot remove {entry.root}: {exc.strerror or exc}") from exc
     return entry
 
 
-def _drop_hub_repo(repo_id: str) -> None:
+def drop_hub_repo(repo_id: str) -> None:
     """Delete every revision of ``repo_id`` from the hub-layout cache (huggingface_hub's own delete strategy)."""
     folder = repo_folder(repo_id)
     if not folder.is_dir():

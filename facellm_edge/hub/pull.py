@@ -220,6 +220,10 @@ def _verify(bundle: Bundle, source: Source) -> None:
         return
     bad = [e.path for e in bundle.entries() if any(p.startswith(f"{e.path}: ") for p in problems)]
     cache.drop_from_snapshot(bundle.root, bad)
+    if source.is_local and not cache.view_dir(source.repo_id).is_dir():
+        # the good files are copies of the folder's, kept by no runnable bundle (list and rm do not see them): a
+        # failed first pull of a folder leaves nothing behind
+        cache.drop_hub_repo(source.repo_id)
     fix = "re-export it" if source.is_local else "pull again; if it persists the published bundle is damaged"
     raise BundleError(f"{source} does not match its {MANIFEST}: {'; '.join(problems)} (removed from the cache; "
                       f"{fix})")
