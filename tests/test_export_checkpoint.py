@@ -64,6 +64,15 @@ def test_missing_path_is_a_clear_error(tmp_path):
         checkpoint.resolve_checkpoint("not a valid/repo id!", None)
 
 
+def test_a_mistyped_folder_under_a_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """``ck/missing`` with a local ``ck/``: a missing checkpoint folder, said at once (it was looked up on the hub)."""
+    (tmp_path / "ck").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kw: pytest.fail("sent to the hub"))
+    with pytest.raises(CheckpointError, match="checkpoint not found: ck/missing is neither an existing directory"):
+        checkpoint.resolve_checkpoint("ck/missing", None)
+
+
 def test_file_and_revision_on_local_dir_are_refused(tiny_checkpoint):
     with pytest.raises(CheckpointError, match="is a file"):
         checkpoint.resolve_checkpoint(str(tiny_checkpoint / "config.json"), None)

@@ -45,7 +45,10 @@ class LoadedCheckpoint:
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model
+    """A local path the user meant, not a hub id: path syntax, or ``owner/name`` whose ``owner`` is a folder here
+    (``ck/missing`` with a ``ck/`` beside: a mistyped checkpoint folder, not a hub lookup)."""
+    return (model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model
+            or ("/" in model and Path(model.split("/", 1)[0]).is_dir()))
 
 
 def resolve_checkpoint(model: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
