@@ -200,13 +200,18 @@ def test_adapter_target_modules_missing_is_an_error(tiny_checkpoint, adapter, tm
         checkpoint.load_model(tiny_checkpoint, bad)
 
 
+def _retarget(adapter, targets: str) -> None:
+    """Rewrite the adapter's target_modules (its weights unchanged)."""
+    cfg = json.loads((adapter / checkpoint.ADAPTER_CONFIG).read_text())
+    cfg["target_modules"] = targets
+    (adapter / checkpoint.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+
+
 @pytest.mark.slow  # builds tiny_checkpoint_gqa
 def test_adapter_without_weights_for_selected_modules_is_an_error(tiny_checkpoint, tiny_checkpoint_gqa, tmp_path):
     # Trained on q_proj of the 3-layer model, then its config is widened to o_proj: o_proj has no weights.
     other = _make_adapter(tiny_checkpoint_gqa, tmp_path / "partial", seed=5, targets=r".*language_model.*\.q_proj")
-    cfg = json.loads((other / checkpoint.ADAPTER_CONFIG).read_text())
-    cfg["target_modules"] = r".*language_model.*\.(q_proj|o_proj)"
-    (other / checkpoint.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    _retarget(other, r".*language_model.*\.(q_proj|o_proj)")
     with pytest.raises(CheckpointError, match=r"has no weights for \d+ of the \d+ LoRA tensors"):
         checkpoint.load_model(tiny_checkpoint, other)
 
@@ -215,9 +220,7 @@ def test_adapter_weights_beyond_its_target_modules_are_an_error(tiny_checkpoint,
     """Trained on q_proj and v_proj, its config narrowed to q_proj: PEFT ignored the v_proj LoRA tensors silently
     (and an adapter for a deeper base of the same widths lost its extra layers the same way)."""
     other = _make_adapter(tiny_checkpoint, tmp_path / "narrow", seed=6, targets=r".*language_model.*\.(q_proj|v_proj)")
-    cfg = json.loads((other / checkpoint.ADAPTER_CONFIG).read_text())
-    cfg["target_modules"] = r".*language_model.*\.q_proj"
-    (other / checkpoint.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    _retarget(other, r".*language_model.*\.q_proj")
     with pytest.raises(CheckpointError, match=r"\d+ of its LoRA tensors belong to no module .*v_proj\.lora_"):
         checkpoint.load_model(tiny_checkpoint, other)
 
