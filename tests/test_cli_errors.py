@@ -58,6 +58,8 @@ def test_usage_errors_name_the_option_and_exit_2(argv, names, tmp_path, capsys, 
     (["ask", "{photo}", "Age?", "--detector", "haar"], "unknown detector 'haar'; choose one of"),
     (["train", "--base", "b", "--data", "d.json", "--images", ".", "--out", "o", "--lr-scheduler", "zigzag"],
      "--lr-scheduler must be one of"),
+    # an empty --bundle is no bundle (Path("") is the current folder, which was checked as one)
+    (["ask", "{photo}", "Age?", "--bundle", ""], "--bundle is empty"),
     # --whole-image cuts no face out: --save-crops would silently write nothing
     (["ask", "{photo}", "Age?", "--whole-image", "--save-crops", "crops"], "with --whole-image there are none"),
 ])

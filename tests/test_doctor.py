@@ -210,3 +210,14 @@ def test_run_without_a_display_goes_headless(tiny_bundle, astronaut_bgr, tmp_pat
     assert len(headless) == 1 and "no display" in headless[0]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert records and all("answer" in r for r in records)
+
+
+def test_a_cache_that_cannot_be_written_fails_the_storage_check(tmp_path, monkeypatch, capsys):
+    """XDG_CACHE_HOME naming a file: doctor said "no problems", then `pull` failed with exit 4."""
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    rc, report, _ = _doctor_json([], capsys)
+    storage = next(c for c in report["checks"] if c["name"] == "storage")
+    assert rc == 4 and storage["status"] == "fail" and report["ok"] is False
+    assert f"{blocker} is a file, not a folder" in storage["summary"]

@@ -24,7 +24,7 @@ import typer
 
 from facellm_edge.commands.config_file import config_parameter_callback
 from facellm_edge.commands.defaults import field_default
-from facellm_edge.errors import FaceLLMEdgeError, MissingExtraError
+from facellm_edge.errors import FaceLLMEdgeError, MissingExtraError, UsageError
 from facellm_edge.export.exporter import ExportConfig
 from facellm_edge.io import DEFAULT_MAX_PIXELS
 from facellm_edge.llm.engine import EngineConfig
@@ -112,6 +112,8 @@ def resolve_bundle(spec: Optional[str], *, quant: Optional[str] = None, vision: 
 
     if spec is None:
         return default_bundle(quant=quant, vision=vision)
+    if not spec.strip():  # Path("") is ".": the current folder would be checked as the bundle
+        raise UsageError("--bundle is empty; name a bundle folder, a pulled bundle or a hub repo id")
     if not os.path.lexists(Path(spec).expanduser()):
         cached = find_cached(spec)
         if cached is not None:

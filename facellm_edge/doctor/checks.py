@@ -139,13 +139,21 @@ def check_storage() -> Check:
     except ImportError:
         pass
     folders["TensorRT engines"] = user_cache_dir() / "tensorrt"
-    notes, data, low = [], {}, []
+    notes, data, low, unwritable = [], {}, [], []
     for label, path in folders.items():
         existing, free = free_space(path)
         notes.append(f"{label}: {path} ({free / 2**30:.1f} GB free{'' if existing == path else ', not created yet'})")
         data[label] = {"path": str(path), "free_bytes": free, "exists": existing == path}
         if free < LOW_DISK_BYTES:
             low.append(label)
+        # where it is (or will be made) must be a folder this user may write: `pull` and `export` fail there else
+        if not existing.is_dir():
+            unwritable.append(f"{label}: {existing} is a file, not a folder")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            unwritable.append(f"{label}: {existing} is not writable by this user")
+    if unwritable:
+        return Check("storage", FAIL, f"cannot write the cache ({'; '.join(unwritable)}); set XDG_CACHE_HOME / "
+                     "HF_HOME to a folder you may write", tuple(notes), data, exit_code=4)
     if low:
         return Check("storage", WARN, f"under {LOW_DISK_BYTES // 2**30} GB free for: {', '.join(low)}",
                      tuple(notes), data)
