@@ -180,9 +180,7 @@ class FaceLLM:
         one ``<img>…</img>`` block per image, in order, then the question. Each image is tiled as the checkpoint's
         processor tiles it; all tiles are encoded together (one encoder call on a GPU, tile by tile on the CPU).
         Its ``face`` is None; ``tiles`` has the tile counts."""
-        if isinstance(images_bgr, np.ndarray) or not images_bgr:
-            raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
-        return self._open_images([check_image(im) for im in images_bgr])
+        return self._open_images(_checked_images(images_bgr))
 
     # -- one-shot questions ---------------------------------------------------------------------------------
     def ask(self, image_bgr: np.ndarray, question: str, *, max_tokens: int | None = None,
@@ -254,9 +252,7 @@ class FaceLLM:
                    temperature: float | None = None) -> ImagesAnswer:
         """One question about one or more whole images (see :meth:`open_images`)."""
         check_question(question)
-        if isinstance(images_bgr, np.ndarray) or not images_bgr:
-            raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
-        session = self._open_images([check_image(im) for im in images_bgr], pin=True)
+        session = self._open_images(_checked_images(images_bgr), pin=True)
         with _closed_on_failure([session]):
             ans = session.answer_checked(question, self.config.generation.with_overrides(max_tokens, temperature))
         return ImagesAnswer(text=ans.text, token_ids=ans.token_ids, stop_reason=ans.stop_reason, tiles=session.tiles,
@@ -318,6 +314,13 @@ class FaceLLM:
             token_ids=ans.token_ids, stop_reason=ans.stop_reason, timings=dict(face.timings), session=session,
             track_id=face.track_id,
         )
+
+
+def _checked_images(images_bgr: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The images of ``open_images`` / ``ask_images``: a non-empty list, each image checked."""
+    if isinstance(images_bgr, np.ndarray) or not images_bgr:
+        raise UsageError("ask_images takes a non-empty list of images (BGR uint8 arrays)")
+    return [check_image(im) for im in images_bgr]
 
 
 def _close_all(sessions: Sequence[FaceSession]) -> None:
