@@ -5,7 +5,6 @@ against the model's context, and a request that is cancelled when its client goe
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from facellm_edge.io import loads_json
 from facellm_edge.serve.errors import APIError
 from facellm_edge.serve.trust import require_json
 
@@ -62,14 +62,13 @@ def validation_message(exc: ValidationError) -> str:
 
 
 def load_json(body: bytes) -> Any:
-    """The JSON value of ``body``; a 400 when it is not JSON (or nests deeper than the parser's recursion allows)."""
+    """The JSON value of ``body``; a 400 when it is not JSON (:func:`~facellm_edge.io.loads_json`: nesting deeper
+    than the parser's recursion allows is malformed JSON too)."""
     try:
-        return json.loads(body)
+        return loads_json(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})",
                        code="invalid_json") from None
-    except RecursionError:  # a small body can nest [[[[...]]]] deeper than Python's recursion limit
-        raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def _load(body: bytes, schema: type[M]) -> M:
