@@ -117,6 +117,31 @@ def test_bundle_spec_follows_the_processor_not_its_image_processor_config(full_p
     assert processor_tiling(not_tiling)[0] is False
 
 
+def test_tiling_is_read_through_the_older_merge_kwargs_signature(full_processor):
+    """transformers 5.17's ``ProcessorMixin._merge_kwargs`` takes the model's kwargs class first (5.24 finds it
+    itself); with only the newer call, export on 5.17 read crop_to_patches False and refused the checkpoint (seen on
+    the GPU machine's image). The older form must be used, and it reads the kwargs class's own defaults."""
+    import copy
+
+    from transformers.processing_utils import ProcessingKwargs
+
+    from facellm_edge.export.prompt import processor_tiling
+
+    class Kwargs(ProcessingKwargs, total=False):
+        _defaults = {"images_kwargs": {"crop_to_patches": True, "max_patches": 6}}
+
+    class OlderSignature(type(full_processor)):
+        valid_processor_kwargs = Kwargs
+        images_kwargs = {}  # 5.17's class has no images_kwargs attribute
+
+        def _merge_kwargs(self, ModelProcessorKwargs, tokenizer_init_kwargs=None, **kwargs):  # noqa: N803
+            return super()._merge_kwargs(ModelProcessorKwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
+
+    older = copy.copy(full_processor)
+    older.__class__ = OlderSignature
+    assert processor_tiling(older) == (True, 1, 6)
+
+
 @pytest.mark.parametrize("src, dst", [((512, 512), (448, 448)), ((886, 1280), (896, 1344)), ((37, 53), (448, 448)),
                                       ((1000, 420), (2240, 896)), ((300, 1400), (448, 2240))])
 def test_resize_is_torchvisions_antialiased_bicubic(src, dst):

@@ -165,18 +165,35 @@ def processor_tiling(processor: Any) -> tuple[bool, int, int]:
     processor, and they override the image processor's config: InternVL3-hf checkpoints say ``crop_to_patches:
     false`` in their image processor config, yet every image that goes through the processor (``apply_chat_template``,
     generation, FaceLLM's evaluation) is tiled. Read the merged kwargs the processor itself uses; fall back to its
-    class defaults and then the image processor's attributes."""
+    class defaults and then the image processor's attributes. (``_check_tiling`` then runs the processor itself on
+    probe images: whatever is read here must agree with what it does.)"""
     ip = processor.image_processor
-    try:
-        merged = dict(processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"])
-    except Exception:  # a private transformers API: its class defaults say the same for InternVLProcessor
-        merged = dict(getattr(processor, "images_kwargs", None) or {})
+    merged = _merged_images_kwargs(processor)
 
     def get(name: str, default: Any) -> Any:
         value = merged.get(name)
         return getattr(ip, name, default) if value is None else value
 
     return bool(get("crop_to_patches", False)), int(get("min_patches", 1)), int(get("max_patches", 12))
+
+
+def _merged_images_kwargs(processor: Any) -> dict[str, Any]:
+    """The ``images_kwargs`` the processor passes to its image processor, through ``ProcessorMixin._merge_kwargs``,
+    a private API whose signature changed within transformers 5: 5.17 takes the model's kwargs class first
+    (``valid_processor_kwargs``, e.g. ``InternVLProcessorKwargs``), 5.24 finds it itself. Each
+    failing form falls through to the class defaults those kwargs hold (``_defaults`` / ``images_kwargs``)."""
+    init = processor.tokenizer.init_kwargs
+    kwargs_cls = getattr(type(processor), "valid_processor_kwargs", None)
+    calls = [lambda: processor._merge_kwargs(tokenizer_init_kwargs=init)]
+    if kwargs_cls is not None:
+        calls.append(lambda: processor._merge_kwargs(kwargs_cls, tokenizer_init_kwargs=init))
+    for call in calls:
+        try:
+            return dict(call()["images_kwargs"])
+        except Exception:  # noqa: BLE001 - the private API's other signature, or none at all: try the next form
+            continue
+    defaults = getattr(kwargs_cls, "_defaults", None) or {}
+    return dict(defaults.get("images_kwargs") or getattr(processor, "images_kwargs", None) or {})
 
 
 def tiles_for(height: int, width: int, spec: ImageSpec) -> int:
