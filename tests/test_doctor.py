@@ -121,6 +121,33 @@ def test_llama_system_info_parsing():
                     "CUDA": {"ARCHS": "890", "USE_GRAPHS": "1", "PEER_MAX_BATCH_SIZE": "128"}}
 
 
+# llama_print_system_info() of the two builds run on issue 15's GPU lease (a 16-core Xeon VM with AVX-512 and AMX)
+NATIVE_AMX = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
+              "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | "
+              "OPENMP = 1 | REPACK = 1 | ")
+PORTABLE_AVX2 = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | "
+
+
+def test_llama_advice_never_sends_an_amx_cpu_to_a_native_build():
+    """A native build on that VM had AMX_INT8 = 1 and crashed (SIGSEGV) where the portable build ran: on an AMX CPU
+    doctor warns about such a build and advises AVX-512 without AMX, never the native rebuild that turns AMX on."""
+    from facellm_edge.doctor.engines import NO_AMX_FLAGS, REBUILD, llama_cpu_advice
+    from facellm_edge.doctor.report import INFO, OK, WARN
+
+    amx_cpu = {"AVX2": True, "AVX-512": True, "VNNI": True, "AMX": True}
+    status, notes = llama_cpu_advice(parse_system_info(NATIVE_AMX)["CPU"], amx_cpu)
+    assert status == WARN and "AMX_INT8 = 1" in notes[0] and NO_AMX_FLAGS in notes[0] and "GGML_NATIVE=OFF" in notes[0]
+    status, notes = llama_cpu_advice(parse_system_info(PORTABLE_AVX2)["CPU"], amx_cpu)
+    assert status == INFO and "AVX-512, VNNI" in notes[0] and NO_AMX_FLAGS in notes[0]
+    assert "on this machine" not in notes[0]
+    # without AMX a native build is the advice, and a build that uses every feature needs none
+    avx512_cpu = {"AVX2": True, "AVX-512": True, "VNNI": True, "AMX": False}
+    status, notes = llama_cpu_advice(parse_system_info(PORTABLE_AVX2)["CPU"], avx512_cpu)
+    assert status == INFO and f"on this machine ({REBUILD})" in notes[0] and NO_AMX_FLAGS not in notes[0]
+    no_amx_build = parse_system_info(NATIVE_AMX.replace("AMX_INT8 = 1", "AMX_INT8 = 0"))["CPU"]
+    assert llama_cpu_advice(no_amx_build, amx_cpu) == (OK, [])
+
+
 class _Camera:
     """A camera as cv2.VideoCapture presents one (index 0 opens at 640x480, 30 FPS; others do not open)."""
 

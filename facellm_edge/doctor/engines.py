@@ -120,6 +120,32 @@ GGML_NAMES = {"AVX2": "AVX2", "AVX-512": "AVX512", "VNNI": "AVX512_VNNI", "NEON"
               "I8MM": "MATMUL_INT8", "SVE": "SVE"}
 
 
+REBUILD = "pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36"
+# Every AMX CPU (Sapphire Rapids and later) has these; GGML_NATIVE=OFF keeps AMX out, which a native build turns on
+NO_AMX_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                "-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON")
+
+
+def llama_cpu_advice(built: dict[str, str], cpu_features: dict[str, bool]) -> tuple[str, list[str]]:
+    """(status, notes) for llama.cpp's CPU build on this CPU: features the CPU has and the build lacks, and its AMX
+    kernels, which crashed the process (SIGSEGV in the first answer) on a 16-core Xeon VM (issue 15's GPU lease,
+    benchmarks/gpu/README.md) as upstream reports say they do on some virtualised Sapphire/Granite Rapids machines.
+    On an AMX CPU the rebuild advised is therefore AVX-512 with VNNI and BF16 without AMX, not a native build."""
+    def on(name: str) -> bool:
+        return built.get(name, "0") not in ("0", "")
+
+    no_amx = f'CMAKE_ARGS="{NO_AMX_FLAGS}" {REBUILD}'
+    if on("AMX_INT8"):
+        return WARN, ["llama.cpp is built with AMX (AMX_INT8 = 1): its AMX kernels have crashed the process "
+                      "(SIGSEGV in the first answer) on some machines, virtual ones especially (ggml-org/llama.cpp"
+                      f"#20824); if answers crash, rebuild without AMX: {no_amx}"]
+    unused = [name for name, have in cpu_features.items() if have and name in GGML_NAMES and not on(GGML_NAMES[name])]
+    if not unused:
+        return OK, []
+    how = no_amx if cpu_features.get("AMX") else f"on this machine ({REBUILD})"
+    return INFO, [f"this CPU has {', '.join(unused)} but llama.cpp was not built with it: rebuild {how}"]
+
+
 def check_llama(device: str | None, cpu_features: dict[str, bool]) -> Check:
     """llama-cpp-python's build: backends (CPU, CUDA, Metal, BLAS, ...), SIMD features, GPU offload."""
     try:
@@ -138,14 +164,8 @@ def check_llama(device: str | None, cpu_features: dict[str, bool]) -> Check:
                f"{'s' if others else ''}; GPU offload {'yes' if gpu else 'no'}")
     notes = [f"CPU features built in: {', '.join(enabled) or 'none listed'}"]
     notes += [f"{b}: {', '.join(f'{k}={v}' if v else k for k, v in info[b].items())}" for b in others]
-    unused = [name for name, have in cpu_features.items()
-              if have and name in GGML_NAMES and cpu.get(GGML_NAMES[name], "0") in ("0", "")]
-    status = OK
-    if unused:
-        notes.append(f"this CPU has {', '.join(unused)} but llama.cpp was not built with it: rebuild on this machine "
-                     "(pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python "
-                     "llama-cpp-python==0.3.36)")
-        status = INFO
+    status, advice = llama_cpu_advice(cpu, cpu_features)
+    notes += advice
     if device in ("cuda", "tensorrt") and not gpu:
         if "CUDA" in info:  # built with CUDA, but its backend found no device (llama.cpp's ggml_cuda_init line says why)
             notes.append("llama.cpp is built with CUDA but finds no GPU (no NVIDIA driver, or no device visible): "
