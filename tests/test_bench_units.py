@@ -455,3 +455,29 @@ def test_kiosk_bench_times_one_visitor_through_the_real_loop(tiny_bundle, t1_bgr
     late = "\n".join(kiosk_lines(k, cold_ttft_ms=first - 200))
     assert "+ 200 ms" in late and "goal ≤ cold TTFT + 100 ms: missed" in late
     assert "goal ≤ cold TTFT + 100 ms: met" in "\n".join(kiosk_lines(k, cold_ttft_ms=first))
+
+
+@pytest.mark.slow
+def test_a_failing_configuration_costs_only_its_own_rows(tmp_path, tiny_bundle, yunet_model, capsys):
+    """A configuration failing in its own process (here the naive baseline, given a folder it cannot load as a
+    checkpoint) costs its rows only: the edge rows are measured and written, the failure is named in the results and
+    on stderr, and the run exits non-zero. On issue 15's GPU lease one crashing configuration lost every row."""
+    import json
+
+    from facellm_edge.cli import main
+
+    broken = tmp_path / "not-a-checkpoint"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    out = tmp_path / "results"
+    rc = main(["bench", "--bundle", str(tiny_bundle), "--checkpoint", str(broken), "--naive", "cpu-fp32",
+               "--quant", "q8_0", "--vision", "int8", "--runs", "2", "--warmup", "0", "--decode-tokens", "2",
+               "--threads", "1", "--detector-model", str(yunet_model), "--no-profiles", "--no-live", "--no-faces",
+               "--no-roofline", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and "1 of 2 configurations failed" in err[-1] and "naive cpu-fp32" in err[-1]
+    assert str(out) in err[-1]
+    r = json.loads((out / "results.json").read_text())
+    assert [c["name"] for c in r["configs"]] == ["edge int8+q8_0"] and r["configs"][0]["rounds"] == 2
+    assert [f["name"] for f in r["failed"]] == ["naive cpu-fp32"] and r["ratios"] == []
+    assert "**Failed**" in (out / "results.md").read_text()

@@ -208,6 +208,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         bpw = c.get("bits_per_weight")
         lines.append(f"| {c['name']} | " + " | ".join(_cell(c, k) for k, _ in TABLE_COLUMNS)
                      + f" | {mem} | {_fmt(bpw, 2) if bpw else '–'} | {_quality(c)} |")
+    if r.get("failed"):
+        lines += ["", "**Failed** (not measured; the rows above are complete without them):", ""]
+        lines += [f"- {f['name']}: {f['error']}" for f in r["failed"]]
     if any(c.get("quality") for c in r["configs"]):
         lines += ["", fidelity_note(bool(s.get("random_weights")))]
     if r["ratios"]:

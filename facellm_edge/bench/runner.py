@@ -26,7 +26,7 @@ from facellm_edge.bench.live import live_payload
 from facellm_edge.bench.naive import naive_payload
 from facellm_edge.bench.stages import merge_rounds, run_isolated
 from facellm_edge.bench.system import machine_info, machine_slug, physical_cores, versions
-from facellm_edge.errors import BundleError, InputError, UsageError
+from facellm_edge.errors import BundleError, FaceLLMEdgeError, InputError, RuntimeStageError, UsageError
 from facellm_edge.io import check_replaceable, temporary_directory
 
 log = logging.getLogger(__name__)
@@ -243,13 +243,21 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
 
         jobs += [edge_job(v, q, d) for d in cfg.devices for v in visions for q in quants]
         rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in jobs}
+        failed: dict[str, str] = {}  # label -> why: a configuration that crashed, timed out or raised in its process
 
         def run_job(job: tuple[str, str, dict[str, Any]], r: int) -> None:
             label, target, payload = job
+            if label in failed:  # not again in later rounds
+                return
             progress(f"{label} (round {r + 1} of {cfg.runs})")
             started = round(time.time(), 3)
-            rounds[label].append({**run_isolated(target, payload, timeout_s=cfg.config_timeout_s, label=label),
-                                  "started": started})
+            try:
+                result = run_isolated(target, payload, timeout_s=cfg.config_timeout_s, label=label)
+            except FaceLLMEdgeError as exc:  # that configuration's own failure: the others are measured all the same
+                failed[label] = str(exc)
+                log.error("%s; the other configurations go on", exc)
+                return
+            rounds[label].append({**result, "started": started})
 
         for r in range(cfg.runs):
             for job in list(jobs):
@@ -257,15 +265,18 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             if r == 0 and peer:  # same LLM quant as the fastest edge configuration: only the implementation differs
                 # one peer on the CPU, one on the GPU (llama.cpp has no TensorRT: its GPU path is CUDA for both)
                 for where in dict.fromkeys("cpu" if d == "cpu" else "cuda" for d in cfg.devices):
-                    same = [parts[0] for parts in rounds.values() if parts[0]["kind"] == "edge"
-                            and (parts[0]["device"] == "cpu") == (where == "cpu")]
-                    jobs.append(edge_job(PEER, fastest(same)["quant"], where))
+                    same = [parts[0] for label, parts in rounds.items() if parts and label not in failed
+                            and parts[0]["kind"] == "edge" and (parts[0]["device"] == "cpu") == (where == "cpu")]
+                    quant = fastest(same)["quant"] if same else quants[0]
+                    jobs.append(edge_job(PEER, quant, where))
                     rounds[jobs[-1][0]] = []
                     run_job(jobs[-1], r)
-        configs = [merge_rounds(rounds[label]) for label, _, _ in jobs]
+        configs = [merge_rounds(rounds[label]) for label, _, _ in jobs if label not in failed]
         for c in configs:
             progress(_summary(c))
         edge = [c for c in configs if c["kind"] == "edge"]
+        if not edge:  # nothing of the edge path to report on
+            raise RuntimeStageError(next(iter(failed.values())))
         roof = None
         if cfg.roofline:
             progress("roofline: this machine's ceilings and the model's work")
@@ -329,6 +340,11 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
         "faces": faces,
         "roofline": roof,
         "targets": report.evaluate_targets(configs, live),
+        "failed": [{"name": label, "error": why} for label, why in failed.items()],
     }
     progress(f"writing {out}")
-    return report.write_results(results, out, force=cfg.force)
+    report.write_results(results, out, force=cfg.force)
+    if failed:  # the results of the others are kept; the run still did not do all it was asked
+        raise RuntimeStageError(f"{len(failed)} of {len(jobs)} configurations failed ({'; '.join(failed.values())}); "
+                                f"the others' results are written to {out}")
+    return out
