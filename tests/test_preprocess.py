@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from transformers.processing_utils import ProcessingKwargs
 
 from facellm_edge.runtime.align import CropConfig, align_face
 from facellm_edge.bundle import ImageSpec
@@ -117,28 +118,30 @@ def test_bundle_spec_follows_the_processor_not_its_image_processor_config(full_p
     assert processor_tiling(not_tiling)[0] is False
 
 
-def test_tiling_is_read_through_the_older_merge_kwargs_signature(full_processor):
-    """transformers 5.17's ``ProcessorMixin._merge_kwargs`` takes the model's kwargs class first (5.24 finds it
-    itself); with only the newer call, export on 5.17 read crop_to_patches False and refused the checkpoint (seen on
-    the GPU machine's image). The older form must be used, and it reads the kwargs class's own defaults."""
-    import copy
+class OlderSignatureKwargs(ProcessingKwargs, total=False):  # found by name, as InternVLProcessorKwargs is up to 5.17
+    _defaults = {"images_kwargs": {"crop_to_patches": True, "max_patches": 6}}
 
-    from transformers.processing_utils import ProcessingKwargs
+
+@pytest.mark.parametrize("found_by", ["valid_processor_kwargs", "module name"])
+def test_tiling_is_read_through_the_older_merge_kwargs_signature(full_processor, found_by):
+    """Up to transformers 5.17 ``ProcessorMixin._merge_kwargs`` takes the model's kwargs class first (5.24 finds it
+    itself); with only the newer call, export on 5.5-5.17 read crop_to_patches False and refused the checkpoint
+    (seen on the GPU machine's 5.17). The class is the processor's ``valid_processor_kwargs`` (5.17) or its
+    module's ``<Processor>Kwargs`` (5.5-5.14), and the merged kwargs come from it."""
+    import copy
 
     from facellm_edge.export.prompt import processor_tiling
 
-    class Kwargs(ProcessingKwargs, total=False):
-        _defaults = {"images_kwargs": {"crop_to_patches": True, "max_patches": 6}}
+    def merge(self, ModelProcessorKwargs, tokenizer_init_kwargs=None, **kwargs):  # noqa: N803 - transformers' name
+        return type(full_processor)._merge_kwargs(self, ModelProcessorKwargs, tokenizer_init_kwargs=tokenizer_init_kwargs,
+                                                 **kwargs)
 
-    class OlderSignature(type(full_processor)):
-        valid_processor_kwargs = Kwargs
-        images_kwargs = {}  # 5.17's class has no images_kwargs attribute
-
-        def _merge_kwargs(self, ModelProcessorKwargs, tokenizer_init_kwargs=None, **kwargs):  # noqa: N803
-            return super()._merge_kwargs(ModelProcessorKwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
-
+    attrs = {"_merge_kwargs": merge, "images_kwargs": {}, "__module__": __name__}  # no class images_kwargs (5.17)
+    if found_by == "valid_processor_kwargs":
+        attrs["valid_processor_kwargs"] = OlderSignatureKwargs
+    name = "OlderSignature" if found_by == "module name" else "NoModuleKwargs"  # no NoModuleKwargsKwargs here
     older = copy.copy(full_processor)
-    older.__class__ = OlderSignature
+    older.__class__ = type(name, (type(full_processor),), attrs)
     assert processor_tiling(older) == (True, 1, 6)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,19 +180,24 @@ def processor_tiling(processor: Any) -> tuple[bool, int, int]:
 
 def _merged_images_kwargs(processor: Any) -> dict[str, Any]:
     """The ``images_kwargs`` the processor passes to its image processor, through ``ProcessorMixin._merge_kwargs``,
-    a private API whose signature changed within transformers 5: 5.17 takes the model's kwargs class first
-    (``valid_processor_kwargs``, e.g. ``InternVLProcessorKwargs``), 5.24 finds it itself. Each
-    failing form falls through to the class defaults those kwargs hold (``_defaults`` / ``images_kwargs``)."""
+    a private API whose signature changed within transformers 5: up to 5.17 it takes the model's kwargs class first
+    (``InternVLProcessorKwargs``: the processing module's ``<Processor>Kwargs``, or the class's
+    ``valid_processor_kwargs``), 5.24 finds it itself. Each failing form falls through to the next, then to the class
+    defaults those kwargs hold (``_defaults`` / ``images_kwargs``)."""
     init = processor.tokenizer.init_kwargs
-    kwargs_cls = getattr(type(processor), "valid_processor_kwargs", None)
-    calls = [lambda: processor._merge_kwargs(tokenizer_init_kwargs=init)]
+    try:
+        return dict(processor._merge_kwargs(tokenizer_init_kwargs=init)["images_kwargs"])
+    except Exception:  # noqa: BLE001 - the older signature (or none): the kwargs class is needed
+        pass
+    cls = type(processor)
+    # the module's class first: ProcessorMixin's own valid_processor_kwargs (5.14) is the generic, default-less one
+    kwargs_cls = getattr(sys.modules.get(cls.__module__), f"{cls.__name__}Kwargs", None) or getattr(
+        cls, "valid_processor_kwargs", None)
     if kwargs_cls is not None:
-        calls.append(lambda: processor._merge_kwargs(kwargs_cls, tokenizer_init_kwargs=init))
-    for call in calls:
         try:
-            return dict(call()["images_kwargs"])
-        except Exception:  # noqa: BLE001 - the private API's other signature, or none at all: try the next form
-            continue
+            return dict(processor._merge_kwargs(kwargs_cls, tokenizer_init_kwargs=init)["images_kwargs"])
+        except Exception:  # noqa: BLE001 - neither form: the class defaults below
+            pass
     defaults = getattr(kwargs_cls, "_defaults", None) or {}
     return dict(defaults.get("images_kwargs") or getattr(processor, "images_kwargs", None) or {})
 
@@ -237,10 +243,11 @@ def _check_tiling(processor: Any, spec: ImageSpec) -> None:
 
     for h, w in _TILING_PROBES:
         try:
-            out = processor(text=[processor.image_token], images=[np.zeros((h, w, 3), np.uint8)], return_tensors="np")
+            # "pt": transformers 5.0's fast image processors return nothing else (and export has torch)
+            out = processor(text=[processor.image_token], images=[np.zeros((h, w, 3), np.uint8)], return_tensors="pt")
         except Exception as exc:  # the processor's own failure, named
             raise CheckpointError(f"the checkpoint's processor cannot preprocess a {w}x{h} image: {exc}") from exc
-        got, want = int(np.asarray(out["pixel_values"]).shape[0]), tiles_for(h, w, spec)
+        got, want = int(out["pixel_values"].shape[0]), tiles_for(h, w, spec)
         if got != want:
             raise ExportError(f"the checkpoint's processor makes {got} tiles of a {w}x{h} image, facellm-edge "
                               f"computed {want} (crop_to_patches {spec.crop_to_patches}, tiles {spec.min_tiles}.."
