@@ -21,12 +21,16 @@ def test_adapter_export_matches_peft_logits(tiny_checkpoint, tmp_path, capsys):
 
     base = transformers.InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    # PEFT initialises lora_A from torch's global generator: seeded, so the adapter (and the size of the differences
+    # checked below) does not depend on which tests ran before in this process (unseeded, it failed after others)
+    torch.manual_seed(0)
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # non-zero B so the adapter really changes the model
+    with torch.no_grad():  # non-zero B so the adapter really changes the model (0.25: max_rel_diff 5.2e-3 here; at
+        # 0.5 the larger activations put llama.cpp's f16 KV-cache noise at 0.8-1.7e-2, around the bound, by seed)
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     peft_model.eval()
