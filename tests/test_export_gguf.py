@@ -294,3 +294,28 @@ def test_bad_arguments(tied, tmp_path):
     with pytest.raises(ExportError, match="InternVLForConditionalGeneration"):
         write_llm_gguf(model.model.language_model, tokenizer, tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_quantising_onto_a_full_disk_is_an_output_error(tied_f32, tmp_path):
+    """A real write failure while llama.cpp quantises (the file-size limit makes its writes fail with EFBIG, as a full
+    disk fails them): an OutputError (exit 4) saying it could not write, not 'failed to quantise ... the source must
+    be an f32 GGUF' (exit 5, the audit's finding), and no file or temporary left."""
+    import subprocess
+    import sys
+
+    dst = tmp_path / "out" / "q8_0.gguf"
+    dst.parent.mkdir()
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))\n"
+        "from facellm_edge.export.quantize import quantize_gguf\n"
+        "try:\n"
+        f"    quantize_gguf({str(tied_f32)!r}, {str(dst)!r}, 'q8_0')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, getattr(exc, 'exit_code', None), exc, sep='|')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    kind, exit_code, message = proc.stdout.strip().splitlines()[-1].split("|", 2)
+    assert (kind, exit_code) == ("OutputError", "4") and message.startswith(f"cannot write {dst}"), proc.stdout
+    assert not list(dst.parent.iterdir())

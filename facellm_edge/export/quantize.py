@@ -7,6 +7,8 @@ k-quants need rows divisible by 256; llama.cpp silently falls back to another ty
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -171,6 +173,24 @@ def inspect_gguf(path: Path | str, quant: str) -> dict[str, Any]:
             "type_histogram": dict(sorted(hist.items())), "fallbacks": tuple(fallbacks)}
 
 
+# How llama.cpp's quantize reports a write that failed: its output is a std::ofstream with failbit exceptions
+# ("basic_ios::clear: iostream error", the only ofstream there: the output file; no strerror), and llama_file's
+# writes throw "write error: <strerror>" (llama-mmap.cpp)
+WRITE_ERROR = re.compile(r"iostream error|write error|failed to write|No space left|File too large|quota exceeded",
+                         re.IGNORECASE)
+
+
+class _ErrorLines(logging.Handler):
+    """The ERROR lines llama.cpp logs while it runs (through facellm_edge.llama_cpp)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().strip())
+
+
 def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int = 2) -> QuantReport:
     """Quantise an f32/f16/bf16 GGUF ``src`` to ``dst`` with llama.cpp (atomically) and report the result."""
     validate_quants([quant])
@@ -194,15 +214,23 @@ def quantize_gguf(src: Path | str, dst: Path | str, quant: str, n_threads: int =
     llama_log = logging.getLogger("facellm_edge.llama_cpp")
     level = llama_log.level
     llama_log.setLevel(logging.ERROR)
+    errors = _ErrorLines()  # llama.cpp's own reason, which its return code does not carry
+    llama_log.addHandler(errors)
     try:
         with atomic_file(dst) as tmp:  # llama.cpp fills the temporary file; committed only when it succeeded
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
             if rc != 0:
-                raise ExportError(f"llama.cpp failed to quantise {src} to {quant} (code {rc}; see the "
-                                  "facellm_edge.llama_cpp log); the source must be an f32/f16/bf16 GGUF")
+                why = errors.lines[-1] if errors.lines else f"code {rc}"
+                if WRITE_ERROR.search(why):  # a full disk or a size limit: where it writes, not what it reads
+                    free = shutil.disk_usage(dst.parent).free / 2**30
+                    raise OutputError(f"cannot write {dst}: llama.cpp's write failed ({why}); {free:.1f} GB free "
+                                      "there (a full disk, a quota or a file-size limit?)")
+                raise ExportError(f"llama.cpp failed to quantise {src} to {quant} ({why}); the source must be an "
+                                  "f32/f16/bf16 GGUF")
     except OSError as exc:
         raise OutputError(f"cannot write {dst}: {exc}") from exc
     finally:
+        llama_log.removeHandler(errors)
         llama_log.setLevel(level)
     seconds = time.perf_counter() - t0
     info = inspect_gguf(dst, quant)
