@@ -104,3 +104,44 @@ def test_a_full_conversation_says_to_start_a_new_one(tiny_bundle, yunet_model, a
         s.ask("Age?", max_tokens=500)  # until the context is full
         with pytest.raises(RuntimeStageError, match="this conversation already holds .* ask in a new session"):
             s.ask("And the expression?")
+
+
+SMALL_CONTEXT = """
+import sys, cv2
+from facellm_edge.errors import RuntimeStageError
+from facellm_edge.runtime.config import DetectorConfig, EncoderConfig, EngineConfig, GenerationConfig, RuntimeConfig
+from facellm_edge.runtime.pipeline import FaceLLM
+
+bundle, yunet, photo = sys.argv[1:4]
+image = cv2.imread(photo)
+for slots in (None, 4):
+    config = RuntimeConfig(detector=DetectorConfig(model_path=yunet), encoder=EncoderConfig(precision="fp32"),
+                           engine=EngineConfig(quant="f32", n_ctx=300, max_slots=slots),
+                           generation=GenerationConfig(max_tokens=2))
+    with FaceLLM.load(bundle, config) as m:
+        try:
+            print(slots, m.generator.max_slots, len(m.ask(image, "Age?")))
+        except RuntimeStageError as exc:
+            print(slots, m.generator.max_slots, "error", exc)
+"""
+
+
+def test_a_small_context_answers_a_group_photo_and_never_aborts(tiny_bundle, yunet_model, tmp_path):
+    """--ctx 300 on a 6-face photo (each face's image prompt ~262 tokens): llama.cpp caps n_batch at the context,
+    and four faces' prompts in 512-row chunks aborted the process (GGML_ASSERT n_tokens_all <= n_batch, a core
+    dump). Now the auto slot count holds only the prompts that fit (one here: every face answered, one after
+    another), and an explicit max_slots of 4 is a clean one-line error (the prompts do not fit), not an abort.
+    In a child process, since the failure this guards against kills the process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import insightface
+
+    photo = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    proc = subprocess.run([sys.executable, "-c", SMALL_CONTEXT, str(tiny_bundle), str(yunet_model), str(photo)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    auto, explicit = proc.stdout.strip().splitlines()[-2:]
+    assert auto == "None 1 6"  # six faces, answered one at a time
+    assert explicit.startswith("4 4 error") and "no free KV cells" in explicit

@@ -185,8 +185,11 @@ class LlamaEngine:
         self.n_cells = int(L.llama_n_ctx(self._ctx))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         self.bos_id = int(L.llama_vocab_bos(self._vocab))
-        self._tok_batch = L.llama_batch_init(config.n_batch, 0, 1)
-        self._emb_batch = L.llama_batch_init(config.n_batch, self.n_embd, 1)
+        # llama.cpp caps n_batch at the context's size (a causal model's batch never exceeds its n_ctx): a chunk of
+        # config.n_batch rows into a smaller context aborts the process (GGML_ASSERT n_tokens_all <= n_batch)
+        self.n_batch = int(L.llama_n_batch(self._ctx))
+        self._tok_batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
         log.debug("llama.cpp context: n_ctx=%d cells=%d seqs=%d threads=%d/%d flash_attn=%s", self.n_ctx,
                   self.n_cells, config.slots, config.threads, config.threads_batch, config.flash_attn)
@@ -249,7 +252,7 @@ class LlamaEngine:
         """Decode token ids (1-D) or embeddings (float32 [n, n_embd]) at ``pos0..`` of ``seq`` and return the
         logits of every position, [n, n_vocab]. For verification against transformers; generation never copies
         logits."""
-        rows, step, out = _rows(item, seq, pos0), self.config.n_batch, []
+        rows, step, out = _rows(item, seq, pos0), self.n_batch, []
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
             self._decode_rows(chunk, _is_embd(item), n_logits=len(chunk))
@@ -264,8 +267,8 @@ class LlamaEngine:
         cost one pass over the weights per call instead of N; one item is decoded in ``n_batch`` chunks. With
         ``logits_last`` every item (non-empty) has its last row in the final call, with logits, and that row's index
         there is returned per item (for :meth:`sample_at`); otherwise []."""
-        if logits_last and len(items) > self.config.n_batch:
-            raise UsageError(f"{len(items)} sequences at once exceed n_batch {self.config.n_batch}")
+        if logits_last and len(items) > self.n_batch:
+            raise UsageError(f"{len(items)} sequences at once exceed n_batch {self.n_batch}")
         if logits_last and any(len(x) == 0 for x, _, _ in items):
             raise UsageError("decode_packed: an item with no rows has no last row to keep logits of")
         body, last = [], []
@@ -279,7 +282,7 @@ class LlamaEngine:
         rows = body + last  # a sequence's rows stay in position order across the calls
         if not rows:
             return []
-        is_embd, step = _is_embd(items[0][0]), self.config.n_batch
+        is_embd, step = _is_embd(items[0][0]), self.n_batch
         n_final = max(len(last), len(rows) - step * ((len(rows) - 1) // step))  # full chunks, then the rest
         head, tail = rows[:len(rows) - n_final], rows[len(rows) - n_final:]  # the rest holds every last row
         for start in range(0, len(head), step):

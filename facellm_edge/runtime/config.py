@@ -41,7 +41,8 @@ class RuntimeConfig:
     crop: CropConfig = field(default_factory=CropConfig)  # size follows the bundle's tile size at load
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     # engine.max_slots None: as many conversations as the context holds, n_ctx // (image tokens + 64 + max_tokens),
-    # at least 4 and at most 64 (FaceLLM-1B, 4096 ctx, 128 tokens: 9). Each costs n_vocab * 4 bytes of llama.cpp
+    # at least 4 (as far as their image prompts fit: n_ctx // (image tokens + 64)) and at most 64 (FaceLLM-1B,
+    # 4096 ctx, 128 tokens: 9). Each costs n_vocab * 4 bytes of llama.cpp
     # output buffer (0.6 MB at Qwen2.5's vocabulary) whether used or not; the KV cells are shared.
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # per-call overrides: ask(max_tokens=...)
@@ -76,7 +77,10 @@ class RuntimeConfig:
         if self.engine.max_slots is not None:
             return self.engine.max_slots
         per_face = num_image_tokens + PROMPT_CELLS + self.generation.max_tokens
-        return max(MIN_AUTO_SLOTS, min(MAX_AUTO_SLOTS, self.engine.n_ctx // per_face))
+        # ... but never more faces than the context holds the image prompts of: their prefill is one batch, and on
+        # a small --ctx four faces' prompts did not fit (every ask on a group photo failed: "no free KV cells")
+        prompts_fit = max(1, self.engine.n_ctx // (num_image_tokens + PROMPT_CELLS))
+        return min(prompts_fit, max(MIN_AUTO_SLOTS, min(MAX_AUTO_SLOTS, self.engine.n_ctx // per_face)))
 
     def resolve(self, image_size: int, num_image_tokens: int) -> "RuntimeConfig":
         """This config for a bundle: the crop at the bundle's tile size, the KV slots counted."""
