@@ -166,3 +166,13 @@ def test_disk_full_mid_export_leaves_nothing(tiny_checkpoint, tmp_path):
     assert "unexpected" not in last
     assert "Traceback" not in proc.stderr
     _no_leftovers(tmp_path, "out")
+
+
+def test_out_through_a_folder_not_yet_made_is_checked_as_written(tiny_checkpoint, tmp_path, capsys):
+    """--out existing/NEW/.. names `existing`: refused at once as an existing output, NEW not created. Before, the
+    check went through NEW (absent, so "absent"), the whole export ran, then writing found `existing` and NEW stayed."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    rc, _, stderr = _run(capsys, "export", str(tiny_checkpoint), "--out", str(existing / "NEW" / ".."), "--no-verify")
+    assert rc != 0 and f"output {existing} already exists" in stderr
+    assert not (existing / "NEW").exists() and sorted(tmp_path.iterdir()) == [existing]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from facellm_edge import __version__
 from facellm_edge.bundle import BUNDLE, MANIFEST, SCHEMA_VERSION, Manifest, file_entry
-from facellm_edge.io import atomic_directory, atomic_write_text, check_replaceable, clean_stale_temps
+from facellm_edge.io import atomic_directory, atomic_write_text, check_replaceable, clean_stale_temps, output_path
 from facellm_edge.errors import ExportError, FaceLLMEdgeError, OutputError, UsageError, require
 from facellm_edge.llm.system_prompt import DEFAULT as DEFAULT_SYSTEM, resolve_system
 
@@ -99,7 +99,7 @@ def validate(cfg: ExportConfig) -> ExportConfig:
     if unknown:
         raise UsageError(f"unknown vision precision '{unknown[0]}'; choose from {', '.join(VISION_TARGETS)}")
     resolve_system(cfg.system)
-    out = Path(cfg.out)
+    out = output_path(cfg.out)  # out/NEW/.. is out: checked as it will be written
     check_replaceable(out, force=cfg.force, kind=BUNDLE)  # --force replaces only a bundle whose manifest parses
     if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
         raise UsageError(f"adapter directory not found: {cfg.adapter}")

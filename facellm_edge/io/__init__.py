@@ -22,7 +22,7 @@ from facellm_edge.io.images import (
 from facellm_edge.io.outputs import check_output_file, open_line_log, write_line
 from facellm_edge.io.ownership import (
     MARKER, OUTPUT, TOOL, OutputKind, Recogniser, check_replaceable, check_replaceable_file, files_under,
-    known_file_set, marker_files,
+    known_file_set, marker_files, output_path,
 )
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "atomic_directory", "atomic_file", "atomic_write_text", "check_image_header", "check_output_file",
     "check_replaceable", "check_replaceable_file", "clean_stale_temp_files", "clean_stale_temps", "commit_temp_file",
     "current_umask", "decode_image", "dir_mode", "file_mode", "files_under", "image_size", "known_file_set",
-    "loads_json", "marker_files", "open_line_log", "read_image", "read_image_rgb", "read_json_object",
+    "loads_json", "marker_files", "open_line_log", "output_path", "read_image", "read_image_rgb", "read_json_object",
     "replace_directory", "sha256_bytes", "sha256_file", "temp_file_beside", "temporary_directory", "user_cache_dir",
     "write_line",
 ]

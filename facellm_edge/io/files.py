@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from facellm_edge.errors import FaceLLMEdgeError, OutputError
-from facellm_edge.io.ownership import MARKER, OUTPUT, TOOL, OutputKind, check_replaceable, files_under
+from facellm_edge.io.ownership import MARKER, OUTPUT, TOOL, OutputKind, check_replaceable, files_under, output_path
 from facellm_edge.signals import call_holding_signals
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def atomic_directory(dest: Path, *, force: bool = False, kind: OutputKind = OUTP
     again just before the swap), and only after the new one is complete. ``kind.marker`` writes :data:`MARKER`
     (tool, version, kind, file list) into the output so that a later ``--force`` can prove it is ours.
     """
-    dest = Path(dest)
+    dest = output_path(dest)
     check_replaceable(dest, force=force, kind=kind)
     parent = dest.parent if str(dest.parent) else Path(".")
     made: list[Path] = []  # the temporary, recorded with signals held (see _make_temporary)
@@ -344,7 +344,7 @@ def temp_file_beside(dest: Path) -> Path:
     """An empty temporary file beside ``dest`` with ``dest``'s suffix (encoders pick the container from it), named
     ``.<stem>.tmp-<pid>-<random><suffix>`` so that :func:`clean_stale_temp_files` can tell a dead run's leftovers.
     Created exclusively: it never is, nor replaces, a file someone else made."""
-    dest = Path(dest)
+    dest = output_path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -67,10 +67,17 @@ def marker_files(dest: Path, kind: str) -> set[str] | None:
     return {*data["files"], MARKER}
 
 
+def output_path(path: Path | str) -> Path:
+    """``path`` with ``..`` and ``.`` resolved by name (``os.path.normpath``), as every output is checked and written:
+    ``out/NEW/..`` is ``out``. Otherwise its existence was checked through a ``NEW`` that did not exist yet (so
+    "absent"), and only after the whole export, once writing had created ``NEW``, was ``out`` found to exist."""
+    return Path(os.path.normpath(path))
+
+
 def check_replaceable(dest: Path, *, force: bool, kind: OutputKind = OUTPUT) -> None:
     """The ``--force`` rule, in one place: raise :class:`OutputError` unless ``dest`` is absent, or ``force`` is
     given and ``dest`` is a ``kind`` output this tool wrote that holds nothing else."""
-    dest = Path(dest)
+    dest = output_path(dest)
     if not os.path.lexists(dest):
         return
     if not force:
@@ -91,7 +98,7 @@ def check_replaceable(dest: Path, *, force: bool, kind: OutputKind = OUTPUT) -> 
 
 def check_replaceable_file(path: Path, *, force: bool, kind: str, recognise: Callable[[Path], bool]) -> None:
     """:func:`check_replaceable` for an output that is one file: ``recognise(path)`` must prove it is ours."""
-    path = Path(path)
+    path = output_path(path)
     if not os.path.lexists(path):
         return
     if not force:
