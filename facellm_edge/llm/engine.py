@@ -80,7 +80,10 @@ class EngineConfig:
     # Conversations (faces) whose prefix stays in the KV cache; the least recently used is evicted. None: the
     # runtime sizes it from the context (facellm_edge.runtime.config.RuntimeConfig.resolve); DEFAULT_SLOTS alone.
     max_slots: int | None = None
-    seed: int = 0  # seed of every answer's sampling distribution (temperature > 0): same input, same answer
+    # seed of every answer's sampling distribution (temperature > 0): the same face and question answered the same
+    # way again, alone or in the same group of faces; in another group llama.cpp's batched decode rounds the logits
+    # slightly differently, and a sampled answer can differ from the first token where that tips the draw
+    seed: int = 0
     # Read the GGUF into memory instead of mmap-ing it. On CPUs llama.cpp repacks quantised weights into its own
     # buffers anyway; with mmap the file's pages stay resident too (FaceLLM-1B q4_0: 777 -> 587 MB peak RSS).
     mmap: bool = False
