@@ -1,11 +1,12 @@
 """The llama.cpp generation engine of the runtime: image prefix per face in the KV cache, multi-turn questions.
 
-A face's prompt prefix (``prompt.first`` up to the question, with the vision encoder's embeddings in place of the
+A face's prompt prefix (``prompt.first`` up to the last image's embeddings, which stand in place of the
 ``<IMG_CONTEXT>`` tokens, InternVL semantics) is decoded once into its own llama.cpp sequence by
 :meth:`Generator.prefill_image`; :meth:`Generator.prefill_images` puts several images into one prompt (one
 ``<img>…</img>`` block per image, in order, joined by ``prompt.image_separator``, as the chat template renders
-several images of one turn). Each question then decodes only its own tokens after it, and a follow-up decodes
-only ``prompt.followup``. A system message (``prompt.system``) is tokenised as plain text inside the template's
+several images of one turn). The first question then decodes the rest of the first turn (``</img>``, the text up
+to the question, the question, the assistant header: llama.cpp's own mtmd helpers split a turn the same way), and
+a follow-up decodes only ``prompt.followup``. A system message (``prompt.system``) is tokenised as plain text inside the template's
 system turn (``prompt.first_system``). Answers are sampled inside llama.cpp (:mod:`facellm_edge.llm.sampling`).
 The KV layout is documented in :mod:`facellm_edge.llm.engine`.
 
@@ -242,13 +243,16 @@ class Generator:
                               "(prompt.image_separator is null); ask about one image at a time")
         embeds = [[self._check_embeds(e) for e in images] for _, images in items]
         sep, tk = t.sep or [], self.tokens
-        # segments per key, token ids and embeddings in turn: pre <img> | image | </img> sep <img> | ... | </img> mid
+        # segments per key, token ids and embeddings in turn: pre <img> | image | </img> sep <img> | ... | image.
+        # The last image's </img> and prompt.first's text up to the question are decoded with the first question
+        # (_question_tokens), as llama.cpp's own mtmd helpers do: one llama_decode call fewer per new face
         segments = []
         for images in embeds:
             segs: list = [t.pre + [tk.image_start_id]]
             for j, e in enumerate(images):
                 segs.append(e)
-                segs.append([tk.image_end_id] + (sep + [tk.image_start_id] if j + 1 < len(images) else t.mid))
+                if j + 1 < len(images):
+                    segs.append([tk.image_end_id] + sep + [tk.image_start_id])
             segments.append(segs)
         lengths = [sum(len(x) for x in segs) for segs in segments]
         if max(lengths) >= self.n_ctx:
@@ -332,7 +336,8 @@ class Generator:
     def _question_tokens(self, slot: Slot, question: str) -> list[int]:
         t = self._template
         q = self._engine.tokenize(question, special=False)
-        seg = (t.f_pre + q + t.f_post) if slot.asked else (q + t.post)
+        # the first question also decodes the end of the image prefix (see prefill_many)
+        seg = (t.f_pre + q + t.f_post) if slot.asked else ([self.tokens.image_end_id] + t.mid + q + t.post)
         return ([slot.pending] if slot.pending is not None else []) + seg
 
     def answer_many(self, keys: Sequence[Hashable], question: str, gen: GenerationConfig = GenerationConfig(),

@@ -45,9 +45,11 @@ def test_first_question_equals_from_scratch_token_decode(gen, ref, specs, image)
     ids, embeds = image
     n = gen.prefill_image("exact", embeds)
     pre, mid, q = prompt_parts(ref, "Describe this person.")
-    assert n == len(pre) + 1 + len(ids) + 1 + len(mid)
+    assert n == len(pre) + 1 + len(ids)  # up to the image's rows: </img> and what follows come with the question
     ans = gen.ask("exact", "Describe this person.", GenerationConfig(max_tokens=16))
-    assert ans.n_prefilled == len(q)  # the image prefix was already cached: the question cost only its own tokens
+    # the image prefix was already cached: the first question costs only the rest of the turn (as mtmd's helpers
+    # split it), one llama_decode call
+    assert ans.n_prefilled == 1 + len(mid) + len(q)
     expected = Replay(ref, specs[0], embeds).turn(q, 16)
     assert list(ans.token_ids) == expected
     assert ans.n_generated == len(ans.token_ids) > 0
@@ -60,7 +62,7 @@ def test_first_question_equals_from_scratch_token_decode(gen, ref, specs, image)
 @pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_several_images_equal_from_scratch_decode(gen, ref, specs, image, smollm2_gguf):
     """Three images in one prompt: pre <img>E1</img> sep <img>E2</img> sep <img>E3</img> mid question, in order.
-    The prefix length, the token layout and the greedy answer equal a from-scratch decode of that sequence."""
+    The prefix (up to E3), the token layout and the greedy answer equal a from-scratch decode of that sequence."""
     ids, embeds = image
     tokens = specs[0]
     images = [embeds, embeds[::-1].copy(), embeds[: N_IMG]]
@@ -68,12 +70,13 @@ def test_several_images_equal_from_scratch_decode(gen, ref, specs, image, smollm
     pre, mid, seg = prompt_parts(ref, q)
     sep = ref.tokenize("\n", special=True)
     n = gen.prefill_images("three", images)
-    assert n == len(pre) + sum(2 + len(e) for e in images) + 2 * len(sep) + len(mid)
+    # up to the last image's rows: its </img> and mid come with the question
+    assert n == len(pre) + sum(2 + len(e) for e in images) + 2 * len(sep) - 1
     blocks = [[tokens.image_start_id] + [tokens.image_context_id] * len(e) + [tokens.image_end_id] for e in images]
     assert gen.prompt_tokens([len(e) for e in images], q) == \
         pre + blocks[0] + sep + blocks[1] + sep + blocks[2] + mid + seg
     ans = gen.ask("three", q, GenerationConfig(max_tokens=12))
-    assert ans.n_prefilled == len(seg)
+    assert ans.n_prefilled == 1 + len(mid) + len(seg)
     assert list(ans.token_ids) == Replay(ref, tokens, images[0], more=tuple(images[1:])).turn(seg, 12)
     one = gen.ask("three", "And the first one?", GenerationConfig(max_tokens=4))  # follow-ups work as for one image
     assert one.n_generated > 0
@@ -91,7 +94,7 @@ def test_several_images_equal_from_scratch_decode(gen, ref, specs, image, smollm
     with Generator(smollm2_gguf, tokens, one_image_only, CFG) as g:
         with pytest.raises(BundleError, match="several images"):
             g.prefill_images("k", images[:2])
-        assert g.prefill_image("k", embeds) == len(pre) + 2 + len(ids) + len(mid)
+        assert g.prefill_image("k", embeds) == len(pre) + 1 + len(ids)
 
 
 def test_system_message_is_plain_text_in_the_templates_system_turn(smollm2_gguf, specs, ref, image):
@@ -293,3 +296,27 @@ def test_abandoned_stream_keeps_conversation_consistent(gen, ref, specs, image):
     b = gen.ask("abandon", "Go on.", GenerationConfig(max_tokens=2))
     assert b.n_prefilled == 1 + len(followup_tokens(ref, "Go on.")) and b.n_generated == 2
     gen.drop("abandon")
+
+
+def test_a_new_face_is_two_decode_calls_and_its_first_question_one(gen, image):
+    """The image prefix is the text before the image, then the image's rows: two llama_decode calls; </img> and
+    the text after it go with the first question, in its one call (llama.cpp's mtmd helpers split a turn the same
+    way). It was three calls before the question: on a GPU each costs about a decode step, on a CPU a weight pass."""
+    _, embeds = image
+    engine, calls = gen._engine, []
+    real = engine._decode_rows
+
+    def counted(rows, is_embd, *, n_logits):
+        calls.append((len(rows), is_embd))
+        return real(rows, is_embd, n_logits=n_logits)
+
+    engine._decode_rows = counted
+    try:
+        n = gen.prefill_image("calls", embeds)
+        assert [is_embd for _, is_embd in calls] == [False, True] and sum(k for k, _ in calls) == n
+        calls.clear()
+        ans = gen.ask("calls", "Who is this?", GenerationConfig(max_tokens=1))
+        assert calls == [(ans.n_prefilled, False)]
+    finally:
+        engine._decode_rows = real
+        gen.drop("calls")

@@ -43,7 +43,7 @@ def test_slot_eviction_least_recently_used(smollm2_gguf, specs, gen, image):
 
 @pytest.mark.slow  # > 3 s on the shared 2-core box (decodes and replays many tokens)
 def test_kv_cells_shared_evicts_when_full(smollm2_gguf, specs, ref, embed_rows):
-    rows = embed_rows(ref.tokenize(" hello" * 60, special=False))  # 60 "image" tokens
+    rows = embed_rows(ref.tokenize(" hello" * 64, special=False))  # 64 "image" tokens
     with Generator(smollm2_gguf, *specs, EngineConfig(n_ctx=256, n_threads=1, n_threads_batch=1, max_slots=3)) as g:
         assert g.n_ctx == 256
         n = g.prefill_image("a", rows)
@@ -183,14 +183,17 @@ def test_exported_bundle_runs_multiturn(tiny_bundle, astronaut_bgr):
     with Generator.from_bundle(bundle, cfg) as g:
         assert g.n_embd == m.arch.llm_hidden == embeds.shape[1]
         n = g.prefill_image("face", embeds)
-        # the prefix is `first` up to the question with {image} expanded the InternVL way, token for token
+        # the prefix is `first` with {image} expanded the InternVL way, token for token, up to the image's last row
+        # (</img> and the text up to the question come with the first question)
         t = m.tokens
         image_text = t.image_start + t.image_context * t.num_image_tokens + t.image_end
         head = m.prompt.first.split(m.prompt.question_marker)[0].replace(m.prompt.image_marker, image_text)
         ref = LlamaEngine(gguf_path, cfg)
         try:
             expanded = ref.tokenize(head, special=True)
-            assert n == len(expanded) and expanded.count(t.image_context_id) == t.num_image_tokens
+            last_row = len(expanded) - expanded[::-1].index(t.image_context_id)
+            assert n == last_row and expanded.count(t.image_context_id) == t.num_image_tokens
+            assert expanded[last_row] == t.image_end_id
             replay = Replay(ref, t, embeds, first=m.prompt.first)
             a1 = g.ask("face", "Who is this?", GenerationConfig(max_tokens=5))
             assert list(a1.token_ids) == replay.turn(prompt_parts(ref, "Who is this?", m.prompt.first)[2], 5)
