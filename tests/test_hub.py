@@ -223,6 +223,25 @@ def test_list_and_rm(tmp_path, published, cache, capsys):
     assert main(["rm", "local/mine"]) == 0 and cached_bundles() == [] and mine.is_dir()
 
 
+
+def test_rm_removes_what_a_failed_pull_left(published, cache, capsys):
+    """A pull that fails after downloading (here a file whose bytes do not match the manifest's sha256) leaves the
+    repo's downloads in the hub-layout cache and no bundle; `rm OWNER/NAME` removes them (it said "no bundle named",
+    and only deleting the cache folder by hand freed the space). A name with neither is still an error."""
+    repo, _ = published
+    blobs = hub_dir() / "models--alice--face-tiny" / "blobs"
+    for blob in blobs.iterdir():  # every file but the manifest
+        if not blob.read_bytes().startswith(b"{"):
+            blob.write_bytes(b"\0" * blob.stat().st_size)
+    assert main(["pull", repo]) != 0 and find_cached(repo) is None and blobs.is_dir()
+    capsys.readouterr()
+    assert main(["rm", repo, "nobody/nothing"]) == 3 and blobs.is_dir()  # one wrong name: nothing removed
+    capsys.readouterr()
+    assert main(["rm", repo]) == 0
+    assert capsys.readouterr().out.startswith(f"removed the unfinished download of {repo}")
+    assert not (hub_dir() / "models--alice--face-tiny").exists()
+    assert main(["rm", repo]) == 3  # nothing left of it
+
 def test_two_folders_of_one_name_are_two_cached_bundles(tmp_path, cache, capsys):
     """Two USB sticks that both hold ``bundle/``: the second pull is cached beside the first (it replaced it, and
     the first one's alias with it); pulling a folder again updates its own entry."""

@@ -74,19 +74,25 @@ def list_cmd(
 def rm_cmd(
     names: list[str] = typer.Argument(..., help="Cached bundles to remove: repo id, alias or folder name."),
 ) -> None:
-    """The runnable bundle and its downloads go; nothing is removed when one name is not in the cache."""
+    """The runnable bundle and its downloads go (or what a failed pull of OWNER/NAME left); nothing is removed when
+    one name is not in the cache."""
     from facellm_edge.hub import find_cached, remove_cached
+    from facellm_edge.hub.cache import interrupted_download, remove_interrupted
     from facellm_edge.errors import InputError
 
     found = {n: find_cached(n) for n in names}
-    unknown = [n for n, b in found.items() if b is None]
+    partial = [n for n, b in found.items() if b is None and interrupted_download(n) is not None]
+    unknown = [n for n, b in found.items() if b is None and n not in partial]
     if unknown:  # nothing is removed when one name is wrong
         raise InputError(f"no bundle named {unknown[0]} in the cache (see `facellm-edge list`); rm removes cached "
                          "bundles only, never a folder of yours")
-    once = {b.root: n for n, b in reversed(found.items())}  # a bundle named twice (its id and its alias) goes once
-    for n in dict.fromkeys(once[b.root] for b in found.values()):
+    bundles = {n: b for n, b in found.items() if b is not None}
+    once = {b.root: n for n, b in reversed(bundles.items())}  # a bundle named twice (its id and its alias) goes once
+    for n in dict.fromkeys(once[b.root] for b in bundles.values()):
         b = remove_cached(n)
         typer.echo(f"removed {b.name} ({_size(b.bytes)})")
+    for n in dict.fromkeys(partial):
+        typer.echo(f"removed the unfinished download of {n} ({_size(remove_interrupted(n))})")
 
 
 def push_cmd(

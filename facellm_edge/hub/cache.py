@@ -135,6 +135,28 @@ def remove_cached(spec: str) -> CachedBundle:
     return entry
 
 
+def interrupted_download(spec: str) -> Path | None:
+    """The hub-layout folder of repo ``spec`` (OWNER/NAME) when no cached bundle was made from it: what a pull
+    that failed (a file that did not verify, a lost connection) or was stopped leaves in this cache."""
+    if spec.count("/") != 1 or find_cached(spec) is not None:
+        return None
+    folder = repo_folder(spec)
+    return folder if folder.is_dir() and not folder.is_symlink() else None
+
+
+def remove_interrupted(spec: str) -> int:
+    """Delete :func:`interrupted_download` of ``spec``; returns the bytes it held (0: there was none)."""
+    folder = interrupted_download(spec)
+    if folder is None:
+        return 0
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    try:
+        shutil.rmtree(folder)
+    except OSError as exc:
+        raise OutputError(f"cannot remove {folder}: {exc.strerror or exc}") from exc
+    return size
+
+
 def drop_hub_repo(repo_id: str) -> None:
     """Delete every revision of ``repo_id`` from the hub-layout cache (huggingface_hub's own delete strategy)."""
     folder = repo_folder(repo_id)
