@@ -235,6 +235,9 @@ def test_rm_removes_what_a_failed_pull_left(published, cache, capsys):
             blob.write_bytes(b"\0" * blob.stat().st_size)
     assert main(["pull", repo]) != 0 and find_cached(repo) is None and blobs.is_dir()
     capsys.readouterr()
+    assert main(["list"]) == 0  # shown, on stderr: stdout keeps its table
+    out, err = capsys.readouterr()
+    assert out.startswith("no bundles in") and err.startswith(f"unfinished download of {repo} (")
     assert main(["rm", repo, "nobody/nothing"]) == 3 and blobs.is_dir()  # one wrong name: nothing removed
     capsys.readouterr()
     assert main(["rm", repo]) == 0

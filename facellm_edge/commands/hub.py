@@ -50,8 +50,12 @@ def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per bundle, one per line."),
 ) -> None:
     from facellm_edge.hub import bundles_dir, cached_bundles
+    from facellm_edge.hub.cache import interrupted_downloads
 
     found = cached_bundles()
+    for repo, size in interrupted_downloads().items():  # on stderr: the table (or JSON lines) stays as it is
+        typer.echo(f"unfinished download of {repo} ({_size(size)}, a pull that failed or was stopped): "
+                   f"`facellm-edge rm {repo}` removes it", err=True)
     if json_out:
         for b in found:
             typer.echo(json.dumps(b.as_dict()))

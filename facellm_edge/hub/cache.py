@@ -144,12 +144,26 @@ def interrupted_download(spec: str) -> Path | None:
     return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
+def interrupted_downloads() -> dict[str, int]:
+    """Every :func:`interrupted_download` in the cache: repo id -> the bytes it holds."""
+    root = hub_dir()
+    if not root.is_dir():
+        return {}
+    ids = [p.name.removeprefix("models--").replace("--", "/", 1) for p in sorted(root.iterdir())
+           if p.name.startswith("models--") and "--" in p.name.removeprefix("models--")]
+    return {i: _tree_bytes(f) for i in ids if (f := interrupted_download(i)) is not None}
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def remove_interrupted(spec: str) -> int:
     """Delete :func:`interrupted_download` of ``spec``; returns the bytes it held (0: there was none)."""
     folder = interrupted_download(spec)
     if folder is None:
         return 0
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    size = _tree_bytes(folder)
     try:
         shutil.rmtree(folder)
     except OSError as exc:
