@@ -355,3 +355,19 @@ def test_import_fairfacegpt_force_replaces_only_its_own_jsonl(tmp_path, capsys):
     src.write_text(json.dumps([{"image": "train/2.jpg", "question": "Light?", "answer": "Soft."}]))
     assert main(["data", "import-fairfacegpt", str(src), "--out", str(out), "--force"]) == 0  # ours: replaced
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ["train/2.jpg"]
+
+
+def test_output_files_through_a_folder_not_yet_made_are_checked_and_written_where_they_land(tmp_path):
+    """dir/NEW/../x is dir/x for every single-file output: checked there (an existing dir/x is refused, though
+    NEW does not exist, so the path seen through it did not), written there, and NEW is never made."""
+    from facellm_edge.io import atomic_file, check_output_file, open_line_log
+
+    with atomic_file(tmp_path / "NEW" / ".." / "x.txt") as tmp:
+        tmp.write_text("hi")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
+    with pytest.raises(OutputError, match=f"--jsonl {tmp_path / 'x.txt'} already exists"):
+        check_output_file(tmp_path / "NEW" / ".." / "x.txt", option="--jsonl")
+    open_line_log(tmp_path / "NEW" / ".." / "y.jsonl", append=False).close()
+    with pytest.raises(OutputError, match="already exists"):
+        open_line_log(tmp_path / "NEW" / ".." / "x.txt", append=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt", "y.jsonl"]

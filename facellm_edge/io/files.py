@@ -359,6 +359,7 @@ def commit_temp_file(tmp: Path, dest: Path, *, replace: bool = True, mode: int |
     """Give ``tmp`` ``mode`` (default: the mode of an ordinary new file, umask respected) and move it to ``dest``
     atomically. With ``replace=False`` an existing ``dest`` is never touched: :class:`FileExistsError` (hard link,
     then unlink)."""
+    dest = output_path(dest)
     os.chmod(tmp, file_mode() if mode is None else mode)
     if replace:
         os.replace(tmp, dest)
@@ -374,7 +375,7 @@ def atomic_file(dest: Path, *, replace: bool = True, mode: int | None = None) ->
     (:func:`commit_temp_file`, ``replace`` and ``mode`` as there) only if the block succeeds. On any exception,
     Ctrl-C included, the temporary file is removed and ``dest`` is untouched. Temporary files of dead runs for
     ``dest`` are removed first."""
-    dest = Path(dest)
+    dest = output_path(dest)
     clean_stale_temp_files(dest)
     made: list[Path] = []
     try:

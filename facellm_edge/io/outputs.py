@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from facellm_edge.errors import OutputError
+from facellm_edge.io.ownership import output_path
 
 
 def check_output_file(path: Path, *, option: str, exists: str = "refuse", fix: str = "") -> None:
@@ -16,7 +17,7 @@ def check_output_file(path: Path, *, option: str, exists: str = "refuse", fix: s
     instead), "append" to it or "replace" it. The parent folder (or its nearest existing ancestor: missing folders
     are made later) is probed with an unnamed temporary file, so permissions, read-only disks and ACLs are tested
     for real, root included."""
-    path = Path(path)
+    path = output_path(path)  # dir/NEW/.. is dir, as it will be written
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file path")
     if os.path.lexists(path):
@@ -42,7 +43,7 @@ def open_line_log(path: Path, *, append: bool):
     """Open a JSON-lines output for :func:`write_line`: a new file (``append=False``: one that appeared since it was
     checked is refused, never truncated) or the end of an existing one. A file whose last line has no newline (a
     write cut by a power loss) gets one first, so the next line starts clean and the torn one stays as it was."""
-    path = Path(path)
+    path = output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a" if append else "x", encoding="utf-8")
