@@ -174,6 +174,18 @@ def _validate_early(cfg: BenchConfig) -> None:
             raise UsageError(f"unknown vision precision '{bad[0]}'; choose from {', '.join(VISION_TARGETS)}")
 
 
+def _document(head: dict[str, Any], configs: list[dict[str, Any]], failed: dict[str, str],
+              profiles: list[dict[str, Any]], live: dict[str, Any] | None, faces: dict[str, Any] | None,
+              roof: dict[str, Any] | None) -> dict[str, Any]:
+    """results.json: ``head`` (settings, machine, versions, export) with what was measured."""
+    best = fastest([c for c in configs if c["kind"] == "edge"])
+    return {**head, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": {**head["settings"], "best_edge": best["name"]},
+            "configs": configs, "ratios": report.compute_ratios(configs), "profiles": profiles, "live": live,
+            "faces": faces, "roofline": roof, "targets": report.evaluate_targets(configs, live),
+            "failed": [{"name": label, "error": why} for label, why in failed.items()]}
+
+
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: None) -> Path:
     """Run the whole benchmark; returns the output directory."""
     from facellm_edge.bundle import load_bundle
@@ -220,6 +232,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
             raise BundleError("the bundle has no mmproj; export it with --vision ...,mmproj or drop mmproj")
         common = dict(question=cfg.question, followup=cfg.followup, runs=cfg.runs, warmup=cfg.warmup,
                       decode_tokens=cfg.decode_tokens, threads=threads)
+        head = {"schema": report.SCHEMA, "created": None,
+                "settings": {"model": model, "random_weights": cfg.synthetic is not None, "runs": cfg.runs,
+                             "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens, "threads": threads,
+                             "question": cfg.question, "followup": cfg.followup, "image": image.name,
+                             "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
+                             "naive": list(naive), "naive_skipped": skipped, "best_edge": None,
+                             "vision_prepack": cfg.vision_prepack, "devices": list(cfg.devices)},
+                "machine": info, "versions": vers, "export": export_info}
 
         # Every configuration runs --runs rounds, one fresh process per round, round-robin with the others
         # (naive, edge..., peer; naive, edge..., peer; ...): a machine whose speed drifts over the minutes of a run
@@ -259,18 +279,27 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                 return
             rounds[label].append({**result, "started": started})
 
-        for r in range(cfg.runs):
-            for job in list(jobs):
-                run_job(job, r)
-            if r == 0 and peer:  # same LLM quant as the fastest edge configuration: only the implementation differs
-                # one peer on the CPU, one on the GPU (llama.cpp has no TensorRT: its GPU path is CUDA for both)
-                for where in dict.fromkeys("cpu" if d == "cpu" else "cuda" for d in cfg.devices):
-                    same = [parts[0] for label, parts in rounds.items() if parts and label not in failed
-                            and parts[0]["kind"] == "edge" and (parts[0]["device"] == "cpu") == (where == "cpu")]
-                    quant = fastest(same)["quant"] if same else quants[0]
-                    jobs.append(edge_job(PEER, quant, where))
-                    rounds[jobs[-1][0]] = []
-                    run_job(jobs[-1], r)
+        try:
+            for r in range(cfg.runs):
+                for job in list(jobs):
+                    run_job(job, r)
+                if r == 0 and peer:  # the same LLM quant as the fastest edge configuration: only the code differs
+                    # one peer on the CPU, one on the GPU (llama.cpp has no TensorRT: its GPU path is CUDA for both)
+                    for where in dict.fromkeys("cpu" if d == "cpu" else "cuda" for d in cfg.devices):
+                        same = [parts[0] for label, parts in rounds.items() if parts and label not in failed
+                                and parts[0]["kind"] == "edge" and (parts[0]["device"] == "cpu") == (where == "cpu")]
+                        jobs.append(edge_job(PEER, fastest(same)["quant"] if same else quants[0], where))
+                        rounds[jobs[-1][0]] = []
+                        run_job(jobs[-1], r)
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the rounds done are results too
+            done = [merge_rounds(rounds[label]) for label, _, _ in jobs if rounds[label] and label not in failed]
+            if any(c["kind"] == "edge" for c in done):
+                doc = _document(head, done, failed, [], None, None, None)
+                doc["partial"] = {"rounds": {c["name"]: c["rounds"] for c in done}, "of": cfg.runs,
+                                  "stopped": "interrupted (Ctrl-C or SIGTERM)"}
+                report.write_results(doc, out, force=cfg.force)
+                log.warning("stopped: the rounds done so far are written to %s (partial)", out)
+            raise exc
         configs = [merge_rounds(rounds[label]) for label, _, _ in jobs if label not in failed]
         for c in configs:
             progress(_summary(c))
@@ -321,27 +350,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                                  timeout_s=cfg.config_timeout_s, label="faces")
             faces["config"] = best["name"]
 
-    results = {
-        "schema": report.SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"model": model, "random_weights": cfg.synthetic is not None, "runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
-                     "threads": threads, "question": cfg.question, "followup": cfg.followup,
-                     "image": image.name, "quants": list(quants), "vision": list(visions) + ([PEER] if peer else []),
-                     "naive": list(naive),
-                     "naive_skipped": skipped, "best_edge": best["name"], "vision_prepack": cfg.vision_prepack,
-                     "devices": list(cfg.devices)},
-        "machine": info,
-        "versions": vers,
-        "export": export_info,
-        "configs": configs,
-        "ratios": report.compute_ratios(configs),
-        "profiles": profiles,
-        "live": live,
-        "faces": faces,
-        "roofline": roof,
-        "targets": report.evaluate_targets(configs, live),
-        "failed": [{"name": label, "error": why} for label, why in failed.items()],
-    }
+    results = _document(head, configs, failed, profiles, live, faces, roof)
     progress(f"writing {out}")
     report.write_results(results, out, force=cfg.force)
     if failed:  # the results of the others are kept; the run still did not do all it was asked
