@@ -484,9 +484,11 @@ def test_a_failing_configuration_costs_only_its_own_rows(tmp_path, tiny_bundle, 
 
 
 @pytest.mark.slow
-def test_a_stopped_bench_keeps_the_rounds_it_finished(tmp_path, tiny_bundle, yunet_model):
-    """SIGTERM in round 2 of 2: the run exits 143, and results.json holds every configuration's finished round,
-    marked partial (a 28-minute run stopped at minute 25 lost everything); no temporary folder is left."""
+@pytest.mark.parametrize("stop_at, rounds", [("(round 2 of 2)", 1), ("many faces at once", 2)])
+def test_a_stopped_bench_keeps_what_it_measured(tmp_path, tiny_bundle, yunet_model, stop_at, rounds):
+    """SIGTERM in round 2 of 2, or after the rounds (in the many-faces stage): the run exits 143, and results.json
+    holds every configuration's finished rounds, marked partial (a 28-minute run stopped at minute 25 lost
+    everything); no temporary folder is left."""
     import json
     import os
     import signal
@@ -497,19 +499,21 @@ def test_a_stopped_bench_keeps_the_rounds_it_finished(tmp_path, tiny_bundle, yun
     code = ("import sys; from facellm_edge.cli import main; sys.exit(main(sys.argv[1:]))")
     args = ["bench", "--bundle", str(tiny_bundle), "--naive", "none", "--quant", "q8_0", "--vision", "int8",
             "--runs", "2", "--warmup", "0", "--decode-tokens", "2", "--threads", "1", "--detector-model",
-            str(yunet_model), "--no-profiles", "--no-live", "--no-faces", "--no-roofline", "--out", str(out)]
+            str(yunet_model), "--no-profiles", "--no-live", "--faces", "--no-roofline", "--out", str(out)]
     env = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, env=env)
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if "(round 2 of 2)" in line:
+        if stop_at in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.communicate(timeout=300)[1]
     assert proc.returncode == 143, "".join(seen) + rest
     r = json.loads((out / "results.json").read_text())
-    assert r["partial"] == {"rounds": {"edge int8+q8_0": 1}, "of": 2, "stopped": "interrupted (Ctrl-C or SIGTERM)"}
-    assert [c["name"] for c in r["configs"]] == ["edge int8+q8_0"] and r["configs"][0]["rounds"] == 1
+    assert r["partial"] == {"rounds": {"edge int8+q8_0": rounds}, "of": 2,
+                            "stopped": "interrupted (Ctrl-C or SIGTERM)"}
+    assert [c["name"] for c in r["configs"]] == ["edge int8+q8_0"] and r["configs"][0]["rounds"] == rounds
+    assert r["faces"] is None
     assert "**Partial**" in (out / "results.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no temporary folder left

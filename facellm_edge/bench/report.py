@@ -203,8 +203,8 @@ def to_markdown(r: dict[str, Any]) -> str:
     if r.get("partial"):  # stopped by Ctrl-C / SIGTERM: what the rounds done so far measured
         part = r["partial"]
         done = ", ".join(f"{name} {n}" for name, n in part["rounds"].items())
-        lines[1:1] = ["", f"**Partial**: {part['stopped']}; rounds done of {part['of']}: {done}. Nothing after the "
-                          "rounds (roofline, profiles, live loop, many faces) ran."]
+        lines[1:1] = ["", f"**Partial**: {part['stopped']}; rounds done of {part['of']}: {done}. The sections below "
+                          "are what finished before the stop."]
     for c in r["configs"]:
         peak = c["memory"].get("peak_rss_mb")
         # GPU memory: NVML's count (every configuration on a GPU alike); older results: torch's allocated peak

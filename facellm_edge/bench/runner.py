@@ -279,6 +279,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                 return
             rounds[label].append({**result, "started": started})
 
+        roof, live, faces = None, None, None  # measured after the rounds, each once
+        profiles: list[dict[str, Any]] = []
         try:
             for r in range(cfg.runs):
                 for job in list(jobs):
@@ -291,64 +293,62 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _msg: N
                         jobs.append(edge_job(PEER, fastest(same)["quant"] if same else quants[0], where))
                         rounds[jobs[-1][0]] = []
                         run_job(jobs[-1], r)
-        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the rounds done are results too
+            configs = [merge_rounds(rounds[label]) for label, _, _ in jobs if label not in failed]
+            for c in configs:
+                progress(_summary(c))
+            edge = [c for c in configs if c["kind"] == "edge"]
+            if not edge:  # nothing of the edge path to report on
+                raise RuntimeStageError(next(iter(failed.values())))
+            if cfg.roofline:
+                progress("roofline: this machine's ceilings and the model's work")
+                roof = run_isolated("facellm_edge.bench.roofline:run_roofline",
+                                    {"bundle": str(bundle_dir), "threads": threads, "vision": list(visions),
+                                     "quants": list(quants), "image_tokens": edge[0]["image_prefix_tokens"],
+                                     "question_tokens": edge[0]["question_tokens"]},
+                                    timeout_s=cfg.config_timeout_s, label="roofline")
+                roofline.attach_bounds(roof, configs)
+            best = fastest(edge)
+            on_cpu = [c for c in edge if c["device"] == "cpu"]
+            if cfg.profiles and not on_cpu:
+                log.warning("profiles skipped: they compare CPU threads and ONNX Runtime CPU settings, and no "
+                            "configuration ran on the CPU (add cpu to --device)")
+            elif cfg.profiles:
+                cpu_best = fastest(on_cpu)
+                progress(f"profiles on {cpu_best['name']}")
+                payload = {**edge_payload(bundle_dir, cpu_best["vision"], cpu_best["quant"], image, **common,
+                                          detector_model=cfg.detector_model, vision_prepack=cfg.vision_prepack),
+                           "max_threads": max(threads, physical_cores())}
+                profiles = run_isolated("facellm_edge.bench.profiles:run_profiles", payload,
+                                        timeout_s=cfg.config_timeout_s, label="profiles")["profiles"]
+            if cfg.live.enabled:
+                progress(f"live loop with {best['name']}")
+                live = run_isolated("facellm_edge.bench.live:bench_live",
+                                    live_payload(bundle_dir, best["vision"], best["quant"], image, cfg.live.video,
+                                                 cfg.live.frames, cfg.live.width, cfg.live.height,
+                                                 cfg.live.llama_threads, cfg.decode_tokens, cfg.question,
+                                                 cfg.detector_model, threads, runs=cfg.runs, device=best["device"]),
+                                    timeout_s=cfg.config_timeout_s, label="live")
+                live["config"] = best["name"]
+
+            if cfg.faces:
+                progress(f"many faces at once with {best['name']}: one after another vs together")
+                faces = run_isolated("facellm_edge.bench.faces:run_faces",
+                                     faces_payload(bundle_dir, best["vision"], best["quant"], image, cfg.question,
+                                                   cfg.runs, cfg.warmup, cfg.decode_tokens, threads,
+                                                   cfg.detector_model, cfg.vision_prepack, device=best["device"]),
+                                     timeout_s=cfg.config_timeout_s, label="faces")
+                faces["config"] = best["name"]
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: what was measured so far is results too
             done = [merge_rounds(rounds[label]) for label, _, _ in jobs if rounds[label] and label not in failed]
             if any(c["kind"] == "edge" for c in done):
-                doc = _document(head, done, failed, [], None, None, None)
+                if roof is not None:
+                    roofline.attach_bounds(roof, done)
+                doc = _document(head, done, failed, profiles, live, faces, roof)
                 doc["partial"] = {"rounds": {c["name"]: c["rounds"] for c in done}, "of": cfg.runs,
                                   "stopped": "interrupted (Ctrl-C or SIGTERM)"}
                 report.write_results(doc, out, force=cfg.force)
-                log.warning("stopped: the rounds done so far are written to %s (partial)", out)
+                log.warning("stopped: what was measured so far is written to %s (partial)", out)
             raise exc
-        configs = [merge_rounds(rounds[label]) for label, _, _ in jobs if label not in failed]
-        for c in configs:
-            progress(_summary(c))
-        edge = [c for c in configs if c["kind"] == "edge"]
-        if not edge:  # nothing of the edge path to report on
-            raise RuntimeStageError(next(iter(failed.values())))
-        roof = None
-        if cfg.roofline:
-            progress("roofline: this machine's ceilings and the model's work")
-            roof = run_isolated("facellm_edge.bench.roofline:run_roofline",
-                                {"bundle": str(bundle_dir), "threads": threads, "vision": list(visions),
-                                 "quants": list(quants), "image_tokens": edge[0]["image_prefix_tokens"],
-                                 "question_tokens": edge[0]["question_tokens"]},
-                                timeout_s=cfg.config_timeout_s, label="roofline")
-            roofline.attach_bounds(roof, configs)
-        best = fastest(edge)
-        profiles: list[dict[str, Any]] = []
-        on_cpu = [c for c in edge if c["device"] == "cpu"]
-        if cfg.profiles and not on_cpu:
-            log.warning("profiles skipped: they compare CPU threads and ONNX Runtime CPU settings, and no "
-                        "configuration ran on the CPU (add cpu to --device)")
-        elif cfg.profiles:
-            cpu_best = fastest(on_cpu)
-            progress(f"profiles on {cpu_best['name']}")
-            payload = {**edge_payload(bundle_dir, cpu_best["vision"], cpu_best["quant"], image, **common,
-                                      detector_model=cfg.detector_model, vision_prepack=cfg.vision_prepack),
-                       "max_threads": max(threads, physical_cores())}
-            profiles = run_isolated("facellm_edge.bench.profiles:run_profiles", payload,
-                                    timeout_s=cfg.config_timeout_s, label="profiles")["profiles"]
-        live = None
-        if cfg.live.enabled:
-            progress(f"live loop with {best['name']}")
-            live = run_isolated("facellm_edge.bench.live:bench_live",
-                                live_payload(bundle_dir, best["vision"], best["quant"], image, cfg.live.video,
-                                             cfg.live.frames, cfg.live.width, cfg.live.height,
-                                             cfg.live.llama_threads, cfg.decode_tokens, cfg.question,
-                                             cfg.detector_model, threads, runs=cfg.runs, device=best["device"]),
-                                timeout_s=cfg.config_timeout_s, label="live")
-            live["config"] = best["name"]
-
-        faces = None
-        if cfg.faces:
-            progress(f"many faces at once with {best['name']}: one after another vs together")
-            faces = run_isolated("facellm_edge.bench.faces:run_faces",
-                                 faces_payload(bundle_dir, best["vision"], best["quant"], image, cfg.question,
-                                               cfg.runs, cfg.warmup, cfg.decode_tokens, threads, cfg.detector_model,
-                                               cfg.vision_prepack, device=best["device"]),
-                                 timeout_s=cfg.config_timeout_s, label="faces")
-            faces["config"] = best["name"]
 
     results = _document(head, configs, failed, profiles, live, faces, roof)
     progress(f"writing {out}")
