@@ -4,7 +4,9 @@
 # CPU"; the development machine and CI are AVX2-only). llama.cpp is built there for that CPU (GGML_NATIVE=ON, no
 # CUDA: the carried CUDA build's CPU kernels are portable AVX2) from .devcarry/llama-cpu/*.tar.xz, the pinned
 # llama-cpp-python's source without its GPU backends (README.md beside this file says how it is made).
-#   naive transformers cpu-fp32 | edge int8+q4_0 (ONNX Runtime CPU + llama.cpp) | peer llama.cpp mtmd+q4_0, roofline
+#   naive transformers cpu-fp32 | edge int8+q4_0 (ONNX Runtime CPU + llama.cpp) | peer llama.cpp mtmd+q4_0, the
+#   roofline, many faces at once and the live loop (issue 15's done-when); after device.sh (its /tmp/payload) or
+#   alone with .devcarry/cpu-payload.tar.xz carried.
 # Usage: bash benchmarks/gpu/cpu.sh [extra bench options...]; results and the log go to $OUT/cpu-1b.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,7 +16,10 @@ mkdir -p "$dest"
 exec > >(tee "$dest/cpu.log") 2>&1
 say() { echo "[$(date +%T)] $*"; }
 fail() { say "STOP: $*"; exit 3; }
-[ -d $P/site ] || fail "no $P/site: run device.sh first, in the same lease"
+if [ ! -d $P/site ]; then  # not after device.sh: the small CPU payload (prepare.sh) is enough
+    [ -f .devcarry/cpu-payload.tar.xz ] || fail "no $P/site and no .devcarry/cpu-payload.tar.xz: carry it (README.md)"
+    mkdir -p $P && tar -xJf .devcarry/cpu-payload.tar.xz -C $P
+fi
 src=$(ls .devcarry/llama-cpu/llama_cpp_python-*.tar.xz 2>/dev/null | head -1) || true
 [ -n "$src" ] || fail "no .devcarry/llama-cpu/llama_cpp_python-*.tar.xz: carry it (README.md)"
 
@@ -40,6 +45,6 @@ t0=$(date +%s)
 facellm bench --synthetic facellm-1b --tokenizer $P/tokenizer --image $P/t1.jpg \
     --detector-model facellm_edge/runtime/detect/models/face_detection_yunet_2023mar.onnx \
     --quant q4_0 --vision int8,mmproj --device cpu --naive cpu-fp32 \
-    --no-profiles --no-live --no-faces --no-verify --out "$dest/results" "$@"
+    --no-profiles --no-verify --out "$dest/results" "$@"
 say "bench took $(( $(date +%s) - t0 )) s"
 head -40 "$dest/results/results.md"

