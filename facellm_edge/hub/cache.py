@@ -138,20 +138,31 @@ def remove_cached(spec: str) -> CachedBundle:
 def interrupted_download(spec: str) -> Path | None:
     """The hub-layout folder of repo ``spec`` (OWNER/NAME) when no cached bundle was made from it: what a pull
     that failed (a file that did not verify, a lost connection) or was stopped leaves in this cache."""
-    if spec.count("/") != 1 or find_cached(spec) is not None:
-        return None
-    folder = repo_folder(spec)
-    return folder if folder.is_dir() and not folder.is_symlink() else None
+    return _leftover(spec, _cached_names())
 
 
 def interrupted_downloads() -> dict[str, int]:
-    """Every :func:`interrupted_download` in the cache: repo id -> the bytes it holds."""
+    """Every :func:`interrupted_download` in the cache: repo id -> the bytes it holds (the cache's bundles are read
+    once, not once per downloaded repo)."""
     root = hub_dir()
     if not root.is_dir():
         return {}
     ids = [p.name.removeprefix("models--").replace("--", "/", 1) for p in sorted(root.iterdir())
            if p.name.startswith("models--") and "--" in p.name.removeprefix("models--")]
-    return {i: _tree_bytes(f) for i in ids if (f := interrupted_download(i)) is not None}
+    names = _cached_names()
+    return {i: _tree_bytes(f) for i in ids if (f := _leftover(i, names)) is not None}
+
+
+def _cached_names() -> set[str]:
+    """Every name a cached bundle answers to (:func:`find_cached`'s match, case-folded)."""
+    return {n.casefold() for b in cached_bundles() for n in b.names()}
+
+
+def _leftover(spec: str, cached_names: set[str]) -> Path | None:
+    if spec.count("/") != 1 or spec.casefold() in cached_names:
+        return None
+    folder = repo_folder(spec)
+    return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
 def _tree_bytes(folder: Path) -> int:
