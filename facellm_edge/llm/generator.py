@@ -6,9 +6,9 @@ A face's prompt prefix (``prompt.first`` up to the last image's embeddings, whic
 ``<img>…</img>`` block per image, in order, joined by ``prompt.image_separator``, as the chat template renders
 several images of one turn). The first question then decodes the rest of the first turn (``</img>``, the text up
 to the question, the question, the assistant header: llama.cpp's own mtmd helpers split a turn the same way), and
-a follow-up decodes only ``prompt.followup``. A system message (``prompt.system``) is tokenised as plain text inside the template's
-system turn (``prompt.first_system``). Answers are sampled inside llama.cpp (:mod:`facellm_edge.llm.sampling`).
-The KV layout is documented in :mod:`facellm_edge.llm.engine`.
+a follow-up decodes only ``prompt.followup``. A system message (``prompt.system``) is tokenised as plain text
+inside the template's system turn (``prompt.first_system``). Answers are sampled inside llama.cpp
+(:mod:`facellm_edge.llm.sampling`). The KV layout is documented in :mod:`facellm_edge.llm.engine`.
 
 Conversation invariants, per slot: the cache holds exactly ``n_past`` positions; the last generated token of an
 answer that stopped on ``max_tokens`` is kept as ``pending`` and decoded with the next question; an end-of-turn

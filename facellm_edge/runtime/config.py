@@ -42,8 +42,8 @@ class RuntimeConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     # engine.max_slots None: as many conversations as the context holds, n_ctx // (image tokens + 64 + max_tokens),
     # at least 4 (as far as their image prompts fit: n_ctx // (image tokens + 64)) and at most 64 (FaceLLM-1B,
-    # 4096 ctx, 128 tokens: 9). Each costs n_vocab * 4 bytes of llama.cpp
-    # output buffer (0.6 MB at Qwen2.5's vocabulary) whether used or not; the KV cells are shared.
+    # 4096 ctx, 128 tokens: 9). Each costs n_vocab * 4 bytes of llama.cpp output buffer (0.6 MB at Qwen2.5's
+    # vocabulary) whether used or not; the KV cells are shared.
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # per-call overrides: ask(max_tokens=...)
     check_hashes: bool = True  # re-check every bundle file's sha256 at load
