@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facellm_edge.bench import report
 from facellm_edge.bench.config import BenchConfig, LiveBenchConfig, parse_csv, resolve_naive
 from facellm_edge.bench.stages import (RssSampler, StageTimer, merge_rounds, percentile, repeat, run_isolated,
                                        summarize)
@@ -209,6 +210,14 @@ def test_machine_info_describes_this_machine():
     assert info["ram_gb"] > 0 and info["cpu_model"]
     assert "CPUExecutionProvider" in info["ort_providers"]
     assert set(info["cpu_flags"]) >= {"avx2", "avx512_bf16"}
+    # llama.cpp's own build, as its system info says: each feature recorded is one it reports as compiled in
+    import llama_cpp
+
+    system_info = llama_cpp.llama_print_system_info().decode()
+    assert info["llama_cpu_build"] and all(f"{name} = 1" in system_info for name in info["llama_cpu_build"])
+    assert report._llama_build({"llama_cpu_build": ["SSE3", "AVX2", "AVX512_VNNI", "OPENMP", "REPACK"]}) == \
+        "AVX2, AVX512_VNNI"
+    assert report._llama_build({}) == "not recorded"
     slug = machine_slug(info)
     assert slug.endswith(f"-{info['usable_cores']}c") and "/" not in slug
     v = versions()

@@ -14,7 +14,7 @@ from facellm_edge.cli import main
 from facellm_edge.cpu import cpuinfo
 from facellm_edge.errors import UsageError
 from facellm_edge.runtime.encode import (
-    INT8_DOT_FLAGS, PREPACK, EncoderConfig, VisionEncoder, auto_prepack, resolve_prepack,
+    INT8_DOT_FLAGS, PREPACK, SPIN_STOP, EncoderConfig, VisionEncoder, auto_prepack, resolve_prepack,
 )
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}  # the project's AVX2 box: no int8 dot products
@@ -82,6 +82,8 @@ def _session_prepacks(enc: VisionEncoder) -> bool:
     except RuntimeError:  # ORT: no such entry, i.e. its default (pre-packing on)
         disabled = False
     assert disabled is not opts.enable_cpu_mem_arena  # one switch: both follow it
+    # whatever the packing, ORT's threads stop spinning when an encode returns (llama.cpp prefills on those cores)
+    assert opts.get_session_config_entry(SPIN_STOP) == "1"
     return not disabled
 
 

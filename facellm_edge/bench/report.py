@@ -179,6 +179,15 @@ def fidelity_note(random_weights: bool) -> str:
     return what + "For answer quality on a benchmark, run `facellm-edge eval compare`."
 
 
+def _llama_build(m: dict[str, Any]) -> str:
+    """llama.cpp's compiled-in CPU features, the SIMD ones only (results before they were recorded: "not recorded")."""
+    built = m.get("llama_cpu_build")
+    if built is None:
+        return "not recorded"
+    simd = [f for f in built if f.startswith(("AVX", "AMX", "F16C", "FMA", "NEON", "SVE", "DOTPROD", "MATMUL"))]
+    return ", ".join(simd) or "no SIMD"
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     m, s = r["machine"], r["settings"]
     flags = ", ".join(k for k, v in m.get("cpu_flags", {}).items() if v) or "none"
@@ -188,6 +197,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['created']} · {m['cpu_model']} · {m['usable_cores']} cores · {m['ram_gb']} GB RAM · GPU: {gpus}",
         f"CPU features: {flags} · torch CPU kernels: {m.get('torch_cpu_capability')} · "
+        f"llama.cpp CPU build: {_llama_build(m)} · "
         f"ORT providers: {', '.join(m.get('ort_providers', []))} · load at start: {m.get('load_avg_at_start')}",
         "",
         f"Medians (p90) over {s['runs']} runs after {s['warmup']} warm-up; {s['decode_tokens']} decoded tokens per "

@@ -107,6 +107,21 @@ def torch_cpu_capability() -> str | None:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def llama_cpu_build() -> list[str] | None:
+    """The CPU features llama.cpp was compiled with (``llama_print_system_info``: AVX2, AVX512_VNNI, AMX_INT8, ...);
+    None without llama-cpp-python. A CPU row's LLM speed depends on the build as much as on the CPU: a portable
+    build leaves a machine's AVX-512 unused, a native one on an AMX CPU runs the AMX kernels (benchmarks/README)."""
+    try:
+        import llama_cpp
+    except Exception:  # noqa: BLE001 - ImportError, or OSError from a shared library that does not load
+        return None
+    from facellm_edge.doctor.engines import parse_system_info
+
+    raw = llama_cpp.llama_print_system_info()
+    cpu = parse_system_info(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).get("CPU", {})
+    return [name for name, value in cpu.items() if value not in ("0", "")]
+
+
 def machine_info() -> dict[str, Any]:
     model, flags = cpuinfo()
     affinity = usable_cores()
@@ -120,6 +135,7 @@ def machine_info() -> dict[str, Any]:
         "usable_cores": affinity,
         "cpu_flags": {f: f in flags for f in CPU_FLAGS},
         "torch_cpu_capability": torch_cpu_capability(),
+        "llama_cpu_build": llama_cpu_build(),
         "ram_gb": ram_gb(),
         "gpus": gpu_info(),
         "ort_providers": ort_providers(),
