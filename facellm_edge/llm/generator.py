@@ -238,22 +238,9 @@ class Generator:
         n_images = {len(e) for _, e in items}
         if len(n_images) != 1 or 0 in n_images:
             raise UsageError("prefill_many: every key needs the same, non-zero number of images")
-        if n_images != {1} and t.sep is None:
-            raise BundleError("this bundle's chat template cannot show several images in one question "
-                              "(prompt.image_separator is null); ask about one image at a time")
+        texts = t.image_texts(n_images.pop())  # the template's layout: pre <img> | image | </img> sep <img> | ...
         embeds = [[self._check_embeds(e) for e in images] for _, images in items]
-        sep, tk = t.sep or [], self.tokens
-        # segments per key, token ids and embeddings in turn: pre <img> | image | </img> sep <img> | ... | image.
-        # The last image's </img> and prompt.first's text up to the question are decoded with the first question
-        # (_question_tokens), as llama.cpp's own mtmd helpers do: one llama_decode call fewer per new face
-        segments = []
-        for images in embeds:
-            segs: list = [t.pre + [tk.image_start_id]]
-            for j, e in enumerate(images):
-                segs.append(e)
-                if j + 1 < len(images):
-                    segs.append([tk.image_end_id] + sep + [tk.image_start_id])
-            segments.append(segs)
+        segments = [[x for text, e in zip(texts, images) for x in (text, e)] for images in embeds]
         lengths = [sum(len(x) for x in segs) for segs in segments]
         if max(lengths) >= self.n_ctx:
             raise RuntimeStageError(
@@ -337,7 +324,7 @@ class Generator:
         t = self._template
         q = self._engine.tokenize(question, special=False)
         # the first question also decodes the end of the image prefix (see prefill_many)
-        seg = (t.f_pre + q + t.f_post) if slot.asked else ([self.tokens.image_end_id] + t.mid + q + t.post)
+        seg = (t.f_pre + q + t.f_post) if slot.asked else (t.question_head() + q + t.post)
         return ([slot.pending] if slot.pending is not None else []) + seg
 
     def answer_many(self, keys: Sequence[Hashable], question: str, gen: GenerationConfig = GenerationConfig(),
