@@ -115,11 +115,10 @@ def llama_cpu_build() -> list[str] | None:
         import llama_cpp
     except Exception:  # noqa: BLE001 - ImportError, or OSError from a shared library that does not load
         return None
-    from facellm_edge.doctor.engines import parse_system_info
+    from facellm_edge.doctor.engines import built_in, llama_system_info
 
-    raw = llama_cpp.llama_print_system_info()
-    cpu = parse_system_info(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).get("CPU", {})
-    return [name for name, value in cpu.items() if value not in ("0", "")]
+    cpu = llama_system_info(llama_cpp).get("CPU", {})
+    return [name for name in cpu if built_in(cpu, name)]
 
 
 def machine_info() -> dict[str, Any]:

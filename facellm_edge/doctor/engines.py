@@ -115,6 +115,17 @@ def parse_system_info(text: str) -> dict[str, dict[str, str]]:
     return backends
 
 
+def llama_system_info(llama_cpp: Any) -> dict[str, dict[str, str]]:
+    """:func:`parse_system_info` of this llama-cpp-python build's ``llama_print_system_info()``."""
+    raw = llama_cpp.llama_print_system_info()
+    return parse_system_info(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw))
+
+
+def built_in(features: dict[str, str], name: str) -> bool:
+    """Whether a backend's system info lists ``name`` as compiled in (``AVX2 = 1``, ``ARCHS = 890``; not ``= 0``)."""
+    return features.get(name, "0") not in ("0", "")
+
+
 # llama.cpp feature names of what the CPU check reports (X86_FEATURES / ARM_FEATURES names -> ggml's)
 GGML_NAMES = {"AVX2": "AVX2", "AVX-512": "AVX512", "VNNI": "AVX512_VNNI", "NEON": "NEON", "DOTPROD": "DOTPROD",
               "I8MM": "MATMUL_INT8", "SVE": "SVE"}
@@ -131,15 +142,12 @@ def llama_cpu_advice(built: dict[str, str], cpu_features: dict[str, bool]) -> tu
     kernels, which crashed the process (SIGSEGV in the first answer) on a 16-core Xeon VM (issue 15's GPU lease,
     benchmarks/gpu/README.md) as upstream reports say they do on some virtualised Sapphire/Granite Rapids machines.
     On an AMX CPU the rebuild advised is therefore AVX-512 with VNNI and BF16 without AMX, not a native build."""
-    def on(name: str) -> bool:
-        return built.get(name, "0") not in ("0", "")
-
     no_amx = f'CMAKE_ARGS="{NO_AMX_FLAGS}" {REBUILD}'
-    if on("AMX_INT8"):
+    if built_in(built, "AMX_INT8"):
         return WARN, ["llama.cpp is built with AMX (AMX_INT8 = 1): its AMX kernels have crashed the process "
                       "(SIGSEGV in the first answer) on some machines, virtual ones especially (ggml-org/llama.cpp"
                       f"#20824); if answers crash, rebuild without AMX: {no_amx}"]
-    unused = [name for name, have in cpu_features.items() if have and name in GGML_NAMES and not on(GGML_NAMES[name])]
+    unused = [name for name, have in cpu_features.items() if have and name in GGML_NAMES and not built_in(built, GGML_NAMES[name])]
     if not unused:
         return OK, []
     how = no_amx if cpu_features.get("AMX") else f"on this machine ({REBUILD})"
@@ -154,11 +162,10 @@ def check_llama(device: str | None, cpu_features: dict[str, bool]) -> Check:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Check("llama.cpp", FAIL, f"llama-cpp-python cannot be imported ({first}); reinstall it: "
                      "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36", exit_code=6)
-    raw = llama_cpp.llama_print_system_info()
-    info = parse_system_info(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw))
+    info = llama_system_info(llama_cpp)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     cpu = info.get("CPU", {})
-    enabled = [k for k, v in cpu.items() if v not in ("0", "")]
+    enabled = [k for k in cpu if built_in(cpu, k)]
     others = [b for b in info if b != "CPU"]
     summary = (f"llama-cpp-python {llama_cpp.__version__}: {', '.join(['CPU', *others])} backend"
                f"{'s' if others else ''}; GPU offload {'yes' if gpu else 'no'}")
